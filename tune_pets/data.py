@@ -1,0 +1,441 @@
+"""Data: ImageFolder scanning/validation, a seeded stratified val split, the decode-once uint8
+cache, and batched tensor augmentation.
+
+Layout read: ``DATA_DIR/train/<class>/*`` plus a held-out split ``test/`` (or ``val/``, the
+homework's name). Every PIL-readable file is an image whatever its extension; hidden files and
+known non-image files are ignored. Images are decoded once, resized (shorter side) and
+center-cropped to a square of side ``res`` and stored as uint8 ``[N, res, res, 3]`` arrays in a
+cache keyed by the data's fingerprint and ``res``; training never decodes a JPEG.
+
+Augmentation runs on batches of tensors (on the GPU when there is one): RandomResizedCrop
+(torchvision's sampling rule) + horizontal flip as one ``grid_sample`` call, then normalize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tune_pets.utils import UserError, atomic_path, atomic_write_json
+
+HELDOUT_NAMES = ("test", "val")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+NON_IMAGE_EXTS = {".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".db", ".ini", ".py",
+                  ".html", ".pdf", ".log", ".mat", ".npy", ".npz", ".pt", ".zip", ".tar", ".gz"}
+CACHE_VERSION = 1  # bump when the decode/resize rule changes
+# The homework's eval transform: Resize(256) + CenterCrop(224) -> crop_pct 0.875.
+CNN_CROP_PCT = 0.875
+CNN_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: fine for a CNN trained from scratch
+CNN_STD = (0.229, 0.224, 0.225)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TUNE_PETS_CACHE", Path.home() / ".cache" / "tune_pets"))
+
+
+# ---------------------------------------------------------------- decoding
+class BadImageError(Exception):
+    pass
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Open any PIL-readable image as 8-bit RGB: GIF/palette, RGBA (over white), grayscale,
+    CMYK, 16-bit, EXIF-rotated. Raises ``BadImageError`` naming the file otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are noise
+            img = Image.open(path)
+            if draft_size and img.format == "JPEG":
+                # Let libjpeg decode at a reduced scale (>= draft_size): several times faster.
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{path}: image too large, refused as a possible decompression bomb "
+                            f"({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        why = "empty file (0 bytes)" if size == 0 else f"unreadable or truncated image ({e})"
+        raise BadImageError(f"{path}: {why}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_square(path: str, res: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode, resize the shorter side to ``res`` and center-crop to ``res x res`` (uint8 HWC)."""
+    img = load_rgb(path, draft_size=res)
+    w, h = img.size
+    scale = res / min(w, h)
+    nw, nh = max(res, round(w * scale)), max(res, round(h * scale))
+    resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+    img = img.resize((nw, nh), resample)
+    left, top = (nw - res) // 2, (nh - res) // 2
+    return np.asarray(img.crop((left, top, left + res, top + res)), dtype=np.uint8)
+
+
+def _decode_worker(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | None]:
+    path, res, interp = args
+    try:
+        return decode_square(path, res, interp), None
+    except BadImageError as e:
+        return None, str(e)
+
+
+# ---------------------------------------------------------------- scanning
+@dataclass
+class SplitIndex:
+    """The files of one split: paths relative to the data dir, labels into ``classes``."""
+
+    name: str
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+    ignored: list[str] = field(default_factory=list)  # non-image files passed over
+
+
+def _is_image_candidate(p: Path) -> bool:
+    ext = p.suffix.lower()
+    if p.name.startswith(".") or ext in NON_IMAGE_EXTS:
+        return False
+    if ext in IMAGE_EXTS:
+        return True
+    try:  # any extension: an image is whatever PIL can identify
+        with Image.open(p):
+            return True
+    except Exception:  # noqa: BLE001 - not an image, ignore it
+        return False
+
+
+def heldout_split_name(data_dir: Path) -> str:
+    for name in HELDOUT_NAMES:
+        if (data_dir / name).is_dir():
+            return name
+    raise UserError(f"{data_dir}: no held-out split: expected a {' or '.join(HELDOUT_NAMES)}/ folder "
+                    f"next to train/ (see README, 'Data layout')")
+
+
+def check_data_dir(data_dir: str | os.PathLike) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} does not exist; run `python -m tune_pets.prepare "
+                        f"--output-dir {data_dir}` or point --data-dir at an ImageFolder copy")
+    if not (data_dir / "train").is_dir():
+        raise UserError(f"--data-dir {data_dir} has no train/ folder; expected "
+                        f"{data_dir}/train/<class>/*.jpg and {data_dir}/test/<class>/*.jpg")
+    return data_dir
+
+
+def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None) -> SplitIndex:
+    """List the images of ``data_dir/split``. ``classes`` (from train) fixes the label order."""
+    root = data_dir / split
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise UserError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    paths: list[str] = []
+    labels: list[int] = []
+    ignored: list[str] = []
+    names = [d.name for d in class_dirs]
+    if classes is None:
+        classes = names
+    else:
+        extra = sorted(set(names) - set(classes))
+        if extra:
+            raise UserError(f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
+                            f"{data_dir / 'train'}; every held-out class needs training images")
+    index = {c: i for i, c in enumerate(classes)}
+    for d in class_dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1]))
+        n_before = len(paths)
+        for p in files:
+            rel = p.relative_to(data_dir).as_posix()
+            if _is_image_candidate(p):
+                paths.append(rel)
+                labels.append(index[d.name])
+            else:
+                ignored.append(rel)
+        if len(paths) == n_before and split == "train":
+            raise UserError(f"class folder {d} has no images; add images or remove the folder")
+    return SplitIndex(split, paths, labels, list(classes), ignored)
+
+
+def fingerprint(data_dir: Path, index: SplitIndex) -> str:
+    """Content key of a split: paths, sizes and mtimes (cheap; changes when any file does)."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{index.name}|{'|'.join(index.classes)}".encode())
+    for rel, label in zip(index.paths, index.labels):
+        st = (data_dir / rel).stat()
+        h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the decode-once cache
+@dataclass
+class ImageSplit:
+    """Decoded images of one split: uint8 ``images[N, res, res, 3]``, int64 ``labels[N]``."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    fingerprint: str
+    skipped: list[str] = field(default_factory=list)  # bad files skipped (--skip-bad-images)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSplit":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageSplit(name or self.name, self.images[idx], self.labels[idx],
+                          [self.paths[i] for i in idx], self.classes, self.fingerprint, self.skipped)
+
+
+def load_split(data_dir: str | os.PathLike, split: str, res: int, *, interpolation: str = "bilinear",
+               cache_dir: str | os.PathLike | None = None, skip_bad: bool = False,
+               classes: Sequence[str] | None = None, workers: int | None = None,
+               progress: bool = True) -> ImageSplit:
+    """Decoded ``split`` at side ``res`` from the cache, decoding (in parallel) on a miss."""
+    data_dir = check_data_dir(data_dir)
+    index = scan_split(data_dir, split, classes)
+    if not index.paths:
+        raise UserError(f"{data_dir / split} contains no images")
+    fp = fingerprint(data_dir, index)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    stem = cache / "images" / f"{split}-{fp}-r{res}-{interpolation}"
+    meta_path, arr_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
+    if meta_path.is_file() and arr_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["skipped"] and not skip_bad:
+            _raise_bad(meta["skipped"])
+        return ImageSplit(split, np.load(arr_path), np.asarray(meta["labels"], dtype=np.int64),
+                          meta["paths"], meta["classes"], fp, meta["skipped"])
+
+    images = np.empty((len(index.paths), res, res, 3), dtype=np.uint8)
+    keep = np.ones(len(index.paths), dtype=bool)
+    errors: list[str] = []
+    jobs = [(str(data_dir / p), res, interpolation) for p in index.paths]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bar = _progress(len(jobs), f"decode {split} @{res}px", progress)
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_decode_worker, jobs, chunksize=16)
+            _collect(results, images, keep, errors, bar)
+    else:
+        _collect(map(_decode_worker, jobs), images, keep, errors, bar)
+    bar.close()
+    if errors and not skip_bad:
+        _raise_bad(errors)
+    if errors:
+        print(f"warning: skipped {len(errors)} bad image(s) (--skip-bad-images):", file=sys.stderr)
+        for e in errors:
+            print(f"  {e}", file=sys.stderr)
+    out = ImageSplit(split, images[keep], np.asarray(index.labels, dtype=np.int64)[keep],
+                     [p for p, k in zip(index.paths, keep) if k], index.classes, fp, errors)
+    with atomic_path(arr_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, out.images)
+    atomic_write_json(meta_path, {"labels": out.labels.tolist(), "paths": out.paths,
+                                  "classes": out.classes, "skipped": errors, "res": res,
+                                  "interpolation": interpolation, "ignored": index.ignored})
+    return out
+
+
+def _collect(results, images, keep, errors, bar) -> None:
+    for i, (arr, err) in enumerate(results):
+        if err is None:
+            images[i] = arr
+        else:
+            keep[i] = False
+            errors.append(err)
+        bar.update(1)
+
+
+def _raise_bad(errors: list[str]) -> None:
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    raise UserError(f"{errors[0]}{more}; delete or fix it, or pass --skip-bad-images to skip "
+                    f"bad files")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or None, leave=False,
+                file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the validation split
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified train/val indices. Every class with >= 2 images gets >= 1 val image."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    train_idx, val_idx = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def load_or_make_val_split(train: ImageSplit, split_file: str | os.PathLike, val_fraction: float = 0.2,
+                           seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
+    """Carve the search's val split out of ``train``; the file lists are saved (and reused when
+    they match the same data, fraction and seed) so the split can be audited."""
+    split_file = Path(split_file)
+    pos = {p: i for i, p in enumerate(train.paths)}
+    if split_file.is_file():
+        try:
+            saved = json.loads(split_file.read_text())
+            same = (saved.get("fingerprint") == train.fingerprint
+                    and saved.get("val_fraction") == val_fraction and saved.get("seed") == seed)
+            if same:
+                tr = np.asarray([pos[p] for p in saved["train"]], dtype=np.int64)
+                va = np.asarray([pos[p] for p in saved["val"]], dtype=np.int64)
+                return train.subset(tr, "train"), train.subset(va, "val")
+        except (json.JSONDecodeError, KeyError):
+            pass  # stale or broken: make a fresh one below
+    tr, va = stratified_split(train.labels, val_fraction, seed)
+    atomic_write_json(split_file, {
+        "fingerprint": train.fingerprint, "val_fraction": val_fraction, "seed": seed,
+        "classes": train.classes, "n_train": len(tr), "n_val": len(va),
+        "train": [train.paths[i] for i in tr], "val": [train.paths[i] for i in va]})
+    return train.subset(tr, "train"), train.subset(va, "val")
+
+
+# ---------------------------------------------------------------- batches and augmentation
+def cache_res(img_size: int, crop_pct: float) -> int:
+    """Side of the cached square: the eval resize size (``img_size / crop_pct``)."""
+    return int(math.floor(img_size / crop_pct))
+
+
+def iterate_indices(n: int, batch_size: int, shuffle: bool, generator=None,
+                    drop_last: bool = False) -> Iterator["torch.Tensor"]:  # noqa: F821
+    import torch
+
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        yield order[i:i + batch_size]
+
+
+def to_device_uint8(images: np.ndarray, idx, device) -> "torch.Tensor":  # noqa: F821
+    """Gather a uint8 NHWC batch and move it to ``device`` (pinned, non-blocking on CUDA)."""
+    import torch
+
+    batch = torch.from_numpy(images[np.asarray(idx)])
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch
+
+
+def to_float(x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """uint8 NHWC -> float NCHW in [0, 1]."""
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: "torch.Tensor", mean, std) -> "torch.Tensor":  # noqa: F821
+    """Normalize a float NCHW batch with per-channel ``mean``/``std``."""
+    import torch
+
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def eval_transform(x: "torch.Tensor", size: int, crop_pct: float, mean, std) -> "torch.Tensor":  # noqa: F821
+    """Resize + center crop + normalize on a cached uint8 NHWC batch.
+
+    The cache holds the image resized (shorter side) to ``R`` and center-cropped to ``R x R``.
+    The eval transform for ``size`` is Resize(floor(size / crop_pct)) + CenterCrop(size); in
+    cached pixels that is a center crop of ``size * R / floor(size / crop_pct)`` resized to
+    ``size`` (no resize at all when the cache was built for this size).
+    """
+    import torch.nn.functional as F
+
+    res = x.shape[1]
+    crop = min(res, int(round(size * res / math.floor(size / crop_pct))))
+    top = (res - crop) // 2
+    x = to_float(x[:, top:top + crop, top:top + crop])
+    if crop != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return normalize(x, mean, std)
+
+
+def random_resized_crop_params(n: int, height: int, width: int, scale=(0.08, 1.0),
+                               ratio=(3 / 4, 4 / 3), generator=None, attempts: int = 10):
+    """Vectorized torchvision ``RandomResizedCrop.get_params``: crop boxes (x0, y0, w, h) per
+    sample; 10 attempts each, then the same center-crop fallback as torchvision."""
+    import torch
+
+    area = height * width
+    s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator) * area
+    logr = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                              generator=generator)
+    r = torch.exp(logr)
+    w = torch.sqrt(s * r).round()
+    h = torch.sqrt(s / r).round()
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    cw = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(min(width, height))))
+    ch = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(min(width, height))))
+    u = torch.rand(n, 2, generator=generator)
+    x0 = torch.floor(u[:, 0] * (width - cw + 1))
+    y0 = torch.floor(u[:, 1] * (height - ch + 1))
+    fallback = first < 0
+    x0 = torch.where(fallback, torch.floor((width - cw) / 2), x0)
+    y0 = torch.where(fallback, torch.floor((height - ch) / 2), y0)
+    return x0, y0, cw, ch
+
+
+def train_augment(x: "torch.Tensor", size: int, mean, std, scale_min: float = 0.08,  # noqa: F821
+                  hflip: float = 0.5, generator=None) -> "torch.Tensor":  # noqa: F821
+    """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch, as one
+    ``grid_sample`` over the batch (runs wherever ``x`` lives; random draws on the CPU
+    ``generator`` so results do not depend on the device)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w = x.shape[0], x.shape[1], x.shape[2]
+    x0, y0, cw, ch = random_resized_crop_params(n, h, w, (scale_min, 1.0), generator=generator)
+    flip = torch.where(torch.rand(n, generator=generator) < hflip, -1.0, 1.0)
+    # affine_grid maps output coords in [-1, 1] to input coords in [-1, 1] (align_corners=False).
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / w * flip
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)
+    out = F.grid_sample(to_float(x), grid, mode="bilinear", padding_mode="reflection",
+                        align_corners=False)
+    return normalize(out, mean, std)

@@ -1,0 +1,84 @@
+"""Frozen-backbone feature extraction for the ViT probe, with an on-disk cache.
+
+The backbone is frozen, so its output for an image never changes: run it once per split (and
+per augmented view when ``feature_views > 0``) and let every probe fit train only the head on
+the cached ``[N, 2, D]`` features (CLS token and patch-token mean, so the pooling stays
+searchable). The cache key holds the backbone's weights tag, the preprocessing and the data
+fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tune_pets.config import RunConfig
+from tune_pets.data import ImageSplit, eval_transform, iterate_indices, to_device_uint8, train_augment
+from tune_pets.models import backbone_tag, token_features
+from tune_pets.utils import atomic_path
+
+
+def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None) -> str:
+    aug = "clean" if view is None else f"view{view}-s{config.aug_scale_min}-f{config.hflip}"
+    text = json.dumps([backbone_tag(config), dc, split.fingerprint, split.images.shape[1],
+                       len(split), aug], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract(backbone: torch.nn.Module, split: ImageSplit, dc: dict, device: torch.device,
+            view: int | None = None, aug_scale_min: float = 0.08, hflip: float = 0.5,
+            batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Run the frozen backbone over ``split``: clean eval transform, or augmented view ``view``
+    (RandomResizedCrop with scale ``(aug_scale_min, 1)`` + flip, seeded by the view index)."""
+    from tqdm.auto import tqdm
+
+    backbone = backbone.eval().to(device)
+    gen = torch.Generator().manual_seed(10_007 + (view or 0))
+    out = []
+    n_batches = (len(split) + batch_size - 1) // batch_size
+    desc = f"features {split.name}" + ("" if view is None else f" view {view}")
+    for idx in tqdm(iterate_indices(len(split), batch_size, shuffle=False), total=n_batches,
+                    desc=desc, disable=not progress or None, leave=False, file=sys.stderr):
+        x = to_device_uint8(split.images, idx, device)
+        if view is None:
+            x = eval_transform(x, dc["img_size"], dc["crop_pct"], dc["mean"], dc["std"])
+        else:
+            x = train_augment(x, dc["img_size"], dc["mean"], dc["std"], aug_scale_min, hflip,
+                              generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = token_features(backbone, x)
+        out.append(feats.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def cached_features(config: RunConfig, backbone: torch.nn.Module | None, dc: dict,
+                    split: ImageSplit, cache_dir: Path, device: torch.device, views: int = 0,
+                    progress: bool = True) -> np.ndarray:
+    """Features ``[V, N, 2, D]`` for ``split``: V=1 clean view, or ``views`` augmented views.
+
+    ``backbone`` may be None when everything is cached (no model is built at all then).
+    """
+    wanted = [None] if views == 0 else list(range(views))
+    arrays = []
+    for view in wanted:
+        path = Path(cache_dir) / "features" / f"{split.name}-{feature_key(config, dc, split, view)}.npy"
+        if path.is_file():
+            arrays.append(np.load(path))
+            continue
+        if backbone is None:
+            from tune_pets.models import build_backbone
+
+            backbone = build_backbone(config)
+        feats = extract(backbone, split, dc, device, view, config.aug_scale_min, config.hflip,
+                        progress=progress)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feats)
+        arrays.append(feats)
+    return np.stack(arrays)
