@@ -1,0 +1,265 @@
+"""RunConfig defaults and validation; search-space YAML loading and its error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from tune_pets.config import (RunConfig, SearchSpec, canonical_model, homework_defaults,
+                              load_search_spec, validate_config)
+from tune_pets.utils import UserError
+
+
+# ---------------------------------------------------------------- RunConfig
+def test_homework_defaults_cnn():
+    c = homework_defaults("cnn")
+    assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs, c.scheduler) == (
+        "cnn", "adamw", 1e-3, 32, 50, "cosine")
+    assert (c.depth, c.width, c.dropout) == (3, 64, 0.2)
+    assert validate_config(c) == c
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_probe"])
+def test_homework_defaults_vit(name):
+    c = homework_defaults(name)
+    assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs) == (
+        "vit_probe", "adam", 1e-3, 32, 10)
+    assert c.backbone == "vit_tiny_patch16_224"
+    assert validate_config(c) == c
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().lr = 0.1  # type: ignore[misc]
+
+
+def test_unknown_model_name_lists_valid_ones():
+    with pytest.raises(UserError, match=r"'resnet'.*cnn, vit"):
+        canonical_model("resnet")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("epochs", 0), ("epochs", 2.5), ("epochs", "5"), ("epochs", True),
+    ("batch_size", -1), ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", "1e-3"),
+    ("lr", 100.0), ("momentum", 1.5), ("dropout", 1.0), ("hflip", -0.1),
+    ("aug_scale_min", 0.0), ("img_size", 8), ("depth", 0), ("optimizer", "rmsprop"),
+    ("scheduler", "step"), ("pooling", "max"), ("metric", "test_acc"), ("model", "resnet"),
+    ("pretrained", "yes"), ("backbone", 3),
+])
+def test_validate_config_rejects_bad_values_naming_the_key(key, value):
+    with pytest.raises(UserError) as e:
+        validate_config(RunConfig().replace(**{key: value}), "my.json")
+    msg = str(e.value)
+    assert msg.startswith("my.json: ") and key in msg
+    assert "\n" not in msg
+
+
+def test_validate_config_warmup_must_be_shorter_than_training():
+    with pytest.raises(UserError, match="warmup_epochs"):
+        validate_config(RunConfig(epochs=3, warmup_epochs=3))
+    assert validate_config(RunConfig(epochs=3, warmup_epochs=2)).warmup_epochs == 2
+
+
+def test_validate_config_normalizes_numbers():
+    c = validate_config(RunConfig().replace(epochs=5.0, lr=1, weight_decay=0))
+    assert c.epochs == 5 and type(c.epochs) is int
+    assert c.lr == 1.0 and type(c.lr) is float
+    assert type(c.weight_decay) is float
+
+
+def test_from_dict_round_trip():
+    c = homework_defaults("vit").replace(lr=3e-4, pooling="both", feature_views=2, seed=7)
+    assert RunConfig.from_dict(c.to_dict()) == c
+    assert RunConfig.from_dict({}) == RunConfig()
+
+
+def test_from_dict_unknown_key_names_it_and_the_source():
+    with pytest.raises(UserError, match=r"^ckpt\.json: unknown config key\(s\) lr_max, zzz"):
+        RunConfig.from_dict({"lr": 0.1, "lr_max": 1, "zzz": 2}, "ckpt.json")
+
+
+def test_from_dict_validates():
+    with pytest.raises(UserError, match="lr"):
+        RunConfig.from_dict({"lr": -1.0})
+
+
+# ---------------------------------------------------------------- search-space YAML
+VALID_SPEC = """\
+model: cnn
+metric: val_macro_f1
+mode: max
+num_samples: 8
+max_epochs: 12
+grace_period: 2
+reduction_factor: 3
+max_concurrent: 2
+seed: 1
+time_budget_s: 600
+resources: {cpu: 2, gpu: 0}
+fixed:
+  img_size: 64
+  weight_decay: 5e-4
+space:
+  lr: {loguniform: [1e-4, 1e-2]}
+  batch_size: {choice: [16, 32, 64]}
+  optimizer: {choice: [adamw, sgd]}
+  dropout: {uniform: [0.0, 0.5]}
+  depth: {randint: [2, 5]}
+  width: {quniform: [16, 64, 16]}
+"""
+
+
+def write(tmp_path, text: str, name: str = "space.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_load_valid_spec(tmp_path):
+    path = write(tmp_path, VALID_SPEC)
+    spec = load_search_spec(path)
+    assert isinstance(spec, SearchSpec)
+    assert spec.model == "cnn" and spec.metric == "val_macro_f1" and spec.mode == "max"
+    assert (spec.num_samples, spec.max_epochs, spec.grace_period, spec.seed) == (8, 12, 2, 1)
+    assert spec.resources == {"cpu": 2, "gpu": 0}
+    assert spec.time_budget_s == 600
+    assert spec.source == str(path)
+    # PyYAML (YAML 1.1) reads `1e-4` as the string "1e-4": it must come back as a number.
+    sampler, (lo, hi) = spec.space["lr"]
+    assert sampler == "loguniform"
+    assert isinstance(lo, float) and isinstance(hi, float)
+    assert (lo, hi) == (1e-4, 1e-2)
+    assert spec.fixed == {"img_size": 64, "weight_decay": 5e-4}
+    assert isinstance(spec.fixed["weight_decay"], float)
+    assert spec.space["batch_size"] == ("choice", [16, 32, 64])
+    assert spec.space["optimizer"] == ("choice", ["adamw", "sgd"])
+    assert spec.space["depth"] == ("randint", [2, 5])
+    assert spec.space["width"] == ("quniform", [16, 64, 16])
+
+
+def test_load_vit_spec_uses_registry_name(tmp_path):
+    spec = load_search_spec(write(tmp_path, """\
+        model: vit
+        space:
+          pooling: {choice: [cls, mean, both]}
+        """))
+    assert spec.model == "vit_probe"
+    assert spec.space["pooling"] == ("choice", ["cls", "mean", "both"])
+
+
+def test_choice_values_written_yaml11_style_become_numbers(tmp_path):
+    """`choice: [1e-4, 1e-3]` must give numbers to the trials, as loguniform bounds do."""
+    spec = load_search_spec(write(tmp_path, """\
+        model: cnn
+        space:
+          weight_decay: {choice: [1e-4, 1e-3, 0.0]}
+        """))
+    _, values = spec.space["weight_decay"]
+    assert values == [1e-4, 1e-3, 0.0]
+    assert all(isinstance(v, float) for v in values), values
+
+
+BAD_SPECS = [
+    ("unknown top-level key", "model: cnn\nsamples: 3\n", ["samples"]),
+    ("unknown sampler", "model: cnn\nspace:\n  lr: {lognormal: [1.0e-4, 1.0e-2]}\n",
+     ["space.lr", "lognormal"]),
+    ("low >= high", "model: cnn\nspace:\n  dropout: {uniform: [0.5, 0.1]}\n",
+     ["space.dropout", "low"]),
+    ("low == high", "model: cnn\nspace:\n  lr: {loguniform: [1.0e-3, 1.0e-3]}\n", ["space.lr"]),
+    ("non-numeric bound", "model: cnn\nspace:\n  lr: {loguniform: [small, 1.0e-2]}\n",
+     ["space.lr", "small"]),
+    ("space key not a config field", "model: cnn\nspace:\n  learning_rate: {uniform: [0, 1]}\n",
+     ["space.learning_rate", "learning_rate"]),
+    ("fixed key not a config field", "model: cnn\nfixed:\n  learning_rate: 0.1\n",
+     ["fixed.learning_rate"]),
+    ("loguniform low <= 0", "model: cnn\nspace:\n  lr: {loguniform: [0.0, 1.0e-2]}\n",
+     ["space.lr", "> 0"]),
+    ("both fixed and searched",
+     "model: cnn\nfixed:\n  lr: 1.0e-3\nspace:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n",
+     ["lr", "both fixed and searched"]),
+    ("sampler value out of the config's range",
+     "model: cnn\nspace:\n  dropout: {uniform: [0.0, 1.5]}\n", ["space.dropout", "dropout"]),
+    ("bad choice value", "model: cnn\nspace:\n  optimizer: {choice: [adamw, rmsprop]}\n",
+     ["space.optimizer", "rmsprop"]),
+    ("wrong arity", "model: cnn\nspace:\n  lr: {uniform: [0.1]}\n", ["space.lr", "2 numbers"]),
+    ("not a sampler mapping", "model: cnn\nspace:\n  lr: 0.1\n", ["space.lr"]),
+    ("bool bound", "model: cnn\nspace:\n  dropout: {uniform: [false, 0.5]}\n", ["space.dropout"]),
+    ("randint with fractional bound", "model: cnn\nspace:\n  depth: {randint: [1, 3.5]}\n",
+     ["space.depth", "integers"]),
+    ("bad metric", "model: cnn\nmetric: test_acc\n", ["metric", "test_acc"]),
+    ("bad mode", "model: cnn\nmode: biggest\n", ["mode", "biggest"]),
+    ("bad num_samples", "model: cnn\nnum_samples: 0\n", ["num_samples"]),
+    ("missing model", "space: {}\n", ["model"]),
+    ("not a mapping", "- model\n- cnn\n", ["mapping"]),
+]
+
+
+@pytest.mark.parametrize("text, must_contain", [(t, m) for _, t, m in BAD_SPECS],
+                         ids=[i for i, _, _ in BAD_SPECS])
+def test_bad_spec_error_names_file_and_key(tmp_path, text, must_contain):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_search_spec(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for part in must_contain:
+        assert part in msg, msg
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, """\
+        model: cnn
+        space:
+          lr: {loguniform: [1.0e-4, 1.0e-2]}
+          dropout: [uniform: 0.1
+        metric: val_acc
+        """)
+    with pytest.raises(UserError) as e:
+        load_search_spec(path)
+    msg = str(e.value)
+    assert str(path) in msg and "YAML syntax error" in msg
+    assert "line " in msg
+
+
+def test_tab_indentation_error_points_at_its_line(tmp_path):
+    path = write(tmp_path, "model: cnn\nspace:\n\tlr: {uniform: [0.1, 0.2]}\n")
+    with pytest.raises(UserError, match=r"line 3"):
+        load_search_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_search_spec(tmp_path / "nope.yaml")
+
+
+def test_unknown_model_in_spec_names_the_file(tmp_path):
+    path = write(tmp_path, "model: resnet\n")
+    with pytest.raises(UserError) as e:
+        load_search_spec(path)
+    assert "resnet" in str(e.value)
+    assert str(path) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("fixed", ["lr: -1.0", "epochs: 0", "optimizer: rmsprop",
+                                   "dropout: 2.0"])
+def test_invalid_fixed_value_is_rejected_without_a_space(tmp_path, fixed):
+    """Fixed values go into every trial's config: a bad one must fail at load time, not in the
+    middle of a search (today they are only checked when some `space` key exists)."""
+    path = write(tmp_path, f"model: cnn\nfixed:\n  {fixed}\n")
+    key = fixed.split(":")[0]
+    with pytest.raises(UserError) as e:
+        load_search_spec(path)
+    assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_fixed_value_checked_against_the_space_bounds(tmp_path):
+    path = write(tmp_path, """\
+        model: cnn
+        fixed: {epochs: 5}
+        space:
+          warmup_epochs: {choice: [0, 5]}
+        """)
+    with pytest.raises(UserError, match="warmup_epochs"):
+        load_search_spec(path)

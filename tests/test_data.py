@@ -1,0 +1,443 @@
+"""Data: decoding odd image files, scanning ImageFolder trees, the decode-once cache, the seeded
+stratified val split and the batched tensor transforms."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tune_pets.data import (CNN_MEAN, CNN_STD, BadImageError, cache_res, eval_transform,
+                            load_or_make_val_split, load_rgb, load_split,
+                            random_resized_crop_params, scan_split, stratified_split,
+                            train_augment)
+from tune_pets.utils import UserError
+
+
+def _noise(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, c), dtype=np.uint8)
+
+
+def _save_jpeg(path, w=40, h=30, seed=0) -> None:
+    Image.fromarray(_noise(h, w, seed=seed)).save(path, "JPEG", quality=90)
+
+
+# ---------------------------------------------------------------- load_rgb
+def _gif(p):
+    Image.fromarray(_noise(30, 40)).convert("P").save(p, "GIF")
+
+
+def _rgba_png_named_jpg(p):
+    arr = np.dstack([_noise(30, 40), np.full((30, 40), 255, np.uint8)])
+    arr[:10, :, 3] = 0  # fully transparent top rows
+    Image.fromarray(arr, "RGBA").save(p, "PNG")
+
+
+def _palette_png_with_transparency(p):
+    img = Image.fromarray(_noise(30, 40)).convert("P")
+    img.save(p, "PNG", transparency=0)
+
+
+def _grayscale(p):
+    Image.fromarray(_noise(30, 40, 1)[..., 0], "L").save(p, "JPEG")
+
+
+def _cmyk_jpeg(p):
+    Image.fromarray(_noise(30, 40, 4), "CMYK").save(p, "JPEG")
+
+
+def _png16(p):
+    ramp = np.linspace(0, 60_000, 30 * 40).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(ramp).save(p, "PNG")
+    assert Image.open(p).mode.startswith("I"), "the fixture must really be a 16-bit PNG"
+
+
+def _la_png(p):
+    Image.fromarray(np.dstack([_noise(30, 40, 1)[..., 0], np.full((30, 40), 128, np.uint8)]),
+                    "LA").save(p, "PNG")
+
+
+def _bilevel(p):
+    Image.fromarray(_noise(30, 40, 1)[..., 0] > 127).save(p, "PNG")
+
+
+@pytest.mark.parametrize("name, write", [
+    ("a.gif", _gif), ("rgba.jpg", _rgba_png_named_jpg), ("pal.png", _palette_png_with_transparency),
+    ("gray.jpg", _grayscale), ("cmyk.jpg", _cmyk_jpeg), ("deep.png", _png16), ("la.png", _la_png),
+    ("bw.png", _bilevel),
+])
+def test_load_rgb_any_mode_gives_rgb(tmp_path, name, write):
+    p = tmp_path / name
+    write(p)
+    img = load_rgb(p)
+    assert img.mode == "RGB"
+    assert img.size == (40, 30)
+    arr = np.asarray(img)
+    assert arr.dtype == np.uint8 and arr.shape == (30, 40, 3)
+
+
+def test_load_rgb_rgba_composites_over_white(tmp_path):
+    p = tmp_path / "rgba.jpg"
+    _rgba_png_named_jpg(p)
+    arr = np.asarray(load_rgb(p))
+    assert (arr[:10] == 255).all()          # transparent -> white, not black
+    assert (arr[10:] != 255).any()
+
+
+def test_load_rgb_16bit_png_keeps_its_range(tmp_path):
+    p = tmp_path / "deep.png"
+    _png16(p)
+    arr = np.asarray(load_rgb(p)).astype(int)
+    assert (arr[..., 0] == arr[..., 1]).all()  # gray stays gray
+    assert arr.min() < 20 and 200 < arr.max()  # a ramp, not clipped to white
+    assert (arr == 255).mean() < 0.05
+    assert 80 < arr.mean() < 160
+
+
+def test_load_rgb_applies_exif_orientation(tmp_path):
+    p = tmp_path / "rotated.jpg"
+    img = Image.fromarray(_noise(20, 40))
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    img.save(p, "JPEG", exif=exif)
+    assert Image.open(p).size == (40, 20)
+    out = load_rgb(p)
+    assert out.mode == "RGB" and out.size == (20, 40)
+
+
+def test_load_rgb_zero_byte_file(tmp_path):
+    p = tmp_path / "empty.jpg"
+    p.write_bytes(b"")
+    with pytest.raises(BadImageError, match=r"empty\.jpg.*0 bytes"):
+        load_rgb(p)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.05])
+def test_load_rgb_truncated_jpeg(tmp_path, keep):
+    p = tmp_path / "cut.jpg"
+    _save_jpeg(p, 64, 64)
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(BadImageError, match=r"cut\.jpg"):
+        load_rgb(p)
+
+
+def test_load_rgb_text_file_named_jpg(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("not an image")
+    with pytest.raises(BadImageError, match=r"notes\.jpg"):
+        load_rgb(p)
+
+
+# ---------------------------------------------------------------- scan_split
+def test_scan_split_ignores_non_images_and_accepts_odd_extensions(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b c": (2, 1)})
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (root / "train" / "a" / "README.txt").write_text("about these photos")
+    (root / "train" / "a" / "notes.dat").write_bytes(b"random bytes, not an image")
+    (root / "train" / ".hidden_class").mkdir()
+    _save_jpeg(root / "train" / ".hidden_class" / "x.jpg")
+    Image.fromarray(_noise(30, 40)).save(root / "train" / "b c" / "x.dat", "PNG")
+
+    idx = scan_split(root, "train")
+    assert idx.classes == ["a", "b c"]
+    assert "train/b c/x.dat" in idx.paths
+    assert len(idx.paths) == 5
+    names = {p.rsplit("/", 1)[1] for p in idx.paths}
+    assert not names & {".DS_Store", "README.txt", "notes.dat"}
+    assert {"train/a/README.txt", "train/a/.DS_Store", "train/a/notes.dat"} <= set(idx.ignored)
+    assert [idx.labels[idx.paths.index(p)] for p in idx.paths if "/b c/" in p] == [1, 1, 1]
+
+
+def test_scan_split_heldout_uses_train_class_order(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", {"a": (1, 1), "b": (1, 0), "c": (1, 1)})
+    idx = scan_split(root, "test", classes=["a", "b", "c"])
+    assert idx.classes == ["a", "b", "c"]
+    assert sorted(idx.labels) == [0, 2]
+
+
+def test_scan_split_class_only_in_test(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    (root / "test" / "zebra").mkdir()
+    _save_jpeg(root / "test" / "zebra" / "z.jpg")
+    train = scan_split(root, "train")
+    with pytest.raises(UserError, match="zebra"):
+        scan_split(root, "test", classes=train.classes)
+
+
+@pytest.mark.parametrize("junk", [None, "README.txt"])
+def test_scan_split_empty_train_class(tmp_path, make_image_folder, junk):
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1)})
+    (root / "train" / "empty one").mkdir()
+    if junk:
+        (root / "train" / "empty one" / junk).write_text("x")
+    with pytest.raises(UserError, match="empty one.*no images"):
+        scan_split(root, "train")
+
+
+def test_load_split_missing_data_dir(tmp_path, cache_dir):
+    with pytest.raises(UserError, match="--data-dir"):
+        load_split(tmp_path / "nowhere", "train", 36, cache_dir=cache_dir)
+
+
+def test_load_split_missing_train_dir(tmp_path, cache_dir):
+    (tmp_path / "d" / "test" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"--data-dir.*train/"):
+        load_split(tmp_path / "d", "train", 36, cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------- load_split and its cache
+def test_load_split_shapes_and_labels(tiny_data, cache_dir):
+    s = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
+    assert s.images.shape == (40, 36, 36, 3) and s.images.dtype == np.uint8
+    assert s.labels.dtype == np.int64 and s.labels.shape == (40,)
+    assert s.classes == ["Abyssinian", "chat été", "golden retriever", "pug"]
+    assert np.bincount(s.labels).tolist() == [10, 10, 10, 10]
+    for path, label in zip(s.paths, s.labels):
+        assert path.startswith(f"train/{s.classes[label]}/")
+    # Each class's tint survives decoding: images are not blank.
+    means = np.stack([s.images[s.labels == c].mean(axis=(0, 1, 2)) for c in range(4)])
+    assert np.unique(means.round(), axis=0).shape[0] == 4
+    test = load_split(tiny_data, "test", 36, cache_dir=cache_dir, classes=s.classes,
+                      progress=False)
+    assert len(test) == 16 and test.classes == s.classes
+
+
+def test_load_split_second_call_hits_the_cache(tiny_data, cache_dir):
+    first = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
+    arrays = list((cache_dir / "images").glob("*.npy"))
+    assert len(arrays) == 1
+    mtime = arrays[0].stat().st_mtime_ns
+    second = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
+    assert arrays[0].stat().st_mtime_ns == mtime
+    assert list((cache_dir / "images").glob("*.npy")) == arrays
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    assert first.paths == second.paths and first.fingerprint == second.fingerprint
+    # Another resolution is another cache entry.
+    load_split(tiny_data, "train", 20, cache_dir=cache_dir, progress=False)
+    assert len(list((cache_dir / "images").glob("*.npy"))) == 2
+
+
+def test_cache_is_invalidated_when_a_file_changes(tmp_path, make_image_folder, cache_dir):
+    root = make_image_folder(tmp_path / "d", {"a": (3, 1), "b": (3, 1)})
+    first = load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+    _save_jpeg(root / "train" / "a" / "a_0.jpg", 50, 50, seed=123)
+    st = (root / "train" / "a" / "a_0.jpg").stat()
+    os.utime(root / "train" / "a" / "a_0.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+    assert second.fingerprint != first.fingerprint
+    assert not np.array_equal(first.images[0], second.images[0])
+    np.testing.assert_array_equal(first.images[1:], second.images[1:])
+
+
+def test_load_split_center_crops_the_shorter_side(tmp_path, cache_dir):
+    root = tmp_path / "d"
+    (root / "train" / "a").mkdir(parents=True)
+    arr = np.zeros((40, 80, 3), np.uint8)  # wide: left quarter red, right quarter blue
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:60] = (0, 255, 0)
+    arr[:, 60:] = (0, 0, 255)
+    Image.fromarray(arr).save(root / "train" / "a" / "x.png")
+    img = load_split(root, "train", 20, cache_dir=cache_dir, progress=False).images[0]
+    assert img.shape == (20, 20, 3)
+    assert (img[..., 1] > 200).all()  # only the green center is kept
+
+
+def test_skip_bad_images(tmp_path, make_image_folder, cache_dir):
+    root = make_image_folder(tmp_path / "d", {"a": (3, 1), "b": (3, 1)})
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+    assert "broken.jpg" in str(e.value) and "--skip-bad-images" in str(e.value)
+
+    s = load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
+    assert len(s) == 6 and s.images.shape[0] == 6
+    assert not any("broken" in p for p in s.paths)
+    assert len(s.skipped) == 1 and "broken.jpg" in s.skipped[0]
+    # The cached result remembers the bad file: without the flag it still fails.
+    with pytest.raises(UserError, match="broken.jpg"):
+        load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+    again = load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
+    assert again.paths == s.paths and again.skipped == s.skipped
+
+
+def test_several_bad_images_are_counted(tmp_path, make_image_folder, cache_dir):
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1)})
+    (root / "train" / "a" / "bad1.jpg").write_bytes(b"")
+    (root / "train" / "a" / "bad2.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(UserError, match=r"and 1 more"):
+        load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+
+
+# ---------------------------------------------------------------- the val split
+def test_stratified_split_invariants():
+    labels = np.array([0] * 20 + [1] * 7 + [2] * 2 + [3] * 1 + [4] * 50)
+    tr, va = stratified_split(labels, 0.2, seed=0)
+    assert not set(tr) & set(va)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(labels)))
+    for c in range(5):
+        n = (labels == c).sum()
+        n_val = (labels[va] == c).sum()
+        if n >= 2:
+            assert n_val >= 1 and (labels[tr] == c).sum() >= 1
+        else:
+            assert n_val == 0
+    assert (labels[va] == 4).sum() == 10 and (labels[va] == 0).sum() == 4
+
+
+def test_stratified_split_is_seeded():
+    labels = np.repeat(np.arange(5), 40)
+    a = stratified_split(labels, 0.25, seed=3)
+    b = stratified_split(labels, 0.25, seed=3)
+    c = stratified_split(labels, 0.25, seed=4)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_val_split_file_written_and_reused(tiny_data, cache_dir, tmp_path):
+    train = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
+    split_file = tmp_path / "out" / "val_split.json"
+    tr, va = load_or_make_val_split(train, split_file, 0.2, seed=0)
+    saved = json.loads(split_file.read_text(encoding="utf-8"))
+    assert saved["train"] == tr.paths and saved["val"] == va.paths
+    assert (saved["seed"], saved["val_fraction"], saved["fingerprint"]) == (0, 0.2, train.fingerprint)
+    assert len(va) == 8 and len(tr) == 32
+    assert np.bincount(va.labels).tolist() == [2, 2, 2, 2]
+    assert not set(tr.paths) & set(va.paths)
+    for sub in (tr, va):  # images travel with their paths and labels
+        for img, path in zip(sub.images, sub.paths):
+            np.testing.assert_array_equal(img, train.images[train.paths.index(path)])
+
+    # Reused as written: edit the file and the edit is what comes back.
+    moved = saved["train"].pop(0)
+    saved["val"].append(moved)
+    split_file.write_text(json.dumps(saved), encoding="utf-8")
+    tr2, va2 = load_or_make_val_split(train, split_file, 0.2, seed=0)
+    assert moved in va2.paths and moved not in tr2.paths and len(va2) == 9
+
+    # Another seed is another split, and the file is rewritten for it.
+    tr3, va3 = load_or_make_val_split(train, split_file, 0.2, seed=1)
+    assert json.loads(split_file.read_text(encoding="utf-8"))["seed"] == 1
+    assert va3.paths != va.paths and len(va3) == 8
+
+
+def test_broken_val_split_file_is_replaced(tiny_data, cache_dir, tmp_path):
+    train = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
+    split_file = tmp_path / "val_split.json"
+    split_file.write_text("{ half a json", encoding="utf-8")
+    tr, va = load_or_make_val_split(train, split_file, 0.2, seed=0)
+    assert json.loads(split_file.read_text(encoding="utf-8"))["val"] == va.paths
+
+
+# ---------------------------------------------------------------- tensor transforms
+def _batch(n=4, res=36, seed=0) -> torch.Tensor:
+    return torch.from_numpy(_noise(n * res, res, seed=seed).reshape(n, res, res, 3))
+
+
+def _smooth_batch(n=3, res=36) -> torch.Tensor:
+    yy, xx = np.mgrid[0:res, 0:res] / res
+    imgs = [np.stack([np.sin(3 * xx + k), np.cos(2 * yy - k), xx * yy], -1) for k in range(n)]
+    return torch.from_numpy(((np.stack(imgs) + 1) * 100).clip(0, 255).astype(np.uint8))
+
+
+def test_train_augment_shape_finite_and_seeded():
+    x = _batch()
+    out = train_augment(x, 32, CNN_MEAN, CNN_STD, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    again = train_augment(x, 32, CNN_MEAN, CNN_STD, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    other = train_augment(x, 32, CNN_MEAN, CNN_STD, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(out, other)
+
+
+def test_train_augment_without_randomness_is_the_eval_view():
+    """scale (1, 1) and no flip on a square image: the whole image, no distortion."""
+    x = _batch(res=32)
+    aug = train_augment(x, 32, CNN_MEAN, CNN_STD, scale_min=1.0, hflip=0.0,
+                        generator=torch.Generator().manual_seed(0))
+    ref = eval_transform(x, 32, 1.0, CNN_MEAN, CNN_STD)
+    torch.testing.assert_close(aug, ref, atol=1e-5, rtol=0)
+    flipped = train_augment(x, 32, CNN_MEAN, CNN_STD, scale_min=1.0, hflip=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(flipped, ref.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_train_augment_resize_matches_eval_resize_on_smooth_images():
+    x = _smooth_batch(res=36)
+    aug = train_augment(x, 32, CNN_MEAN, CNN_STD, scale_min=1.0, hflip=0.0,
+                        generator=torch.Generator().manual_seed(0))
+    ref = eval_transform(x, 32, 1.0, CNN_MEAN, CNN_STD)
+    assert (aug - ref).abs().mean() < 0.02
+    assert (aug - ref).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("size, crop_pct", [(32, 0.875), (40, 0.875), (224, 0.875), (224, 0.9),
+                                            (33, 0.9)])
+def test_eval_transform_is_an_exact_center_crop_of_the_cache(size, crop_pct):
+    res = cache_res(size, crop_pct)
+    x = _batch(n=2, res=res)
+    out = eval_transform(x, size, crop_pct, CNN_MEAN, CNN_STD)
+    top = (res - size) // 2
+    crop = x[:, top:top + size, top:top + size].permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CNN_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CNN_STD).view(1, 3, 1, 1)
+    assert out.shape == (2, 3, size, size)
+    torch.testing.assert_close(out, (crop - mean) / std, atol=1e-6, rtol=0)
+
+
+def test_eval_transform_from_a_larger_cache_resizes():
+    x = _smooth_batch(res=72)  # cache built for img_size 64, eval at 32
+    out = eval_transform(x, 32, 0.875, CNN_MEAN, CNN_STD)
+    assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
+    ref = eval_transform(torch.from_numpy(np.stack([
+        np.asarray(Image.fromarray(im).resize((36, 36), Image.Resampling.BILINEAR))
+        for im in x.numpy()])), 32, 0.875, CNN_MEAN, CNN_STD)
+    assert (out - ref).abs().mean() < 0.03
+
+
+@pytest.mark.parametrize("h, w, scale", [(36, 36, (0.08, 1.0)), (30, 50, (0.08, 1.0)),
+                                         (50, 30, (0.5, 1.0)), (7, 300, (0.9, 1.0)),
+                                         (36, 36, (1.0, 1.0))])
+def test_random_resized_crop_boxes_stay_inside(h, w, scale):
+    x0, y0, cw, ch = random_resized_crop_params(2000, h, w, scale,
+                                                generator=torch.Generator().manual_seed(0))
+    for t in (x0, y0, cw, ch):
+        assert t.shape == (2000,)
+        assert torch.equal(t, t.round())
+    assert (x0 >= 0).all() and (y0 >= 0).all()
+    assert (cw >= 1).all() and (ch >= 1).all()
+    assert (x0 + cw <= w).all() and (y0 + ch <= h).all()
+    frac = cw * ch / (h * w)
+    assert frac.max() <= 1.0
+    if h == w:
+        assert frac.min() >= scale[0] * 0.85  # rounding aside, the sampled area is in range
+    if scale == (0.08, 1.0) and h == w:  # positions vary
+        assert len(torch.unique(x0)) > 10 and len(torch.unique(y0)) > 10
+
+
+# ---------------------------------------------------------------- the real sample
+@pytest.mark.slow
+def test_real_sample_decodes(sample_dir, cache_dir):
+    train = load_split(sample_dir, "train", 40, cache_dir=cache_dir, progress=False)
+    assert len(train) == 570 and len(train.classes) == 37
+    assert train.images.shape == (570, 40, 40, 3) and train.images.dtype == np.uint8
+    assert "train/Abyssinian/Abyssinian_34.jpg" in train.paths  # a GIF named .jpg
+    assert not train.skipped
+    test = load_split(sample_dir, "test", 40, cache_dir=cache_dir, classes=train.classes,
+                      progress=False)
+    assert len(test) == 411
+    assert "test/Abyssinian/Abyssinian_5.jpg" in test.paths  # an RGBA PNG named .jpg
+    for split, rel in ((train, "train/Abyssinian/Abyssinian_34.jpg"),
+                       (test, "test/Abyssinian/Abyssinian_5.jpg")):
+        img = split.images[split.paths.index(rel)]
+        assert img.std() > 10  # a photo, not a blank square
+    assert Image.open(sample_dir / "train/Abyssinian/Abyssinian_34.jpg").format == "GIF"
+    assert load_rgb(sample_dir / "test/Abyssinian/Abyssinian_5.jpg").mode == "RGB"

@@ -1,0 +1,319 @@
+"""Data sanity report: class counts, image sizes, sample grids and odd files of an ImageFolder.
+
+    python -m tune_pets.sanity --data-dir data/oxford_pets --out artifacts/data_sanity
+
+Reads the same files the training code reads (``tune_pets.data.scan_split``, ``load_rgb``) and
+writes into ``--out``:
+
+    class_counts.csv   one row per class: images per split and total
+    image_sizes.csv    one row per image: split, path, class, format, mode, width, height
+    odd_files.csv      files that deserve a look: named .jpg but not a JPEG, not RGB (P, RGBA,
+                       L, CMYK...), unreadable, or ignored non-image files
+    grid_<split>.png   a deterministic sample (round-robin over classes) titled by class
+    summary.json       the numbers: counts per split, classes, min/max per class, size
+                       statistics, odd-file counts (``tune_pets.report`` reads this file)
+
+Odd files are reported, not fixed: training decodes GIF/PNG/RGBA/CMYK files to RGB anyway
+(``load_rgb``) and fails on unreadable ones unless given ``--skip-bad-images``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from tune_pets.data import (BadImageError, SplitIndex, check_data_dir, heldout_split_name,
+                            load_rgb, scan_split)
+from tune_pets.utils import (ArgumentParser, atomic_savefig, atomic_write_csv, atomic_write_json,
+                             cli_main, nonneg_int, positive_int)
+
+JPEG_EXTS = (".jpg", ".jpeg")
+DRAFT_SIZE = 64        # decode JPEGs at reduced scale: every byte is still read, much faster
+SMALL_SIDE = 224       # images whose shorter side is below the networks' input size are counted
+GRID_THUMB = 160       # pixels per grid thumbnail
+ISSUES = ("not_jpeg", "not_rgb", "unreadable", "ignored_non_image")
+
+
+# ---------------------------------------------------------------- per-file inspection
+def inspect_image(path: str | os.PathLike) -> dict:
+    """Header facts of one file (format, mode, width, height) and whether it decodes."""
+    info: dict = {"format": None, "mode": None, "width": None, "height": None, "error": None}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                info.update(format=img.format, mode=img.mode, width=img.size[0],
+                            height=img.size[1])
+    except Exception:  # noqa: BLE001 - load_rgb below says why, in the project's words
+        pass
+    try:
+        load_rgb(path, draft_size=DRAFT_SIZE)
+    except BadImageError as e:
+        info["error"] = str(e)
+    return info
+
+
+def issues_of(rel_path: str, info: dict) -> list[str]:
+    """Issue codes for one image file (empty: nothing odd)."""
+    found = []
+    if info["format"] and Path(rel_path).suffix.lower() in JPEG_EXTS and info["format"] != "JPEG":
+        found.append("not_jpeg")
+    if info["mode"] and info["mode"] != "RGB":
+        found.append("not_rgb")
+    if info["error"]:
+        found.append("unreadable")
+    return found
+
+
+def _detail(rel_path: str, info: dict, issues: list[str]) -> str:
+    parts = []
+    if "not_jpeg" in issues:
+        parts.append(f"named {Path(rel_path).suffix} but is {info['format']}")
+    if "not_rgb" in issues:
+        parts.append(f"mode {info['mode']} (converted to RGB when loaded)")
+    if "unreadable" in issues:
+        parts.append(info["error"])
+    return "; ".join(parts)
+
+
+def _inspect_all(data_dir: Path, paths: list[str], workers: int, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    full = [data_dir / p for p in paths]
+    bar = tqdm(total=len(full), desc="inspect images", unit="img", file=sys.stderr, leave=False,
+               disable=not progress or None)
+    out = []
+    # Threads: Pillow decodes with the GIL released, and threads need no pickling or fork.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for info in pool.map(inspect_image, full, chunksize=1):
+            out.append(info)
+            bar.update(1)
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------- statistics
+def size_stats(widths: Sequence[int], heights: Sequence[int]) -> dict:
+    """min/median/max of width, height and aspect ratio (w/h); count of small images."""
+    if not widths:
+        return {"n": 0}
+    w, h = np.asarray(widths, dtype=float), np.asarray(heights, dtype=float)
+    aspect = w / h
+    stats: dict = {"n": int(len(w))}
+    for name, v in (("width", w), ("height", h), ("aspect", aspect)):
+        stats[f"{name}_min"] = float(v.min())
+        stats[f"{name}_median"] = float(np.median(v))
+        stats[f"{name}_max"] = float(v.max())
+    stats["aspect_min"], stats["aspect_median"], stats["aspect_max"] = (
+        round(stats["aspect_min"], 4), round(stats["aspect_median"], 4),
+        round(stats["aspect_max"], 4))
+    stats[f"n_short_side_lt_{SMALL_SIDE}"] = int((np.minimum(w, h) < SMALL_SIDE).sum())
+    return stats
+
+
+def class_balance(counts: dict[str, int]) -> dict:
+    """min/max images per class (with the class names), mean and median."""
+    if not counts:
+        return {}
+    lo = min(counts, key=lambda c: (counts[c], c))
+    hi = max(counts, key=lambda c: (counts[c], c))
+    values = np.asarray(list(counts.values()), dtype=float)
+    return {"min": counts[lo], "min_class": lo, "max": counts[hi], "max_class": hi,
+            "mean": round(float(values.mean()), 2), "median": float(np.median(values)),
+            "empty_classes": sorted(c for c, n in counts.items() if n == 0)}
+
+
+# ---------------------------------------------------------------- the image grid
+def grid_sample(index: SplitIndex, n: int, seed: int = 0,
+                exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, str]]:
+    """A deterministic sample of ``n`` (path, class) pairs: each class shuffled with ``seed``,
+    then taken round-robin over classes so the grid shows as many classes as it can."""
+    rng = np.random.default_rng(seed)
+    per_class: dict[int, list[str]] = {}
+    for p, y in zip(index.paths, index.labels):
+        if p not in exclude:
+            per_class.setdefault(y, []).append(p)
+    queues = {y: [ps[i] for i in rng.permutation(len(ps))] for y, ps in sorted(per_class.items())}
+    out: list[tuple[str, str]] = []
+    depth = 0
+    while len(out) < n and any(len(q) > depth for q in queues.values()):
+        for y, q in queues.items():
+            if depth < len(q) and len(out) < n:
+                out.append((q[depth], index.classes[y]))
+        depth += 1
+    return out
+
+
+def save_grid(data_dir: Path, sample: list[tuple[str, str]], path: Path, title: str,
+              odd: set[str] | frozenset = frozenset()) -> None:
+    """Thumbnails titled by class name; odd files (not JPEG / not RGB) get a red title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(sample))
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.85 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rel, cls) in zip(axes.flat, sample):
+        img = load_rgb(data_dir / rel, draft_size=GRID_THUMB)
+        img.thumbnail((GRID_THUMB, GRID_THUMB))
+        ax.imshow(np.asarray(img))
+        label = cls if len(cls) <= 24 else cls[:23] + "."
+        ax.set_title(label, fontsize=7, color="red" if rel in odd else "black")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the report
+def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+               grid_per_split: int = 36, seed: int = 0, workers: int | None = None,
+               progress: bool = True) -> dict:
+    """Inspect every file of ``data_dir`` (train + held-out split), write the CSVs, grids and
+    ``summary.json`` into ``out_dir``, and return the summary dict."""
+    data_dir = check_data_dir(data_dir)
+    out_dir = Path(out_dir)
+    train = scan_split(data_dir, "train")
+    held = scan_split(data_dir, heldout_split_name(data_dir), train.classes)
+    splits = [train, held]
+    classes = train.classes
+    workers = workers or min(os.cpu_count() or 1, 8)
+
+    size_rows, odd_rows = [], []
+    counts: dict[str, dict[str, int]] = {}
+    sizes: dict[str, dict] = {}
+    all_w: list[int] = []
+    all_h: list[int] = []
+    odd_paths: dict[str, set[str]] = {}
+    bad_paths: dict[str, set[str]] = {}
+    for index in splits:
+        infos = _inspect_all(data_dir, index.paths, workers, progress)
+        per_class = {c: 0 for c in classes}
+        ws, hs = [], []
+        odd_paths[index.name], bad_paths[index.name] = set(), set()
+        for rel, y, info in zip(index.paths, index.labels, infos):
+            cls = classes[y]
+            per_class[cls] += 1
+            size_rows.append({"split": index.name, "path": rel, "class": cls, **{
+                k: info[k] for k in ("format", "mode", "width", "height")}})
+            if info["width"] and not info["error"]:
+                ws.append(info["width"])
+                hs.append(info["height"])
+            found = issues_of(rel, info)
+            if found:
+                odd_paths[index.name].add(rel)
+                if "unreadable" in found:
+                    bad_paths[index.name].add(rel)
+                odd_rows.append({"split": index.name, "path": rel, "issues": ";".join(found),
+                                 "format": info["format"], "mode": info["mode"],
+                                 "width": info["width"], "height": info["height"],
+                                 "detail": _detail(rel, info, found)})
+        for rel in index.ignored:
+            odd_rows.append({"split": index.name, "path": rel, "issues": "ignored_non_image",
+                             "detail": "not an image: ignored by training"})
+        counts[index.name] = per_class
+        sizes[index.name] = size_stats(ws, hs)
+        all_w += ws
+        all_h += hs
+    sizes["all"] = size_stats(all_w, all_h)
+
+    names = [s.name for s in splits]
+    count_rows = [{"class": c, **{s: counts[s][c] for s in names},
+                   "total": sum(counts[s][c] for s in names)} for c in classes]
+    atomic_write_csv(out_dir / "class_counts.csv", count_rows, ["class", *names, "total"])
+    atomic_write_csv(out_dir / "image_sizes.csv", size_rows,
+                     ["split", "path", "class", "format", "mode", "width", "height"])
+    atomic_write_csv(out_dir / "odd_files.csv", odd_rows,
+                     ["split", "path", "issues", "format", "mode", "width", "height", "detail"])
+
+    grids = []
+    if grid_per_split > 0:
+        for index in splits:
+            sample = grid_sample(index, grid_per_split, seed, exclude=bad_paths[index.name])
+            if sample:
+                path = out_dir / f"grid_{index.name}.png"
+                save_grid(data_dir, sample, path,
+                          f"{data_dir.name}/{index.name}: {len(sample)} of {len(index.paths)} "
+                          f"images (seed {seed}; red title = odd file)", odd_paths[index.name])
+                grids.append(path.name)
+
+    by_issue = {k: sum(k in r["issues"].split(";") for r in odd_rows) for k in ISSUES}
+    summary = {
+        "data_dir": str(data_dir),
+        "splits": names,
+        "num_classes": len(classes),
+        "classes": classes,
+        "counts": {s: sum(counts[s].values()) for s in names},
+        "per_class": {s: class_balance(counts[s]) for s in names},
+        "sizes": sizes,
+        "n_odd_files": len(odd_rows),
+        "odd_by_issue": by_issue,
+        "n_unreadable": by_issue["unreadable"],
+        "n_ignored": by_issue["ignored_non_image"],
+        "grid_seed": seed,
+        "files": ["class_counts.csv", "image_sizes.csv", "odd_files.csv", *grids,
+                  "summary.json"],
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    summary["odd_files"] = odd_rows  # for callers and the printout; the CSV holds them on disk
+    return summary
+
+
+def print_summary(summary: dict, out_dir: Path, max_odd: int = 25) -> None:
+    counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items())
+    print(f"{summary['data_dir']}: {summary['num_classes']} classes; {counts} images")
+    for split, b in summary["per_class"].items():
+        empty = f"; no images for {', '.join(b['empty_classes'])}" if b["empty_classes"] else ""
+        print(f"  {split:5s} per class: min {b['min']} ({b['min_class']}), max {b['max']} "
+              f"({b['max_class']}), mean {b['mean']:.1f}{empty}")
+    s = summary["sizes"]["all"]
+    if s.get("n"):
+        print(f"  sizes: width {s['width_min']:.0f}/{s['width_median']:.0f}/{s['width_max']:.0f}, "
+              f"height {s['height_min']:.0f}/{s['height_median']:.0f}/{s['height_max']:.0f} "
+              f"(min/median/max), aspect {s['aspect_min']:.2f}..{s['aspect_max']:.2f}, "
+              f"{s[f'n_short_side_lt_{SMALL_SIDE}']} with shorter side < {SMALL_SIDE}px")
+    odd = summary["odd_files"]
+    issues = ", ".join(f"{n} {k}" for k, n in summary["odd_by_issue"].items() if n)
+    print(f"  odd files: {len(odd)}" + (f" ({issues})" if issues else ""))
+    for r in odd[:max_odd]:
+        print(f"    {r['path']}: {r['detail']}")
+    if len(odd) > max_odd:
+        print(f"    ... and {len(odd) - max_odd} more in {out_dir / 'odd_files.csv'}")
+    print(f"wrote {out_dir}/ ({', '.join(summary['files'])})")
+
+
+# ---------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m tune_pets.sanity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="data/oxford_pets", help="ImageFolder root (train/, test/)")
+    p.add_argument("--out", default="artifacts/data_sanity", help="output folder")
+    p.add_argument("--grid-per-split", type=nonneg_int, default=36,
+                   help="images in each split's grid (0: no grids)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the grid sample")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="threads inspecting files (default: CPU count, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    summary = run_sanity(args.data_dir, out, grid_per_split=args.grid_per_split, seed=args.seed,
+                         workers=args.workers, progress=not args.no_progress)
+    print_summary(summary, out)
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main, prog="python -m tune_pets.sanity")
