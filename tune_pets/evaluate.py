@@ -131,7 +131,7 @@ def evaluate_checkpoint(ckpt: dict, data_dir: str | Path, split: str, artifacts_
     import torch
 
     from tune_pets.config import cli_name
-    from tune_pets.data import cache_res, load_split
+    from tune_pets.data import cache_res, default_cache_dir, load_split
     from tune_pets.train import Batches, FitData, predict
     from tune_pets.utils import atomic_write_csv, upsert_csv_row
 
@@ -145,11 +145,20 @@ def evaluate_checkpoint(ckpt: dict, data_dir: str | Path, split: str, artifacts_
                             progress=progress)
     if data_split.classes != classes:
         raise UserError(f"{data_dir}/{split}: classes differ from the checkpoint's")
-    model = model.to(device)
-    data = FitData("images", classes, data_split.images, data_split.labels, preprocess=pre)
-    cfg = config.replace(img_size=pre["img_size"]) if config.model != "cnn" else config
-    preds, labels, _ = predict(model, Batches(cfg, data, device).eval(data_split.images,
-                                                                       data_split.labels, 64), cfg)
+    if ckpt["scope"] == "head":
+        # The probe head sees exactly what it was trained on: cached frozen-backbone features.
+        from tune_pets.features import cached_features
+        feats = cached_features(config, model.backbone, pre, data_split, cache_dir or
+                                default_cache_dir(), device, 0, progress)[0]
+        model = model.head.to(device)
+        data = FitData("features", classes, feats, data_split.labels, preprocess=pre)
+        x_all = feats
+    else:
+        model = model.to(device)
+        data = FitData("images", classes, data_split.images, data_split.labels, preprocess=pre)
+        x_all = data_split.images
+    preds, labels, _ = predict(model, Batches(config, data, device).eval(x_all, data_split.labels,
+                                                                         64), config)
     m = classification_metrics(labels, preds, len(classes))
     cm = confusion(labels, preds, len(classes))
     name = tag or cli_name(config.model)

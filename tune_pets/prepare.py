@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from PIL import Image, ImageOps
 
+from tune_pets.data import IMAGE_EXTS
 from tune_pets.utils import ArgumentParser, UserError, cli_main
 
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
@@ -160,6 +163,8 @@ def hf_examples(split: Any) -> Iterable[Example]:
     for i, row in enumerate(split):
         label = names[row[label_col]]
         stem = str(row["image_id"]) if has_id and row["image_id"] not in (None, "") else None
+        if stem and Path(stem).suffix.lower() in IMAGE_EXTS:
+            stem = stem[: -len(Path(stem).suffix)]  # an id like "Abyssinian_1.jpg"
         yield _undecoded(row[image_col]), label, stem or f"{safe_name(label)}_{i}"
 
 
@@ -240,10 +245,17 @@ def _check_target(output_dir: Path) -> None:
                         f"--output-dir")
 
 
-def load_hub_dataset(name: str = DEFAULT_DATASET) -> Any:
+def load_hub_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
     """``datasets.load_dataset(name)``; an unreachable hub becomes one-line ``UserError``."""
     import datasets
 
+    if not progress:
+        datasets.disable_progress_bars()
+    print(f"downloading {name} from the Hugging Face hub (about 800 MB)...", flush=True)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    # Offline, the hub client logs each of its 5 retries (~25 s); the one line below says it.
+    hub_logger.setLevel(logging.ERROR)
     try:
         return datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - network failures come as many exception types
@@ -253,6 +265,8 @@ def load_hub_dataset(name: str = DEFAULT_DATASET) -> Any:
             f"cannot download {name!r}: the Hugging Face hub is unreachable ({why}); copy the "
             f"images into DIR/train/<breed>/*.jpg and DIR/test/<breed>/*.jpg and pass "
             f"--data-dir DIR to the other commands") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
@@ -267,7 +281,7 @@ def prepare(output_dir: str | os.PathLike, dataset: str = DEFAULT_DATASET,
     if is_prepared(output_dir):
         return output_dir
     _check_target(output_dir)  # fail before a long download, not after it
-    return write_dataset(load_hub_dataset(dataset), output_dir, source=dataset,
+    return write_dataset(load_hub_dataset(dataset, progress), output_dir, source=dataset,
                          progress=progress)
 
 

@@ -19,21 +19,35 @@ Odd files are reported, not fixed: training decodes GIF/PNG/RGBA/CMYK files to R
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from tune_pets.data import (BadImageError, SplitIndex, check_data_dir, heldout_split_name,
-                            load_rgb, scan_split)
-from tune_pets.utils import (ArgumentParser, atomic_savefig, atomic_write_csv, atomic_write_json,
-                             cli_main, nonneg_int, positive_int)
+from tune_pets.data import (
+    BadImageError,
+    SplitIndex,
+    check_data_dir,
+    heldout_split_name,
+    load_rgb,
+    scan_split,
+)
+from tune_pets.utils import (
+    ArgumentParser,
+    atomic_savefig,
+    atomic_write_csv,
+    atomic_write_json,
+    cli_main,
+    nonneg_int,
+    positive_int,
+)
 
 JPEG_EXTS = (".jpg", ".jpeg")
 DRAFT_SIZE = 64        # decode JPEGs at reduced scale: every byte is still read, much faster
@@ -46,14 +60,11 @@ ISSUES = ("not_jpeg", "not_rgb", "unreadable", "ignored_non_image")
 def inspect_image(path: str | os.PathLike) -> dict:
     """Header facts of one file (format, mode, width, height) and whether it decodes."""
     info: dict = {"format": None, "mode": None, "width": None, "height": None, "error": None}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                info.update(format=img.format, mode=img.mode, width=img.size[0],
-                            height=img.size[1])
-    except Exception:  # noqa: BLE001 - load_rgb below says why, in the project's words
-        pass
+    # An unidentifiable header leaves the facts empty: load_rgb below says why.
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as img:
+            info.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1])
     try:
         load_rgb(path, draft_size=DRAFT_SIZE)
     except BadImageError as e:
@@ -107,7 +118,7 @@ def size_stats(widths: Sequence[int], heights: Sequence[int]) -> dict:
         return {"n": 0}
     w, h = np.asarray(widths, dtype=float), np.asarray(heights, dtype=float)
     aspect = w / h
-    stats: dict = {"n": int(len(w))}
+    stats: dict = {"n": len(w)}
     for name, v in (("width", w), ("height", h), ("aspect", aspect)):
         stats[f"{name}_min"] = float(v.min())
         stats[f"{name}_median"] = float(np.median(v))

@@ -386,6 +386,14 @@ def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]
     return written
 
 
+def _shutdown() -> None:
+    """Stop the local Ray (or disconnect from a cluster) so later steps get the CPUs back."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 # ---------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.search", description=__doc__.split("\n\n")[0])
@@ -458,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
     storage = storage.resolve()
     out_dir = artifacts / "search" / name
-    try:
+    try:  # noqa: SIM105 - the finally gives the CPUs back whatever happens
         summary = run_search(spec, data_dir, out_dir, storage, name, overrides=overrides,
                              resume=args.resume, overwrite=args.overwrite, address=args.address,
                              val_fraction=args.val_fraction, cache_dir=args.cache_dir,
@@ -469,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"python -m tune_pets.search {args.model} --name {name} --resume "
                         f"--artifacts-dir {artifacts}"
                         + (f" --storage-path {storage}" if args.storage_path else "")) from None
+    finally:
+        _shutdown()
     s = summary["search"]
     print(f"\nsearch {name!r}: {s['num_trials']} trials ({s['completed']} completed, "
           f"{s['stopped_early']} stopped early, {s['failed']} failed) in {s['wall_time_s']:.0f}s")

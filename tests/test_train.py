@@ -1,0 +1,355 @@
+"""fit() on tiny real data (CNN on images, ViT probe on frozen features) and the train CLI
+end to end: real files, real timm, real TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tune_pets.config import homework_defaults
+from tune_pets.train import (FitData, NonFiniteLossError, fit, load_fit_data, lr_factor, main,
+                             overfit_check)
+from tune_pets.utils import atomic_torch_save, cli_main
+
+METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "epoch_time_s")
+CNN = homework_defaults("cnn").replace(img_size=32, epochs=2, batch_size=8, width=16)
+
+
+def run_module(*args, cwd, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m <args>`` in ``cwd``; output decoded as UTF-8."""
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=timeout,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in history]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- fit() in process
+@pytest.fixture(scope="module")
+def cnn_data(tiny_data, tmp_path_factory) -> FitData:
+    work = tmp_path_factory.mktemp("cnn_data")
+    return load_fit_data(CNN, tiny_data, split_file=work / "val_split.json",
+                         cache_dir=work / "cache", progress=False)
+
+
+@pytest.fixture(scope="module")
+def vit_cache(tmp_path_factory):
+    """One feature cache for this module: the random-init backbone runs over the data once."""
+    return tmp_path_factory.mktemp("vit_cache")
+
+
+@pytest.fixture(scope="module")
+def vit_data(tiny_data, tmp_path_factory, vit_cache) -> FitData:
+    work = tmp_path_factory.mktemp("vit_data")
+    cfg = homework_defaults("vit").replace(pretrained=False)
+    return load_fit_data(cfg, tiny_data, split_file=work / "val_split.json",
+                         cache_dir=vit_cache, progress=False)
+
+
+def test_load_fit_data_cnn(cnn_data):
+    assert cnn_data.kind == "images" and cnn_data.num_classes == 4
+    assert cnn_data.train_x.shape == (32, 36, 36, 3) and cnn_data.val_x.shape == (8, 36, 36, 3)
+    assert cnn_data.info["n_train"] == 32 and cnn_data.info["n_val"] == 8
+    assert cnn_data.preprocess["crop_pct"] == 0.875
+
+
+def test_fit_history_and_checkpoints(cnn_data):
+    cfg = CNN.replace(epochs=3)
+    calls = []
+    result = fit(cfg, cnn_data, lambda m, c: calls.append((m, c)))
+    assert len(result.history) == 3 and len(calls) == 3
+    for epoch, m in enumerate(result.history, 1):
+        assert m["epoch"] == epoch
+        for k in METRIC_KEYS:
+            assert k in m and math.isfinite(m[k]), (k, m)
+        assert 0 <= m["train_acc"] <= 1 and 0 <= m["val_acc"] <= 1
+    # A checkpoint exactly on the epochs that improved val_acc; the last of them is returned.
+    best, expect_best = -1.0, []
+    for m in result.history:
+        expect_best.append(m["val_acc"] > best)
+        best = max(best, m["val_acc"])
+    assert [c is not None for _, c in calls] == expect_best
+    assert [m for m, _ in calls] == result.history
+    best_epoch = max(i for i, b in enumerate(expect_best, 1) if b)
+    assert result.best_epoch == best_epoch
+    assert result.best_metrics == result.history[best_epoch - 1]
+    ckpt = result.checkpoint
+    assert ckpt is calls[best_epoch - 1][1]
+    assert ckpt["epoch"] == best_epoch and ckpt["model"] == "cnn" and ckpt["scope"] == "model"
+    assert ckpt["classes"] == cnn_data.classes
+    assert ckpt["metrics"]["val_acc"] == result.best_metrics["val_acc"]
+    # The model learns the tinted classes.
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert max(m["val_acc"] for m in result.history) > 0.25
+
+
+def test_checkpoint_loads_with_weights_only(cnn_data, tmp_path):
+    result = fit(CNN.replace(epochs=1), cnn_data)
+    atomic_torch_save(result.checkpoint, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert loaded["config"] == CNN.replace(epochs=1).to_dict()
+    assert_same_state(loaded["state_dict"], result.checkpoint["state_dict"])
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
+
+
+def test_fit_same_seed_is_identical(cnn_data):
+    a = fit(CNN, cnn_data)
+    b = fit(CNN, cnn_data)
+    assert without_time(a.history) == without_time(b.history)
+    assert_same_state(a.checkpoint["state_dict"], b.checkpoint["state_dict"])
+    c = fit(CNN.replace(seed=1), cnn_data)
+    assert not all(torch.equal(a.checkpoint["state_dict"][k], c.checkpoint["state_dict"][k])
+                   for k in a.checkpoint["state_dict"])
+
+
+def test_huge_learning_rate_raises(cnn_data):
+    cfg = CNN.replace(optimizer="sgd", lr=1e6, scheduler="none", epochs=5, dropout=0.0)
+    with pytest.raises(NonFiniteLossError, match=r"lr=1e\+06"):
+        fit(cfg, cnn_data)
+
+
+def test_non_finite_input_raises_at_once():
+    """A constructed divergence: a NaN feature makes the very first loss NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 16, 2, 8)).astype(np.float32)
+    x[0, :, 0, 3] = np.nan
+    data = FitData("features", ["a", "b"], x, np.arange(16) % 2, x[0], np.arange(16) % 2)
+    calls = []
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        fit(homework_defaults("vit").replace(batch_size=4, epochs=2), data,
+            lambda m, c: calls.append(m))
+    assert calls == []
+
+
+@pytest.mark.parametrize("pooling, dim", [("cls", 192), ("mean", 192), ("both", 384)])
+def test_vit_probe_fit_on_features(vit_data, pooling, dim):
+    assert vit_data.kind == "features"
+    assert vit_data.train_x.shape == (1, 32, 2, 192) and vit_data.val_x.shape == (8, 2, 192)
+    assert vit_data.preprocess["mean"] == (0.5, 0.5, 0.5)
+    cfg = homework_defaults("vit").replace(pretrained=False, pooling=pooling, epochs=2,
+                                           batch_size=8)
+    result = fit(cfg, vit_data)
+    assert len(result.history) == 2
+    for m in result.history:
+        for k in METRIC_KEYS:
+            assert math.isfinite(m[k]), (k, m)
+    ckpt = result.checkpoint
+    assert ckpt["scope"] == "head" and ckpt["model"] == "vit_probe"
+    assert set(ckpt["state_dict"]) == {"weight", "bias"}
+    assert ckpt["state_dict"]["weight"].shape == (4, dim)
+
+
+def test_fit_without_val_keeps_last_epoch(cnn_data):
+    data = FitData("images", cnn_data.classes, cnn_data.train_x, cnn_data.train_y,
+                   preprocess=cnn_data.preprocess)
+    calls = []
+    result = fit(CNN, data, lambda m, c: calls.append(c))
+    assert result.best_epoch == 2 and all(c is not None for c in calls)
+    assert "val_acc" not in result.history[-1]
+    assert result.checkpoint["epoch"] == 2
+
+
+def test_lr_factor_warmup_then_cosine():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm, "cosine") for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1)
+    assert f[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])
+    assert f[warm] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5)
+    assert f[total] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))  # decays monotonically
+    assert all(0 <= v <= 1 for v in f)
+    assert [lr_factor(s, total, 0, "none") for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor(3, total, warm, "none") == pytest.approx(0.4)
+    assert lr_factor(0, total, 0, "cosine") == 1.0
+
+
+def test_overfit_check_cnn(cnn_data):
+    passed, steps, acc = overfit_check(CNN, cnn_data, n_batches=1)
+    assert passed and acc == 1.0 and steps < 300
+
+
+# ---------------------------------------------------------------- the CLI, end to end
+def cnn_args(data_dir, work, runs: str) -> list:
+    return ["tune_pets.train", "cnn", "--data-dir", data_dir, "--epochs", 2, "--img-size", 32,
+            "--batch-size", 8, "--cache-dir", work / "cache", "--artifacts-dir",
+            work / "artifacts", "--runs-dir", work / runs, "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cnn_cli(tiny_data, tmp_path_factory):
+    """The CNN trained twice by the CLI with the same flags (second run: warm caches)."""
+    work = tmp_path_factory.mktemp("cnn_cli")
+    out = work / "artifacts" / "cnn"
+    first = run_module(*cnn_args(tiny_data, work, "runs1"), cwd=work)
+    snap = {}
+    if first.returncode == 0:
+        snap = {"metrics": json.loads((out / "metrics.json").read_text(encoding="utf-8")),
+                "split": (out / "val_split.json").read_text(encoding="utf-8"),
+                "ckpt": torch.load(out / "checkpoint_best.pt", weights_only=True)}
+    second = run_module(*cnn_args(tiny_data, work, "runs2"), cwd=work)
+    return SimpleNamespace(work=work, out=out, first=first, second=second, **snap)
+
+
+@pytest.mark.slow
+def test_cli_train_cnn_writes_artifacts(cnn_cli):
+    ok(cnn_cli.first)
+    out = cnn_cli.out
+    assert "epoch   1" in cnn_cli.first.stdout and "epoch   2" in cnn_cli.first.stdout
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    assert ckpt["format"] == "tune_pets/1" and ckpt["model"] == "cnn"
+    assert ckpt["classes"] == ["Abyssinian", "chat été", "golden retriever", "pug"]
+    assert ckpt["config"]["img_size"] == 32 and ckpt["config"]["epochs"] == 2
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["config"]["batch_size"] == 8 and config["config"]["optimizer"] == "adamw"
+    assert config["env"]["torch"] == torch.__version__
+    assert config["data"]["n_train"] == 32 and config["data"]["n_val"] == 8
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert len(metrics["history"]) == 2 and metrics["best_epoch"] in (1, 2)
+    assert metrics["best"] == metrics["history"][metrics["best_epoch"] - 1]
+    assert ckpt["epoch"] == metrics["best_epoch"]
+    for m in metrics["history"]:
+        for k in METRIC_KEYS:
+            assert math.isfinite(m[k]), (k, m)
+    split = json.loads((out / "val_split.json").read_text(encoding="utf-8"))
+    assert len(split["train"]) == 32 and len(split["val"]) == 8
+    assert not set(split["train"]) & set(split["val"])
+    assert not list(out.glob(".*.tmp"))
+    assert not (cnn_cli.work / "artifacts" / "vit").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_writes_tensorboard_scalars(cnn_cli):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ok(cnn_cli.first)
+    run_dir = cnn_cli.work / "runs1" / "cnn"
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert set(METRIC_KEYS) <= tags
+    val_acc = acc.Scalars("val_acc")
+    assert [e.step for e in val_acc] == [1, 2]
+    expected = [m["val_acc"] for m in cnn_cli.metrics["history"]]
+    assert [e.value for e in val_acc] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_cli_train_rerun_is_identical(cnn_cli):
+    ok(cnn_cli.first)
+    ok(cnn_cli.second)
+    out = cnn_cli.out
+    again = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert again["best_epoch"] == cnn_cli.metrics["best_epoch"]
+    assert without_time(again["history"]) == without_time(cnn_cli.metrics["history"])
+    assert (out / "val_split.json").read_text(encoding="utf-8") == cnn_cli.split
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    assert_same_state(ckpt["state_dict"], cnn_cli.ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_cli_train_vit_probe(tiny_data, tmp_path, vit_data, vit_cache):
+    """Also: features cached by another process (vit_data, another split-file path) are reused."""
+    cached = sorted((vit_cache / "features").glob("*.npy"))
+    assert len(cached) == 2  # train and val
+    proc = ok(run_module("tune_pets.train", "vit", "--no-pretrained", "--data-dir", tiny_data,
+                         "--epochs", 2, "--batch-size", 8, "--cache-dir", vit_cache,
+                         "--artifacts-dir", tmp_path / "a", "--runs-dir", tmp_path / "r",
+                         "--no-progress", cwd=tmp_path))
+    assert "epoch   2" in proc.stdout
+    out = tmp_path / "a" / "vit"
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    assert ckpt["model"] == "vit_probe" and ckpt["scope"] == "head"
+    assert ckpt["state_dict"]["weight"].shape == (4, 192)
+    assert ckpt["config"]["pretrained"] is False
+    assert ckpt["preprocess"]["mean"] == (0.5, 0.5, 0.5)
+    assert ckpt["preprocess"]["interpolation"] == "bicubic"
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert len(metrics["history"]) == 2
+    assert sorted((vit_cache / "features").glob("*.npy")) == cached
+    assert list((tmp_path / "r" / "vit").glob("events.out.tfevents.*"))
+    # Same features, same seed: the CLI's history is the in-process fit's history.
+    cfg = homework_defaults("vit").replace(pretrained=False, epochs=2, batch_size=8)
+    assert without_time(metrics["history"]) == without_time(fit(cfg, vit_data).history)
+
+
+def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
+    """The CLI's overfit mode, in process (the interpreter start-up is covered above)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, ["cnn", "--overfit-batches", "1", "--data-dir", str(tiny_data),
+                        "--img-size", "32", "--batch-size", "8", "--cache-dir", "cache",
+                        "--no-progress"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    assert "PASS" in out
+    assert not (tmp_path / "artifacts" / "cnn" / "checkpoint_best.pt").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["cnn", "--epochs", "0"], "--epochs"),
+    (["cnn", "--lr", "-1"], "--lr"),
+    (["cnn", "--lr", "nan"], "--lr"),
+    (["cnn", "--val-fraction", "1.5"], "--val-fraction"),
+    (["cnn", "--batch-size", "eight"], "--batch-size"),
+    (["resnet"], "resnet"),
+    (["vit", "--img-size", "32", "--no-pretrained"], "--img-size"),
+    (["cnn", "--label-smoothing", "1.5"], "label_smoothing"),
+])
+def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, expect):
+    monkeypatch.chdir(tmp_path)
+    argv = [*argv, "--data-dir", str(tmp_path / "no_data"), "--cache-dir", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, argv, prog="python -m tune_pets.train")
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert expect in err and "Traceback" not in err
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, expect", [
+    (["--epochs", "0"], "--epochs"),
+    (["--data-dir", "no/such/dir"], "--data-dir no/such/dir"),
+])
+def test_cli_errors_exit_2_in_a_real_process(tmp_path, flags, expect):
+    proc = run_module("tune_pets.train", "cnn", *flags, "--cache-dir", tmp_path / "c",
+                      "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert expect in proc.stderr
+
+
+def test_cli_missing_train_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d" / "test").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, ["cnn", "--data-dir", str(tmp_path / "d"), "--cache-dir",
+                        str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--data-dir" in err and "train/" in err

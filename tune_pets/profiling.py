@@ -1,0 +1,389 @@
+"""Profiling: ``torch.profiler`` around the same train step ``fit`` runs, plus clean timings.
+
+    python -m tune_pets.profiling cnn --data-dir data/oxford_pets --steps 50
+    python -m tune_pets.profiling vit --data-dir data/oxford_pets --weights vit_tiny.safetensors
+
+The model, optimizer, LR schedule, batches (``train.Batches``, with the tensor augmentation) and
+step (``train.train_step`` + the loss check and scheduler step of ``fit``'s loop) are the ones
+``fit`` uses, built from the homework defaults plus the flags given. For the ViT probe ``fit``
+trains only the linear head on cached frozen-backbone features, so that head step is what is
+profiled (it is what every search trial runs); the one-time cost of the frozen backbone is
+reported separately as its feature-extraction throughput (``features.extract``).
+
+Writes into ``<artifacts>/profiler/<model>/``:
+
+    *.pt.trace.json   the trace: ``tensorboard --logdir <artifacts>/profiler`` (torch-tb-profiler)
+                      or drag it into https://ui.perfetto.dev
+    top_ops.txt/.csv  the 25 ops with the largest self CPU time
+    summary.json      images_per_s, step_time_ms (mean; data + compute), device, batch size...
+
+Timings come from a second, unprofiled run of ``--steps`` steps (after one untimed step): the
+profiler's own overhead (shapes, memory) would inflate them. Its wall time per step is recorded
+as ``profiled_step_time_ms``. On CUDA each step is synchronized before and after the train step
+so data and compute time can be told apart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tune_pets.config import RunConfig, cli_name, homework_defaults
+from tune_pets.data import BadImageError, cache_res, check_data_dir, decode_square, scan_split
+from tune_pets.train import (
+    Batches,
+    FitData,
+    add_data_args,
+    build_trainable,
+    config_from_args,
+    load_fit_data,
+    lr_factor,
+    make_optimizer,
+    steps_per_epoch,
+    train_step,
+)
+from tune_pets.utils import (
+    ArgumentParser,
+    UserError,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    cli_main,
+    env_info,
+    positive_int,
+    resolve_device,
+    seed_everything,
+)
+
+PROFILE_WAIT, PROFILE_WARMUP = 1, 2   # profiler schedule: skip 1 step, warm up 2, record --steps
+TIMED_WARMUP = 1                      # untimed steps before the timed run
+TOP_OPS = 25
+BACKBONE_BATCH_SIZE = 64              # the batch size features.extract runs the backbone with
+TRACE_GLOB = "*.pt.trace.json*"
+
+
+# ---------------------------------------------------------------- fit's inner loop, step by step
+def endless_batches(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches.train(epoch)`` for epoch 1, 2, ...: profiling may need more steps than an
+    epoch has."""
+    epoch = 1
+    while True:
+        n = 0
+        for batch in batches.train(epoch):
+            n += 1
+            yield batch
+        if n == 0:
+            raise UserError("no training batches: the train split is empty")
+        epoch += 1
+
+
+class TrainLoop:
+    """What ``fit`` builds before its epoch loop, and the body of its inner loop as ``step``."""
+
+    def __init__(self, config: RunConfig, data: FitData, device: torch.device):
+        seed_everything(config.seed, config.deterministic)
+        self.config, self.device = config, device
+        model = build_trainable(config, data).to(device)
+        if device.type == "cuda" and data.kind == "images":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.train()
+        self.optimizer = make_optimizer(config, model.parameters())
+        spe = steps_per_epoch(config, len(data.train_y))
+        total, warmup = spe * config.epochs, spe * config.warmup_epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler))
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.batches = endless_batches(Batches(config, data, device))
+        self.nonfinite = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.batches)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss, _ = train_step(self.model, x, y, self.optimizer, self.loss_fn, self.config)
+        if not torch.isfinite(loss):  # fit checks every step (a device sync on CUDA): so do we
+            self.nonfinite += 1
+        self.scheduler.step()
+        return loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- the profiled and timed runs
+def _profiled_run(loop: TrainLoop, steps: int, trace_dir: Path, worker: str):
+    from torch.profiler import (
+        ProfilerActivity,
+        profile,
+        record_function,
+        schedule,
+        tensorboard_trace_handler,
+    )
+
+    activities = [ProfilerActivity.CPU]
+    if loop.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    times = []
+    with profile(activities=activities,
+                 schedule=schedule(wait=PROFILE_WAIT, warmup=PROFILE_WARMUP, active=steps,
+                                   repeat=1),
+                 record_shapes=True, profile_memory=True,
+                 on_trace_ready=tensorboard_trace_handler(str(trace_dir), worker_name=worker)
+                 ) as prof:
+        for _ in range(PROFILE_WAIT + PROFILE_WARMUP + steps):
+            t0 = time.perf_counter()
+            with record_function("batch"):
+                x, y = loop.next_batch()
+            with record_function("train_step"):
+                loop.step(x, y)
+            _sync(loop.device)
+            times.append(time.perf_counter() - t0)
+            prof.step()
+    return prof, times[PROFILE_WAIT + PROFILE_WARMUP:]
+
+
+def _timed_run(loop: TrainLoop, steps: int) -> tuple[list[float], list[float], list[int]]:
+    """Unprofiled (data seconds, compute seconds, images) per step, after one untimed step
+    (the first step after the profiler stops is an outlier)."""
+    data_s, compute_s, images = [], [], []
+    for i in range(TIMED_WARMUP + steps):
+        t0 = time.perf_counter()
+        x, y = loop.next_batch()
+        _sync(loop.device)
+        t1 = time.perf_counter()
+        loop.step(x, y)
+        _sync(loop.device)
+        if i >= TIMED_WARMUP:
+            data_s.append(t1 - t0)
+            compute_s.append(time.perf_counter() - t1)
+            images.append(len(y))
+    return data_s, compute_s, images
+
+
+def top_ops(prof, k: int = TOP_OPS) -> tuple[list[dict], str]:
+    """The ``k`` ops with the largest self CPU time: CSV rows and the profiler's own table."""
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = []
+    for rank, e in enumerate(sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k],
+                             1):
+        rows.append({
+            "rank": rank, "name": e.key, "calls": e.count,
+            "self_cpu_time_us": round(e.self_cpu_time_total, 3),
+            "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total, 3),
+            "cpu_time_total_us": round(e.cpu_time_total, 3),
+            "self_device_time_us": round(getattr(e, "self_device_time_total", 0.0), 3),
+            "device_time_total_us": round(getattr(e, "device_time_total", 0.0), 3),
+            "self_cpu_memory_mb": round(e.self_cpu_memory_usage / 2**20, 3),
+            "self_device_memory_mb": round(getattr(e, "self_device_memory_usage", 0) / 2**20, 3),
+        })
+    table = events.table(sort_by="self_cpu_time_total", row_limit=k)
+    return rows, table
+
+
+# ---------------------------------------------------------------- the frozen ViT backbone
+@torch.no_grad()
+def backbone_throughput(config: RunConfig, preprocess: dict, device: torch.device,
+                        images: np.ndarray | None = None, batches: int = 3) -> dict:
+    """Images/s of the frozen backbone in ``features.extract`` (eval transform, same batch size
+    and autocast): the one-time cost of building the feature cache. ``images``: uint8
+    ``[N, R, R, 3]`` at the cache resolution; random pixels when None (a ViT's speed does not
+    depend on pixel values)."""
+    from tune_pets.data import ImageSplit
+    from tune_pets.features import extract
+    from tune_pets.models import build_backbone
+
+    n = batches * BACKBONE_BATCH_SIZE
+    res = cache_res(preprocess["img_size"], preprocess["crop_pct"])
+    source = "images"
+    if images is None or len(images) == 0:
+        rng = np.random.default_rng(0)
+        images, source = rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8), "random"
+    images = images[np.resize(np.arange(len(images)), n)]  # repeat tiny data up to n images
+
+    def split(arr: np.ndarray) -> ImageSplit:
+        return ImageSplit("profile", arr, np.zeros(len(arr), dtype=np.int64), [""] * len(arr),
+                          [], "")
+
+    backbone = build_backbone(config).to(device)
+    extract(backbone, split(images[:8]), preprocess, device, batch_size=8, progress=False)  # warm
+    _sync(device)
+    t0 = time.perf_counter()
+    extract(backbone, split(images), preprocess, device, batch_size=BACKBONE_BATCH_SIZE,
+            progress=False)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"backbone": config.backbone, "backbone_images_per_s": round(n / seconds, 2),
+            "backbone_batch_size": BACKBONE_BATCH_SIZE, "backbone_images": n,
+            "backbone_input": source, "backbone_seconds": round(seconds, 3)}
+
+
+def sample_images(data_dir: str | os.PathLike, preprocess: dict, n: int) -> np.ndarray:
+    """``n`` train images (evenly spaced over the sorted file list) decoded at the cache
+    resolution, as the feature cache holds them."""
+    data_dir = check_data_dir(data_dir)
+    paths = scan_split(data_dir, "train").paths
+    res = cache_res(preprocess["img_size"], preprocess["crop_pct"])
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(n, len(paths))).round().astype(int))
+    out = []
+    for i in picks:
+        try:
+            out.append(decode_square(str(data_dir / paths[i]), res, preprocess["interpolation"]))
+        except BadImageError:
+            continue
+    return np.stack(out) if out else np.empty((0, res, res, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- run_profile
+def run_profile(config: RunConfig, data: FitData, steps: int, out_dir: str | os.PathLike,
+                device: torch.device | None = None, *, backbone_images: np.ndarray | None = None,
+                backbone_batches: int = 3) -> dict:
+    """Profile ``steps`` train steps of ``config`` on ``data`` (as ``load_fit_data`` returns it)
+    and time ``steps`` more without the profiler. Writes the trace, ``top_ops.{csv,txt}`` and
+    ``summary.json`` into ``out_dir`` and returns the summary. For the ViT probe also measures
+    the frozen backbone's throughput (on ``backbone_images`` when given)."""
+    if steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {steps}")
+    device = device or torch.device("cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_name = cli_name(config.model)
+    loop = TrainLoop(config, data, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # The trace is written into a temp folder and moved into place when complete, replacing
+    # the previous run's trace (a killed run leaves the old one intact).
+    trace_tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=out_dir))
+    try:
+        prof, prof_s = _profiled_run(loop, steps, trace_tmp, model_name)
+        traces = sorted(trace_tmp.glob(TRACE_GLOB))
+        if traces:
+            for old in out_dir.glob(TRACE_GLOB):
+                old.unlink()
+            for t in traces:
+                os.replace(t, out_dir / t.name)
+    finally:
+        shutil.rmtree(trace_tmp, ignore_errors=True)
+    rows, table = top_ops(prof)
+    del prof
+
+    data_s, compute_s, n_images = _timed_run(loop, steps)
+    step_s = [a + b for a, b in zip(data_s, compute_s)]
+    mean_s = statistics.fmean(step_s)
+    spe = steps_per_epoch(config, len(data.train_y))
+    env = env_info()
+    summary = {
+        "model": model_name,
+        "step": ("full CNN on augmented image batches" if data.kind == "images" else
+                 "probe head on cached frozen-backbone features"),
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else env["cpu"]),
+        "torch_threads": torch.get_num_threads(),
+        "steps": steps,
+        "batch_size": config.batch_size,
+        "img_size": int(data.preprocess.get("img_size", config.img_size)),
+        "images_per_s": round(sum(n_images) / sum(step_s), 2),  # a tiny split: batch < size
+        "step_time_ms": round(1000 * mean_s, 3),
+        "step_time_ms_median": round(1000 * statistics.median(step_s), 3),
+        "step_time_ms_min": round(1000 * min(step_s), 3),
+        "step_time_ms_max": round(1000 * max(step_s), 3),
+        "data_time_ms": round(1000 * statistics.fmean(data_s), 3),
+        "compute_time_ms": round(1000 * statistics.fmean(compute_s), 3),
+        "profiled_step_time_ms": round(1000 * statistics.fmean(prof_s), 3),
+        "n_train": len(data.train_y),
+        "steps_per_epoch": spe,
+        "epoch_time_est_s": round(spe * mean_s, 3),
+        "trainable_params": sum(p.numel() for p in loop.model.parameters() if p.requires_grad),
+        "nonfinite_steps": loop.nonfinite,
+        "trace_files": sorted(p.name for p in out_dir.glob(TRACE_GLOB)),
+        "top_ops": [r["name"] for r in rows[:5]],
+    }
+    if device.type == "cuda":
+        summary["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    else:
+        summary["max_rss_mb"] = _max_rss_mb()
+    if data.kind == "features":
+        bb = backbone_throughput(config, data.preprocess, device, backbone_images,
+                                 backbone_batches)
+        views = max(1, config.feature_views)
+        bb["feature_extract_train_est_s"] = round(
+            views * len(data.train_y) / bb["backbone_images_per_s"], 2)
+        summary.update(bb)
+    summary["config"] = config.to_dict()
+    summary["env"] = env
+
+    atomic_write_csv(out_dir / "top_ops.csv", rows)
+    header = (f"# {model_name}: {summary['step']}; {steps} profiled steps, batch "
+              f"{config.batch_size}, img {summary['img_size']}px, device {device}; sorted by self "
+              f"CPU time\n")
+    atomic_write_text(out_dir / "top_ops.txt", header + table + "\n")
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _max_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+# ---------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m tune_pets.profiling", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", choices=["cnn", "vit"], help="which model's train step to profile")
+    add_data_args(p)
+    p.add_argument("--steps", type=positive_int, default=50,
+                   help="profiled steps; as many again are timed without the profiler")
+    p.add_argument("--img-size", type=positive_int, help="CNN input size (ViT uses its own: 224)")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backbone-batches", type=positive_int, default=3,
+                   help=f"ViT: batches of {BACKBONE_BATCH_SIZE} for the backbone throughput")
+    p.add_argument("--artifacts-dir", default="artifacts")
+    args = p.parse_args(argv)
+
+    config = config_from_args(args, homework_defaults(args.model))
+    if config.model == "vit_probe" and args.img_size and args.img_size != 224:
+        raise UserError("--img-size: the ViT probe uses the backbone's own input size (224)")
+    device = resolve_device(args.device)
+    out = Path(args.artifacts_dir) / "profiler" / cli_name(config.model)
+    data = load_fit_data(config, args.data_dir, full_train=True, cache_dir=args.cache_dir,
+                         skip_bad=args.skip_bad_images, device=device,
+                         progress=not args.no_progress)
+    images = None
+    if data.kind == "features":
+        images = sample_images(args.data_dir, data.preprocess,
+                               args.backbone_batches * BACKBONE_BATCH_SIZE)
+    print(f"profiling {cli_name(config.model)} ({data.info['n_train']} train images, device "
+          f"{device}): {args.steps} steps under torch.profiler, {args.steps} timed", flush=True)
+    s = run_profile(config, data, args.steps, out, device, backbone_images=images,
+                    backbone_batches=args.backbone_batches)
+    print(f"{s['model']}: {s['images_per_s']:.1f} images/s, step {s['step_time_ms']:.1f} ms "
+          f"(data {s['data_time_ms']:.1f} + compute {s['compute_time_ms']:.1f}), batch "
+          f"{s['batch_size']} @ {s['img_size']}px; {s['step']}")
+    if "backbone_images_per_s" in s:
+        print(f"  frozen backbone: {s['backbone_images_per_s']:.1f} images/s "
+              f"(feature extraction for the train split ~{s['feature_extract_train_est_s']:.0f} s)")
+    print(f"  top ops by self CPU time: {', '.join(s['top_ops'][:3])}")
+    print(f"wrote {out}/ (top_ops.txt, top_ops.csv, summary.json, {len(s['trace_files'])} trace); "
+          f"view with: tensorboard --logdir {out.parent}  or https://ui.perfetto.dev")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main, prog="python -m tune_pets.profiling")
