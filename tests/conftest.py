@@ -30,7 +30,9 @@ def _write_image_folder(root: Path, classes: dict[str, tuple[int, int]], size: t
     for k, (name, counts) in enumerate(classes.items()):
         tint = np.array([(60 + 150 * ((k >> b) & 1) + 37 * k) % 256 for b in range(3)],
                         dtype=np.float64)
-        for split, n in zip(("train", "test"), counts):
+        for split, n in zip(("train", "test"), counts, strict=True):
+            if n == 0:
+                continue
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):

@@ -198,7 +198,7 @@ def test_load_split_shapes_and_labels(tiny_data, cache_dir):
     assert s.labels.dtype == np.int64 and s.labels.shape == (40,)
     assert s.classes == ["Abyssinian", "chat été", "golden retriever", "pug"]
     assert np.bincount(s.labels).tolist() == [10, 10, 10, 10]
-    for path, label in zip(s.paths, s.labels):
+    for path, label in zip(s.paths, s.labels, strict=True):
         assert path.startswith(f"train/{s.classes[label]}/")
     # Each class's tint survives decoding: images are not blank.
     means = np.stack([s.images[s.labels == c].mean(axis=(0, 1, 2)) for c in range(4)])
@@ -307,12 +307,13 @@ def test_val_split_file_written_and_reused(tiny_data, cache_dir, tmp_path):
     tr, va = load_or_make_val_split(train, split_file, 0.2, seed=0)
     saved = json.loads(split_file.read_text(encoding="utf-8"))
     assert saved["train"] == tr.paths and saved["val"] == va.paths
-    assert (saved["seed"], saved["val_fraction"], saved["fingerprint"]) == (0, 0.2, train.fingerprint)
+    assert saved["seed"] == 0 and saved["val_fraction"] == 0.2
+    assert saved["fingerprint"] == train.fingerprint
     assert len(va) == 8 and len(tr) == 32
     assert np.bincount(va.labels).tolist() == [2, 2, 2, 2]
     assert not set(tr.paths) & set(va.paths)
     for sub in (tr, va):  # images travel with their paths and labels
-        for img, path in zip(sub.images, sub.paths):
+        for img, path in zip(sub.images, sub.paths, strict=True):
             np.testing.assert_array_equal(img, train.images[train.paths.index(path)])
 
     # Reused as written: edit the file and the edit is what comes back.

@@ -126,7 +126,8 @@ def test_write_dataset_from_hf_dataset(tmp_path):
     first = train.cast_column("image", __import__("datasets").Image(decode=False))[0]["image"]
     assert (out / "train/Abyssinian/Abyssinian_1.jpg").read_bytes() == first["bytes"]
     # PNG (RGBA) and GIF sources become real RGB JPEGs; transparency becomes white.
-    for rel in ("train/Abyssinian/Abyssinian_2.jpg", "train/american bulldog/american_bulldog_3.jpg"):
+    for rel in ("train/Abyssinian/Abyssinian_2.jpg",
+                "train/american bulldog/american_bulldog_3.jpg"):
         with Image.open(out / rel) as img:
             assert (img.format, img.mode) == ("JPEG", "RGB")
     with Image.open(out / "train/Abyssinian/Abyssinian_2.jpg") as img:
@@ -224,8 +225,9 @@ def test_sanity_cli_end_to_end(odd_data, tmp_path):
     assert counts["american bulldog"]["total"] == "9"
 
     odd = {row["path"]: row for row in _read_csv(out / "odd_files.csv")}
-    assert set(odd) == {"train/Abyssinian/Abyssinian_gif.jpg", "test/Abyssinian/Abyssinian_rgba.jpg",
-                        "test/Bengal/Bengal_gray.jpg", "train/Bengal/README.txt"}
+    assert set(odd) == {"train/Abyssinian/Abyssinian_gif.jpg",
+                        "test/Abyssinian/Abyssinian_rgba.jpg", "test/Bengal/Bengal_gray.jpg",
+                        "train/Bengal/README.txt"}
     gif = odd["train/Abyssinian/Abyssinian_gif.jpg"]
     assert (gif["issues"], gif["format"], gif["mode"]) == ("not_jpeg;not_rgb", "GIF", "P")
     assert odd["test/Abyssinian/Abyssinian_rgba.jpg"]["mode"] == "RGBA"

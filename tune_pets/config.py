@@ -66,14 +66,14 @@ class RunConfig:
     amp: bool = True                 # bf16 autocast on CUDA (ignored on CPU)
     max_steps_per_epoch: int = 0     # 0 = full epoch; small values make smoke runs fast
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -166,7 +166,7 @@ class SearchSpec:
     time_budget_s: float | None = None
     source: str = "<spec>"
 
-    def replace(self, **changes: Any) -> "SearchSpec":
+    def replace(self, **changes: Any) -> SearchSpec:
         return dataclasses.replace(self, **changes)
 
 

@@ -19,10 +19,10 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -55,6 +55,8 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are noise
+            # ...but an image over PIL's pixel limit is refused, not decoded with a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             if draft_size and img.format == "JPEG":
                 # Let libjpeg decode at a reduced scale (>= draft_size): several times faster.
@@ -62,7 +64,7 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(f"{path}: image too large, refused as a possible decompression bomb "
                             f"({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -147,6 +149,7 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
     if not (data_dir / "train").is_dir():
         raise UserError(f"--data-dir {data_dir} has no train/ folder; expected "
                         f"{data_dir}/train/<class>/*.jpg and {data_dir}/test/<class>/*.jpg")
+    heldout_split_name(data_dir)  # a held-out split is part of the layout: fail early without one
     return data_dir
 
 
@@ -209,7 +212,7 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageSplit":
+    def subset(self, idx: np.ndarray, name: str | None = None) -> ImageSplit:
         idx = np.asarray(idx, dtype=np.int64)
         return ImageSplit(name or self.name, self.images[idx], self.labels[idx],
                           [self.paths[i] for i in idx], self.classes, self.fingerprint, self.skipped)
@@ -256,9 +259,8 @@ def load_split(data_dir: str | os.PathLike, split: str, res: int, *, interpolati
             print(f"  {e}", file=sys.stderr)
     out = ImageSplit(split, images[keep], np.asarray(index.labels, dtype=np.int64)[keep],
                      [p for p, k in zip(index.paths, keep) if k], index.classes, fp, errors)
-    with atomic_path(arr_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, out.images)
+    with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, out.images)
     atomic_write_json(meta_path, {"labels": out.labels.tolist(), "paths": out.paths,
                                   "classes": out.classes, "skipped": errors, "res": res,
                                   "interpolation": interpolation, "ignored": index.ignored})
@@ -339,7 +341,7 @@ def cache_res(img_size: int, crop_pct: float) -> int:
 
 
 def iterate_indices(n: int, batch_size: int, shuffle: bool, generator=None,
-                    drop_last: bool = False) -> Iterator["torch.Tensor"]:  # noqa: F821
+                    drop_last: bool = False) -> Iterator[torch.Tensor]:  # noqa: F821
     import torch
 
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -348,7 +350,7 @@ def iterate_indices(n: int, batch_size: int, shuffle: bool, generator=None,
         yield order[i:i + batch_size]
 
 
-def to_device_uint8(images: np.ndarray, idx, device) -> "torch.Tensor":  # noqa: F821
+def to_device_uint8(images: np.ndarray, idx, device) -> torch.Tensor:  # noqa: F821
     """Gather a uint8 NHWC batch and move it to ``device`` (pinned, non-blocking on CUDA)."""
     import torch
 
@@ -358,12 +360,12 @@ def to_device_uint8(images: np.ndarray, idx, device) -> "torch.Tensor":  # noqa:
     return batch
 
 
-def to_float(x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def to_float(x: torch.Tensor) -> torch.Tensor:  # noqa: F821
     """uint8 NHWC -> float NCHW in [0, 1]."""
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def normalize(x: "torch.Tensor", mean, std) -> "torch.Tensor":  # noqa: F821
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:  # noqa: F821
     """Normalize a float NCHW batch with per-channel ``mean``/``std``."""
     import torch
 
@@ -372,7 +374,7 @@ def normalize(x: "torch.Tensor", mean, std) -> "torch.Tensor":  # noqa: F821
     return (x - m) / s
 
 
-def eval_transform(x: "torch.Tensor", size: int, crop_pct: float, mean, std) -> "torch.Tensor":  # noqa: F821
+def eval_transform(x: torch.Tensor, size: int, crop_pct: float, mean, std) -> torch.Tensor:  # noqa: F821
     """Resize + center crop + normalize on a cached uint8 NHWC batch.
 
     The cache holds the image resized (shorter side) to ``R`` and center-cropped to ``R x R``.
@@ -418,8 +420,8 @@ def random_resized_crop_params(n: int, height: int, width: int, scale=(0.08, 1.0
     return x0, y0, cw, ch
 
 
-def train_augment(x: "torch.Tensor", size: int, mean, std, scale_min: float = 0.08,  # noqa: F821
-                  hflip: float = 0.5, generator=None) -> "torch.Tensor":  # noqa: F821
+def train_augment(x: torch.Tensor, size: int, mean, std, scale_min: float = 0.08,  # noqa: F821
+                  hflip: float = 0.5, generator=None) -> torch.Tensor:  # noqa: F821
     """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch, as one
     ``grid_sample`` over the batch (runs wherever ``x`` lives; random draws on the CPU
     ``generator`` so results do not depend on the device)."""

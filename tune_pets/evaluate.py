@@ -9,8 +9,8 @@ and upserts one row (model, split, accuracy, macro_f1) in ``<artifacts>/metrics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -140,6 +140,13 @@ def evaluate_checkpoint(ckpt: dict, data_dir: str | Path, split: str, artifacts_
     pre = ckpt["preprocess"]
     res = cache_res(config.img_size if config.model == "cnn" else pre["img_size"], pre["crop_pct"])
     classes = list(ckpt["classes"])
+    split_dir = Path(data_dir) / split
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{split_dir}: class(es) {', '.join(map(repr, unknown[:5]))} are not among "
+                        f"the {len(classes)} classes the checkpoint was trained on; evaluate a "
+                        f"checkpoint trained on this dataset")
     data_split = load_split(data_dir, split, res, interpolation=pre["interpolation"],
                             cache_dir=cache_dir, skip_bad=skip_bad, classes=classes,
                             progress=progress)

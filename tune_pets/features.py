@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from tune_pets.config import RunConfig
-from tune_pets.data import ImageSplit, eval_transform, iterate_indices, to_device_uint8, train_augment
+from tune_pets.data import (
+    ImageSplit,
+    eval_transform,
+    iterate_indices,
+    to_device_uint8,
+    train_augment,
+)
 from tune_pets.models import backbone_tag, token_features
 from tune_pets.utils import atomic_path
 
@@ -77,8 +83,7 @@ def cached_features(config: RunConfig, backbone: torch.nn.Module | None, dc: dic
             backbone = build_backbone(config)
         feats = extract(backbone, split, dc, device, view, config.aug_scale_min, config.hflip,
                         progress=progress)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, feats)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, feats)
         arrays.append(feats)
     return np.stack(arrays)

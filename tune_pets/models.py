@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from tune_pets.config import RunConfig, canonical_model
 from tune_pets.data import CNN_CROP_PCT, CNN_MEAN, CNN_STD
@@ -51,7 +51,7 @@ class ViTProbe(nn.Module):
         self.pooling = pooling
         self.head = make_probe_head(backbone.num_features, num_classes, pooling)
 
-    def train(self, mode: bool = True) -> "ViTProbe":
+    def train(self, mode: bool = True) -> ViTProbe:
         super().train(mode)
         self.backbone.eval()  # frozen: dropout/BN-style layers stay in eval mode
         return self

@@ -11,19 +11,21 @@ test split (same seeds, same epochs when --epochs is given), then ``REPORT.md``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tune_pets.utils import ArgumentParser, UserError, cli_main, nonneg_int, positive_int
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+DEFAULT_DATA_DIR = "data/oxford_pets"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tune_pets import report, reproduce, sanity, search
 
     p = ArgumentParser(prog="python -m tune_pets.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="data/oxford_pets")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help=f"ImageFolder root; the default {DEFAULT_DATA_DIR} is prepared if missing")
     p.add_argument("--models", nargs="+", choices=["cnn", "vit"], default=["cnn", "vit"])
     p.add_argument("--smoke", action="store_true",
                    help="tiny search spaces (search_spaces/smoke/), short retrains: minutes on CPU")
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rc:
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
-    if not data_dir.exists():
+    if not data_dir.exists() and args.data_dir == DEFAULT_DATA_DIR:
         from tune_pets.prepare import prepare
 
         prepare(data_dir, progress=not args.no_progress)

@@ -4,9 +4,9 @@
     python -m tune_pets.prepare --output-dir data/oxford_pets --dataset timm/oxford-iiit-pet
 
 Writes ``OUTPUT/{train,test}/<breed>/<image_id>.jpg`` (the layout every other command reads
-with ``--data-dir``). JPEG sources are written byte for byte; anything else (the dataset has a
-GIF and an RGBA PNG among its "JPEGs") is converted to RGB JPEG, quality 95. The folder is built
-next to the output (``OUTPUT.tmp-XXXX``) and renamed into place only when complete, with a
+with ``--data-dir``). JPEG sources are written byte for byte; anything else (the original
+files include a GIF and an RGBA PNG named .jpg) becomes an RGB JPEG, quality 95. The folder is
+built next to the output (``OUTPUT.tmp-XXXX``) and renamed into place only when complete, with a
 ``.complete`` marker holding the counts; a second run finds the marker and does nothing.
 
 Offline: when the hub is unreachable this fails with one line; copy the images yourself into
@@ -251,7 +251,7 @@ def load_hub_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
 
     if not progress:
         datasets.disable_progress_bars()
-    print(f"downloading {name} from the Hugging Face hub (about 800 MB)...", flush=True)
+    print(f"downloading {name} from the Hugging Face hub...", flush=True)
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     # Offline, the hub client logs each of its 5 retries (~25 s); the one line below says it.

@@ -280,7 +280,7 @@ def run_profile(config: RunConfig, data: FitData, steps: int, out_dir: str | os.
     del prof
 
     data_s, compute_s, n_images = _timed_run(loop, steps)
-    step_s = [a + b for a, b in zip(data_s, compute_s)]
+    step_s = [a + b for a, b in zip(data_s, compute_s, strict=True)]
     mean_s = statistics.fmean(step_s)
     spe = steps_per_epoch(config, len(data.train_y))
     env = env_info()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tune_pets.utils import ArgumentParser, UserError, atomic_write_text, cli_main
 

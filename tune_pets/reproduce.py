@@ -14,13 +14,22 @@ Outputs (``<tag>`` is the model, or ``<model>_baseline``): ``<artifacts>/<tag>/c
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tune_pets.config import RunConfig, cli_name, homework_defaults, validate_config
-from tune_pets.utils import (ArgumentParser, UserError, atomic_torch_save, atomic_write_json,
-                             cli_main, env_info, nonneg_int, positive_int, read_json,
-                             resolve_device)
+from tune_pets.utils import (
+    ArgumentParser,
+    UserError,
+    atomic_torch_save,
+    atomic_write_json,
+    cli_main,
+    env_info,
+    nonneg_int,
+    positive_int,
+    read_json,
+    resolve_device,
+)
 
 
 def resolve_config(model: str, best_config: Path | None, artifacts: Path, baseline: bool) -> tuple[RunConfig, dict]:

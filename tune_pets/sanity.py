@@ -149,7 +149,7 @@ def grid_sample(index: SplitIndex, n: int, seed: int = 0,
     then taken round-robin over classes so the grid shows as many classes as it can."""
     rng = np.random.default_rng(seed)
     per_class: dict[int, list[str]] = {}
-    for p, y in zip(index.paths, index.labels):
+    for p, y in zip(index.paths, index.labels, strict=True):
         if p not in exclude:
             per_class.setdefault(y, []).append(p)
     queues = {y: [ps[i] for i in rng.permutation(len(ps))] for y, ps in sorted(per_class.items())}
@@ -177,7 +177,7 @@ def save_grid(data_dir: Path, sample: list[tuple[str, str]], path: Path, title: 
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.85 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (rel, cls) in zip(axes.flat, sample):
+    for ax, (rel, cls) in zip(axes.flat, sample, strict=False):  # more axes than images
         img = load_rgb(data_dir / rel, draft_size=GRID_THUMB)
         img.thumbnail((GRID_THUMB, GRID_THUMB))
         ax.imshow(np.asarray(img))
@@ -215,7 +215,7 @@ def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         per_class = {c: 0 for c in classes}
         ws, hs = [], []
         odd_paths[index.name], bad_paths[index.name] = set(), set()
-        for rel, y, info in zip(index.paths, index.labels, infos):
+        for rel, y, info in zip(index.paths, index.labels, infos, strict=True):
             cls = classes[y]
             per_class[cls] += 1
             size_rows.append({"split": index.name, "path": rel, "class": cls, **{
@@ -309,7 +309,8 @@ def print_summary(summary: dict, out_dir: Path, max_odd: int = 25) -> None:
 # ---------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.sanity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="data/oxford_pets", help="ImageFolder root (train/, test/)")
+    p.add_argument("--data-dir", default="data/oxford_pets",
+                   help="ImageFolder root (train/, test/)")
     p.add_argument("--out", default="artifacts/data_sanity", help="output folder")
     p.add_argument("--grid-per-split", type=nonneg_int, default=36,
                    help="images in each split's grid (0: no grids)")

@@ -19,17 +19,35 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from tune_pets.config import (CONFIG_FIELDS, RunConfig, SearchSpec, cli_name, homework_defaults,
-                              load_search_spec, validate_config)
-from tune_pets.utils import (ArgumentParser, UserError, atomic_write_csv, atomic_write_json,
-                             cli_main, env_info, fraction, nonneg_int, positive_float,
-                             positive_int, read_json)
+from tune_pets.config import (
+    CONFIG_FIELDS,
+    RunConfig,
+    SearchSpec,
+    cli_name,
+    homework_defaults,
+    load_search_spec,
+    validate_config,
+)
+from tune_pets.utils import (
+    ArgumentParser,
+    UserError,
+    atomic_write_csv,
+    atomic_write_json,
+    cli_main,
+    env_info,
+    fraction,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPACES = REPO_ROOT / "search_spaces"
+DEFAULT_DATA_DIR = "data/oxford_pets"
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", "failed"
 
 
@@ -175,12 +193,7 @@ def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Pa
                address: str | None = None, val_fraction: float = 0.2, cache_dir=None,
                skip_bad: bool = False, num_cpus: int | None = None, progress: bool = True) -> dict:
     """Run (or resume) a search; write best_config.json, trials.csv, plots; return the summary."""
-    import optuna
-    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from tune_pets.train import load_fit_data
 
@@ -220,34 +233,13 @@ def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Pa
     fn = tune.with_resources(
         tune.with_parameters(trainable, base=base.to_dict(), data=data, device_name=device),
         {"cpu": cpus, "gpu": gpus})
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # use the compact CLIReporter table below
-    reporter = tune.CLIReporter(
-        parameter_columns=list(space), metric_columns=["epoch", spec.metric, "val_macro_f1"],
-        max_report_frequency=30, max_progress_rows=12, sort_by_metric=True)
-    run_config = tune.RunConfig(
-        name=name, storage_path=str(storage_path), progress_reporter=reporter,
-        verbose=1 if progress else 0,
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=fn, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db_path.resolve()}")
-        searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode,
-                                points_to_evaluate=[first_point(spec, base, space)],
-                                sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                                study_name=name, storage=storage)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
-                                  grace_period=min(spec.grace_period, spec.max_epochs),
-                                  reduction_factor=spec.reduction_factor)
-        tuner = tune.Tuner(fn, tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
-            scheduler=scheduler, reuse_actors=True, time_budget_s=spec.time_budget_s,
-            trial_dirname_creator=_trial_dirname),
-            run_config=run_config)
+        tuner = make_tuner(fn, spec, storage_path, name, db_path,
+                           first_point(spec, base, space), progress)
     t1 = time.time()
     grid = tuner.fit()
     search_s = time.time() - t1
@@ -257,6 +249,42 @@ def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Pa
         raise KeyboardInterrupt  # Ray caught Ctrl-C and saved the experiment state
     summary = write_outputs(spec, base, grid, out_dir, name, exp_dir, search_s, prep_s, data.info)
     return summary
+
+
+def make_tuner(fn, spec: SearchSpec, storage_path: Path, name: str, db_path: Path | None,
+               first: dict | None = None, progress: bool = True):
+    """The Tuner every search uses: OptunaSearch (seeded TPE, study in SQLite at ``db_path``)
+    behind a ConcurrencyLimiter, ASHA on the reported ``epoch``, actor reuse, one checkpoint
+    per trial, failed trials recorded without stopping the search."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = optuna_space(spec)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # use the compact CLIReporter table below
+    reporter = tune.CLIReporter(
+        parameter_columns=list(space), metric_columns=["epoch", spec.metric, "val_macro_f1"],
+        max_report_frequency=30, max_progress_rows=12, sort_by_metric=True)
+    run_config = tune.RunConfig(
+        name=name, storage_path=str(storage_path), progress_reporter=reporter,
+        verbose=1 if progress else 0,
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db_path.resolve()}") if db_path else None
+    searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode,
+                            points_to_evaluate=[first] if first else None,
+                            sampler=optuna.samplers.TPESampler(seed=spec.seed),
+                            study_name=name, storage=storage)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
+                              grace_period=min(spec.grace_period, spec.max_epochs),
+                              reduction_factor=spec.reduction_factor)
+    return tune.Tuner(fn, tune_config=tune.TuneConfig(
+        metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+        scheduler=scheduler, reuse_actors=True, time_budget_s=spec.time_budget_s,
+        trial_dirname_creator=_trial_dirname), run_config=run_config)
 
 
 def _trial_rows(spec: SearchSpec, grid) -> tuple[list[dict], list[Any]]:
@@ -398,7 +426,8 @@ def _shutdown() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.search", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=["cnn", "vit"])
-    p.add_argument("--data-dir", default="data/oxford_pets")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help=f"ImageFolder root; the default {DEFAULT_DATA_DIR} is prepared if missing")
     p.add_argument("--search-space", default=None, help="YAML (default search_spaces/<model>.yaml)")
     p.add_argument("--num-samples", type=positive_int)
     p.add_argument("--max-epochs", type=positive_int, help="epochs per trial (ASHA max_t)")
@@ -454,11 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_steps_per_epoch"] = args.max_steps_per_epoch
 
     data_dir = Path(args.data_dir)
-    if not data_dir.exists():
+    if not data_dir.exists() and args.data_dir == DEFAULT_DATA_DIR:
         from tune_pets.prepare import prepare
 
         print(f"{data_dir} not found: preparing the dataset there first", flush=True)
         prepare(data_dir, progress=not args.no_progress)
+    from tune_pets.data import check_data_dir
+
+    check_data_dir(data_dir)
     artifacts = Path(args.artifacts_dir)
     name = args.name or args.model
     storage = Path(args.storage_path) if args.storage_path else (artifacts / "ray_results")
@@ -466,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
     storage = storage.resolve()
     out_dir = artifacts / "search" / name
-    try:  # noqa: SIM105 - the finally gives the CPUs back whatever happens
+    try:
         summary = run_search(spec, data_dir, out_dir, storage, name, overrides=overrides,
                              resume=args.resume, overwrite=args.overwrite, address=args.address,
                              val_fraction=args.val_fraction, cache_dir=args.cache_dir,
@@ -485,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"best trial {summary['trial_id']} (epoch {summary['epoch']}): "
           f"{spec.metric} {summary[f'best_{spec.metric}']:.4f}, val_macro_f1 "
           f"{summary['val_macro_f1']:.4f}")
-    print(f"  params: " + ", ".join(f"{k}={summary['config'][k]!r}" for k in spec.space))
+    print("  params: " + ", ".join(f"{k}={summary['config'][k]!r}" for k in spec.space))
     print(f"wrote {out_dir}/best_config.json, trials.csv, plots; next: python -m "
           f"tune_pets.reproduce {args.model}" + (f" --best-config {out_dir}/best_config.json"
                                                   if name != args.model else ""))

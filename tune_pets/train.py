@@ -12,27 +12,44 @@ cached frozen-backbone features.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from tune_pets.config import RunConfig, canonical_model, cli_name, homework_defaults
-from tune_pets.data import (ImageSplit, cache_res, default_cache_dir, eval_transform,
-                            heldout_split_name, iterate_indices, load_or_make_val_split,
-                            load_split, to_device_uint8, train_augment)
+from tune_pets.data import (
+    cache_res,
+    default_cache_dir,
+    eval_transform,
+    iterate_indices,
+    load_or_make_val_split,
+    load_split,
+    to_device_uint8,
+    train_augment,
+)
 from tune_pets.evaluate import classification_metrics
 from tune_pets.models import build_model, data_config, make_probe_head, pool_features
-from tune_pets.utils import (ArgumentParser, UserError, atomic_torch_save, atomic_write_json,
-                             cli_main, env_info, fraction, nonneg_int, positive_float,
-                             positive_int, resolve_device, seed_everything)
+from tune_pets.utils import (
+    ArgumentParser,
+    UserError,
+    atomic_torch_save,
+    atomic_write_json,
+    cli_main,
+    env_info,
+    fraction,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed_everything,
+)
 
 CHECKPOINT_FORMAT = "tune_pets/1"
 

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
-    def error(self, message: str) -> None:  # noqa: D102 - argparse API
+    def error(self, message: str) -> None:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
