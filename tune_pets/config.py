@@ -196,7 +196,7 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
     if not isinstance(args, list) or not args:
         raise UserError(f"{where}: {sampler} takes a non-empty list")
     if sampler == "choice":
-        return sampler, list(args)
+        return sampler, [_coerce_value(name, a, f"{where}.choice") for a in args]
     need = 3 if sampler == "quniform" else 2
     if len(args) != need:
         raise UserError(f"{where}: {sampler} takes {need} numbers, got {len(args)}")
@@ -236,7 +236,10 @@ def load_search_spec(path: str | Path) -> SearchSpec:
                         f"valid keys: {', '.join(sorted(SPEC_KEYS))}")
     if "model" not in raw:
         raise UserError(f"{path}: missing key 'model' (cnn or vit)")
-    model = canonical_model(str(raw["model"]))
+    try:
+        model = canonical_model(str(raw["model"]))
+    except UserError as e:
+        raise UserError(f"{path}: model: {e}") from None
     kw: dict[str, Any] = {"model": model, "source": str(path)}
     if "metric" in raw:
         if raw["metric"] not in METRICS:
@@ -279,6 +282,11 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if both:
         raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
     spec = SearchSpec(**kw)
+    try:
+        base = homework_defaults(model).replace(**spec.fixed)
+    except TypeError as e:
+        raise UserError(f"{path}: fixed: {e}") from None
+    validate_config(base, f"{path}: fixed")
     # Every value the space can produce must make a valid config: check the bounds.
     for name, (sampler, args) in spec.space.items():
         values = args if sampler == "choice" else args[:2]

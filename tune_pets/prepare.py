@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from tune_pets.data import IMAGE_EXTS
-from tune_pets.utils import ArgumentParser, UserError, cli_main
+from tune_pets.utils import ArgumentParser, UserError, _umask, cli_main
 
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
 MARKER = ".complete"
@@ -224,12 +224,6 @@ def write_dataset(dataset: Mapping[str, Any], output_dir: str | os.PathLike, *,
         print(f"warning: skipped {len(result['skipped'])} undecodable image(s), listed in "
               f"{output_dir / MARKER}", file=sys.stderr)
     return output_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_prepared(output_dir: str | os.PathLike) -> bool:
