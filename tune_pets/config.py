@@ -20,7 +20,8 @@ METRICS = ("val_acc", "val_macro_f1", "val_loss", "train_loss", "train_acc")
 
 
 def canonical_model(name: str) -> str:
-    """Map a CLI model name (``cnn``/``vit``) to its registry name; unknown names list the valid ones."""
+    """Map a CLI model name (``cnn``/``vit``) to its registry name; unknown names list the
+    valid ones."""
     try:
         return MODEL_ALIASES[name]
     except KeyError:
@@ -35,17 +36,17 @@ def cli_name(model: str) -> str:
 class RunConfig:
     """Everything one training run needs. Defaults are the homework's CNN settings."""
 
-    model: str = "cnn"               # registry name: "cnn" or "vit_probe"
-    epochs: int = 50                 # the homework trained the CNN for 50 epochs
+    model: str = "cnn"  # registry name: "cnn" or "vit_probe"
+    epochs: int = 50  # the homework trained the CNN for 50 epochs
     batch_size: int = 32
     lr: float = 1e-3
-    optimizer: str = "adamw"         # adamw | adam | sgd
-    weight_decay: float = 0.01       # AdamW's default; the homework did not set it
-    momentum: float = 0.9            # SGD only
-    scheduler: str = "cosine"        # cosine | none
-    warmup_epochs: int = 0           # linear warmup before the cosine decay
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    weight_decay: float = 0.01  # AdamW's default; the homework did not set it
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine | none
+    warmup_epochs: int = 0  # linear warmup before the cosine decay
     label_smoothing: float = 0.0
-    img_size: int = 128              # side of the square network input
+    img_size: int = 128  # side of the square network input
     # CNN shape: `depth` conv blocks, channels width * 2**i (capped at 512).
     depth: int = 3
     width: int = 64
@@ -55,16 +56,16 @@ class RunConfig:
     hflip: float = 0.5
     # ViT probe only.
     backbone: str = "vit_tiny_patch16_224"
-    pooling: str = "cls"             # cls | mean | both (features of the frozen backbone)
-    feature_views: int = 0           # 0: clean eval-transform features; k>0: k augmented train views
+    pooling: str = "cls"  # cls | mean | both (features of the frozen backbone)
+    feature_views: int = 0  # 0: clean eval-transform features; k>0: k augmented train views
     pretrained: bool = True
-    weights: str | None = None       # local weights file for the backbone (offline use)
+    weights: str | None = None  # local weights file for the backbone (offline use)
     # Bookkeeping.
-    metric: str = "val_acc"          # which val metric picks the best epoch
+    metric: str = "val_acc"  # which val metric picks the best epoch
     seed: int = 0
-    deterministic: bool = False      # reproduce sets True
-    amp: bool = True                 # bf16 autocast on CUDA (ignored on CPU)
-    max_steps_per_epoch: int = 0     # 0 = full epoch; small values make smoke runs fast
+    deterministic: bool = False  # reproduce sets True
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    max_steps_per_epoch: int = 0  # 0 = full epoch; small values make smoke runs fast
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -77,8 +78,10 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise UserError(f"{source}: unknown config key(s) {', '.join(unknown)}; "
-                            f"valid keys: {', '.join(sorted(known))}")
+            raise UserError(
+                f"{source}: unknown config key(s) {', '.join(unknown)}; "
+                f"valid keys: {', '.join(sorted(known))}"
+            )
         return validate_config(cls(**d), source)
 
 
@@ -86,24 +89,56 @@ def homework_defaults(model: str) -> RunConfig:
     """The homework's hand-picked settings: the baseline and the search's first point."""
     model = canonical_model(model)
     if model == "cnn":
-        return RunConfig(model="cnn", epochs=50, batch_size=32, lr=1e-3, optimizer="adamw",
-                         scheduler="cosine", img_size=224, depth=3, width=64, dropout=0.2)
-    return RunConfig(model="vit_probe", epochs=10, batch_size=32, lr=1e-3, optimizer="adam",
-                     weight_decay=0.0, scheduler="none", img_size=224, dropout=0.0,
-                     pooling="cls")
+        return RunConfig(
+            model="cnn",
+            epochs=50,
+            batch_size=32,
+            lr=1e-3,
+            optimizer="adamw",
+            scheduler="cosine",
+            img_size=224,
+            depth=3,
+            width=64,
+            dropout=0.2,
+        )
+    return RunConfig(
+        model="vit_probe",
+        epochs=10,
+        batch_size=32,
+        lr=1e-3,
+        optimizer="adam",
+        weight_decay=0.0,
+        scheduler="none",
+        img_size=224,
+        dropout=0.0,
+        pooling="cls",
+    )
 
 
 CONFIG_FIELDS = {f.name: f for f in fields(RunConfig)}
-_CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "none"),
-            "pooling": ("cls", "mean", "both"), "metric": METRICS,
-            "model": ("cnn", "vit_probe")}
+_CHOICES = {
+    "optimizer": ("adamw", "adam", "sgd"),
+    "scheduler": ("cosine", "none"),
+    "pooling": ("cls", "mean", "both"),
+    "metric": METRICS,
+    "model": ("cnn", "vit_probe"),
+}
 _RANGES = {  # name: (low, high, inclusive-low)
-    "epochs": (1, 10_000, True), "batch_size": (1, 65_536, True), "lr": (0.0, 10.0, False),
-    "weight_decay": (0.0, 10.0, True), "momentum": (0.0, 1.0, True),
-    "warmup_epochs": (0, 10_000, True), "label_smoothing": (0.0, 0.999, True),
-    "img_size": (16, 1024, True), "depth": (1, 8, True), "width": (4, 512, True),
-    "dropout": (0.0, 0.999, True), "aug_scale_min": (0.01, 1.0, True), "hflip": (0.0, 1.0, True),
-    "feature_views": (0, 64, True), "max_steps_per_epoch": (0, 10**9, True),
+    "epochs": (1, 10_000, True),
+    "batch_size": (1, 65_536, True),
+    "lr": (0.0, 10.0, False),
+    "weight_decay": (0.0, 10.0, True),
+    "momentum": (0.0, 1.0, True),
+    "warmup_epochs": (0, 10_000, True),
+    "label_smoothing": (0.0, 0.999, True),
+    "img_size": (16, 1024, True),
+    "depth": (1, 8, True),
+    "width": (4, 512, True),
+    "dropout": (0.0, 0.999, True),
+    "aug_scale_min": (0.01, 1.0, True),
+    "hflip": (0.0, 1.0, True),
+    "feature_views": (0, 64, True),
+    "max_steps_per_epoch": (0, 10**9, True),
 }
 
 
@@ -127,7 +162,9 @@ def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
         elif typ == "str" and not isinstance(v, str):
             raise UserError(f"{source}: {name} must be a string, got {v!r}")
         if name in _CHOICES and v not in _CHOICES[name]:
-            raise UserError(f"{source}: {name} must be one of {', '.join(_CHOICES[name])}, got {v!r}")
+            raise UserError(
+                f"{source}: {name} must be one of {', '.join(_CHOICES[name])}, got {v!r}"
+            )
         if name in _RANGES:
             lo, hi, inclusive = _RANGES[name]
             if not ((v >= lo if inclusive else v > lo) and v <= hi):
@@ -135,16 +172,30 @@ def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
                 raise UserError(f"{source}: {name}={v} is out of range {bracket}{lo}, {hi}]")
         values[name] = v
     if values["warmup_epochs"] >= values["epochs"] and values["warmup_epochs"] > 0:
-        raise UserError(f"{source}: warmup_epochs ({values['warmup_epochs']}) must be < epochs "
-                        f"({values['epochs']})")
+        raise UserError(
+            f"{source}: warmup_epochs ({values['warmup_epochs']}) must be < epochs "
+            f"({values['epochs']})"
+        )
     return RunConfig(**values)
 
 
 # ---------------------------------------------------------------- search-space YAML
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "quniform")
-SPEC_KEYS = {"model", "metric", "mode", "num_samples", "max_epochs", "grace_period",
-             "reduction_factor", "max_concurrent", "seed", "resources", "fixed", "space",
-             "time_budget_s"}
+SPEC_KEYS = {
+    "model",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_epochs",
+    "grace_period",
+    "reduction_factor",
+    "max_concurrent",
+    "seed",
+    "resources",
+    "fixed",
+    "space",
+    "time_budget_s",
+}
 
 
 @dataclass(frozen=True)
@@ -186,13 +237,19 @@ def _as_number(v: Any, where: str) -> float:
 
 def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
     if name not in CONFIG_FIELDS or name in ("model", "seed", "metric"):
-        raise UserError(f"{where}: {name!r} is not a searchable field of the run config; valid: "
-                        f"{', '.join(k for k in CONFIG_FIELDS if k not in ('model', 'seed', 'metric'))}")
+        raise UserError(
+            f"{where}: {name!r} is not a searchable field of the run config; valid: "
+            f"{', '.join(k for k in CONFIG_FIELDS if k not in ('model', 'seed', 'metric'))}"
+        )
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise UserError(f"{where}: write it as {{sampler: args}}, e.g. {{loguniform: [1.0e-4, 1.0e-2]}}")
-    (sampler, args), = spec.items()
+        raise UserError(
+            f"{where}: write it as {{sampler: args}}, e.g. {{loguniform: [1.0e-4, 1.0e-2]}}"
+        )
+    ((sampler, args),) = spec.items()
     if sampler not in SAMPLERS:
-        raise UserError(f"{where}: unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        raise UserError(
+            f"{where}: unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}"
+        )
     if not isinstance(args, list) or not args:
         raise UserError(f"{where}: {sampler} takes a non-empty list")
     if sampler == "choice":
@@ -232,8 +289,10 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         raise UserError(f"{path}: expected a mapping of keys (model, metric, space, ...)")
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
-        raise UserError(f"{path}: unknown top-level key(s) {', '.join(map(str, unknown))}; "
-                        f"valid keys: {', '.join(sorted(SPEC_KEYS))}")
+        raise UserError(
+            f"{path}: unknown top-level key(s) {', '.join(map(str, unknown))}; "
+            f"valid keys: {', '.join(sorted(SPEC_KEYS))}"
+        )
     if "model" not in raw:
         raise UserError(f"{path}: missing key 'model' (cnn or vit)")
     try:
@@ -243,14 +302,22 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     kw: dict[str, Any] = {"model": model, "source": str(path)}
     if "metric" in raw:
         if raw["metric"] not in METRICS:
-            raise UserError(f"{path}: metric must be one of {', '.join(METRICS)}, got {raw['metric']!r}")
+            raise UserError(
+                f"{path}: metric must be one of {', '.join(METRICS)}, got {raw['metric']!r}"
+            )
         kw["metric"] = raw["metric"]
     if "mode" in raw:
         if raw["mode"] not in ("min", "max"):
             raise UserError(f"{path}: mode must be min or max, got {raw['mode']!r}")
         kw["mode"] = raw["mode"]
-    for key, lo in (("num_samples", 1), ("max_epochs", 1), ("grace_period", 1),
-                    ("reduction_factor", 2), ("max_concurrent", 1), ("seed", 0)):
+    for key, lo in (
+        ("num_samples", 1),
+        ("max_epochs", 1),
+        ("grace_period", 1),
+        ("reduction_factor", 2),
+        ("max_concurrent", 1),
+        ("seed", 0),
+    ):
         if key in raw:
             v = raw[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -271,8 +338,10 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         raise UserError(f"{path}: fixed must be a mapping of run-config keys to values")
     for k in fixed:
         if k not in CONFIG_FIELDS:
-            raise UserError(f"{path}: fixed.{k} is not a field of the run config; valid: "
-                            f"{', '.join(CONFIG_FIELDS)}")
+            raise UserError(
+                f"{path}: fixed.{k} is not a field of the run config; valid: "
+                f"{', '.join(CONFIG_FIELDS)}"
+            )
     kw["fixed"] = {k: _coerce_value(k, v, f"{path}: fixed.{k}") for k, v in fixed.items()}
     space = raw.get("space") or {}
     if not isinstance(space, dict):
@@ -293,7 +362,9 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         for v in values:
             base = homework_defaults(model).replace(**{k: v for k, v in spec.fixed.items()})
             try:
-                validate_config(base.replace(**{name: _coerce_value(name, v, "")}), f"{path}: space.{name}")
+                validate_config(
+                    base.replace(**{name: _coerce_value(name, v, "")}), f"{path}: space.{name}"
+                )
             except TypeError:
                 raise UserError(f"{path}: space.{name}: bad value {v!r}") from None
     return spec

@@ -23,16 +23,40 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tune_pets.utils import UserError, atomic_path, atomic_write_json
 
+if TYPE_CHECKING:  # torch is imported lazily: scanning and caching do not need it
+    import torch
+
 HELDOUT_NAMES = ("test", "val")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-NON_IMAGE_EXTS = {".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".db", ".ini", ".py",
-                  ".html", ".pdf", ".log", ".mat", ".npy", ".npz", ".pt", ".zip", ".tar", ".gz"}
+NON_IMAGE_EXTS = {
+    ".txt",
+    ".md",
+    ".csv",
+    ".json",
+    ".xml",
+    ".yaml",
+    ".yml",
+    ".db",
+    ".ini",
+    ".py",
+    ".html",
+    ".pdf",
+    ".log",
+    ".mat",
+    ".npy",
+    ".npz",
+    ".pt",
+    ".zip",
+    ".tar",
+    ".gz",
+}
 CACHE_VERSION = 1  # bump when the decode/resize rule changes
 # The homework's eval transform: Resize(256) + CenterCrop(224) -> crop_pct 0.875.
 CNN_CROP_PCT = 0.875
@@ -65,8 +89,9 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"{path}: image too large, refused as a possible decompression bomb "
-                            f"({e})") from None
+        raise BadImageError(
+            f"{path}: image too large, refused as a possible decompression bomb ({e})"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         size = os.path.getsize(path) if os.path.exists(path) else -1
         why = "empty file (0 bytes)" if size == 0 else f"unreadable or truncated image ({e})"
@@ -137,18 +162,24 @@ def heldout_split_name(data_dir: Path) -> str:
     for name in HELDOUT_NAMES:
         if (data_dir / name).is_dir():
             return name
-    raise UserError(f"{data_dir}: no held-out split: expected a {' or '.join(HELDOUT_NAMES)}/ folder "
-                    f"next to train/ (see README, 'Data layout')")
+    raise UserError(
+        f"{data_dir}: no held-out split: expected a {' or '.join(HELDOUT_NAMES)}/ folder "
+        f"next to train/ (see README, 'Data layout')"
+    )
 
 
 def check_data_dir(data_dir: str | os.PathLike) -> Path:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} does not exist; run `python -m tune_pets.prepare "
-                        f"--output-dir {data_dir}` or point --data-dir at an ImageFolder copy")
+        raise UserError(
+            f"--data-dir {data_dir} does not exist; run `python -m tune_pets.prepare "
+            f"--output-dir {data_dir}` or point --data-dir at an ImageFolder copy"
+        )
     if not (data_dir / "train").is_dir():
-        raise UserError(f"--data-dir {data_dir} has no train/ folder; expected "
-                        f"{data_dir}/train/<class>/*.jpg and {data_dir}/test/<class>/*.jpg")
+        raise UserError(
+            f"--data-dir {data_dir} has no train/ folder; expected "
+            f"{data_dir}/train/<class>/*.jpg and {data_dir}/test/<class>/*.jpg"
+        )
     heldout_split_name(data_dir)  # a held-out split is part of the layout: fail early without one
     return data_dir
 
@@ -168,12 +199,17 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
     else:
         extra = sorted(set(names) - set(classes))
         if extra:
-            raise UserError(f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
-                            f"{data_dir / 'train'}; every held-out class needs training images")
+            raise UserError(
+                f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
+                f"{data_dir / 'train'}; every held-out class needs training images"
+            )
     index = {c: i for i, c in enumerate(classes)}
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1]))
+        files = sorted(
+            p
+            for p in d.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1])
+        )
         n_before = len(paths)
         for p in files:
             rel = p.relative_to(data_dir).as_posix()
@@ -190,7 +226,7 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
 def fingerprint(data_dir: Path, index: SplitIndex) -> str:
     """Content key of a split: paths, sizes and mtimes (cheap; changes when any file does)."""
     h = hashlib.sha1(f"v{CACHE_VERSION}|{index.name}|{'|'.join(index.classes)}".encode())
-    for rel, label in zip(index.paths, index.labels):
+    for rel, label in zip(index.paths, index.labels, strict=True):
         st = (data_dir / rel).stat()
         h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -214,14 +250,29 @@ class ImageSplit:
 
     def subset(self, idx: np.ndarray, name: str | None = None) -> ImageSplit:
         idx = np.asarray(idx, dtype=np.int64)
-        return ImageSplit(name or self.name, self.images[idx], self.labels[idx],
-                          [self.paths[i] for i in idx], self.classes, self.fingerprint, self.skipped)
+        return ImageSplit(
+            name or self.name,
+            self.images[idx],
+            self.labels[idx],
+            [self.paths[i] for i in idx],
+            self.classes,
+            self.fingerprint,
+            self.skipped,
+        )
 
 
-def load_split(data_dir: str | os.PathLike, split: str, res: int, *, interpolation: str = "bilinear",
-               cache_dir: str | os.PathLike | None = None, skip_bad: bool = False,
-               classes: Sequence[str] | None = None, workers: int | None = None,
-               progress: bool = True) -> ImageSplit:
+def load_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    res: int,
+    *,
+    interpolation: str = "bilinear",
+    cache_dir: str | os.PathLike | None = None,
+    skip_bad: bool = False,
+    classes: Sequence[str] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> ImageSplit:
     """Decoded ``split`` at side ``res`` from the cache, decoding (in parallel) on a miss."""
     data_dir = check_data_dir(data_dir)
     index = scan_split(data_dir, split, classes)
@@ -235,8 +286,15 @@ def load_split(data_dir: str | os.PathLike, split: str, res: int, *, interpolati
         meta = json.loads(meta_path.read_text())
         if meta["skipped"] and not skip_bad:
             _raise_bad(meta["skipped"])
-        return ImageSplit(split, np.load(arr_path), np.asarray(meta["labels"], dtype=np.int64),
-                          meta["paths"], meta["classes"], fp, meta["skipped"])
+        return ImageSplit(
+            split,
+            np.load(arr_path),
+            np.asarray(meta["labels"], dtype=np.int64),
+            meta["paths"],
+            meta["classes"],
+            fp,
+            meta["skipped"],
+        )
 
     images = np.empty((len(index.paths), res, res, 3), dtype=np.uint8)
     keep = np.ones(len(index.paths), dtype=bool)
@@ -257,13 +315,29 @@ def load_split(data_dir: str | os.PathLike, split: str, res: int, *, interpolati
         print(f"warning: skipped {len(errors)} bad image(s) (--skip-bad-images):", file=sys.stderr)
         for e in errors:
             print(f"  {e}", file=sys.stderr)
-    out = ImageSplit(split, images[keep], np.asarray(index.labels, dtype=np.int64)[keep],
-                     [p for p, k in zip(index.paths, keep) if k], index.classes, fp, errors)
+    out = ImageSplit(
+        split,
+        images[keep],
+        np.asarray(index.labels, dtype=np.int64)[keep],
+        [p for p, k in zip(index.paths, keep, strict=True) if k],
+        index.classes,
+        fp,
+        errors,
+    )
     with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
         np.save(f, out.images)
-    atomic_write_json(meta_path, {"labels": out.labels.tolist(), "paths": out.paths,
-                                  "classes": out.classes, "skipped": errors, "res": res,
-                                  "interpolation": interpolation, "ignored": index.ignored})
+    atomic_write_json(
+        meta_path,
+        {
+            "labels": out.labels.tolist(),
+            "paths": out.paths,
+            "classes": out.classes,
+            "skipped": errors,
+            "res": res,
+            "interpolation": interpolation,
+            "ignored": index.ignored,
+        },
+    )
     return out
 
 
@@ -279,19 +353,28 @@ def _collect(results, images, keep, errors, bar) -> None:
 
 def _raise_bad(errors: list[str]) -> None:
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    raise UserError(f"{errors[0]}{more}; delete or fix it, or pass --skip-bad-images to skip "
-                    f"bad files")
+    raise UserError(
+        f"{errors[0]}{more}; delete or fix it, or pass --skip-bad-images to skip bad files"
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or None, leave=False,
-                file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img",
+        disable=not enabled or None,
+        leave=False,
+        file=sys.stderr,
+    )
 
 
 # ---------------------------------------------------------------- the validation split
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, stratified train/val indices. Every class with >= 2 images gets >= 1 val image."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
@@ -309,8 +392,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
 
 
-def load_or_make_val_split(train: ImageSplit, split_file: str | os.PathLike, val_fraction: float = 0.2,
-                           seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
+def load_or_make_val_split(
+    train: ImageSplit, split_file: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[ImageSplit, ImageSplit]:
     """Carve the search's val split out of ``train``; the file lists are saved (and reused when
     they match the same data, fraction and seed) so the split can be audited."""
     split_file = Path(split_file)
@@ -318,8 +402,11 @@ def load_or_make_val_split(train: ImageSplit, split_file: str | os.PathLike, val
     if split_file.is_file():
         try:
             saved = json.loads(split_file.read_text())
-            same = (saved.get("fingerprint") == train.fingerprint
-                    and saved.get("val_fraction") == val_fraction and saved.get("seed") == seed)
+            same = (
+                saved.get("fingerprint") == train.fingerprint
+                and saved.get("val_fraction") == val_fraction
+                and saved.get("seed") == seed
+            )
             if same:
                 tr = np.asarray([pos[p] for p in saved["train"]], dtype=np.int64)
                 va = np.asarray([pos[p] for p in saved["val"]], dtype=np.int64)
@@ -327,10 +414,19 @@ def load_or_make_val_split(train: ImageSplit, split_file: str | os.PathLike, val
         except (json.JSONDecodeError, KeyError):
             pass  # stale or broken: make a fresh one below
     tr, va = stratified_split(train.labels, val_fraction, seed)
-    atomic_write_json(split_file, {
-        "fingerprint": train.fingerprint, "val_fraction": val_fraction, "seed": seed,
-        "classes": train.classes, "n_train": len(tr), "n_val": len(va),
-        "train": [train.paths[i] for i in tr], "val": [train.paths[i] for i in va]})
+    atomic_write_json(
+        split_file,
+        {
+            "fingerprint": train.fingerprint,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "classes": train.classes,
+            "n_train": len(tr),
+            "n_val": len(va),
+            "train": [train.paths[i] for i in tr],
+            "val": [train.paths[i] for i in va],
+        },
+    )
     return train.subset(tr, "train"), train.subset(va, "val")
 
 
@@ -340,17 +436,18 @@ def cache_res(img_size: int, crop_pct: float) -> int:
     return int(math.floor(img_size / crop_pct))
 
 
-def iterate_indices(n: int, batch_size: int, shuffle: bool, generator=None,
-                    drop_last: bool = False) -> Iterator[torch.Tensor]:  # noqa: F821
+def iterate_indices(
+    n: int, batch_size: int, shuffle: bool, generator=None, drop_last: bool = False
+) -> Iterator[torch.Tensor]:
     import torch
 
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for i in range(0, stop, batch_size):
-        yield order[i:i + batch_size]
+        yield order[i : i + batch_size]
 
 
-def to_device_uint8(images: np.ndarray, idx, device) -> torch.Tensor:  # noqa: F821
+def to_device_uint8(images: np.ndarray, idx, device) -> torch.Tensor:
     """Gather a uint8 NHWC batch and move it to ``device`` (pinned, non-blocking on CUDA)."""
     import torch
 
@@ -360,12 +457,12 @@ def to_device_uint8(images: np.ndarray, idx, device) -> torch.Tensor:  # noqa: F
     return batch
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:  # noqa: F821
+def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1]."""
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:  # noqa: F821
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """Normalize a float NCHW batch with per-channel ``mean``/``std``."""
     import torch
 
@@ -374,7 +471,7 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:  # noqa: F821
     return (x - m) / s
 
 
-def eval_transform(x: torch.Tensor, size: int, crop_pct: float, mean, std) -> torch.Tensor:  # noqa: F821
+def eval_transform(x: torch.Tensor, size: int, crop_pct: float, mean, std) -> torch.Tensor:
     """Resize + center crop + normalize on a cached uint8 NHWC batch.
 
     The cache holds the image resized (shorter side) to ``R`` and center-cropped to ``R x R``.
@@ -387,30 +484,44 @@ def eval_transform(x: torch.Tensor, size: int, crop_pct: float, mean, std) -> to
     res = x.shape[1]
     crop = min(res, int(round(size * res / math.floor(size / crop_pct))))
     top = (res - crop) // 2
-    x = to_float(x[:, top:top + crop, top:top + crop])
+    x = to_float(x[:, top : top + crop, top : top + crop])
     if crop != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return normalize(x, mean, std)
 
 
-def random_resized_crop_params(n: int, height: int, width: int, scale=(0.08, 1.0),
-                               ratio=(3 / 4, 4 / 3), generator=None, attempts: int = 10):
+def random_resized_crop_params(
+    n: int,
+    height: int,
+    width: int,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    generator=None,
+    attempts: int = 10,
+):
     """Vectorized torchvision ``RandomResizedCrop.get_params``: crop boxes (x0, y0, w, h) per
     sample; 10 attempts each, then the same center-crop fallback as torchvision."""
     import torch
 
     area = height * width
     s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator) * area
-    logr = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                              generator=generator)
+    logr = torch.empty(n, attempts).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
     r = torch.exp(logr)
     w = torch.sqrt(s * r).round()
     h = torch.sqrt(s / r).round()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
     rows = torch.arange(n)
-    cw = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(min(width, height))))
-    ch = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(min(width, height))))
+    cw = torch.where(
+        first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(min(width, height)))
+    )
+    ch = torch.where(
+        first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(min(width, height)))
+    )
     u = torch.rand(n, 2, generator=generator)
     x0 = torch.floor(u[:, 0] * (width - cw + 1))
     y0 = torch.floor(u[:, 1] * (height - ch + 1))
@@ -420,8 +531,15 @@ def random_resized_crop_params(n: int, height: int, width: int, scale=(0.08, 1.0
     return x0, y0, cw, ch
 
 
-def train_augment(x: torch.Tensor, size: int, mean, std, scale_min: float = 0.08,  # noqa: F821
-                  hflip: float = 0.5, generator=None) -> torch.Tensor:  # noqa: F821
+def train_augment(
+    x: torch.Tensor,
+    size: int,
+    mean,
+    std,
+    scale_min: float = 0.08,
+    hflip: float = 0.5,
+    generator=None,
+) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch, as one
     ``grid_sample`` over the batch (runs wherever ``x`` lives; random draws on the CPU
     ``generator`` so results do not depend on the device)."""
@@ -438,6 +556,7 @@ def train_augment(x: torch.Tensor, size: int, mean, std, scale_min: float = 0.08
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (2 * y0 + ch) / h - 1
     grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)
-    out = F.grid_sample(to_float(x), grid, mode="bilinear", padding_mode="reflection",
-                        align_corners=False)
+    out = F.grid_sample(
+        to_float(x), grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
     return normalize(out, mean, std)

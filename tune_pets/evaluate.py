@@ -24,9 +24,12 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
 
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     present = np.unique(np.concatenate([y_true, y_pred]))
-    return {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
-            "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro",
-                                       zero_division=0))}
+    return {
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        ),
+    }
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -39,13 +42,24 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 def per_class_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> list[dict]:
     from sklearn.metrics import precision_recall_fscore_support
 
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=list(range(len(classes))),
-                                                 zero_division=0)
-    return [{"class": c, "precision": round(float(p[i]), 6), "recall": round(float(r[i]), 6),
-             "f1": round(float(f[i]), 6), "support": int(s[i])} for i, c in enumerate(classes)]
+    p, r, f, s = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), zero_division=0
+    )
+    return [
+        {
+            "class": c,
+            "precision": round(float(p[i]), 6),
+            "recall": round(float(r[i]), 6),
+            "f1": round(float(f[i]), 6),
+            "support": int(s[i]),
+        }
+        for i, c in enumerate(classes)
+    ]
 
 
-def most_confused(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[tuple[str, str, int]]:
+def most_confused(
+    cm: np.ndarray, classes: Sequence[str], k: int = 10
+) -> list[tuple[str, str, int]]:
     """The ``k`` largest off-diagonal cells as (true, predicted, count)."""
     off = cm.copy()
     np.fill_diagonal(off, 0)
@@ -54,8 +68,9 @@ def most_confused(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[t
     return [(classes[i], classes[j], int(off[i, j])) for i, j in pairs if off[i, j] > 0]
 
 
-def write_confusion(cm: np.ndarray, classes: Sequence[str], csv_path: Path, png_path: Path,
-                    title: str) -> None:
+def write_confusion(
+    cm: np.ndarray, classes: Sequence[str], csv_path: Path, png_path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +78,10 @@ def write_confusion(cm: np.ndarray, classes: Sequence[str], csv_path: Path, png_
 
     from tune_pets.utils import atomic_savefig, atomic_write_csv
 
-    rows = [{"true\\pred": c, **{cc: int(v) for cc, v in zip(classes, cm[i])}}
-            for i, c in enumerate(classes)]
+    rows = [
+        {"true\\pred": c, **{cc: int(v) for cc, v in zip(classes, cm[i], strict=True)}}
+        for i, c in enumerate(classes)
+    ]
     atomic_write_csv(csv_path, rows, ["true\\pred", *classes])
     n = len(classes)
     side = max(6.0, 0.28 * n + 2)
@@ -93,15 +110,19 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupted/truncated/foreign files fail in many ways
-        raise UserError(f"--checkpoint {path}: not a readable checkpoint ({type(e).__name__}); "
-                        f"retrain or pass another file") from None
+        raise UserError(
+            f"--checkpoint {path}: not a readable checkpoint ({type(e).__name__}); "
+            f"retrain or pass another file"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--checkpoint {path}: not a tune_pets checkpoint")
     if expect_model and ckpt["model"] != expect_model:
         from tune_pets.config import cli_name
 
-        raise UserError(f"--checkpoint {path} holds a {cli_name(ckpt['model'])} model, not "
-                        f"{cli_name(expect_model)}; pass the matching model name")
+        raise UserError(
+            f"--checkpoint {path} holds a {cli_name(ckpt['model'])} model, not "
+            f"{cli_name(expect_model)}; pass the matching model name"
+        )
     return ckpt
 
 
@@ -120,13 +141,26 @@ def model_from_checkpoint(ckpt: dict, pretrained: bool | None = None, weights: s
     try:
         target.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})"
+        ) from None
     return model.eval(), config
 
 
-def evaluate_checkpoint(ckpt: dict, data_dir: str | Path, split: str, artifacts_dir: Path, *,
-                        cache_dir=None, skip_bad: bool = False, device=None, pretrained=None,
-                        weights=None, progress: bool = True, tag: str | None = None) -> dict:
+def evaluate_checkpoint(
+    ckpt: dict,
+    data_dir: str | Path,
+    split: str,
+    artifacts_dir: Path,
+    *,
+    cache_dir=None,
+    skip_bad: bool = False,
+    device=None,
+    pretrained=None,
+    weights=None,
+    progress: bool = True,
+    tag: str | None = None,
+) -> dict:
     """Score ``ckpt`` on ``split``; write per-class CSV, confusion CSV/PNG, metrics.csv row."""
     import torch
 
@@ -144,19 +178,37 @@ def evaluate_checkpoint(ckpt: dict, data_dir: str | Path, split: str, artifacts_
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise UserError(f"{split_dir}: class(es) {', '.join(map(repr, unknown[:5]))} are not among "
-                        f"the {len(classes)} classes the checkpoint was trained on; evaluate a "
-                        f"checkpoint trained on this dataset")
-    data_split = load_split(data_dir, split, res, interpolation=pre["interpolation"],
-                            cache_dir=cache_dir, skip_bad=skip_bad, classes=classes,
-                            progress=progress)
+        raise UserError(
+            f"{split_dir}: class(es) {', '.join(map(repr, unknown[:5]))} are not among "
+            f"the {len(classes)} classes the checkpoint was trained on; evaluate a "
+            f"checkpoint trained on this dataset"
+        )
+    data_split = load_split(
+        data_dir,
+        split,
+        res,
+        interpolation=pre["interpolation"],
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        classes=classes,
+        progress=progress,
+    )
     if data_split.classes != classes:
         raise UserError(f"{data_dir}/{split}: classes differ from the checkpoint's")
     if ckpt["scope"] == "head":
         # The probe head sees exactly what it was trained on: cached frozen-backbone features.
         from tune_pets.features import cached_features
-        feats = cached_features(config, model.backbone, pre, data_split, cache_dir or
-                                default_cache_dir(), device, 0, progress)[0]
+
+        feats = cached_features(
+            config,
+            model.backbone,
+            pre,
+            data_split,
+            cache_dir or default_cache_dir(),
+            device,
+            0,
+            progress,
+        )[0]
         model = model.head.to(device)
         data = FitData("features", classes, feats, data_split.labels, preprocess=pre)
         x_all = feats
@@ -164,23 +216,40 @@ def evaluate_checkpoint(ckpt: dict, data_dir: str | Path, split: str, artifacts_
         model = model.to(device)
         data = FitData("images", classes, data_split.images, data_split.labels, preprocess=pre)
         x_all = data_split.images
-    preds, labels, _ = predict(model, Batches(config, data, device).eval(x_all, data_split.labels,
-                                                                         64), config)
+    preds, labels, _ = predict(
+        model, Batches(config, data, device).eval(x_all, data_split.labels, 64), config
+    )
     m = classification_metrics(labels, preds, len(classes))
     cm = confusion(labels, preds, len(classes))
     name = tag or cli_name(config.model)
     artifacts_dir = Path(artifacts_dir)
-    atomic_write_csv(artifacts_dir / name / f"per_class_{split}.csv",
-                     per_class_rows(labels, preds, classes))
-    write_confusion(cm, classes, artifacts_dir / f"confusion_{name}.csv",
-                    artifacts_dir / f"confusion_{name}.png",
-                    f"{name} on {split}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-    upsert_csv_row(artifacts_dir / "metrics.csv",
-                   {"model": name, "split": split, "accuracy": round(m["accuracy"], 6),
-                    "macro_f1": round(m["macro_f1"], 6), "n_images": len(labels)},
-                   key=("model", "split"))
-    return {f"{split}_acc": m["accuracy"], f"{split}_macro_f1": m["macro_f1"],
-            "n_images": len(labels), "most_confused": most_confused(cm, classes)}
+    atomic_write_csv(
+        artifacts_dir / name / f"per_class_{split}.csv", per_class_rows(labels, preds, classes)
+    )
+    write_confusion(
+        cm,
+        classes,
+        artifacts_dir / f"confusion_{name}.csv",
+        artifacts_dir / f"confusion_{name}.png",
+        f"{name} on {split}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}",
+    )
+    upsert_csv_row(
+        artifacts_dir / "metrics.csv",
+        {
+            "model": name,
+            "split": split,
+            "accuracy": round(m["accuracy"], 6),
+            "macro_f1": round(m["macro_f1"], 6),
+            "n_images": len(labels),
+        },
+        key=("model", "split"),
+    )
+    return {
+        f"{split}_acc": m["accuracy"],
+        f"{split}_macro_f1": m["macro_f1"],
+        "n_images": len(labels),
+        "most_confused": most_confused(cm, classes),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,12 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (data_dir / args.split).is_dir():
         raise UserError(f"--split {args.split}: {data_dir / args.split} does not exist")
     pretrained = False if args.no_pretrained else None
-    out = evaluate_checkpoint(ckpt, data_dir, args.split, Path(args.artifacts_dir),
-                              cache_dir=args.cache_dir, skip_bad=args.skip_bad_images,
-                              device=resolve_device(args.device), pretrained=pretrained,
-                              weights=args.weights, progress=not args.no_progress)
-    print(f"{args.model} on {args.split} ({out['n_images']} images): "
-          f"accuracy {out[f'{args.split}_acc']:.4f}, macro-F1 {out[f'{args.split}_macro_f1']:.4f}")
+    out = evaluate_checkpoint(
+        ckpt,
+        data_dir,
+        args.split,
+        Path(args.artifacts_dir),
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_images,
+        device=resolve_device(args.device),
+        pretrained=pretrained,
+        weights=args.weights,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{args.model} on {args.split} ({out['n_images']} images): "
+        f"accuracy {out[f'{args.split}_acc']:.4f}, macro-F1 {out[f'{args.split}_macro_f1']:.4f}"
+    )
     return 0
 
 

@@ -31,15 +31,26 @@ from tune_pets.utils import atomic_path
 
 def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None) -> str:
     aug = "clean" if view is None else f"view{view}-s{config.aug_scale_min}-f{config.hflip}"
-    text = json.dumps([backbone_tag(config), dc, split.fingerprint, split.images.shape[1],
-                       len(split), aug], sort_keys=True, default=str)
+    text = json.dumps(
+        [backbone_tag(config), dc, split.fingerprint, split.images.shape[1], len(split), aug],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def extract(backbone: torch.nn.Module, split: ImageSplit, dc: dict, device: torch.device,
-            view: int | None = None, aug_scale_min: float = 0.08, hflip: float = 0.5,
-            batch_size: int = 64, progress: bool = True) -> np.ndarray:
+def extract(
+    backbone: torch.nn.Module,
+    split: ImageSplit,
+    dc: dict,
+    device: torch.device,
+    view: int | None = None,
+    aug_scale_min: float = 0.08,
+    hflip: float = 0.5,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> np.ndarray:
     """Run the frozen backbone over ``split``: clean eval transform, or augmented view ``view``
     (RandomResizedCrop with scale ``(aug_scale_min, 1)`` + flip, seeded by the view index)."""
     from tqdm.auto import tqdm
@@ -49,23 +60,37 @@ def extract(backbone: torch.nn.Module, split: ImageSplit, dc: dict, device: torc
     out = []
     n_batches = (len(split) + batch_size - 1) // batch_size
     desc = f"features {split.name}" + ("" if view is None else f" view {view}")
-    for idx in tqdm(iterate_indices(len(split), batch_size, shuffle=False), total=n_batches,
-                    desc=desc, disable=not progress or None, leave=False, file=sys.stderr):
+    for idx in tqdm(
+        iterate_indices(len(split), batch_size, shuffle=False),
+        total=n_batches,
+        desc=desc,
+        disable=not progress or None,
+        leave=False,
+        file=sys.stderr,
+    ):
         x = to_device_uint8(split.images, idx, device)
         if view is None:
             x = eval_transform(x, dc["img_size"], dc["crop_pct"], dc["mean"], dc["std"])
         else:
-            x = train_augment(x, dc["img_size"], dc["mean"], dc["std"], aug_scale_min, hflip,
-                              generator=gen)
+            x = train_augment(
+                x, dc["img_size"], dc["mean"], dc["std"], aug_scale_min, hflip, generator=gen
+            )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = token_features(backbone, x)
         out.append(feats.float().cpu().numpy())
     return np.concatenate(out)
 
 
-def cached_features(config: RunConfig, backbone: torch.nn.Module | None, dc: dict,
-                    split: ImageSplit, cache_dir: Path, device: torch.device, views: int = 0,
-                    progress: bool = True) -> np.ndarray:
+def cached_features(
+    config: RunConfig,
+    backbone: torch.nn.Module | None,
+    dc: dict,
+    split: ImageSplit,
+    cache_dir: Path,
+    device: torch.device,
+    views: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
     """Features ``[V, N, 2, D]`` for ``split``: V=1 clean view, or ``views`` augmented views.
 
     ``backbone`` may be None when everything is cached (no model is built at all then).
@@ -73,7 +98,11 @@ def cached_features(config: RunConfig, backbone: torch.nn.Module | None, dc: dic
     wanted = [None] if views == 0 else list(range(views))
     arrays = []
     for view in wanted:
-        path = Path(cache_dir) / "features" / f"{split.name}-{feature_key(config, dc, split, view)}.npy"
+        path = (
+            Path(cache_dir)
+            / "features"
+            / f"{split.name}-{feature_key(config, dc, split, view)}.npy"
+        )
         if path.is_file():
             arrays.append(np.load(path))
             continue
@@ -81,8 +110,9 @@ def cached_features(config: RunConfig, backbone: torch.nn.Module | None, dc: dic
             from tune_pets.models import build_backbone
 
             backbone = build_backbone(config)
-        feats = extract(backbone, split, dc, device, view, config.aug_scale_min, config.hflip,
-                        progress=progress)
+        feats = extract(
+            backbone, split, dc, device, view, config.aug_scale_min, config.hflip, progress=progress
+        )
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, feats)
         arrays.append(feats)

@@ -29,8 +29,12 @@ class SmallCNN(nn.Module):
         c_in = 3
         for i in range(depth):
             c_out = min(width * 2**i, 512)
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -97,20 +101,28 @@ def build_backbone(config: RunConfig) -> nn.Module:
         if not Path(config.weights).is_file():
             raise UserError(f"--weights {config.weights}: file not found")
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0,
-                                     pretrained_cfg_overlay={"file": str(config.weights)})
+            return timm.create_model(
+                name,
+                pretrained=True,
+                num_classes=0,
+                pretrained_cfg_overlay={"file": str(config.weights)},
+            )
         except Exception as e:  # noqa: BLE001 - any load failure is the user's file
-            raise UserError(f"--weights {config.weights}: could not load weights for {name} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise UserError(
+                f"--weights {config.weights}: could not load weights for {name} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
     if not config.pretrained:
         with _seeded(RANDOM_INIT_SEED):
             return timm.create_model(name, pretrained=False, num_classes=0)
     try:
         return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-        raise UserError(f"could not get pretrained weights for {name} from the Hugging Face hub "
-                        f"({type(e).__name__}); pass --weights PATH to load a local weights file, "
-                        f"or --no-pretrained for random weights (tests only)") from None
+        raise UserError(
+            f"could not get pretrained weights for {name} from the Hugging Face hub "
+            f"({type(e).__name__}); pass --weights PATH to load a local weights file, "
+            f"or --no-pretrained for random weights (tests only)"
+        ) from None
 
 
 def backbone_tag(config: RunConfig) -> str:
@@ -138,17 +150,26 @@ def data_config(config: RunConfig, backbone: nn.Module | None = None) -> dict:
     For the ViT probe these come from the timm model's own data config.
     """
     if canonical_model(config.model) == "cnn":
-        return {"img_size": config.img_size, "crop_pct": CNN_CROP_PCT, "interpolation": "bilinear",
-                "mean": CNN_MEAN, "std": CNN_STD}
+        return {
+            "img_size": config.img_size,
+            "crop_pct": CNN_CROP_PCT,
+            "interpolation": "bilinear",
+            "mean": CNN_MEAN,
+            "std": CNN_STD,
+        }
     import timm
 
     if backbone is None:  # no weights needed to read the config
         with _seeded(RANDOM_INIT_SEED):
             backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
     dc = timm.data.resolve_model_data_config(backbone)
-    return {"img_size": int(dc["input_size"][-1]), "crop_pct": float(dc["crop_pct"]),
-            "interpolation": dc["interpolation"], "mean": tuple(map(float, dc["mean"])),
-            "std": tuple(map(float, dc["std"]))}
+    return {
+        "img_size": int(dc["input_size"][-1]),
+        "crop_pct": float(dc["crop_pct"]),
+        "interpolation": dc["interpolation"],
+        "mean": tuple(map(float, dc["mean"])),
+        "std": tuple(map(float, dc["std"])),
+    }
 
 
 def build_cnn(config: RunConfig, num_classes: int) -> nn.Module:

@@ -88,8 +88,13 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def write_image_folder(splits: Mapping[str, Iterable[Example]], output_dir: str | os.PathLike, *,
-                       progress: bool = True, totals: Mapping[str, int] | None = None) -> dict:
+def write_image_folder(
+    splits: Mapping[str, Iterable[Example]],
+    output_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    totals: Mapping[str, int] | None = None,
+) -> dict:
     """Write ``{split: [(image, class_name, stem), ...]}`` as ``output_dir/split/class/stem.jpg``.
 
     ``image`` is a PIL image or encoded bytes (written unchanged when they are a JPEG). A stem
@@ -106,8 +111,14 @@ def write_image_folder(splits: Mapping[str, Iterable[Example]], output_dir: str 
         split_counts: dict[str, int] = {}
         used: set[tuple[str, str]] = set()
         total = (totals or {}).get(split)
-        bar = tqdm(examples, total=total, desc=f"write {split}", unit="img", file=sys.stderr,
-                   disable=not progress or None)
+        bar = tqdm(
+            examples,
+            total=total,
+            desc=f"write {split}",
+            unit="img",
+            file=sys.stderr,
+            disable=not progress or None,
+        )
         for i, (image, label, stem) in enumerate(bar):
             cls = safe_name(label)
             stem = safe_name(stem) if stem else f"{cls}_{i}"
@@ -140,11 +151,16 @@ def _columns(features: Any) -> tuple[str, str]:
     labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
     image_col = "image" if "image" in images else (images[0] if images else None)
     # "label" is the breed; "label_cat_dog" (2 classes) is the species: prefer the breed.
-    label_col = "label" if "label" in labels else (
-        max(labels, key=lambda k: features[k].num_classes) if labels else None)
+    label_col = (
+        "label"
+        if "label" in labels
+        else (max(labels, key=lambda k: features[k].num_classes) if labels else None)
+    )
     if image_col is None or label_col is None:
-        raise UserError(f"dataset has no image column and class-label column (columns: "
-                        f"{', '.join(names)}); expected 'image' and 'label'")
+        raise UserError(
+            f"dataset has no image column and class-label column (columns: "
+            f"{', '.join(names)}); expected 'image' and 'label'"
+        )
     return image_col, label_col
 
 
@@ -179,8 +195,13 @@ def _undecoded(value: Any) -> Any:
     return value
 
 
-def write_dataset(dataset: Mapping[str, Any], output_dir: str | os.PathLike, *,
-                  source: str = DEFAULT_DATASET, progress: bool = True) -> Path:
+def write_dataset(
+    dataset: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    *,
+    source: str = DEFAULT_DATASET,
+    progress: bool = True,
+) -> Path:
     """Write a loaded Hugging Face ``DatasetDict`` atomically as an ImageFolder.
 
     This is everything ``prepare`` does after the download, so tests can run it on an
@@ -192,16 +213,21 @@ def write_dataset(dataset: Mapping[str, Any], output_dir: str | os.PathLike, *,
     _check_target(output_dir)
     wanted = {SPLIT_NAMES[s]: dataset[s] for s in SPLIT_NAMES if s in dataset}
     if "train" not in wanted or len(wanted) < 2:
-        raise UserError(f"{source}: expected a train split and a test (or validation) split, "
-                        f"found {', '.join(dataset) or 'none'}")
+        raise UserError(
+            f"{source}: expected a train split and a test (or validation) split, "
+            f"found {', '.join(dataset) or 'none'}"
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         t0 = time.perf_counter()
-        result = write_image_folder({name: hf_examples(ds) for name, ds in wanted.items()}, tmp,
-                                    progress=progress,
-                                    totals={name: len(ds) for name, ds in wanted.items()})
+        result = write_image_folder(
+            {name: hf_examples(ds) for name, ds in wanted.items()},
+            tmp,
+            progress=progress,
+            totals={name: len(ds) for name, ds in wanted.items()},
+        )
         classes = sorted({c for per_class in result["splits"].values() for c in per_class})
         marker = {
             "source": source,
@@ -221,8 +247,11 @@ def write_dataset(dataset: Mapping[str, Any], output_dir: str | os.PathLike, *,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if result["skipped"]:
-        print(f"warning: skipped {len(result['skipped'])} undecodable image(s), listed in "
-              f"{output_dir / MARKER}", file=sys.stderr)
+        print(
+            f"warning: skipped {len(result['skipped'])} undecodable image(s), listed in "
+            f"{output_dir / MARKER}",
+            file=sys.stderr,
+        )
     return output_dir
 
 
@@ -234,9 +263,11 @@ def _check_target(output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file; pass a folder path")
     if output_dir.is_dir() and any(output_dir.iterdir()):
-        raise UserError(f"--output-dir {output_dir} exists, is not empty and has no {MARKER} "
-                        f"marker (an interrupted or foreign folder); delete it or pick another "
-                        f"--output-dir")
+        raise UserError(
+            f"--output-dir {output_dir} exists, is not empty and has no {MARKER} "
+            f"marker (an interrupted or foreign folder); delete it or pick another "
+            f"--output-dir"
+        )
 
 
 def load_hub_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
@@ -258,7 +289,8 @@ def load_hub_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
         raise UserError(
             f"cannot download {name!r}: the Hugging Face hub is unreachable ({why}); copy the "
             f"images into DIR/train/<breed>/*.jpg and DIR/test/<breed>/*.jpg and pass "
-            f"--data-dir DIR to the other commands") from None
+            f"--data-dir DIR to the other commands"
+        ) from None
     finally:
         hub_logger.setLevel(level)
 
@@ -268,24 +300,32 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def prepare(output_dir: str | os.PathLike, dataset: str = DEFAULT_DATASET,
-            progress: bool = True) -> Path:
+def prepare(
+    output_dir: str | os.PathLike, dataset: str = DEFAULT_DATASET, progress: bool = True
+) -> Path:
     """Download ``dataset`` and write it as an ImageFolder at ``output_dir`` (idempotent)."""
     output_dir = Path(output_dir)
     if is_prepared(output_dir):
         return output_dir
     _check_target(output_dir)  # fail before a long download, not after it
-    return write_dataset(load_hub_dataset(dataset, progress), output_dir, source=dataset,
-                         progress=progress)
+    return write_dataset(
+        load_hub_dataset(dataset, progress), output_dir, source=dataset, progress=progress
+    )
 
 
 # ---------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default="data/oxford_pets",
-                   help="ImageFolder to create (default data/oxford_pets)")
-    p.add_argument("--dataset", default=DEFAULT_DATASET,
-                   help=f"Hugging Face dataset id (default {DEFAULT_DATASET})")
+    p.add_argument(
+        "--output-dir",
+        default="data/oxford_pets",
+        help="ImageFolder to create (default data/oxford_pets)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help=f"Hugging Face dataset id (default {DEFAULT_DATASET})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -296,8 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare(out, args.dataset, progress=not args.no_progress)
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
     counts = ", ".join(f"{n} {s}" for s, n in marker["counts"].items())
-    print(f"wrote {out}: {counts} images, {marker['num_classes']} classes "
-          f"({marker['converted_to_jpeg']} converted to JPEG)")
+    print(
+        f"wrote {out}: {counts} images, {marker['num_classes']} classes "
+        f"({marker['converted_to_jpeg']} converted to JPEG)"
+    )
     return 0
 
 

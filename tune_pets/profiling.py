@@ -64,10 +64,10 @@ from tune_pets.utils import (
     seed_everything,
 )
 
-PROFILE_WAIT, PROFILE_WARMUP = 1, 2   # profiler schedule: skip 1 step, warm up 2, record --steps
-TIMED_WARMUP = 1                      # untimed steps before the timed run
+PROFILE_WAIT, PROFILE_WARMUP = 1, 2  # profiler schedule: skip 1 step, warm up 2, record --steps
+TIMED_WARMUP = 1  # untimed steps before the timed run
 TOP_OPS = 25
-BACKBONE_BATCH_SIZE = 64              # the batch size features.extract runs the backbone with
+BACKBONE_BATCH_SIZE = 64  # the batch size features.extract runs the backbone with
 TRACE_GLOB = "*.pt.trace.json*"
 
 
@@ -100,7 +100,8 @@ class TrainLoop:
         spe = steps_per_epoch(config, len(data.train_y))
         total, warmup = spe * config.epochs, spe * config.warmup_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler))
+            self.optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler)
+        )
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.batches = endless_batches(Batches(config, data, device))
         self.nonfinite = 0
@@ -135,12 +136,13 @@ def _profiled_run(loop: TrainLoop, steps: int, trace_dir: Path, worker: str):
     if loop.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     times = []
-    with profile(activities=activities,
-                 schedule=schedule(wait=PROFILE_WAIT, warmup=PROFILE_WARMUP, active=steps,
-                                   repeat=1),
-                 record_shapes=True, profile_memory=True,
-                 on_trace_ready=tensorboard_trace_handler(str(trace_dir), worker_name=worker)
-                 ) as prof:
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=PROFILE_WAIT, warmup=PROFILE_WARMUP, active=steps, repeat=1),
+        record_shapes=True,
+        profile_memory=True,
+        on_trace_ready=tensorboard_trace_handler(str(trace_dir), worker_name=worker),
+    ) as prof:
         for _ in range(PROFILE_WAIT + PROFILE_WARMUP + steps):
             t0 = time.perf_counter()
             with record_function("batch"):
@@ -150,7 +152,7 @@ def _profiled_run(loop: TrainLoop, steps: int, trace_dir: Path, worker: str):
             _sync(loop.device)
             times.append(time.perf_counter() - t0)
             prof.step()
-    return prof, times[PROFILE_WAIT + PROFILE_WARMUP:]
+    return prof, times[PROFILE_WAIT + PROFILE_WARMUP :]
 
 
 def _timed_run(loop: TrainLoop, steps: int) -> tuple[list[float], list[float], list[int]]:
@@ -176,26 +178,38 @@ def top_ops(prof, k: int = TOP_OPS) -> tuple[list[dict], str]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     rows = []
-    for rank, e in enumerate(sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k],
-                             1):
-        rows.append({
-            "rank": rank, "name": e.key, "calls": e.count,
-            "self_cpu_time_us": round(e.self_cpu_time_total, 3),
-            "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total, 3),
-            "cpu_time_total_us": round(e.cpu_time_total, 3),
-            "self_device_time_us": round(getattr(e, "self_device_time_total", 0.0), 3),
-            "device_time_total_us": round(getattr(e, "device_time_total", 0.0), 3),
-            "self_cpu_memory_mb": round(e.self_cpu_memory_usage / 2**20, 3),
-            "self_device_memory_mb": round(getattr(e, "self_device_memory_usage", 0) / 2**20, 3),
-        })
+    for rank, e in enumerate(
+        sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k], 1
+    ):
+        rows.append(
+            {
+                "rank": rank,
+                "name": e.key,
+                "calls": e.count,
+                "self_cpu_time_us": round(e.self_cpu_time_total, 3),
+                "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total, 3),
+                "cpu_time_total_us": round(e.cpu_time_total, 3),
+                "self_device_time_us": round(getattr(e, "self_device_time_total", 0.0), 3),
+                "device_time_total_us": round(getattr(e, "device_time_total", 0.0), 3),
+                "self_cpu_memory_mb": round(e.self_cpu_memory_usage / 2**20, 3),
+                "self_device_memory_mb": round(
+                    getattr(e, "self_device_memory_usage", 0) / 2**20, 3
+                ),
+            }
+        )
     table = events.table(sort_by="self_cpu_time_total", row_limit=k)
     return rows, table
 
 
 # ---------------------------------------------------------------- the frozen ViT backbone
 @torch.no_grad()
-def backbone_throughput(config: RunConfig, preprocess: dict, device: torch.device,
-                        images: np.ndarray | None = None, batches: int = 3) -> dict:
+def backbone_throughput(
+    config: RunConfig,
+    preprocess: dict,
+    device: torch.device,
+    images: np.ndarray | None = None,
+    batches: int = 3,
+) -> dict:
     """Images/s of the frozen backbone in ``features.extract`` (eval transform, same batch size
     and autocast): the one-time cost of building the feature cache. ``images``: uint8
     ``[N, R, R, 3]`` at the cache resolution; random pixels when None (a ViT's speed does not
@@ -213,20 +227,27 @@ def backbone_throughput(config: RunConfig, preprocess: dict, device: torch.devic
     images = images[np.resize(np.arange(len(images)), n)]  # repeat tiny data up to n images
 
     def split(arr: np.ndarray) -> ImageSplit:
-        return ImageSplit("profile", arr, np.zeros(len(arr), dtype=np.int64), [""] * len(arr),
-                          [], "")
+        return ImageSplit(
+            "profile", arr, np.zeros(len(arr), dtype=np.int64), [""] * len(arr), [], ""
+        )
 
     backbone = build_backbone(config).to(device)
     extract(backbone, split(images[:8]), preprocess, device, batch_size=8, progress=False)  # warm
     _sync(device)
     t0 = time.perf_counter()
-    extract(backbone, split(images), preprocess, device, batch_size=BACKBONE_BATCH_SIZE,
-            progress=False)
+    extract(
+        backbone, split(images), preprocess, device, batch_size=BACKBONE_BATCH_SIZE, progress=False
+    )
     _sync(device)
     seconds = time.perf_counter() - t0
-    return {"backbone": config.backbone, "backbone_images_per_s": round(n / seconds, 2),
-            "backbone_batch_size": BACKBONE_BATCH_SIZE, "backbone_images": n,
-            "backbone_input": source, "backbone_seconds": round(seconds, 3)}
+    return {
+        "backbone": config.backbone,
+        "backbone_images_per_s": round(n / seconds, 2),
+        "backbone_batch_size": BACKBONE_BATCH_SIZE,
+        "backbone_images": n,
+        "backbone_input": source,
+        "backbone_seconds": round(seconds, 3),
+    }
 
 
 def sample_images(data_dir: str | os.PathLike, preprocess: dict, n: int) -> np.ndarray:
@@ -246,9 +267,16 @@ def sample_images(data_dir: str | os.PathLike, preprocess: dict, n: int) -> np.n
 
 
 # ---------------------------------------------------------------- run_profile
-def run_profile(config: RunConfig, data: FitData, steps: int, out_dir: str | os.PathLike,
-                device: torch.device | None = None, *, backbone_images: np.ndarray | None = None,
-                backbone_batches: int = 3) -> dict:
+def run_profile(
+    config: RunConfig,
+    data: FitData,
+    steps: int,
+    out_dir: str | os.PathLike,
+    device: torch.device | None = None,
+    *,
+    backbone_images: np.ndarray | None = None,
+    backbone_batches: int = 3,
+) -> dict:
     """Profile ``steps`` train steps of ``config`` on ``data`` (as ``load_fit_data`` returns it)
     and time ``steps`` more without the profiler. Writes the trace, ``top_ops.{csv,txt}`` and
     ``summary.json`` into ``out_dir`` and returns the summary. For the ViT probe also measures
@@ -286,11 +314,15 @@ def run_profile(config: RunConfig, data: FitData, steps: int, out_dir: str | os.
     env = env_info()
     summary = {
         "model": model_name,
-        "step": ("full CNN on augmented image batches" if data.kind == "images" else
-                 "probe head on cached frozen-backbone features"),
+        "step": (
+            "full CNN on augmented image batches"
+            if data.kind == "images"
+            else "probe head on cached frozen-backbone features"
+        ),
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else env["cpu"]),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
+        ),
         "torch_threads": torch.get_num_threads(),
         "steps": steps,
         "batch_size": config.batch_size,
@@ -316,19 +348,21 @@ def run_profile(config: RunConfig, data: FitData, steps: int, out_dir: str | os.
     else:
         summary["max_rss_mb"] = _max_rss_mb()
     if data.kind == "features":
-        bb = backbone_throughput(config, data.preprocess, device, backbone_images,
-                                 backbone_batches)
+        bb = backbone_throughput(config, data.preprocess, device, backbone_images, backbone_batches)
         views = max(1, config.feature_views)
         bb["feature_extract_train_est_s"] = round(
-            views * len(data.train_y) / bb["backbone_images_per_s"], 2)
+            views * len(data.train_y) / bb["backbone_images_per_s"], 2
+        )
         summary.update(bb)
     summary["config"] = config.to_dict()
     summary["env"] = env
 
     atomic_write_csv(out_dir / "top_ops.csv", rows)
-    header = (f"# {model_name}: {summary['step']}; {steps} profiled steps, batch "
-              f"{config.batch_size}, img {summary['img_size']}px, device {device}; sorted by self "
-              f"CPU time\n")
+    header = (
+        f"# {model_name}: {summary['step']}; {steps} profiled steps, batch "
+        f"{config.batch_size}, img {summary['img_size']}px, device {device}; sorted by self "
+        f"CPU time\n"
+    )
     atomic_write_text(out_dir / "top_ops.txt", header + table + "\n")
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
@@ -347,13 +381,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.profiling", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=["cnn", "vit"], help="which model's train step to profile")
     add_data_args(p)
-    p.add_argument("--steps", type=positive_int, default=50,
-                   help="profiled steps; as many again are timed without the profiler")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=50,
+        help="profiled steps; as many again are timed without the profiler",
+    )
     p.add_argument("--img-size", type=positive_int, help="CNN input size (ViT uses its own: 224)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--backbone-batches", type=positive_int, default=3,
-                   help=f"ViT: batches of {BACKBONE_BATCH_SIZE} for the backbone throughput")
+    p.add_argument(
+        "--backbone-batches",
+        type=positive_int,
+        default=3,
+        help=f"ViT: batches of {BACKBONE_BATCH_SIZE} for the backbone throughput",
+    )
     p.add_argument("--artifacts-dir", default="artifacts")
     args = p.parse_args(argv)
 
@@ -362,26 +404,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--img-size: the ViT probe uses the backbone's own input size (224)")
     device = resolve_device(args.device)
     out = Path(args.artifacts_dir) / "profiler" / cli_name(config.model)
-    data = load_fit_data(config, args.data_dir, full_train=True, cache_dir=args.cache_dir,
-                         skip_bad=args.skip_bad_images, device=device,
-                         progress=not args.no_progress)
+    data = load_fit_data(
+        config,
+        args.data_dir,
+        full_train=True,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_images,
+        device=device,
+        progress=not args.no_progress,
+    )
     images = None
     if data.kind == "features":
-        images = sample_images(args.data_dir, data.preprocess,
-                               args.backbone_batches * BACKBONE_BATCH_SIZE)
-    print(f"profiling {cli_name(config.model)} ({data.info['n_train']} train images, device "
-          f"{device}): {args.steps} steps under torch.profiler, {args.steps} timed", flush=True)
-    s = run_profile(config, data, args.steps, out, device, backbone_images=images,
-                    backbone_batches=args.backbone_batches)
-    print(f"{s['model']}: {s['images_per_s']:.1f} images/s, step {s['step_time_ms']:.1f} ms "
-          f"(data {s['data_time_ms']:.1f} + compute {s['compute_time_ms']:.1f}), batch "
-          f"{s['batch_size']} @ {s['img_size']}px; {s['step']}")
+        images = sample_images(
+            args.data_dir, data.preprocess, args.backbone_batches * BACKBONE_BATCH_SIZE
+        )
+    print(
+        f"profiling {cli_name(config.model)} ({data.info['n_train']} train images, device "
+        f"{device}): {args.steps} steps under torch.profiler, {args.steps} timed",
+        flush=True,
+    )
+    s = run_profile(
+        config,
+        data,
+        args.steps,
+        out,
+        device,
+        backbone_images=images,
+        backbone_batches=args.backbone_batches,
+    )
+    print(
+        f"{s['model']}: {s['images_per_s']:.1f} images/s, step {s['step_time_ms']:.1f} ms "
+        f"(data {s['data_time_ms']:.1f} + compute {s['compute_time_ms']:.1f}), batch "
+        f"{s['batch_size']} @ {s['img_size']}px; {s['step']}"
+    )
     if "backbone_images_per_s" in s:
-        print(f"  frozen backbone: {s['backbone_images_per_s']:.1f} images/s "
-              f"(feature extraction for the train split ~{s['feature_extract_train_est_s']:.0f} s)")
+        print(
+            f"  frozen backbone: {s['backbone_images_per_s']:.1f} images/s "
+            f"(feature extraction for the train split ~{s['feature_extract_train_est_s']:.0f} s)"
+        )
     print(f"  top ops by self CPU time: {', '.join(s['top_ops'][:3])}")
-    print(f"wrote {out}/ (top_ops.txt, top_ops.csv, summary.json, {len(s['trace_files'])} trace); "
-          f"view with: tensorboard --logdir {out.parent}  or https://ui.perfetto.dev")
+    print(
+        f"wrote {out}/ (top_ops.txt, top_ops.csv, summary.json, {len(s['trace_files'])} trace); "
+        f"view with: tensorboard --logdir {out.parent}  or https://ui.perfetto.dev"
+    )
     return 0
 
 

@@ -57,17 +57,26 @@ def data_section(root: Path) -> list[str]:
     out = ["## Data", ""]
     s = _json(root / "data_sanity" / "summary.json")
     if s is None:
-        return out + [_missing("data sanity summary", "python -m tune_pets.sanity --data-dir DIR"), ""]
+        return out + [
+            _missing("data sanity summary", "python -m tune_pets.sanity --data-dir DIR"),
+            "",
+        ]
     counts = ", ".join(f"{n} {k}" for k, n in s.get("counts", {}).items())
-    out += [f"`{s.get('data_dir')}`: {s.get('num_classes')} classes; {counts} images; "
-            f"{s.get('n_odd_files', 0)} odd files (see `data_sanity/odd_files.csv`).", ""]
+    out += [
+        f"`{s.get('data_dir')}`: {s.get('num_classes')} classes; {counts} images; "
+        f"{s.get('n_odd_files', 0)} odd files (see `data_sanity/odd_files.csv`).",
+        "",
+    ]
     out += ["| split | images | min per class | max per class |", "|---|---|---|---|"]
     for split, b in s.get("per_class", {}).items():
         out.append(f"| {split} | {s['counts'].get(split)} | {b.get('min')} | {b.get('max')} |")
     sizes = s.get("sizes", {}).get("all", {})
     if sizes:
-        out += ["", "Image sizes (all splits): " + ", ".join(
-            f"{k} {v}" for k, v in sizes.items() if not isinstance(v, (dict, list)))]
+        out += [
+            "",
+            "Image sizes (all splits): "
+            + ", ".join(f"{k} {v}" for k, v in sizes.items() if not isinstance(v, (dict, list))),
+        ]
     out.append("")
     for split in s.get("splits", []):
         out.append(_img(root, f"data_sanity/grid_{split}.png", f"{split} grid"))
@@ -79,55 +88,83 @@ def search_section(root: Path, model: str) -> list[str]:
     best = _json(d / "best_config.json")
     out = [f"### Search ({model})", ""]
     if best is None:
-        return out + [_missing(f"search results in `search/{model}/`",
-                               f"python -m tune_pets.search {model}"), ""]
-    s = best.get("search", {})
-    out += [f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
-            f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA, "
-            f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
-            f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation); "
-            f"max {s.get('max_epochs')} epochs, grace {s.get('grace_period')}, "
-            f"reduction factor {s.get('reduction_factor')}; nodes used: {len(s.get('nodes', []))}.",
+        return out + [
+            _missing(f"search results in `search/{model}/`", f"python -m tune_pets.search {model}"),
             "",
-            f"Best trial `{best.get('trial_id')}` at epoch {best.get('epoch')}: val_acc "
-            f"{_fmt(best.get('val_acc'))}, val_macro_f1 {_fmt(best.get('val_macro_f1'))} "
-            f"(validation split carved from train; the test split was not used).", "",
-            "| searched parameter | best value | space |", "|---|---|---|"]
+        ]
+    s = best.get("search", {})
+    out += [
+        f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
+        f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA, "
+        f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
+        f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation); "
+        f"max {s.get('max_epochs')} epochs, grace {s.get('grace_period')}, "
+        f"reduction factor {s.get('reduction_factor')}; nodes used: {len(s.get('nodes', []))}.",
+        "",
+        f"Best trial `{best.get('trial_id')}` at epoch {best.get('epoch')}: val_acc "
+        f"{_fmt(best.get('val_acc'))}, val_macro_f1 {_fmt(best.get('val_macro_f1'))} "
+        f"(validation split carved from train; the test split was not used).",
+        "",
+        "| searched parameter | best value | space |",
+        "|---|---|---|",
+    ]
     cfg = best.get("config", {})
     for k, (sampler, args) in s.get("search_space", {}).items():
-        out.append(f"| {k} | {_fmt(cfg.get(k), 6) if isinstance(cfg.get(k), float) else cfg.get(k)} "
-                   f"| {sampler} {args} |")
+        out.append(
+            f"| {k} | {_fmt(cfg.get(k), 6) if isinstance(cfg.get(k), float) else cfg.get(k)} "
+            f"| {sampler} {args} |"
+        )
     out.append("")
-    for f, alt in (("optimization_history.png", "optimization history"),
-                   ("param_importances.png", "parameter importances"),
-                   ("learning_curves.png", "learning curves")):
+    for f, alt in (
+        ("optimization_history.png", "optimization history"),
+        ("param_importances.png", "parameter importances"),
+        ("learning_curves.png", "learning curves"),
+    ):
         out.append(_img(root, f"search/{model}/{f}", alt))
     return out + [""]
 
 
 def results_section(root: Path) -> list[str]:
-    out = ["## Baseline vs tuned (test split, scored once per seed)", "",
-           "| model | config | seeds | test_acc | test_macro_f1 | homework (val, tuned on test) |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "## Baseline vs tuned (test split, scored once per seed)",
+        "",
+        "| model | config | seeds | test_acc | test_macro_f1 | homework (val, tuned on test) |",
+        "|---|---|---|---|---|---|",
+    ]
     for model in MODELS:
         for tag, label in ((f"{model}_baseline", "baseline (homework config)"), (model, "tuned")):
             m = _json(root / tag / "metrics.json")
             if m is None:
-                how = f"python -m tune_pets.reproduce {model}" + (" --baseline" if "baseline" in tag else "")
+                how = f"python -m tune_pets.reproduce {model}" + (
+                    " --baseline" if "baseline" in tag else ""
+                )
                 out.append(f"| {model} | {label} | - | {_missing('metrics.json', how)} | | |")
                 continue
             n = m.get("n_seeds", 1)
-            pm = (lambda k: f" +- {_fmt(m.get(k + '_std'))}") if n > 1 else (lambda k: "")
+
+            def pm(key: str, m: dict = m, n: int = n) -> str:
+                return f" +- {_fmt(m.get(key + '_std'))}" if n > 1 else ""
+
             hw = HOMEWORK[model]
-            out.append(f"| {model} | {label} | {n} | {_fmt(m.get('test_acc'))}{pm('test_acc')} | "
-                       f"{_fmt(m.get('test_macro_f1'))}{pm('test_macro_f1')} | "
-                       f"{hw[0]:.4f} / {hw[1]:.4f} |")
-    return out + ["", "The homework's numbers were measured on the split it tuned on, so they "
-                  "are not comparable estimates; they are shown for orientation only.", ""]
+            out.append(
+                f"| {model} | {label} | {n} | {_fmt(m.get('test_acc'))}{pm('test_acc')} | "
+                f"{_fmt(m.get('test_macro_f1'))}{pm('test_macro_f1')} | "
+                f"{hw[0]:.4f} / {hw[1]:.4f} |"
+            )
+    return out + [
+        "",
+        "The homework's numbers were measured on the split it tuned on, so they "
+        "are not comparable estimates; they are shown for orientation only.",
+        "",
+    ]
 
 
 def confusion_section(root: Path, tag: str) -> list[str]:
-    out = [f"### Confusion matrix ({tag})", "", _img(root, f"confusion_{tag}.png", f"confusion {tag}")]
+    out = [
+        f"### Confusion matrix ({tag})",
+        "",
+        _img(root, f"confusion_{tag}.png", f"confusion {tag}"),
+    ]
     m = _json(root / tag / "metrics.json")
     pairs = (m or {}).get("most_confused")
     if pairs:
@@ -140,18 +177,28 @@ def profiler_section(root: Path, tag: str) -> list[str]:
     s = _json(root / "profiler" / tag / "summary.json")
     out = [f"### Profile ({tag})", ""]
     if s is None:
-        return out + [_missing(f"profiler/{tag}/summary.json", f"python -m tune_pets.reproduce "
-                                                                f"{tag.split('_')[0]}"), ""]
-    out.append(f"{s.get('step')}: {_fmt(s.get('images_per_s'), 1)} images/s, "
-               f"{_fmt(s.get('step_time_ms'), 1)} ms/step (batch {s.get('batch_size')}, "
-               f"img {s.get('img_size')}, {s.get('device')}, {s.get('steps')} profiled steps).")
+        return out + [
+            _missing(
+                f"profiler/{tag}/summary.json", f"python -m tune_pets.reproduce {tag.split('_')[0]}"
+            ),
+            "",
+        ]
+    out.append(
+        f"{s.get('step')}: {_fmt(s.get('images_per_s'), 1)} images/s, "
+        f"{_fmt(s.get('step_time_ms'), 1)} ms/step (batch {s.get('batch_size')}, "
+        f"img {s.get('img_size')}, {s.get('device')}, {s.get('steps')} profiled steps)."
+    )
     if s.get("backbone_images_per_s") is not None:
-        out.append(f"Frozen backbone forward (one-time feature extraction): "
-                   f"{_fmt(s.get('backbone_images_per_s'), 1)} images/s.")
+        out.append(
+            f"Frozen backbone forward (one-time feature extraction): "
+            f"{_fmt(s.get('backbone_images_per_s'), 1)} images/s."
+        )
     ops = _csv(root / "profiler" / tag / "top_ops.csv") or []
     if ops:
         out += ["", "| op | calls | self CPU % |", "|---|---|---|"]
-        out += [f"| `{r['name']}` | {r['calls']} | {_fmt(r.get('self_cpu_pct'), 1)} |" for r in ops[:8]]
+        out += [
+            f"| `{r['name']}` | {r['calls']} | {_fmt(r.get('self_cpu_pct'), 1)} |" for r in ops[:8]
+        ]
     return out + [""]
 
 
@@ -160,17 +207,34 @@ def env_section(root: Path) -> list[str]:
         c = _json(root / tag / "config.json")
         if c and c.get("env"):
             e = c["env"]
-            return ["## Environment", "", f"- device: {c.get('device')}; CPU {e.get('cpu')} "
-                    f"({e.get('cpu_count')} cores); GPU {e.get('gpu') or 'none'}",
-                    "- versions: " + ", ".join(f"{k} {e.get(k)}" for k in (
-                        "python", "torch", "torchvision", "timm", "ray", "optuna", "sklearn")),
-                    f"- git commit: {e.get('git_commit')}", ""]
-    return ["## Environment", "", _missing("a reproduce config.json", "python -m tune_pets.reproduce cnn"), ""]
+            return [
+                "## Environment",
+                "",
+                f"- device: {c.get('device')}; CPU {e.get('cpu')} "
+                f"({e.get('cpu_count')} cores); GPU {e.get('gpu') or 'none'}",
+                "- versions: "
+                + ", ".join(
+                    f"{k} {e.get(k)}"
+                    for k in ("python", "torch", "torchvision", "timm", "ray", "optuna", "sklearn")
+                ),
+                f"- git commit: {e.get('git_commit')}",
+                "",
+            ]
+    return [
+        "## Environment",
+        "",
+        _missing("a reproduce config.json", "python -m tune_pets.reproduce cnn"),
+        "",
+    ]
 
 
 def build_report(root: Path) -> str:
-    lines = ["# tune_pets report", "",
-             "Generated by `python -m tune_pets.report` from the artifacts in this folder.", ""]
+    lines = [
+        "# tune_pets report",
+        "",
+        "Generated by `python -m tune_pets.report` from the artifacts in this folder.",
+        "",
+    ]
     lines += data_section(root)
     lines += results_section(root)
     for model in MODELS:

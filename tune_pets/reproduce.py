@@ -1,8 +1,8 @@
 """Reproduce the best config: deterministic retrain on all of train, one test evaluation, profile.
 
-    python -m tune_pets.reproduce cnn                      # reads artifacts/search/cnn/best_config.json
-    python -m tune_pets.reproduce cnn --baseline           # the homework's config, same protocol
-    python -m tune_pets.reproduce vit --seeds 0 1 2        # mean +- std over seeds
+    python -m tune_pets.reproduce cnn             # reads artifacts/search/cnn/best_config.json
+    python -m tune_pets.reproduce cnn --baseline  # the homework's config, same protocol
+    python -m tune_pets.reproduce vit --seeds 0 1 2  # mean +- std over seeds
 
 No Ray. The search's val split is folded back into train (the final model trains on the whole
 official train split); the held-out test split is scored once per seed, never used to choose.
@@ -32,28 +32,49 @@ from tune_pets.utils import (
 )
 
 
-def resolve_config(model: str, best_config: Path | None, artifacts: Path, baseline: bool) -> tuple[RunConfig, dict]:
+def resolve_config(
+    model: str, best_config: Path | None, artifacts: Path, baseline: bool
+) -> tuple[RunConfig, dict]:
     """The config to retrain and where it came from."""
     if baseline:
         return homework_defaults(model), {"source": "homework defaults (--baseline)"}
     path = best_config or artifacts / "search" / model / "best_config.json"
     if not path.is_file():
-        raise UserError(f"no search result at {path}: run `python -m tune_pets.search {model}` "
-                        f"first, pass --best-config PATH, or use --baseline")
+        raise UserError(
+            f"no search result at {path}: run `python -m tune_pets.search {model}` "
+            f"first, pass --best-config PATH, or use --baseline"
+        )
     best = read_json(path, "--best-config")
     if not isinstance(best, dict) or "config" not in best:
         raise UserError(f"--best-config {path}: not a best_config.json written by tune_pets.search")
     config = RunConfig.from_dict(best["config"], str(path))
     if cli_name(config.model) != model:
-        raise UserError(f"--best-config {path} is for model {cli_name(config.model)!r}, not "
-                        f"{model!r}")
-    return config, {"source": str(path), "trial_id": best.get("trial_id"),
-                    "val_acc": best.get("val_acc"), "val_macro_f1": best.get("val_macro_f1")}
+        raise UserError(
+            f"--best-config {path} is for model {cli_name(config.model)!r}, not {model!r}"
+        )
+    return config, {
+        "source": str(path),
+        "trial_id": best.get("trial_id"),
+        "val_acc": best.get("val_acc"),
+        "val_macro_f1": best.get("val_macro_f1"),
+    }
 
 
-def reproduce(config: RunConfig, data_dir: Path, artifacts: Path, runs_dir: Path, tag: str,
-              seeds: Sequence[int], origin: dict, *, profile_steps: int = 50, cache_dir=None,
-              skip_bad: bool = False, device=None, progress: bool = True) -> dict:
+def reproduce(
+    config: RunConfig,
+    data_dir: Path,
+    artifacts: Path,
+    runs_dir: Path,
+    tag: str,
+    seeds: Sequence[int],
+    origin: dict,
+    *,
+    profile_steps: int = 50,
+    cache_dir=None,
+    skip_bad: bool = False,
+    device=None,
+    progress: bool = True,
+) -> dict:
     import torch
 
     from tune_pets.data import heldout_split_name
@@ -68,52 +89,92 @@ def reproduce(config: RunConfig, data_dir: Path, artifacts: Path, runs_dir: Path
     for i, seed in enumerate(seeds):
         cfg = config.replace(seed=seed, deterministic=True)
         if data is None:
-            data = load_fit_data(cfg, data_dir, full_train=True, cache_dir=cache_dir,
-                                 skip_bad=skip_bad, device=device, progress=progress)
-            print(f"{tag}: retraining on all {data.info['n_train']} train images, "
-                  f"{cfg.epochs} epochs, device {device}, deterministic", flush=True)
-        result = fit(cfg, data, device=device, tb_dir=runs_dir / f"{tag}-seed{seed}",
-                     progress=progress)
+            data = load_fit_data(
+                cfg,
+                data_dir,
+                full_train=True,
+                cache_dir=cache_dir,
+                skip_bad=skip_bad,
+                device=device,
+                progress=progress,
+            )
+            print(
+                f"{tag}: retraining on all {data.info['n_train']} train images, "
+                f"{cfg.epochs} epochs, device {device}, deterministic",
+                flush=True,
+            )
+        result = fit(
+            cfg, data, device=device, tb_dir=runs_dir / f"{tag}-seed{seed}", progress=progress
+        )
         ckpt = result.checkpoint
         ckpt_path = out / ("checkpoint_best.pt" if i == 0 else f"checkpoint_seed{seed}.pt")
         atomic_torch_save(ckpt, ckpt_path)
         # Evaluate the first seed last-written artifacts: per seed, keep metrics; the confusion
         # matrix and metrics.csv row come from the first seed (rewritten with the mean below).
-        ev = evaluate_checkpoint(ckpt, data_dir, heldout, artifacts, cache_dir=cache_dir,
-                                 skip_bad=skip_bad, device=device, progress=progress,
-                                 tag=tag if i == 0 else f"{tag}_seed{seed}")
+        ev = evaluate_checkpoint(
+            ckpt,
+            data_dir,
+            heldout,
+            artifacts,
+            cache_dir=cache_dir,
+            skip_bad=skip_bad,
+            device=device,
+            progress=progress,
+            tag=tag if i == 0 else f"{tag}_seed{seed}",
+        )
         if i > 0:  # keep only the first seed's confusion files; per-seed numbers go to metrics.json
             for suffix in (".csv", ".png"):
                 (artifacts / f"confusion_{tag}_seed{seed}{suffix}").unlink(missing_ok=True)
             _drop_metrics_row(artifacts / "metrics.csv", f"{tag}_seed{seed}")
             (artifacts / f"{tag}_seed{seed}" / f"per_class_{heldout}.csv").unlink(missing_ok=True)
             _rmdir_quiet(artifacts / f"{tag}_seed{seed}")
-        per_seed.append({"seed": seed, "test_acc": ev[f"{heldout}_acc"],
-                         "test_macro_f1": ev[f"{heldout}_macro_f1"], "epochs": cfg.epochs,
-                         "train_loss": result.history[-1]["train_loss"],
-                         "train_time_s": round(sum(h["epoch_time_s"] for h in result.history), 2)})
-        print(f"{tag} seed {seed}: test_acc {ev[f'{heldout}_acc']:.4f}, test_macro_f1 "
-              f"{ev[f'{heldout}_macro_f1']:.4f}", flush=True)
+        per_seed.append(
+            {
+                "seed": seed,
+                "test_acc": ev[f"{heldout}_acc"],
+                "test_macro_f1": ev[f"{heldout}_macro_f1"],
+                "epochs": cfg.epochs,
+                "train_loss": result.history[-1]["train_loss"],
+                "train_time_s": round(sum(h["epoch_time_s"] for h in result.history), 2),
+            }
+        )
+        print(
+            f"{tag} seed {seed}: test_acc {ev[f'{heldout}_acc']:.4f}, test_macro_f1 "
+            f"{ev[f'{heldout}_macro_f1']:.4f}",
+            flush=True,
+        )
         if i == 0:
             most_confused = ev["most_confused"]
 
     accs = [r["test_acc"] for r in per_seed]
     f1s = [r["test_macro_f1"] for r in per_seed]
-    metrics = {"model": tag, "split": heldout, "test_acc": statistics.fmean(accs),
-               "test_macro_f1": statistics.fmean(f1s),
-               "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-               "test_macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
-               "n_seeds": len(seeds), "per_seed": per_seed,
-               "most_confused": [list(t) for t in most_confused]}
+    metrics = {
+        "model": tag,
+        "split": heldout,
+        "test_acc": statistics.fmean(accs),
+        "test_macro_f1": statistics.fmean(f1s),
+        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "test_macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+        "n_seeds": len(seeds),
+        "per_seed": per_seed,
+        "most_confused": [list(t) for t in most_confused],
+    }
     if len(seeds) > 1:
         from tune_pets.utils import upsert_csv_row
 
-        upsert_csv_row(artifacts / "metrics.csv",
-                       {"model": tag, "split": heldout, "accuracy": round(metrics["test_acc"], 6),
-                        "macro_f1": round(metrics["test_macro_f1"], 6),
-                        "accuracy_std": round(metrics["test_acc_std"], 6),
-                        "macro_f1_std": round(metrics["test_macro_f1_std"], 6),
-                        "n_seeds": len(seeds)}, key=("model", "split"))
+        upsert_csv_row(
+            artifacts / "metrics.csv",
+            {
+                "model": tag,
+                "split": heldout,
+                "accuracy": round(metrics["test_acc"], 6),
+                "macro_f1": round(metrics["test_macro_f1"], 6),
+                "accuracy_std": round(metrics["test_acc_std"], 6),
+                "macro_f1_std": round(metrics["test_macro_f1_std"], 6),
+                "n_seeds": len(seeds),
+            },
+            key=("model", "split"),
+        )
     prof = None
     if profile_steps:
         from tune_pets.profiling import run_profile
@@ -121,12 +182,25 @@ def reproduce(config: RunConfig, data_dir: Path, artifacts: Path, runs_dir: Path
         cfg = config.replace(seed=seeds[0], deterministic=True)
         prof = run_profile(cfg, data, profile_steps, artifacts / "profiler" / tag, device)
         metrics["train_images_per_s"] = prof.get("images_per_s")
-    atomic_write_json(out / "config.json", {
-        "tag": tag, "config": config.to_dict(), "seeds": list(seeds), "deterministic": True,
-        "deterministic_note": ("torch.use_deterministic_algorithms(True), cuDNN deterministic"
-                               if device.type == "cuda" else "CPU: bitwise repeatable"),
-        "origin": origin, "data": data.info, "preprocess": data.preprocess,
-        "device": str(device), "env": env_info()})
+    atomic_write_json(
+        out / "config.json",
+        {
+            "tag": tag,
+            "config": config.to_dict(),
+            "seeds": list(seeds),
+            "deterministic": True,
+            "deterministic_note": (
+                "torch.use_deterministic_algorithms(True), cuDNN deterministic"
+                if device.type == "cuda"
+                else "CPU: bitwise repeatable"
+            ),
+            "origin": origin,
+            "data": data.info,
+            "preprocess": data.preprocess,
+            "device": str(device),
+            "env": env_info(),
+        },
+    )
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -157,8 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=["cnn", "vit"])
     p.add_argument("--data-dir", default="data/oxford_pets")
-    p.add_argument("--best-config", default=None,
-                   help="best_config.json (default <artifacts>/search/<model>/best_config.json)")
+    p.add_argument(
+        "--best-config",
+        default=None,
+        help="best_config.json (default <artifacts>/search/<model>/best_config.json)",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=nonneg_int, default=None)
     seeds.add_argument("--seeds", type=nonneg_int, nargs="+", default=None)
@@ -178,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     artifacts = Path(args.artifacts_dir)
-    config, origin = resolve_config(args.model, Path(args.best_config) if args.best_config else None,
-                                    artifacts, args.baseline)
+    config, origin = resolve_config(
+        args.model, Path(args.best_config) if args.best_config else None, artifacts, args.baseline
+    )
     data_dir = check_data_dir(args.data_dir)
     changes = {}
     for k in ("epochs", "img_size", "max_steps_per_epoch"):
@@ -194,13 +272,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be distinct")
     tag = args.model + ("_baseline" if args.baseline else "")
-    m = reproduce(config, data_dir, artifacts, Path(args.runs_dir), tag, seeds, origin,
-                  profile_steps=args.profile_steps, cache_dir=args.cache_dir,
-                  skip_bad=args.skip_bad_images, device=resolve_device(args.device),
-                  progress=not args.no_progress)
+    m = reproduce(
+        config,
+        data_dir,
+        artifacts,
+        Path(args.runs_dir),
+        tag,
+        seeds,
+        origin,
+        profile_steps=args.profile_steps,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_images,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
     std = f" +- {m['test_acc_std']:.4f}" if len(seeds) > 1 else ""
-    print(f"{tag}: test_acc {m['test_acc']:.4f}{std}, test_macro_f1 {m['test_macro_f1']:.4f} "
-          f"({len(seeds)} seed(s)); wrote {artifacts / tag}/")
+    print(
+        f"{tag}: test_acc {m['test_acc']:.4f}{std}, test_macro_f1 {m['test_macro_f1']:.4f} "
+        f"({len(seeds)} seed(s)); wrote {artifacts / tag}/"
+    )
     return 0
 
 

@@ -50,9 +50,9 @@ from tune_pets.utils import (
 )
 
 JPEG_EXTS = (".jpg", ".jpeg")
-DRAFT_SIZE = 64        # decode JPEGs at reduced scale: every byte is still read, much faster
-SMALL_SIDE = 224       # images whose shorter side is below the networks' input size are counted
-GRID_THUMB = 160       # pixels per grid thumbnail
+DRAFT_SIZE = 64  # decode JPEGs at reduced scale: every byte is still read, much faster
+SMALL_SIDE = 224  # images whose shorter side is below the networks' input size are counted
+GRID_THUMB = 160  # pixels per grid thumbnail
 ISSUES = ("not_jpeg", "not_rgb", "unreadable", "ignored_non_image")
 
 
@@ -99,8 +99,14 @@ def _inspect_all(data_dir: Path, paths: list[str], workers: int, progress: bool)
     from tqdm.auto import tqdm
 
     full = [data_dir / p for p in paths]
-    bar = tqdm(total=len(full), desc="inspect images", unit="img", file=sys.stderr, leave=False,
-               disable=not progress or None)
+    bar = tqdm(
+        total=len(full),
+        desc="inspect images",
+        unit="img",
+        file=sys.stderr,
+        leave=False,
+        disable=not progress or None,
+    )
     out = []
     # Threads: Pillow decodes with the GIL released, and threads need no pickling or fork.
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -124,8 +130,10 @@ def size_stats(widths: Sequence[int], heights: Sequence[int]) -> dict:
         stats[f"{name}_median"] = float(np.median(v))
         stats[f"{name}_max"] = float(v.max())
     stats["aspect_min"], stats["aspect_median"], stats["aspect_max"] = (
-        round(stats["aspect_min"], 4), round(stats["aspect_median"], 4),
-        round(stats["aspect_max"], 4))
+        round(stats["aspect_min"], 4),
+        round(stats["aspect_median"], 4),
+        round(stats["aspect_max"], 4),
+    )
     stats[f"n_short_side_lt_{SMALL_SIDE}"] = int((np.minimum(w, h) < SMALL_SIDE).sum())
     return stats
 
@@ -137,14 +145,21 @@ def class_balance(counts: dict[str, int]) -> dict:
     lo = min(counts, key=lambda c: (counts[c], c))
     hi = max(counts, key=lambda c: (counts[c], c))
     values = np.asarray(list(counts.values()), dtype=float)
-    return {"min": counts[lo], "min_class": lo, "max": counts[hi], "max_class": hi,
-            "mean": round(float(values.mean()), 2), "median": float(np.median(values)),
-            "empty_classes": sorted(c for c, n in counts.items() if n == 0)}
+    return {
+        "min": counts[lo],
+        "min_class": lo,
+        "max": counts[hi],
+        "max_class": hi,
+        "mean": round(float(values.mean()), 2),
+        "median": float(np.median(values)),
+        "empty_classes": sorted(c for c, n in counts.items() if n == 0),
+    }
 
 
 # ---------------------------------------------------------------- the image grid
-def grid_sample(index: SplitIndex, n: int, seed: int = 0,
-                exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, str]]:
+def grid_sample(
+    index: SplitIndex, n: int, seed: int = 0, exclude: set[str] | frozenset = frozenset()
+) -> list[tuple[str, str]]:
     """A deterministic sample of ``n`` (path, class) pairs: each class shuffled with ``seed``,
     then taken round-robin over classes so the grid shows as many classes as it can."""
     rng = np.random.default_rng(seed)
@@ -163,8 +178,13 @@ def grid_sample(index: SplitIndex, n: int, seed: int = 0,
     return out
 
 
-def save_grid(data_dir: Path, sample: list[tuple[str, str]], path: Path, title: str,
-              odd: set[str] | frozenset = frozenset()) -> None:
+def save_grid(
+    data_dir: Path,
+    sample: list[tuple[str, str]],
+    path: Path,
+    title: str,
+    odd: set[str] | frozenset = frozenset(),
+) -> None:
     """Thumbnails titled by class name; odd files (not JPEG / not RGB) get a red title."""
     import matplotlib
 
@@ -190,9 +210,15 @@ def save_grid(data_dir: Path, sample: list[tuple[str, str]], path: Path, title: 
 
 
 # ---------------------------------------------------------------- the report
-def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-               grid_per_split: int = 36, seed: int = 0, workers: int | None = None,
-               progress: bool = True) -> dict:
+def run_sanity(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    grid_per_split: int = 36,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Inspect every file of ``data_dir`` (train + held-out split), write the CSVs, grids and
     ``summary.json`` into ``out_dir``, and return the summary dict."""
     data_dir = check_data_dir(data_dir)
@@ -218,8 +244,14 @@ def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         for rel, y, info in zip(index.paths, index.labels, infos, strict=True):
             cls = classes[y]
             per_class[cls] += 1
-            size_rows.append({"split": index.name, "path": rel, "class": cls, **{
-                k: info[k] for k in ("format", "mode", "width", "height")}})
+            size_rows.append(
+                {
+                    "split": index.name,
+                    "path": rel,
+                    "class": cls,
+                    **{k: info[k] for k in ("format", "mode", "width", "height")},
+                }
+            )
             if info["width"] and not info["error"]:
                 ws.append(info["width"])
                 hs.append(info["height"])
@@ -228,13 +260,27 @@ def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 odd_paths[index.name].add(rel)
                 if "unreadable" in found:
                     bad_paths[index.name].add(rel)
-                odd_rows.append({"split": index.name, "path": rel, "issues": ";".join(found),
-                                 "format": info["format"], "mode": info["mode"],
-                                 "width": info["width"], "height": info["height"],
-                                 "detail": _detail(rel, info, found)})
+                odd_rows.append(
+                    {
+                        "split": index.name,
+                        "path": rel,
+                        "issues": ";".join(found),
+                        "format": info["format"],
+                        "mode": info["mode"],
+                        "width": info["width"],
+                        "height": info["height"],
+                        "detail": _detail(rel, info, found),
+                    }
+                )
         for rel in index.ignored:
-            odd_rows.append({"split": index.name, "path": rel, "issues": "ignored_non_image",
-                             "detail": "not an image: ignored by training"})
+            odd_rows.append(
+                {
+                    "split": index.name,
+                    "path": rel,
+                    "issues": "ignored_non_image",
+                    "detail": "not an image: ignored by training",
+                }
+            )
         counts[index.name] = per_class
         sizes[index.name] = size_stats(ws, hs)
         all_w += ws
@@ -242,13 +288,21 @@ def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     sizes["all"] = size_stats(all_w, all_h)
 
     names = [s.name for s in splits]
-    count_rows = [{"class": c, **{s: counts[s][c] for s in names},
-                   "total": sum(counts[s][c] for s in names)} for c in classes]
+    count_rows = [
+        {"class": c, **{s: counts[s][c] for s in names}, "total": sum(counts[s][c] for s in names)}
+        for c in classes
+    ]
     atomic_write_csv(out_dir / "class_counts.csv", count_rows, ["class", *names, "total"])
-    atomic_write_csv(out_dir / "image_sizes.csv", size_rows,
-                     ["split", "path", "class", "format", "mode", "width", "height"])
-    atomic_write_csv(out_dir / "odd_files.csv", odd_rows,
-                     ["split", "path", "issues", "format", "mode", "width", "height", "detail"])
+    atomic_write_csv(
+        out_dir / "image_sizes.csv",
+        size_rows,
+        ["split", "path", "class", "format", "mode", "width", "height"],
+    )
+    atomic_write_csv(
+        out_dir / "odd_files.csv",
+        odd_rows,
+        ["split", "path", "issues", "format", "mode", "width", "height", "detail"],
+    )
 
     grids = []
     if grid_per_split > 0:
@@ -256,9 +310,14 @@ def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             sample = grid_sample(index, grid_per_split, seed, exclude=bad_paths[index.name])
             if sample:
                 path = out_dir / f"grid_{index.name}.png"
-                save_grid(data_dir, sample, path,
-                          f"{data_dir.name}/{index.name}: {len(sample)} of {len(index.paths)} "
-                          f"images (seed {seed}; red title = odd file)", odd_paths[index.name])
+                save_grid(
+                    data_dir,
+                    sample,
+                    path,
+                    f"{data_dir.name}/{index.name}: {len(sample)} of {len(index.paths)} "
+                    f"images (seed {seed}; red title = odd file)",
+                    odd_paths[index.name],
+                )
                 grids.append(path.name)
 
     by_issue = {k: sum(k in r["issues"].split(";") for r in odd_rows) for k in ISSUES}
@@ -275,8 +334,7 @@ def run_sanity(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         "n_unreadable": by_issue["unreadable"],
         "n_ignored": by_issue["ignored_non_image"],
         "grid_seed": seed,
-        "files": ["class_counts.csv", "image_sizes.csv", "odd_files.csv", *grids,
-                  "summary.json"],
+        "files": ["class_counts.csv", "image_sizes.csv", "odd_files.csv", *grids, "summary.json"],
     }
     atomic_write_json(out_dir / "summary.json", summary)
     summary["odd_files"] = odd_rows  # for callers and the printout; the CSV holds them on disk
@@ -288,14 +346,18 @@ def print_summary(summary: dict, out_dir: Path, max_odd: int = 25) -> None:
     print(f"{summary['data_dir']}: {summary['num_classes']} classes; {counts} images")
     for split, b in summary["per_class"].items():
         empty = f"; no images for {', '.join(b['empty_classes'])}" if b["empty_classes"] else ""
-        print(f"  {split:5s} per class: min {b['min']} ({b['min_class']}), max {b['max']} "
-              f"({b['max_class']}), mean {b['mean']:.1f}{empty}")
+        print(
+            f"  {split:5s} per class: min {b['min']} ({b['min_class']}), max {b['max']} "
+            f"({b['max_class']}), mean {b['mean']:.1f}{empty}"
+        )
     s = summary["sizes"]["all"]
     if s.get("n"):
-        print(f"  sizes: width {s['width_min']:.0f}/{s['width_median']:.0f}/{s['width_max']:.0f}, "
-              f"height {s['height_min']:.0f}/{s['height_median']:.0f}/{s['height_max']:.0f} "
-              f"(min/median/max), aspect {s['aspect_min']:.2f}..{s['aspect_max']:.2f}, "
-              f"{s[f'n_short_side_lt_{SMALL_SIDE}']} with shorter side < {SMALL_SIDE}px")
+        print(
+            f"  sizes: width {s['width_min']:.0f}/{s['width_median']:.0f}/{s['width_max']:.0f}, "
+            f"height {s['height_min']:.0f}/{s['height_median']:.0f}/{s['height_max']:.0f} "
+            f"(min/median/max), aspect {s['aspect_min']:.2f}..{s['aspect_max']:.2f}, "
+            f"{s[f'n_short_side_lt_{SMALL_SIDE}']} with shorter side < {SMALL_SIDE}px"
+        )
     odd = summary["odd_files"]
     issues = ", ".join(f"{n} {k}" for k, n in summary["odd_by_issue"].items() if n)
     print(f"  odd files: {len(odd)}" + (f" ({issues})" if issues else ""))
@@ -309,20 +371,35 @@ def print_summary(summary: dict, out_dir: Path, max_odd: int = 25) -> None:
 # ---------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.sanity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="data/oxford_pets",
-                   help="ImageFolder root (train/, test/)")
+    p.add_argument(
+        "--data-dir", default="data/oxford_pets", help="ImageFolder root (train/, test/)"
+    )
     p.add_argument("--out", default="artifacts/data_sanity", help="output folder")
-    p.add_argument("--grid-per-split", type=nonneg_int, default=36,
-                   help="images in each split's grid (0: no grids)")
+    p.add_argument(
+        "--grid-per-split",
+        type=nonneg_int,
+        default=36,
+        help="images in each split's grid (0: no grids)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the grid sample")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="threads inspecting files (default: CPU count, at most 8)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="threads inspecting files (default: CPU count, at most 8)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    summary = run_sanity(args.data_dir, out, grid_per_split=args.grid_per_split, seed=args.seed,
-                         workers=args.workers, progress=not args.no_progress)
+    summary = run_sanity(
+        args.data_dir,
+        out,
+        grid_per_split=args.grid_per_split,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     print_summary(summary, out)
     return 0
 

@@ -54,8 +54,9 @@ STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", 
 # ---------------------------------------------------------------- spec -> trial configs
 def base_config(spec: SearchSpec, args_overrides: dict) -> RunConfig:
     """The config every trial starts from: homework defaults + YAML ``fixed`` + CLI flags."""
-    base = homework_defaults(spec.model).replace(epochs=spec.max_epochs, seed=spec.seed,
-                                                 metric=spec.metric)
+    base = homework_defaults(spec.model).replace(
+        epochs=spec.max_epochs, seed=spec.seed, metric=spec.metric
+    )
     return validate_config(base.replace(**spec.fixed, **args_overrides), spec.source)
 
 
@@ -96,8 +97,11 @@ def first_point(spec: SearchSpec, base: RunConfig, space: dict) -> dict:
             choices = list(dist.choices)
             if v not in choices:
                 numeric = [c for c in choices if isinstance(c, (int, float))]
-                v = (min(numeric, key=lambda c: abs(c - v)) if numeric and isinstance(v, (int, float))
-                     else choices[0])
+                v = (
+                    min(numeric, key=lambda c: abs(c - v))
+                    if numeric and isinstance(v, (int, float))
+                    else choices[0]
+                )
         else:
             v = min(max(v, dist.low), dist.high)
             if isinstance(dist, od.IntDistribution):
@@ -167,12 +171,19 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"--address {address}: could not connect to a Ray cluster "
-                            f"({str(e).splitlines()[0][:160]}); start one with `ray start "
-                            f"--head` or leave out --address for a local run") from None
+            raise UserError(
+                f"--address {address}: could not connect to a Ray cluster "
+                f"({str(e).splitlines()[0][:160]}); start one with `ray start "
+                f"--head` or leave out --address for a local run"
+            ) from None
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
 
 
 def check_resources(cpus: float, gpus: float, concurrency: int) -> None:
@@ -180,18 +191,35 @@ def check_resources(cpus: float, gpus: float, concurrency: int) -> None:
 
     have = ray.cluster_resources()
     if gpus > 0 and have.get("GPU", 0) < gpus:
-        raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has {have.get('GPU', 0):g} "
-                        f"GPU(s); use --gpus-per-trial 0 or add GPU nodes")
+        raise UserError(
+            f"--gpus-per-trial {gpus:g}: the Ray cluster has {have.get('GPU', 0):g} "
+            f"GPU(s); use --gpus-per-trial 0 or add GPU nodes"
+        )
     if cpus > have.get("CPU", 0):
-        raise UserError(f"--cpus-per-trial {cpus:g}: the Ray cluster has only "
-                        f"{have.get('CPU', 0):g} CPU(s); lower --cpus-per-trial")
+        raise UserError(
+            f"--cpus-per-trial {cpus:g}: the Ray cluster has only "
+            f"{have.get('CPU', 0):g} CPU(s); lower --cpus-per-trial"
+        )
 
 
 # ---------------------------------------------------------------- the search
-def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Path, name: str,
-               *, overrides: dict | None = None, resume: bool = False, overwrite: bool = False,
-               address: str | None = None, val_fraction: float = 0.2, cache_dir=None,
-               skip_bad: bool = False, num_cpus: int | None = None, progress: bool = True) -> dict:
+def run_search(
+    spec: SearchSpec,
+    data_dir: Path,
+    out_dir: Path,
+    storage_path: Path,
+    name: str,
+    *,
+    overrides: dict | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    val_fraction: float = 0.2,
+    cache_dir=None,
+    skip_bad: bool = False,
+    num_cpus: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Run (or resume) a search; write best_config.json, trials.csv, plots; return the summary."""
     from ray import tune
 
@@ -201,12 +229,16 @@ def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Pa
     exp_dir = storage_path / name
     exists = (exp_dir / "tuner.pkl").is_file()
     if resume and not exists:
-        raise UserError(f"--resume: no experiment named {name!r} under {storage_path}; run without "
-                        f"--resume to start it")
+        raise UserError(
+            f"--resume: no experiment named {name!r} under {storage_path}; run without "
+            f"--resume to start it"
+        )
     if exists and not resume:
         if not overwrite:
-            raise UserError(f"experiment {name!r} already exists under {storage_path}; pass "
-                            f"--resume to continue it, --overwrite to start over, or --name NEW")
+            raise UserError(
+                f"experiment {name!r} already exists under {storage_path}; pass "
+                f"--resume to continue it, --overwrite to start over, or --name NEW"
+            )
         shutil.rmtree(exp_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     db_path = out_dir / "optuna.db"
@@ -219,27 +251,44 @@ def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Pa
 
     device = "cuda" if spec.resources.get("gpu", 0) > 0 else "cpu"
     t0 = time.time()
-    data = load_fit_data(base, data_dir, val_fraction=val_fraction,
-                         split_file=out_dir / "val_split.json", cache_dir=cache_dir,
-                         skip_bad=skip_bad, img_sizes=img_sizes(spec, base), progress=progress,
-                         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    data = load_fit_data(
+        base,
+        data_dir,
+        val_fraction=val_fraction,
+        split_file=out_dir / "val_split.json",
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        img_sizes=img_sizes(spec, base),
+        progress=progress,
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    )
     prep_s = time.time() - t0
-    print(f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
-          f"{data.num_classes} classes ({data.kind}, ready in {prep_s:.1f}s)", flush=True)
+    print(
+        f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
+        f"{data.num_classes} classes ({data.kind}, ready in {prep_s:.1f}s)",
+        flush=True,
+    )
 
     connect(address, num_cpus)
     cpus, gpus = float(spec.resources.get("cpu", 1)), float(spec.resources.get("gpu", 0))
     check_resources(cpus, gpus, spec.max_concurrent)
     fn = tune.with_resources(
         tune.with_parameters(trainable, base=base.to_dict(), data=data, device_name=device),
-        {"cpu": cpus, "gpu": gpus})
+        {"cpu": cpus, "gpu": gpus},
+    )
     if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=fn, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(exp_dir),
+            trainable=fn,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
-        tuner = make_tuner(fn, spec, storage_path, name, db_path,
-                           first_point(spec, base, space), progress)
+        tuner = make_tuner(
+            fn, spec, storage_path, name, db_path, first_point(spec, base, space), progress
+        )
     t1 = time.time()
     grid = tuner.fit()
     search_s = time.time() - t1
@@ -251,8 +300,15 @@ def run_search(spec: SearchSpec, data_dir: Path, out_dir: Path, storage_path: Pa
     return summary
 
 
-def make_tuner(fn, spec: SearchSpec, storage_path: Path, name: str, db_path: Path | None,
-               first: dict | None = None, progress: bool = True):
+def make_tuner(
+    fn,
+    spec: SearchSpec,
+    storage_path: Path,
+    name: str,
+    db_path: Path | None,
+    first: dict | None = None,
+    progress: bool = True,
+):
     """The Tuner every search uses: OptunaSearch (seeded TPE, study in SQLite at ``db_path``)
     behind a ConcurrencyLimiter, ASHA on the reported ``epoch``, actor reuse, one checkpoint
     per trial, failed trials recorded without stopping the search."""
@@ -265,26 +321,50 @@ def make_tuner(fn, spec: SearchSpec, storage_path: Path, name: str, db_path: Pat
     space = optuna_space(spec)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # use the compact CLIReporter table below
     reporter = tune.CLIReporter(
-        parameter_columns=list(space), metric_columns=["epoch", spec.metric, "val_macro_f1"],
-        max_report_frequency=30, max_progress_rows=12, sort_by_metric=True)
+        parameter_columns=list(space),
+        metric_columns=["epoch", spec.metric, "val_macro_f1"],
+        max_report_frequency=30,
+        max_progress_rows=12,
+        sort_by_metric=True,
+    )
     run_config = tune.RunConfig(
-        name=name, storage_path=str(storage_path), progress_reporter=reporter,
+        name=name,
+        storage_path=str(storage_path),
+        progress_reporter=reporter,
         verbose=1 if progress else 0,
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
     storage = optuna.storages.RDBStorage(f"sqlite:///{db_path.resolve()}") if db_path else None
-    searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode,
-                            points_to_evaluate=[first] if first else None,
-                            sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                            study_name=name, storage=storage)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
-                              grace_period=min(spec.grace_period, spec.max_epochs),
-                              reduction_factor=spec.reduction_factor)
-    return tune.Tuner(fn, tune_config=tune.TuneConfig(
-        metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-        search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
-        scheduler=scheduler, reuse_actors=True, time_budget_s=spec.time_budget_s,
-        trial_dirname_creator=_trial_dirname), run_config=run_config)
+    searcher = OptunaSearch(
+        space=space,
+        metric=spec.metric,
+        mode=spec.mode,
+        points_to_evaluate=[first] if first else None,
+        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        study_name=name,
+        storage=storage,
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=spec.max_epochs,
+        grace_period=min(spec.grace_period, spec.max_epochs),
+        reduction_factor=spec.reduction_factor,
+    )
+    return tune.Tuner(
+        fn,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+            scheduler=scheduler,
+            reuse_actors=True,
+            time_budget_s=spec.time_budget_s,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=run_config,
+    )
 
 
 def _trial_rows(spec: SearchSpec, grid) -> tuple[list[dict], list[Any]]:
@@ -307,23 +387,40 @@ def _trial_rows(spec: SearchSpec, grid) -> tuple[list[dict], list[Any]]:
             vals = vals[vals.apply(math.isfinite)]
             if len(vals):
                 best_row = df.loc[better(vals.index, key=lambda i: vals[i])]
-        row = {"trial_id": trial_id, "status": status, "epochs": epochs,
-               **{k: result.config.get(k) for k in spec.space},
-               f"best_{spec.metric}": None if best_row is None else float(best_row[spec.metric]),
-               "best_epoch": None if best_row is None else int(best_row["epoch"]),
-               "best_val_macro_f1": (None if best_row is None or "val_macro_f1" not in best_row
-                                     else float(best_row["val_macro_f1"])),
-               "time_s": round(float(df["time_total_s"].max()), 3) if has else None,
-               "node": df["node_id"].iloc[-1] if has and "node_id" in df else None,
-               "error": (str(result.error).strip().splitlines() or [""])[-1][:300]
-               if result.error is not None else ""}
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            "epochs": epochs,
+            **{k: result.config.get(k) for k in spec.space},
+            f"best_{spec.metric}": None if best_row is None else float(best_row[spec.metric]),
+            "best_epoch": None if best_row is None else int(best_row["epoch"]),
+            "best_val_macro_f1": (
+                None
+                if best_row is None or "val_macro_f1" not in best_row
+                else float(best_row["val_macro_f1"])
+            ),
+            "time_s": round(float(df["time_total_s"].max()), 3) if has else None,
+            "node": df["node_id"].iloc[-1] if has and "node_id" in df else None,
+            "error": (str(result.error).strip().splitlines() or [""])[-1][:300]
+            if result.error is not None
+            else "",
+        }
         rows.append(row)
         frames.append((trial_id, df if has else None, status, result))
     return rows, frames
 
 
-def write_outputs(spec, base, grid, out_dir: Path, name: str, exp_dir: Path, search_s: float,
-                  prep_s: float, data_info: dict) -> dict:
+def write_outputs(
+    spec,
+    base,
+    grid,
+    out_dir: Path,
+    name: str,
+    exp_dir: Path,
+    search_s: float,
+    prep_s: float,
+    data_info: dict,
+) -> dict:
     rows, frames = _trial_rows(spec, grid)
     atomic_write_csv(out_dir / "trials.csv", rows)
     ok = [r for r in rows if r[f"best_{spec.metric}"] is not None]
@@ -334,23 +431,39 @@ def write_outputs(spec, base, grid, out_dir: Path, name: str, exp_dir: Path, sea
     best = pick(ok, key=lambda r: r[f"best_{spec.metric}"])
     best_result = next(res for tid, _, _, res in frames if tid == best["trial_id"])
     config = base.replace(**{k: best_result.config[k] for k in spec.space})
-    counts = {s: sum(r["status"] == s for r in rows)
-              for s in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)}
+    counts = {
+        s: sum(r["status"] == s for r in rows)
+        for s in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)
+    }
     summary = {
-        "model": cli_name(spec.model), "config": config.to_dict(),
+        "model": cli_name(spec.model),
+        "config": config.to_dict(),
         "val_acc": best.get("best_val_acc") if spec.metric != "val_acc" else best["best_val_acc"],
-        "val_macro_f1": best["best_val_macro_f1"], "metric": spec.metric, "mode": spec.mode,
+        "val_macro_f1": best["best_val_macro_f1"],
+        "metric": spec.metric,
+        "mode": spec.mode,
         f"best_{spec.metric}": best[f"best_{spec.metric}"],
-        "trial_id": best["trial_id"], "epoch": best["best_epoch"],
+        "trial_id": best["trial_id"],
+        "epoch": best["best_epoch"],
         "checkpoint": str(best_result.checkpoint.path) if best_result.checkpoint else None,
-        "search": {"name": name, "experiment_dir": str(exp_dir), "spec_file": spec.source,
-                   "num_trials": len(rows), **{k.replace(" ", "_"): v for k, v in counts.items()},
-                   "num_samples": spec.num_samples, "max_epochs": spec.max_epochs,
-                   "grace_period": spec.grace_period, "reduction_factor": spec.reduction_factor,
-                   "search_space": {k: [s, a] for k, (s, a) in spec.space.items()},
-                   "wall_time_s": round(search_s, 1), "data_prep_s": round(prep_s, 1),
-                   "nodes": sorted({r["node"] for r in rows if r["node"]})},
-        "data": data_info, "val_split_file": str(out_dir / "val_split.json"), "env": env_info(),
+        "search": {
+            "name": name,
+            "experiment_dir": str(exp_dir),
+            "spec_file": spec.source,
+            "num_trials": len(rows),
+            **{k.replace(" ", "_"): v for k, v in counts.items()},
+            "num_samples": spec.num_samples,
+            "max_epochs": spec.max_epochs,
+            "grace_period": spec.grace_period,
+            "reduction_factor": spec.reduction_factor,
+            "search_space": {k: [s, a] for k, (s, a) in spec.space.items()},
+            "wall_time_s": round(search_s, 1),
+            "data_prep_s": round(prep_s, 1),
+            "nodes": sorted({r["node"] for r in rows if r["node"]}),
+        },
+        "data": data_info,
+        "val_split_file": str(out_dir / "val_split.json"),
+        "env": env_info(),
     }
     if spec.metric == "val_acc":
         summary["val_acc"] = best["best_val_acc"]
@@ -375,13 +488,17 @@ def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]
 
     written = []
     fig, ax = plt.subplots(figsize=(8, 5))
-    for tid, df, status, _ in frames:
+    for _tid, df, status, _ in frames:
         if df is None:
             continue
         style = {"completed": "-", "stopped early": "--", "failed": ":"}[status]
-        line, = ax.plot(df["epoch"], df[spec.metric], style, alpha=0.8, lw=1.2)
-        ax.plot(df["epoch"].iloc[-1], df[spec.metric].iloc[-1],
-                "x" if status != "completed" else "o", color=line.get_color())
+        (line,) = ax.plot(df["epoch"], df[spec.metric], style, alpha=0.8, lw=1.2)
+        ax.plot(
+            df["epoch"].iloc[-1],
+            df[spec.metric].iloc[-1],
+            "x" if status != "completed" else "o",
+            color=line.get_color(),
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec.metric)
     ax.set_title(f"{name}: learning curves (x = stopped by ASHA or failed, o = ran to max_t)")
@@ -400,8 +517,10 @@ def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]
 
     from optuna.visualization import matplotlib as ovm
 
-    for fname, plot in (("optimization_history.png", ovm.plot_optimization_history),
-                        ("param_importances.png", ovm.plot_param_importances)):
+    for fname, plot in (
+        ("optimization_history.png", ovm.plot_optimization_history),
+        ("param_importances.png", ovm.plot_param_importances),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning for the matplotlib backend
@@ -426,8 +545,11 @@ def _shutdown() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m tune_pets.search", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=["cnn", "vit"])
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help=f"ImageFolder root; the default {DEFAULT_DATA_DIR} is prepared if missing")
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"ImageFolder root; the default {DEFAULT_DATA_DIR} is prepared if missing",
+    )
     p.add_argument("--search-space", default=None, help="YAML (default search_spaces/<model>.yaml)")
     p.add_argument("--num-samples", type=positive_int)
     p.add_argument("--max-epochs", type=positive_int, help="epochs per trial (ASHA max_t)")
@@ -436,9 +558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cpus-per-trial", type=positive_float)
     p.add_argument("--gpus-per-trial", type=float, help="may be fractional, e.g. 0.25")
     p.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT")
-    p.add_argument("--storage-path", default=None,
-                   help="absolute dir for Ray results (shared by all nodes on a cluster; "
-                        "default <artifacts>/ray_results)")
+    p.add_argument(
+        "--storage-path",
+        default=None,
+        help="absolute dir for Ray results (shared by all nodes on a cluster; "
+        "default <artifacts>/ray_results)",
+    )
     p.add_argument("--name", default=None, help="experiment name (default: the model)")
     p.add_argument("--time-budget-s", type=positive_float)
     p.add_argument("--resume", action="store_true", help="continue the experiment --name")
@@ -458,12 +583,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec_path = Path(args.search_space or DEFAULT_SPACES / f"{args.model}.yaml")
     spec = load_search_spec(spec_path)
     if cli_name(spec.model) != args.model:
-        raise UserError(f"--search-space {spec_path} is for model {cli_name(spec.model)!r}, "
-                        f"not {args.model!r}")
+        raise UserError(
+            f"--search-space {spec_path} is for model {cli_name(spec.model)!r}, not {args.model!r}"
+        )
     changes: dict[str, Any] = {}
-    for flag, key in (("num_samples", "num_samples"), ("max_epochs", "max_epochs"),
-                      ("grace_period", "grace_period"), ("max_concurrent", "max_concurrent"),
-                      ("seed", "seed"), ("time_budget_s", "time_budget_s")):
+    for flag, key in (
+        ("num_samples", "num_samples"),
+        ("max_epochs", "max_epochs"),
+        ("grace_period", "grace_period"),
+        ("max_concurrent", "max_concurrent"),
+        ("seed", "seed"),
+        ("time_budget_s", "time_budget_s"),
+    ):
         if getattr(args, flag) is not None:
             changes[key] = getattr(args, flag)
     res = dict(spec.resources)
@@ -499,28 +630,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage = storage.resolve()
     out_dir = artifacts / "search" / name
     try:
-        summary = run_search(spec, data_dir, out_dir, storage, name, overrides=overrides,
-                             resume=args.resume, overwrite=args.overwrite, address=args.address,
-                             val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-                             skip_bad=args.skip_bad_images, num_cpus=args.num_cpus,
-                             progress=not args.no_progress)
+        summary = run_search(
+            spec,
+            data_dir,
+            out_dir,
+            storage,
+            name,
+            overrides=overrides,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            address=args.address,
+            val_fraction=args.val_fraction,
+            cache_dir=args.cache_dir,
+            skip_bad=args.skip_bad_images,
+            num_cpus=args.num_cpus,
+            progress=not args.no_progress,
+        )
     except KeyboardInterrupt:
-        raise UserError(f"search interrupted; the experiment state is saved. Resume with: "
-                        f"python -m tune_pets.search {args.model} --name {name} --resume "
-                        f"--artifacts-dir {artifacts}"
-                        + (f" --storage-path {storage}" if args.storage_path else "")) from None
+        raise UserError(
+            f"search interrupted; the experiment state is saved. Resume with: "
+            f"python -m tune_pets.search {args.model} --name {name} --resume "
+            f"--artifacts-dir {artifacts}"
+            + (f" --storage-path {storage}" if args.storage_path else "")
+        ) from None
     finally:
         _shutdown()
     s = summary["search"]
-    print(f"\nsearch {name!r}: {s['num_trials']} trials ({s['completed']} completed, "
-          f"{s['stopped_early']} stopped early, {s['failed']} failed) in {s['wall_time_s']:.0f}s")
-    print(f"best trial {summary['trial_id']} (epoch {summary['epoch']}): "
-          f"{spec.metric} {summary[f'best_{spec.metric}']:.4f}, val_macro_f1 "
-          f"{summary['val_macro_f1']:.4f}")
+    print(
+        f"\nsearch {name!r}: {s['num_trials']} trials ({s['completed']} completed, "
+        f"{s['stopped_early']} stopped early, {s['failed']} failed) in {s['wall_time_s']:.0f}s"
+    )
+    print(
+        f"best trial {summary['trial_id']} (epoch {summary['epoch']}): "
+        f"{spec.metric} {summary[f'best_{spec.metric}']:.4f}, val_macro_f1 "
+        f"{summary['val_macro_f1']:.4f}"
+    )
     print("  params: " + ", ".join(f"{k}={summary['config'][k]!r}" for k in spec.space))
-    print(f"wrote {out_dir}/best_config.json, trials.csv, plots; next: python -m "
-          f"tune_pets.reproduce {args.model}" + (f" --best-config {out_dir}/best_config.json"
-                                                  if name != args.model else ""))
+    print(
+        f"wrote {out_dir}/best_config.json, trials.csv, plots; next: python -m "
+        f"tune_pets.reproduce {args.model}"
+        + (f" --best-config {out_dir}/best_config.json" if name != args.model else "")
+    )
     return 0
 
 

@@ -71,18 +71,26 @@ class FitData:
     val_x: np.ndarray | None = None
     val_y: np.ndarray | None = None
     preprocess: dict = field(default_factory=dict)  # img_size, crop_pct, interpolation, mean, std
-    info: dict = field(default_factory=dict)        # data dir, fingerprints, split file, counts
+    info: dict = field(default_factory=dict)  # data dir, fingerprints, split file, counts
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def load_fit_data(config: RunConfig, data_dir: str | Path, *, val_fraction: float = 0.2,
-                  split_file: str | Path | None = None, full_train: bool = False,
-                  cache_dir: str | Path | None = None, skip_bad: bool = False,
-                  device: torch.device | None = None, img_sizes: Sequence[int] = (),
-                  progress: bool = True) -> FitData:
+def load_fit_data(
+    config: RunConfig,
+    data_dir: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    split_file: str | Path | None = None,
+    full_train: bool = False,
+    cache_dir: str | Path | None = None,
+    skip_bad: bool = False,
+    device: torch.device | None = None,
+    img_sizes: Sequence[int] = (),
+    progress: bool = True,
+) -> FitData:
     """Decode (or read from cache) the train split, carve the val split (unless
     ``full_train``), and for the ViT probe turn both into cached features.
 
@@ -94,10 +102,21 @@ def load_fit_data(config: RunConfig, data_dir: str | Path, *, val_fraction: floa
     dc = data_config(config)
     size = max([dc["img_size"], *img_sizes]) if model == "cnn" else dc["img_size"]
     res = cache_res(size, dc["crop_pct"])
-    train_all = load_split(data_dir, "train", res, interpolation=dc["interpolation"],
-                           cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
-    info = {"data_dir": str(data_dir), "train_fingerprint": train_all.fingerprint,
-            "cache_res": res, "skipped": train_all.skipped}
+    train_all = load_split(
+        data_dir,
+        "train",
+        res,
+        interpolation=dc["interpolation"],
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        progress=progress,
+    )
+    info = {
+        "data_dir": str(data_dir),
+        "train_fingerprint": train_all.fingerprint,
+        "cache_res": res,
+        "skipped": train_all.skipped,
+    }
     if full_train:
         train, val = train_all, None
     else:
@@ -107,16 +126,34 @@ def load_fit_data(config: RunConfig, data_dir: str | Path, *, val_fraction: floa
         info.update(split_file=str(split_file), val_fraction=val_fraction, n_val=len(val))
     info["n_train"] = len(train)
     if model == "cnn":
-        return FitData("images", train_all.classes, train.images, train.labels,
-                       None if val is None else val.images, None if val is None else val.labels,
-                       dc, info)
+        return FitData(
+            "images",
+            train_all.classes,
+            train.images,
+            train.labels,
+            None if val is None else val.images,
+            None if val is None else val.labels,
+            dc,
+            info,
+        )
     from tune_pets.features import cached_features
 
     tr = cached_features(config, None, dc, train, cache_dir, device, config.feature_views, progress)
-    va = None if val is None else cached_features(config, None, dc, val, cache_dir, device, 0,
-                                                  progress)[0]
-    return FitData("features", train_all.classes, tr, train.labels, va,
-                   None if val is None else val.labels, dc, info)
+    va = (
+        None
+        if val is None
+        else cached_features(config, None, dc, val, cache_dir, device, 0, progress)[0]
+    )
+    return FitData(
+        "features",
+        train_all.classes,
+        tr,
+        train.labels,
+        va,
+        None if val is None else val.labels,
+        dc,
+        info,
+    )
 
 
 # ---------------------------------------------------------------- building blocks
@@ -133,8 +170,13 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+    return torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -171,8 +213,15 @@ class Batches:
             y = torch.from_numpy(d.train_y[idx.numpy()]).to(self.device, non_blocking=True)
             if d.kind == "images":
                 x = to_device_uint8(d.train_x, idx.numpy(), self.device)
-                x = train_augment(x, cfg.img_size, d.preprocess["mean"], d.preprocess["std"],
-                                  cfg.aug_scale_min, cfg.hflip, generator=self.gen)
+                x = train_augment(
+                    x,
+                    cfg.img_size,
+                    d.preprocess["mean"],
+                    d.preprocess["std"],
+                    cfg.aug_scale_min,
+                    cfg.hflip,
+                    generator=self.gen,
+                )
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
             else:
@@ -187,8 +236,13 @@ class Batches:
             y = torch.from_numpy(y_all[i]).to(self.device)
             if d.kind == "images":
                 x = to_device_uint8(x_all, i, self.device)
-                x = eval_transform(x, cfg.img_size, d.preprocess["crop_pct"],
-                                   d.preprocess["mean"], d.preprocess["std"])
+                x = eval_transform(
+                    x,
+                    cfg.img_size,
+                    d.preprocess["crop_pct"],
+                    d.preprocess["mean"],
+                    d.preprocess["std"],
+                )
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
             else:
@@ -198,12 +252,19 @@ class Batches:
 
 def autocast(config: RunConfig, device: torch.device):
     """bf16 autocast on CUDA (no GradScaler needed for bf16); a no-op on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=config.amp and device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"
+    )
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               loss_fn: nn.Module, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    config: RunConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimization step (also what ``tune_pets.profiling`` profiles). Returns loss, logits."""
     with autocast(config, x.device):
         logits = model(x)
@@ -239,25 +300,37 @@ class FitResult:
     checkpoint: dict  # the best epoch's checkpoint (see make_checkpoint)
 
 
-def make_checkpoint(config: RunConfig, data: FitData, model: nn.Module, epoch: int,
-                    metrics: dict) -> dict:
+def make_checkpoint(
+    config: RunConfig, data: FitData, model: nn.Module, epoch: int, metrics: dict
+) -> dict:
     """A self-describing checkpoint that loads with ``torch.load(weights_only=True)``.
 
     For the ViT probe ``state_dict`` holds the head only (``scope="head"``); the frozen backbone
     is rebuilt from ``config`` (pretrained, ``weights`` file, or seeded random init).
     """
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"format": CHECKPOINT_FORMAT, "model": canonical_model(config.model),
-            "scope": "model" if data.kind == "images" else "head", "config": config.to_dict(),
-            "classes": list(data.classes), "preprocess": dict(data.preprocess), "epoch": epoch,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            "state_dict": state}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": canonical_model(config.model),
+        "scope": "model" if data.kind == "images" else "head",
+        "config": config.to_dict(),
+        "classes": list(data.classes),
+        "preprocess": dict(data.preprocess),
+        "epoch": epoch,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "state_dict": state,
+    }
 
 
-def fit(config: RunConfig, data: FitData,
-        on_epoch_end: Callable[[dict, dict | None], None] | None = None, *,
-        device: torch.device | None = None, tb_dir: str | Path | None = None,
-        progress: bool = False) -> FitResult:
+def fit(
+    config: RunConfig,
+    data: FitData,
+    on_epoch_end: Callable[[dict, dict | None], None] | None = None,
+    *,
+    device: torch.device | None = None,
+    tb_dir: str | Path | None = None,
+    progress: bool = False,
+) -> FitResult:
     """Train ``config`` on ``data``; validate each epoch; keep the best by ``config.metric``.
 
     ``on_epoch_end(metrics, checkpoint)`` is called after every epoch; ``checkpoint`` is the
@@ -275,7 +348,8 @@ def fit(config: RunConfig, data: FitData,
     spe = steps_per_epoch(config, len(data.train_y))
     total, warmup = spe * config.epochs, spe * config.warmup_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler))
+        optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler)
+    )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     batches = Batches(config, data, device)
     writer = None
@@ -294,26 +368,37 @@ def fit(config: RunConfig, data: FitData,
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            bar = tqdm(batches.train(epoch), total=spe, desc=f"epoch {epoch}/{config.epochs}",
-                       disable=not progress or None, leave=False, file=sys.stderr)
+            bar = tqdm(
+                batches.train(epoch),
+                total=spe,
+                desc=f"epoch {epoch}/{config.epochs}",
+                disable=not progress or None,
+                leave=False,
+                file=sys.stderr,
+            )
             for x, y in bar:
                 loss, logits = train_step(model, x, y, optimizer, loss_fn, config)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss became {loss.item()} at epoch {epoch} (lr={config.lr:g}); lower the "
-                        f"learning rate")
+                        f"learning rate"
+                    )
                 scheduler.step()
                 loss_sum += loss * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
-            metrics = {"epoch": epoch, "train_loss": loss_sum.item() / seen,
-                       "train_acc": correct.item() / seen, "lr": optimizer.param_groups[0]["lr"]}
+            metrics = {
+                "epoch": epoch,
+                "train_loss": loss_sum.item() / seen,
+                "train_acc": correct.item() / seen,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             if has_val:
-                preds, labels, val_loss = predict(model, batches.eval(data.val_x, data.val_y),
-                                                  config, loss_fn)
+                preds, labels, val_loss = predict(
+                    model, batches.eval(data.val_x, data.val_y), config, loss_fn
+                )
                 m = classification_metrics(labels, preds, data.num_classes)
-                metrics.update(val_loss=val_loss, val_acc=m["accuracy"],
-                               val_macro_f1=m["macro_f1"])
+                metrics.update(val_loss=val_loss, val_acc=m["accuracy"], val_macro_f1=m["macro_f1"])
             metrics["epoch_time_s"] = time.perf_counter() - t0
             score = metrics.get(config.metric, metrics["train_loss"] if not has_val else None)
             if not has_val:
@@ -338,8 +423,13 @@ def fit(config: RunConfig, data: FitData,
     return FitResult(history, best_epoch, history[best_epoch - 1], best_ckpt)
 
 
-def overfit_check(config: RunConfig, data: FitData, n_batches: int = 1, max_steps: int = 300,
-                  device: torch.device | None = None) -> tuple[bool, int, float]:
+def overfit_check(
+    config: RunConfig,
+    data: FitData,
+    n_batches: int = 1,
+    max_steps: int = 300,
+    device: torch.device | None = None,
+) -> tuple[bool, int, float]:
     """Can the model memorize ``n_batches`` fixed batches (no augmentation, no dropout effect on
     the check)? Returns (passed, steps used, final accuracy on those batches)."""
     device = device or torch.device("cpu")
@@ -365,13 +455,24 @@ def overfit_check(config: RunConfig, data: FitData, n_batches: int = 1, max_step
 
 # ---------------------------------------------------------------- CLI
 def add_data_args(p: ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="data/oxford_pets", help="ImageFolder root (train/, test/)")
-    p.add_argument("--cache-dir", default=None,
-                   help="decode/feature cache (default $TUNE_PETS_CACHE or ~/.cache/tune_pets)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable images (listed on stderr) instead of failing")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="ViT: random backbone weights (offline tests); results are meaningless")
+    p.add_argument(
+        "--data-dir", default="data/oxford_pets", help="ImageFolder root (train/, test/)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="decode/feature cache (default $TUNE_PETS_CACHE or ~/.cache/tune_pets)",
+    )
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable images (listed on stderr) instead of failing",
+    )
+    p.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="ViT: random backbone weights (offline tests); results are meaningless",
+    )
     p.add_argument("--weights", default=None, help="ViT: local backbone weights file (offline use)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -379,10 +480,21 @@ def add_data_args(p: ArgumentParser) -> None:
 
 def config_from_args(args, base: RunConfig) -> RunConfig:
     """Apply the CLI's explicit flags on top of ``base`` and validate."""
-    changes = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "img_size", "seed",
-                                             "optimizer", "weight_decay", "label_smoothing",
-                                             "max_steps_per_epoch")
-               if getattr(args, k, None) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in (
+            "epochs",
+            "lr",
+            "batch_size",
+            "img_size",
+            "seed",
+            "optimizer",
+            "weight_decay",
+            "label_smoothing",
+            "max_steps_per_epoch",
+        )
+        if getattr(args, k, None) is not None
+    }
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
@@ -403,14 +515,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--max-steps-per-epoch", type=nonneg_int, help="cap steps per epoch (smoke runs)")
+    p.add_argument(
+        "--max-steps-per-epoch", type=nonneg_int, help="cap steps per epoch (smoke runs)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--val-fraction", type=fraction, default=0.2)
     p.add_argument("--run-name", default=None, help="TensorBoard run name (default: <model>)")
     p.add_argument("--artifacts-dir", default="artifacts")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--overfit-batches", type=positive_int, default=None,
-                   help="overfit check: memorize N batches, print pass/fail, exit 1 on fail")
+    p.add_argument(
+        "--overfit-batches",
+        type=positive_int,
+        default=None,
+        help="overfit check: memorize N batches, print pass/fail, exit 1 on fail",
+    )
     args = p.parse_args(argv)
 
     config = config_from_args(args, homework_defaults(args.model))
@@ -418,40 +536,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--img-size: the ViT probe uses the backbone's own input size (224)")
     device = resolve_device(args.device)
     out = Path(args.artifacts_dir) / cli_name(config.model)
-    data = load_fit_data(config, args.data_dir, val_fraction=args.val_fraction,
-                         split_file=out / "val_split.json", cache_dir=args.cache_dir,
-                         skip_bad=args.skip_bad_images, device=device,
-                         progress=not args.no_progress)
-    print(f"{cli_name(config.model)}: {data.info['n_train']} train / {data.info['n_val']} val "
-          f"images, {data.num_classes} classes, device {device}")
+    data = load_fit_data(
+        config,
+        args.data_dir,
+        val_fraction=args.val_fraction,
+        split_file=out / "val_split.json",
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_images,
+        device=device,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{cli_name(config.model)}: {data.info['n_train']} train / {data.info['n_val']} val "
+        f"images, {data.num_classes} classes, device {device}"
+    )
 
     if args.overfit_batches:
         ok, steps, acc = overfit_check(config, data, args.overfit_batches, device=device)
-        print(f"overfit check ({args.overfit_batches} batch(es)): {'PASS' if ok else 'FAIL'} "
-              f"- accuracy {acc:.3f} after {steps} steps")
+        print(
+            f"overfit check ({args.overfit_batches} batch(es)): {'PASS' if ok else 'FAIL'} "
+            f"- accuracy {acc:.3f} after {steps} steps"
+        )
         return 0 if ok else 1
 
     run_name = args.run_name or cli_name(config.model)
     tb_dir = Path(args.runs_dir) / run_name
 
     def log(metrics: dict, ckpt: dict | None) -> None:
-        val = (f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
-               f"val_macro_f1 {metrics['val_macro_f1']:.4f}" if "val_acc" in metrics else "")
-        print(f"epoch {metrics['epoch']:3d} train_loss {metrics['train_loss']:.4f} "
-              f"train_acc {metrics['train_acc']:.4f}{val} ({metrics['epoch_time_s']:.1f}s)"
-              f"{' *' if ckpt else ''}", flush=True)
+        val = (
+            f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
+            f"val_macro_f1 {metrics['val_macro_f1']:.4f}"
+            if "val_acc" in metrics
+            else ""
+        )
+        print(
+            f"epoch {metrics['epoch']:3d} train_loss {metrics['train_loss']:.4f} "
+            f"train_acc {metrics['train_acc']:.4f}{val} ({metrics['epoch_time_s']:.1f}s)"
+            f"{' *' if ckpt else ''}",
+            flush=True,
+        )
         if ckpt is not None:
             atomic_torch_save(ckpt, out / "checkpoint_best.pt")
 
     result = fit(config, data, log, device=device, tb_dir=tb_dir, progress=not args.no_progress)
-    atomic_write_json(out / "config.json", {"config": config.to_dict(), "data": data.info,
-                                            "preprocess": data.preprocess, "device": str(device),
-                                            "env": env_info()})
-    atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch,
-                                             "best": result.best_metrics,
-                                             "history": result.history})
-    print(f"best epoch {result.best_epoch}: {config.metric} "
-          f"{result.best_metrics.get(config.metric, float('nan')):.4f}; wrote {out}/ and {tb_dir}/")
+    atomic_write_json(
+        out / "config.json",
+        {
+            "config": config.to_dict(),
+            "data": data.info,
+            "preprocess": data.preprocess,
+            "device": str(device),
+            "env": env_info(),
+        },
+    )
+    atomic_write_json(
+        out / "metrics.json",
+        {"best_epoch": result.best_epoch, "best": result.best_metrics, "history": result.history},
+    )
+    print(
+        f"best epoch {result.best_epoch}: {config.metric} "
+        f"{result.best_metrics.get(config.metric, float('nan')):.4f}; wrote {out}/ and {tb_dir}/"
+    )
     return 0
 
 

@@ -25,8 +25,11 @@ class UserError(Exception):
     """An expected failure caused by input: printed as one line, exit code 2."""
 
 
-def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
-             prog: str = "tune_pets") -> None:
+def cli_main(
+    main: Callable[[Sequence[str] | None], int | None],
+    argv: Sequence[str] | None = None,
+    prog: str = "tune_pets",
+) -> None:
     """Run a CLI ``main`` and turn expected failures into one clear line and a non-zero exit.
 
     ``--debug`` anywhere in argv shows the full traceback instead.
@@ -42,8 +45,10 @@ def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; outputs written so far are complete (writes are atomic).",
-              file=sys.stderr)
+        print(
+            f"\n{prog}: interrupted; outputs written so far are complete (writes are atomic).",
+            file=sys.stderr,
+        )
         sys.exit(130)
     sys.exit(rc or 0)
 
@@ -131,10 +136,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
 
 
-def atomic_write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: Sequence[str] | None = None) -> None:
+def atomic_write_csv(
+    path: str | os.PathLike, rows: list[dict], fieldnames: Sequence[str] | None = None
+) -> None:
     fieldnames = list(fieldnames or (rows[0].keys() if rows else []))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
@@ -175,7 +184,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e}); delete it or pass another file") from None
+        raise UserError(
+            f"{what} {path} is not valid JSON ({e}); delete it or pass another file"
+        ) from None
 
 
 def upsert_csv_row(path: str | os.PathLike, row: dict, key: Sequence[str]) -> None:
@@ -230,8 +241,13 @@ def resolve_device(name: str = "auto"):
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
