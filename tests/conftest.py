@@ -17,19 +17,25 @@ SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared/data/oxford_pets_samp
 
 # One class name with a space, one with a space and a non-ASCII letter: both must survive the
 # scan, the label order, the CSV headers and the confusion-matrix plot.
-TINY_CLASSES = {"Abyssinian": (10, 4), "chat été": (10, 4), "golden retriever": (10, 4),
-                "pug": (10, 4)}
+TINY_CLASSES = {
+    "Abyssinian": (10, 4),
+    "chat été": (10, 4),
+    "golden retriever": (10, 4),
+    "pug": (10, 4),
+}
 
 
-def _write_image_folder(root: Path, classes: dict[str, tuple[int, int]], size: tuple[int, int],
-                        seed: int) -> Path:
+def _write_image_folder(
+    root: Path, classes: dict[str, tuple[int, int]], size: tuple[int, int], seed: int
+) -> Path:
     """Write ``root/{train,test}/<class>/<class>_<i>.jpg``: uniform noise over a strong
     class-dependent tint, so a small model can learn the classes in a few steps."""
     rng = np.random.default_rng(seed)
     w, h = size
     for k, (name, counts) in enumerate(classes.items()):
-        tint = np.array([(60 + 150 * ((k >> b) & 1) + 37 * k) % 256 for b in range(3)],
-                        dtype=np.float64)
+        tint = np.array(
+            [(60 + 150 * ((k >> b) & 1) + 37 * k) % 256 for b in range(3)], dtype=np.float64
+        )
         for split, n in zip(("train", "test"), counts, strict=True):
             if n == 0:
                 continue
@@ -47,8 +53,12 @@ def make_image_folder():
     """``make_image_folder(root, classes={"cat a": (n_train, n_test), ...}, size=(w, h), seed=0)``
     writes a real ImageFolder tree of JPEGs under ``root`` and returns ``root``."""
 
-    def make(root: str | Path, classes: dict[str, tuple[int, int]] | None = None,
-             size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    def make(
+        root: str | Path,
+        classes: dict[str, tuple[int, int]] | None = None,
+        size: tuple[int, int] = (48, 40),
+        seed: int = 0,
+    ) -> Path:
         return _write_image_folder(Path(root), dict(classes or TINY_CLASSES), size, seed)
 
     return make

@@ -7,8 +7,14 @@ import textwrap
 
 import pytest
 
-from tune_pets.config import (RunConfig, SearchSpec, canonical_model, homework_defaults,
-                              load_search_spec, validate_config)
+from tune_pets.config import (
+    RunConfig,
+    SearchSpec,
+    canonical_model,
+    homework_defaults,
+    load_search_spec,
+    validate_config,
+)
 from tune_pets.utils import UserError
 
 
@@ -16,7 +22,13 @@ from tune_pets.utils import UserError
 def test_homework_defaults_cnn():
     c = homework_defaults("cnn")
     assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs, c.scheduler) == (
-        "cnn", "adamw", 1e-3, 32, 50, "cosine")
+        "cnn",
+        "adamw",
+        1e-3,
+        32,
+        50,
+        "cosine",
+    )
     assert (c.depth, c.width, c.dropout) == (3, 64, 0.2)
     assert validate_config(c) == c
 
@@ -25,7 +37,12 @@ def test_homework_defaults_cnn():
 def test_homework_defaults_vit(name):
     c = homework_defaults(name)
     assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs) == (
-        "vit_probe", "adam", 1e-3, 32, 10)
+        "vit_probe",
+        "adam",
+        1e-3,
+        32,
+        10,
+    )
     assert c.backbone == "vit_tiny_patch16_224"
     assert validate_config(c) == c
 
@@ -40,14 +57,34 @@ def test_unknown_model_name_lists_valid_ones():
         canonical_model("resnet")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("epochs", 0), ("epochs", 2.5), ("epochs", "5"), ("epochs", True),
-    ("batch_size", -1), ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", "1e-3"),
-    ("lr", 100.0), ("momentum", 1.5), ("dropout", 1.0), ("hflip", -0.1),
-    ("aug_scale_min", 0.0), ("img_size", 8), ("depth", 0), ("optimizer", "rmsprop"),
-    ("scheduler", "step"), ("pooling", "max"), ("metric", "test_acc"), ("model", "resnet"),
-    ("pretrained", "yes"), ("backbone", 3),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("epochs", 0),
+        ("epochs", 2.5),
+        ("epochs", "5"),
+        ("epochs", True),
+        ("batch_size", -1),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lr", float("nan")),
+        ("lr", "1e-3"),
+        ("lr", 100.0),
+        ("momentum", 1.5),
+        ("dropout", 1.0),
+        ("hflip", -0.1),
+        ("aug_scale_min", 0.0),
+        ("img_size", 8),
+        ("depth", 0),
+        ("optimizer", "rmsprop"),
+        ("scheduler", "step"),
+        ("pooling", "max"),
+        ("metric", "test_acc"),
+        ("model", "resnet"),
+        ("pretrained", "yes"),
+        ("backbone", 3),
+    ],
+)
 def test_validate_config_rejects_bad_values_naming_the_key(key, value):
     with pytest.raises(UserError) as e:
         validate_config(RunConfig().replace(**{key: value}), "my.json")
@@ -140,22 +177,24 @@ def test_load_valid_spec(tmp_path):
 
 
 def test_load_vit_spec_uses_registry_name(tmp_path):
-    spec = load_search_spec(write(tmp_path, """\
+    text = """\
         model: vit
         space:
           pooling: {choice: [cls, mean, both]}
-        """))
+    """
+    spec = load_search_spec(write(tmp_path, text))
     assert spec.model == "vit_probe"
     assert spec.space["pooling"] == ("choice", ["cls", "mean", "both"])
 
 
 def test_choice_values_written_yaml11_style_become_numbers(tmp_path):
     """`choice: [1e-4, 1e-3]` must give numbers to the trials, as loguniform bounds do."""
-    spec = load_search_spec(write(tmp_path, """\
+    text = """\
         model: cnn
         space:
           weight_decay: {choice: [1e-4, 1e-3, 0.0]}
-        """))
+    """
+    spec = load_search_spec(write(tmp_path, text))
     _, values = spec.space["weight_decay"]
     assert values == [1e-4, 1e-3, 0.0]
     assert all(isinstance(v, float) for v in values), values
@@ -163,31 +202,60 @@ def test_choice_values_written_yaml11_style_become_numbers(tmp_path):
 
 BAD_SPECS = [
     ("unknown top-level key", "model: cnn\nsamples: 3\n", ["samples"]),
-    ("unknown sampler", "model: cnn\nspace:\n  lr: {lognormal: [1.0e-4, 1.0e-2]}\n",
-     ["space.lr", "lognormal"]),
-    ("low >= high", "model: cnn\nspace:\n  dropout: {uniform: [0.5, 0.1]}\n",
-     ["space.dropout", "low"]),
+    (
+        "unknown sampler",
+        "model: cnn\nspace:\n  lr: {lognormal: [1.0e-4, 1.0e-2]}\n",
+        ["space.lr", "lognormal"],
+    ),
+    (
+        "low >= high",
+        "model: cnn\nspace:\n  dropout: {uniform: [0.5, 0.1]}\n",
+        ["space.dropout", "low"],
+    ),
     ("low == high", "model: cnn\nspace:\n  lr: {loguniform: [1.0e-3, 1.0e-3]}\n", ["space.lr"]),
-    ("non-numeric bound", "model: cnn\nspace:\n  lr: {loguniform: [small, 1.0e-2]}\n",
-     ["space.lr", "small"]),
-    ("space key not a config field", "model: cnn\nspace:\n  learning_rate: {uniform: [0, 1]}\n",
-     ["space.learning_rate", "learning_rate"]),
-    ("fixed key not a config field", "model: cnn\nfixed:\n  learning_rate: 0.1\n",
-     ["fixed.learning_rate"]),
-    ("loguniform low <= 0", "model: cnn\nspace:\n  lr: {loguniform: [0.0, 1.0e-2]}\n",
-     ["space.lr", "> 0"]),
-    ("both fixed and searched",
-     "model: cnn\nfixed:\n  lr: 1.0e-3\nspace:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n",
-     ["lr", "both fixed and searched"]),
-    ("sampler value out of the config's range",
-     "model: cnn\nspace:\n  dropout: {uniform: [0.0, 1.5]}\n", ["space.dropout", "dropout"]),
-    ("bad choice value", "model: cnn\nspace:\n  optimizer: {choice: [adamw, rmsprop]}\n",
-     ["space.optimizer", "rmsprop"]),
+    (
+        "non-numeric bound",
+        "model: cnn\nspace:\n  lr: {loguniform: [small, 1.0e-2]}\n",
+        ["space.lr", "small"],
+    ),
+    (
+        "space key not a config field",
+        "model: cnn\nspace:\n  learning_rate: {uniform: [0, 1]}\n",
+        ["space.learning_rate", "learning_rate"],
+    ),
+    (
+        "fixed key not a config field",
+        "model: cnn\nfixed:\n  learning_rate: 0.1\n",
+        ["fixed.learning_rate"],
+    ),
+    (
+        "loguniform low <= 0",
+        "model: cnn\nspace:\n  lr: {loguniform: [0.0, 1.0e-2]}\n",
+        ["space.lr", "> 0"],
+    ),
+    (
+        "both fixed and searched",
+        "model: cnn\nfixed:\n  lr: 1.0e-3\nspace:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n",
+        ["lr", "both fixed and searched"],
+    ),
+    (
+        "sampler value out of the config's range",
+        "model: cnn\nspace:\n  dropout: {uniform: [0.0, 1.5]}\n",
+        ["space.dropout", "dropout"],
+    ),
+    (
+        "bad choice value",
+        "model: cnn\nspace:\n  optimizer: {choice: [adamw, rmsprop]}\n",
+        ["space.optimizer", "rmsprop"],
+    ),
     ("wrong arity", "model: cnn\nspace:\n  lr: {uniform: [0.1]}\n", ["space.lr", "2 numbers"]),
     ("not a sampler mapping", "model: cnn\nspace:\n  lr: 0.1\n", ["space.lr"]),
     ("bool bound", "model: cnn\nspace:\n  dropout: {uniform: [false, 0.5]}\n", ["space.dropout"]),
-    ("randint with fractional bound", "model: cnn\nspace:\n  depth: {randint: [1, 3.5]}\n",
-     ["space.depth", "integers"]),
+    (
+        "randint with fractional bound",
+        "model: cnn\nspace:\n  depth: {randint: [1, 3.5]}\n",
+        ["space.depth", "integers"],
+    ),
     ("bad metric", "model: cnn\nmetric: test_acc\n", ["metric", "test_acc"]),
     ("bad mode", "model: cnn\nmode: biggest\n", ["mode", "biggest"]),
     ("bad num_samples", "model: cnn\nnum_samples: 0\n", ["num_samples"]),
@@ -196,8 +264,9 @@ BAD_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("text, must_contain", [(t, m) for _, t, m in BAD_SPECS],
-                         ids=[i for i, _, _ in BAD_SPECS])
+@pytest.mark.parametrize(
+    "text, must_contain", [(t, m) for _, t, m in BAD_SPECS], ids=[i for i, _, _ in BAD_SPECS]
+)
 def test_bad_spec_error_names_file_and_key(tmp_path, text, must_contain):
     path = write(tmp_path, text)
     with pytest.raises(UserError) as e:
@@ -209,13 +278,14 @@ def test_bad_spec_error_names_file_and_key(tmp_path, text, must_contain):
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
-    path = write(tmp_path, """\
+    text = """\
         model: cnn
         space:
           lr: {loguniform: [1.0e-4, 1.0e-2]}
           dropout: [uniform: 0.1
         metric: val_acc
-        """)
+    """
+    path = write(tmp_path, text)
     with pytest.raises(UserError) as e:
         load_search_spec(path)
     msg = str(e.value)
@@ -242,8 +312,7 @@ def test_unknown_model_in_spec_names_the_file(tmp_path):
     assert str(path) in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("fixed", ["lr: -1.0", "epochs: 0", "optimizer: rmsprop",
-                                   "dropout: 2.0"])
+@pytest.mark.parametrize("fixed", ["lr: -1.0", "epochs: 0", "optimizer: rmsprop", "dropout: 2.0"])
 def test_invalid_fixed_value_is_rejected_without_a_space(tmp_path, fixed):
     """Fixed values go into every trial's config: a bad one must fail at load time, not in the
     middle of a search (today they are only checked when some `space` key exists)."""
@@ -255,11 +324,12 @@ def test_invalid_fixed_value_is_rejected_without_a_space(tmp_path, fixed):
 
 
 def test_fixed_value_checked_against_the_space_bounds(tmp_path):
-    path = write(tmp_path, """\
+    text = """\
         model: cnn
         fixed: {epochs: 5}
         space:
           warmup_epochs: {choice: [0, 5]}
-        """)
+    """
+    path = write(tmp_path, text)
     with pytest.raises(UserError, match="warmup_epochs"):
         load_search_spec(path)

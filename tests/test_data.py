@@ -11,10 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
-from tune_pets.data import (CNN_MEAN, CNN_STD, BadImageError, cache_res, eval_transform,
-                            load_or_make_val_split, load_rgb, load_split,
-                            random_resized_crop_params, scan_split, stratified_split,
-                            train_augment)
+from tune_pets.data import (
+    CNN_MEAN,
+    CNN_STD,
+    BadImageError,
+    cache_res,
+    eval_transform,
+    load_or_make_val_split,
+    load_rgb,
+    load_split,
+    random_resized_crop_params,
+    scan_split,
+    stratified_split,
+    train_augment,
+)
 from tune_pets.utils import UserError
 
 
@@ -57,19 +67,28 @@ def _png16(p):
 
 
 def _la_png(p):
-    Image.fromarray(np.dstack([_noise(30, 40, 1)[..., 0], np.full((30, 40), 128, np.uint8)]),
-                    "LA").save(p, "PNG")
+    Image.fromarray(
+        np.dstack([_noise(30, 40, 1)[..., 0], np.full((30, 40), 128, np.uint8)]), "LA"
+    ).save(p, "PNG")
 
 
 def _bilevel(p):
     Image.fromarray(_noise(30, 40, 1)[..., 0] > 127).save(p, "PNG")
 
 
-@pytest.mark.parametrize("name, write", [
-    ("a.gif", _gif), ("rgba.jpg", _rgba_png_named_jpg), ("pal.png", _palette_png_with_transparency),
-    ("gray.jpg", _grayscale), ("cmyk.jpg", _cmyk_jpeg), ("deep.png", _png16), ("la.png", _la_png),
-    ("bw.png", _bilevel),
-])
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("a.gif", _gif),
+        ("rgba.jpg", _rgba_png_named_jpg),
+        ("pal.png", _palette_png_with_transparency),
+        ("gray.jpg", _grayscale),
+        ("cmyk.jpg", _cmyk_jpeg),
+        ("deep.png", _png16),
+        ("la.png", _la_png),
+        ("bw.png", _bilevel),
+    ],
+)
 def test_load_rgb_any_mode_gives_rgb(tmp_path, name, write):
     p = tmp_path / name
     write(p)
@@ -84,7 +103,7 @@ def test_load_rgb_rgba_composites_over_white(tmp_path):
     p = tmp_path / "rgba.jpg"
     _rgba_png_named_jpg(p)
     arr = np.asarray(load_rgb(p))
-    assert (arr[:10] == 255).all()          # transparent -> white, not black
+    assert (arr[:10] == 255).all()  # transparent -> white, not black
     assert (arr[10:] != 255).any()
 
 
@@ -123,6 +142,15 @@ def test_load_rgb_truncated_jpeg(tmp_path, keep):
     data = p.read_bytes()
     p.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(BadImageError, match=r"cut\.jpg"):
+        load_rgb(p)
+
+
+@pytest.mark.parametrize("limit", [1000, 500])  # 1200 px: over the limit (warning), over 2x
+def test_load_rgb_refuses_decompression_bombs(tmp_path, monkeypatch, limit):
+    p = tmp_path / "big.png"
+    Image.fromarray(_noise(30, 40)).save(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(BadImageError, match=r"big\.png.*decompression bomb"):
         load_rgb(p)
 
 
@@ -191,6 +219,14 @@ def test_load_split_missing_train_dir(tmp_path, cache_dir):
         load_split(tmp_path / "d", "train", 36, cache_dir=cache_dir)
 
 
+def test_load_split_needs_a_heldout_split(tmp_path, make_image_folder, cache_dir):
+    root = make_image_folder(tmp_path / "d", {"a": (2, 0)})
+    with pytest.raises(UserError, match="held-out"):
+        load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+    (root / "val").mkdir()  # the homework's name for it is accepted too
+    assert len(load_split(root, "train", 24, cache_dir=cache_dir, progress=False)) == 2
+
+
 # ---------------------------------------------------------------- load_split and its cache
 def test_load_split_shapes_and_labels(tiny_data, cache_dir):
     s = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
@@ -203,8 +239,7 @@ def test_load_split_shapes_and_labels(tiny_data, cache_dir):
     # Each class's tint survives decoding: images are not blank.
     means = np.stack([s.images[s.labels == c].mean(axis=(0, 1, 2)) for c in range(4)])
     assert np.unique(means.round(), axis=0).shape[0] == 4
-    test = load_split(tiny_data, "test", 36, cache_dir=cache_dir, classes=s.classes,
-                      progress=False)
+    test = load_split(tiny_data, "test", 36, cache_dir=cache_dir, classes=s.classes, progress=False)
     assert len(test) == 16 and test.classes == s.classes
 
 
@@ -244,9 +279,58 @@ def test_load_split_center_crops_the_shorter_side(tmp_path, cache_dir):
     arr[:, 20:60] = (0, 255, 0)
     arr[:, 60:] = (0, 0, 255)
     Image.fromarray(arr).save(root / "train" / "a" / "x.png")
+    (root / "test" / "a").mkdir(parents=True)
     img = load_split(root, "train", 20, cache_dir=cache_dir, progress=False).images[0]
     assert img.shape == (20, 20, 3)
     assert (img[..., 1] > 200).all()  # only the green center is kept
+
+
+def test_odd_files_decode_through_the_cache(tmp_path, cache_dir):
+    """Every odd format goes through decode_square (JPEG draft mode included) to RGB squares;
+    an EXIF-rotated photo is cached upright."""
+    root = tmp_path / "d"
+    folder = root / "train" / "a"
+    folder.mkdir(parents=True)
+    (root / "test").mkdir()
+    for name, write in [
+        ("a.gif", _gif),
+        ("rgba.jpg", _rgba_png_named_jpg),
+        ("pal.png", _palette_png_with_transparency),
+        ("gray.jpg", _grayscale),
+        ("cmyk.jpg", _cmyk_jpeg),
+        ("deep.png", _png16),
+    ]:
+        write(folder / name)
+    stored = np.zeros((40, 80, 3), np.uint8)  # stored sideways: left half red, right half blue
+    stored[:, :40] = (255, 0, 0)
+    stored[:, 40:] = (0, 0, 255)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: red on top, blue below
+    img.save(folder / "rotated.jpg", "JPEG", exif=exif, quality=95)
+
+    s = load_split(root, "train", 12, cache_dir=cache_dir, progress=False)
+    assert len(s) == 7 and s.images.shape == (7, 12, 12, 3) and not s.skipped
+    up = s.images[s.paths.index("train/a/rotated.jpg")].astype(int)
+    assert (up[:5, :, 0] > 200).all() and (up[:5, :, 2] < 60).all()  # top rows red
+    assert (up[-5:, :, 2] > 200).all() and (up[-5:, :, 0] < 60).all()  # bottom rows blue
+
+
+def test_parallel_decode_matches_serial(tmp_path, make_image_folder):
+    """Over 64 files the decode runs in worker processes: same arrays, same bad-file report."""
+    root = make_image_folder(tmp_path / "d", {"a": (36, 1), "b": (36, 1)})
+    (root / "train" / "b" / "zero.jpg").write_bytes(b"")
+    serial = load_split(
+        root, "train", 16, cache_dir=tmp_path / "c1", skip_bad=True, workers=1, progress=False
+    )
+    parallel = load_split(
+        root, "train", 16, cache_dir=tmp_path / "c2", skip_bad=True, workers=2, progress=False
+    )
+    assert len(parallel) == 72
+    np.testing.assert_array_equal(serial.images, parallel.images)
+    np.testing.assert_array_equal(serial.labels, parallel.labels)
+    assert serial.paths == parallel.paths
+    assert serial.skipped == parallel.skipped and "zero.jpg" in parallel.skipped[0]
 
 
 def test_skip_bad_images(tmp_path, make_image_folder, cache_dir):
@@ -362,32 +446,54 @@ def test_train_augment_shape_finite_and_seeded():
 def test_train_augment_without_randomness_is_the_eval_view():
     """scale (1, 1) and no flip on a square image: the whole image, no distortion."""
     x = _batch(res=32)
-    aug = train_augment(x, 32, CNN_MEAN, CNN_STD, scale_min=1.0, hflip=0.0,
-                        generator=torch.Generator().manual_seed(0))
+    aug = train_augment(
+        x,
+        32,
+        CNN_MEAN,
+        CNN_STD,
+        scale_min=1.0,
+        hflip=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     ref = eval_transform(x, 32, 1.0, CNN_MEAN, CNN_STD)
     torch.testing.assert_close(aug, ref, atol=1e-5, rtol=0)
-    flipped = train_augment(x, 32, CNN_MEAN, CNN_STD, scale_min=1.0, hflip=1.0,
-                            generator=torch.Generator().manual_seed(0))
+    flipped = train_augment(
+        x,
+        32,
+        CNN_MEAN,
+        CNN_STD,
+        scale_min=1.0,
+        hflip=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(flipped, ref.flip(-1), atol=1e-5, rtol=0)
 
 
 def test_train_augment_resize_matches_eval_resize_on_smooth_images():
     x = _smooth_batch(res=36)
-    aug = train_augment(x, 32, CNN_MEAN, CNN_STD, scale_min=1.0, hflip=0.0,
-                        generator=torch.Generator().manual_seed(0))
+    aug = train_augment(
+        x,
+        32,
+        CNN_MEAN,
+        CNN_STD,
+        scale_min=1.0,
+        hflip=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     ref = eval_transform(x, 32, 1.0, CNN_MEAN, CNN_STD)
     assert (aug - ref).abs().mean() < 0.02
     assert (aug - ref).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("size, crop_pct", [(32, 0.875), (40, 0.875), (224, 0.875), (224, 0.9),
-                                            (33, 0.9)])
+@pytest.mark.parametrize(
+    "size, crop_pct", [(32, 0.875), (40, 0.875), (224, 0.875), (224, 0.9), (33, 0.9)]
+)
 def test_eval_transform_is_an_exact_center_crop_of_the_cache(size, crop_pct):
     res = cache_res(size, crop_pct)
     x = _batch(n=2, res=res)
     out = eval_transform(x, size, crop_pct, CNN_MEAN, CNN_STD)
     top = (res - size) // 2
-    crop = x[:, top:top + size, top:top + size].permute(0, 3, 1, 2).float() / 255.0
+    crop = x[:, top : top + size, top : top + size].permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(CNN_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CNN_STD).view(1, 3, 1, 1)
     assert out.shape == (2, 3, size, size)
@@ -398,18 +504,37 @@ def test_eval_transform_from_a_larger_cache_resizes():
     x = _smooth_batch(res=72)  # cache built for img_size 64, eval at 32
     out = eval_transform(x, 32, 0.875, CNN_MEAN, CNN_STD)
     assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
-    ref = eval_transform(torch.from_numpy(np.stack([
-        np.asarray(Image.fromarray(im).resize((36, 36), Image.Resampling.BILINEAR))
-        for im in x.numpy()])), 32, 0.875, CNN_MEAN, CNN_STD)
+    ref = eval_transform(
+        torch.from_numpy(
+            np.stack(
+                [
+                    np.asarray(Image.fromarray(im).resize((36, 36), Image.Resampling.BILINEAR))
+                    for im in x.numpy()
+                ]
+            )
+        ),
+        32,
+        0.875,
+        CNN_MEAN,
+        CNN_STD,
+    )
     assert (out - ref).abs().mean() < 0.03
 
 
-@pytest.mark.parametrize("h, w, scale", [(36, 36, (0.08, 1.0)), (30, 50, (0.08, 1.0)),
-                                         (50, 30, (0.5, 1.0)), (7, 300, (0.9, 1.0)),
-                                         (36, 36, (1.0, 1.0))])
+@pytest.mark.parametrize(
+    "h, w, scale",
+    [
+        (36, 36, (0.08, 1.0)),
+        (30, 50, (0.08, 1.0)),
+        (50, 30, (0.5, 1.0)),
+        (7, 300, (0.9, 1.0)),
+        (36, 36, (1.0, 1.0)),
+    ],
+)
 def test_random_resized_crop_boxes_stay_inside(h, w, scale):
-    x0, y0, cw, ch = random_resized_crop_params(2000, h, w, scale,
-                                                generator=torch.Generator().manual_seed(0))
+    x0, y0, cw, ch = random_resized_crop_params(
+        2000, h, w, scale, generator=torch.Generator().manual_seed(0)
+    )
     for t in (x0, y0, cw, ch):
         assert t.shape == (2000,)
         assert torch.equal(t, t.round())
@@ -425,19 +550,21 @@ def test_random_resized_crop_boxes_stay_inside(h, w, scale):
 
 
 # ---------------------------------------------------------------- the real sample
-@pytest.mark.slow
 def test_real_sample_decodes(sample_dir, cache_dir):
     train = load_split(sample_dir, "train", 40, cache_dir=cache_dir, progress=False)
     assert len(train) == 570 and len(train.classes) == 37
     assert train.images.shape == (570, 40, 40, 3) and train.images.dtype == np.uint8
     assert "train/Abyssinian/Abyssinian_34.jpg" in train.paths  # a GIF named .jpg
     assert not train.skipped
-    test = load_split(sample_dir, "test", 40, cache_dir=cache_dir, classes=train.classes,
-                      progress=False)
+    test = load_split(
+        sample_dir, "test", 40, cache_dir=cache_dir, classes=train.classes, progress=False
+    )
     assert len(test) == 411
     assert "test/Abyssinian/Abyssinian_5.jpg" in test.paths  # an RGBA PNG named .jpg
-    for split, rel in ((train, "train/Abyssinian/Abyssinian_34.jpg"),
-                       (test, "test/Abyssinian/Abyssinian_5.jpg")):
+    for split, rel in (
+        (train, "train/Abyssinian/Abyssinian_34.jpg"),
+        (test, "test/Abyssinian/Abyssinian_5.jpg"),
+    ):
         img = split.images[split.paths.index(rel)]
         assert img.std() > 10  # a photo, not a blank square
     assert Image.open(sample_dir / "train/Abyssinian/Abyssinian_34.jpg").format == "GIF"

@@ -1,4 +1,4 @@
-"""Evaluation: the metric functions, and the evaluate CLI on checkpoints made by the train CLI."""
+"""Evaluation: the metric functions, and the evaluate CLI on real checkpoints and tiny data."""
 
 from __future__ import annotations
 
@@ -14,10 +14,20 @@ import torch
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from tune_pets import train
-from tune_pets.evaluate import (classification_metrics, confusion, evaluate_checkpoint,
-                                load_checkpoint, main, model_from_checkpoint, most_confused,
-                                per_class_rows, write_confusion)
+from tune_pets.config import homework_defaults
+from tune_pets.evaluate import (
+    classification_metrics,
+    confusion,
+    evaluate_checkpoint,
+    load_checkpoint,
+    main,
+    model_from_checkpoint,
+    most_confused,
+    per_class_rows,
+    write_confusion,
+)
+from tune_pets.models import data_config
+from tune_pets.train import FitData, fit, load_fit_data
 from tune_pets.utils import UserError, atomic_torch_save, cli_main
 
 CLASSES = ["Abyssinian", "chat été", "golden retriever", "pug"]
@@ -60,15 +70,19 @@ def test_confusion_and_per_class_rows():
     assert rows[0]["precision"] == pytest.approx(0.5) and rows[1]["recall"] == pytest.approx(2 / 3)
     assert rows[2]["f1"] == 0 and rows[3]["f1"] == 0
     assert sorted(most_confused(cm, ["a", "b", "c", "d"])) == [
-        ("a", "b", 1), ("b", "a", 1), ("c", "b", 1)]
+        ("a", "b", 1),
+        ("b", "a", 1),
+        ("c", "b", 1),
+    ]
     big = np.array([[5, 3, 0], [1, 5, 7], [2, 0, 5]])
     assert most_confused(big, ["x", "y", "z"], k=2) == [("y", "z", 7), ("x", "y", 3)]
 
 
 def test_write_confusion_files(tmp_path):
     cm = np.array([[3, 1], [0, 4]])
-    write_confusion(cm, ["chat été", "golden retriever"], tmp_path / "c.csv", tmp_path / "c.png",
-                    "title")
+    write_confusion(
+        cm, ["chat été", "golden retriever"], tmp_path / "c.csv", tmp_path / "c.png", "title"
+    )
     rows = read_csv(tmp_path / "c.csv")
     assert list(rows[0]) == ["true\\pred", "chat été", "golden retriever"]
     assert [[int(r[c]) for c in ("chat été", "golden retriever")] for r in rows] == cm.tolist()
@@ -76,32 +90,61 @@ def test_write_confusion_files(tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
 
 
-# ---------------------------------------------------------------- checkpoints from the train CLI
+# ---------------------------------------------------------------- checkpoints, then the CLI
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    """A CNN and a ViT-probe checkpoint, made by the train CLI's ``main`` in process."""
+    """A CNN and a ViT-probe checkpoint, made as the train CLI makes them (``fit`` +
+    ``atomic_torch_save``; the train CLI itself is covered in test_train.py). The probe head is
+    fit on random features: evaluate must not care, and no backbone runs over the train split."""
     work = tmp_path_factory.mktemp("evaluate")
-    common = ["--data-dir", str(tiny_data), "--epochs", "2", "--batch-size", "8", "--cache-dir",
-              str(work / "cache"), "--artifacts-dir", str(work / "artifacts"), "--runs-dir",
-              str(work / "runs"), "--no-progress"]
-    assert train.main(["cnn", "--img-size", "32", *common]) == 0
-    assert train.main(["vit", "--no-pretrained", *common]) == 0
-    art = work / "artifacts"
-    return SimpleNamespace(work=work, artifacts=art, cache=work / "cache",
-                           cnn=art / "cnn" / "checkpoint_best.pt",
-                           vit=art / "vit" / "checkpoint_best.pt")
+    art, cache = work / "artifacts", work / "cache"
+    cnn = homework_defaults("cnn").replace(img_size=32, epochs=2, batch_size=8)
+    data = load_fit_data(
+        cnn, tiny_data, split_file=art / "cnn" / "val_split.json", cache_dir=cache, progress=False
+    )
+    atomic_torch_save(fit(cnn, data).checkpoint, art / "cnn" / "checkpoint_best.pt")
+    vit = homework_defaults("vit").replace(pretrained=False, epochs=2, batch_size=8)
+    x = np.random.default_rng(0).normal(size=(1, 32, 2, 192)).astype(np.float32)
+    y = np.arange(32) % 4
+    feats = FitData("features", data.classes, x, y, x[0, :8], y[:8], data_config(vit))
+    atomic_torch_save(fit(vit, feats).checkpoint, art / "vit" / "checkpoint_best.pt")
+    return SimpleNamespace(
+        work=work,
+        artifacts=art,
+        cache=cache,
+        cnn=art / "cnn" / "checkpoint_best.pt",
+        vit=art / "vit" / "checkpoint_best.pt",
+    )
 
 
 def evaluate_argv(model, ckpt, data_dir, trained, *extra) -> list[str]:
-    return [model, "--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--artifacts-dir",
-            str(trained.artifacts), "--cache-dir", str(trained.cache), "--no-progress", *extra]
+    return [
+        model,
+        "--checkpoint",
+        str(ckpt),
+        "--data-dir",
+        str(data_dir),
+        "--artifacts-dir",
+        str(trained.artifacts),
+        "--cache-dir",
+        str(trained.cache),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run_evaluate(argv: list[str], cwd) -> subprocess.CompletedProcess:
     """``python -m tune_pets.evaluate ARGV`` in a fresh interpreter; output decoded as UTF-8."""
-    return subprocess.run([sys.executable, "-m", "tune_pets.evaluate", *argv], cwd=cwd,
-                          capture_output=True, text=True, encoding="utf-8", errors="replace",
-                          timeout=240, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    return subprocess.run(
+        [sys.executable, "-m", "tune_pets.evaluate", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=240,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
 
 
 def expect_exit_2(argv, capsys, *needles) -> str:
@@ -117,8 +160,9 @@ def expect_exit_2(argv, capsys, *needles) -> str:
 
 @pytest.mark.slow
 def test_evaluate_cli_cnn(trained, tiny_data):
-    proc = run_evaluate(evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "test"),
-                        cwd=trained.work)
+    proc = run_evaluate(
+        evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "test"), cwd=trained.work
+    )
     assert proc.returncode == 0, proc.stderr
     assert "16 images" in proc.stdout
     art = trained.artifacts
@@ -141,31 +185,43 @@ def test_evaluate_cli_cnn(trained, tiny_data):
 
     # metrics.csv is upserted: scoring again replaces the row instead of adding one.
     ckpt = load_checkpoint(trained.cnn, "cnn")
-    again = evaluate_checkpoint(ckpt, tiny_data, "test", art, cache_dir=trained.cache,
-                                progress=False)
+    again = evaluate_checkpoint(
+        ckpt, tiny_data, "test", art, cache_dir=trained.cache, progress=False
+    )
     assert again["test_acc"] == pytest.approx(acc, abs=1e-6)
     assert [(r["model"], r["split"]) for r in read_csv(art / "metrics.csv")].count(
-        ("cnn", "test")) == 1
+        ("cnn", "test")
+    ) == 1
 
 
-def test_evaluate_vit_matches_the_full_model_on_images(trained, tiny_data):
+def test_evaluate_vit_matches_the_full_model_on_images(trained, tmp_path, make_image_folder):
     """The probe is scored on cached backbone features; the full model (backbone + head) run on
     the eval-transformed images must give the same predictions."""
     from tune_pets.data import cache_res, eval_transform, load_split
 
+    # 2 test images per class (fewer ViT forwards on a CPU), the same class names.
+    data_dir = make_image_folder(tmp_path / "d", {c: (1, 2) for c in CLASSES}, seed=5)
     ckpt = load_checkpoint(trained.vit, "vit_probe")
     assert ckpt["scope"] == "head"
-    out = evaluate_checkpoint(ckpt, tiny_data, "test", trained.artifacts,
-                              cache_dir=trained.cache, progress=False)
-    assert out["n_images"] == 16
+    out = evaluate_checkpoint(
+        ckpt, data_dir, "test", trained.artifacts, cache_dir=trained.cache, progress=False
+    )
+    assert out["n_images"] == 8
     model, config = model_from_checkpoint(ckpt)
     assert config.pretrained is False
     pre = ckpt["preprocess"]
-    test = load_split(tiny_data, "test", cache_res(pre["img_size"], pre["crop_pct"]),
-                      interpolation=pre["interpolation"], cache_dir=trained.cache,
-                      classes=ckpt["classes"], progress=False)
-    x = eval_transform(torch.from_numpy(test.images), pre["img_size"], pre["crop_pct"],
-                       pre["mean"], pre["std"])
+    test = load_split(
+        data_dir,
+        "test",
+        cache_res(pre["img_size"], pre["crop_pct"]),
+        interpolation=pre["interpolation"],
+        cache_dir=trained.cache,
+        classes=ckpt["classes"],
+        progress=False,
+    )
+    x = eval_transform(
+        torch.from_numpy(test.images), pre["img_size"], pre["crop_pct"], pre["mean"], pre["std"]
+    )
     with torch.no_grad():
         preds = model.eval()(x).argmax(1).numpy()
     assert out["test_acc"] == pytest.approx(float((preds == test.labels).mean()))
@@ -173,13 +229,17 @@ def test_evaluate_vit_matches_the_full_model_on_images(trained, tiny_data):
     assert ("vit", "test") in rows
     cm_rows = read_csv(trained.artifacts / "confusion_vit.csv")
     cells = np.array([[int(r[c]) for c in CLASSES] for r in cm_rows])
-    assert cells.sum() == 16
+    assert cells.sum() == 8
     assert np.trace(cells) == int((preds == test.labels).sum())
 
 
 def test_vit_checkpoint_passed_as_cnn(trained, tiny_data, capsys):
-    expect_exit_2(evaluate_argv("cnn", trained.vit, tiny_data, trained), capsys,
-                  "holds a vit model", str(trained.vit))
+    expect_exit_2(
+        evaluate_argv("cnn", trained.vit, tiny_data, trained),
+        capsys,
+        "holds a vit model",
+        str(trained.vit),
+    )
 
 
 def test_corrupted_checkpoint(trained, tiny_data, tmp_path, capsys):
@@ -203,23 +263,33 @@ def test_truncated_and_foreign_checkpoints(trained, tiny_data, tmp_path, capsys)
     expect_exit_2(evaluate_argv("cnn", cut, tiny_data, trained), capsys, "cut.pt")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    expect_exit_2(evaluate_argv("cnn", foreign, tiny_data, trained), capsys,
-                  "not a tune_pets checkpoint")
-    expect_exit_2(evaluate_argv("cnn", tmp_path / "missing.pt", tiny_data, trained), capsys,
-                  "not found")
+    expect_exit_2(
+        evaluate_argv("cnn", foreign, tiny_data, trained), capsys, "not a tune_pets checkpoint"
+    )
+    expect_exit_2(
+        evaluate_argv("cnn", tmp_path / "missing.pt", tiny_data, trained), capsys, "not found"
+    )
 
 
 def test_evaluate_cli_bad_data_dir_and_split(trained, tmp_path, capsys):
-    expect_exit_2(evaluate_argv("cnn", trained.cnn, tmp_path / "nowhere", trained), capsys,
-                  "--data-dir")
+    expect_exit_2(
+        evaluate_argv("cnn", trained.cnn, tmp_path / "nowhere", trained), capsys, "--data-dir"
+    )
     (tmp_path / "only_test" / "test" / "pug").mkdir(parents=True)
-    expect_exit_2(evaluate_argv("cnn", trained.cnn, tmp_path / "only_test", trained), capsys,
-                  "--data-dir", "train/")
+    expect_exit_2(
+        evaluate_argv("cnn", trained.cnn, tmp_path / "only_test", trained),
+        capsys,
+        "--data-dir",
+        "train/",
+    )
 
 
 def test_evaluate_missing_split_folder(trained, tiny_data, capsys):
-    expect_exit_2(evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "holdout"),
-                  capsys, "--split holdout")
+    expect_exit_2(
+        evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "holdout"),
+        capsys,
+        "--split holdout",
+    )
 
 
 def test_weights_that_do_not_fit_the_model(trained, tmp_path):

@@ -15,8 +15,15 @@ import pytest
 import torch
 
 from tune_pets.config import homework_defaults
-from tune_pets.train import (FitData, NonFiniteLossError, fit, load_fit_data, lr_factor, main,
-                             overfit_check)
+from tune_pets.train import (
+    FitData,
+    NonFiniteLossError,
+    fit,
+    load_fit_data,
+    lr_factor,
+    main,
+    overfit_check,
+)
 from tune_pets.utils import atomic_torch_save, cli_main
 
 METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "epoch_time_s")
@@ -25,14 +32,22 @@ CNN = homework_defaults("cnn").replace(img_size=32, epochs=2, batch_size=8, widt
 
 def run_module(*args, cwd, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -m <args>`` in ``cwd``; output decoded as UTF-8."""
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, encoding="utf-8", errors="replace", timeout=timeout,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc
 
 
@@ -50,8 +65,9 @@ def assert_same_state(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def cnn_data(tiny_data, tmp_path_factory) -> FitData:
     work = tmp_path_factory.mktemp("cnn_data")
-    return load_fit_data(CNN, tiny_data, split_file=work / "val_split.json",
-                         cache_dir=work / "cache", progress=False)
+    return load_fit_data(
+        CNN, tiny_data, split_file=work / "val_split.json", cache_dir=work / "cache", progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +80,9 @@ def vit_cache(tmp_path_factory):
 def vit_data(tiny_data, tmp_path_factory, vit_cache) -> FitData:
     work = tmp_path_factory.mktemp("vit_data")
     cfg = homework_defaults("vit").replace(pretrained=False)
-    return load_fit_data(cfg, tiny_data, split_file=work / "val_split.json",
-                         cache_dir=vit_cache, progress=False)
+    return load_fit_data(
+        cfg, tiny_data, split_file=work / "val_split.json", cache_dir=vit_cache, progress=False
+    )
 
 
 def test_load_fit_data_cnn(cnn_data):
@@ -75,8 +92,10 @@ def test_load_fit_data_cnn(cnn_data):
     assert cnn_data.preprocess["crop_pct"] == 0.875
 
 
-def test_fit_history_and_checkpoints(cnn_data):
-    cfg = CNN.replace(epochs=3)
+@pytest.mark.parametrize("metric", ["val_acc", "val_loss"])
+def test_fit_history_and_checkpoints(cnn_data, metric):
+    cfg = CNN.replace(epochs=3, metric=metric)
+    sign = 1.0 if metric == "val_acc" else -1.0  # val_loss: lower is better
     calls = []
     result = fit(cfg, cnn_data, lambda m, c: calls.append((m, c)))
     assert len(result.history) == 3 and len(calls) == 3
@@ -85,11 +104,11 @@ def test_fit_history_and_checkpoints(cnn_data):
         for k in METRIC_KEYS:
             assert k in m and math.isfinite(m[k]), (k, m)
         assert 0 <= m["train_acc"] <= 1 and 0 <= m["val_acc"] <= 1
-    # A checkpoint exactly on the epochs that improved val_acc; the last of them is returned.
-    best, expect_best = -1.0, []
+    # A checkpoint exactly on the epochs that improved the metric; the last of them is returned.
+    best, expect_best = -math.inf, []
     for m in result.history:
-        expect_best.append(m["val_acc"] > best)
-        best = max(best, m["val_acc"])
+        expect_best.append(sign * m[metric] > best)
+        best = max(best, sign * m[metric])
     assert [c is not None for _, c in calls] == expect_best
     assert [m for m, _ in calls] == result.history
     best_epoch = max(i for i, b in enumerate(expect_best, 1) if b)
@@ -99,7 +118,8 @@ def test_fit_history_and_checkpoints(cnn_data):
     assert ckpt is calls[best_epoch - 1][1]
     assert ckpt["epoch"] == best_epoch and ckpt["model"] == "cnn" and ckpt["scope"] == "model"
     assert ckpt["classes"] == cnn_data.classes
-    assert ckpt["metrics"]["val_acc"] == result.best_metrics["val_acc"]
+    assert ckpt["metrics"][metric] == result.best_metrics[metric]
+    assert ckpt["config"]["metric"] == metric
     # The model learns the tinted classes.
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert max(m["val_acc"] for m in result.history) > 0.25
@@ -120,8 +140,10 @@ def test_fit_same_seed_is_identical(cnn_data):
     assert without_time(a.history) == without_time(b.history)
     assert_same_state(a.checkpoint["state_dict"], b.checkpoint["state_dict"])
     c = fit(CNN.replace(seed=1), cnn_data)
-    assert not all(torch.equal(a.checkpoint["state_dict"][k], c.checkpoint["state_dict"][k])
-                   for k in a.checkpoint["state_dict"])
+    assert not all(
+        torch.equal(a.checkpoint["state_dict"][k], c.checkpoint["state_dict"][k])
+        for k in a.checkpoint["state_dict"]
+    )
 
 
 def test_huge_learning_rate_raises(cnn_data):
@@ -138,8 +160,11 @@ def test_non_finite_input_raises_at_once():
     data = FitData("features", ["a", "b"], x, np.arange(16) % 2, x[0], np.arange(16) % 2)
     calls = []
     with pytest.raises(NonFiniteLossError, match="epoch 1"):
-        fit(homework_defaults("vit").replace(batch_size=4, epochs=2), data,
-            lambda m, c: calls.append(m))
+        fit(
+            homework_defaults("vit").replace(batch_size=4, epochs=2),
+            data,
+            lambda m, c: calls.append(m),
+        )
     assert calls == []
 
 
@@ -148,8 +173,9 @@ def test_vit_probe_fit_on_features(vit_data, pooling, dim):
     assert vit_data.kind == "features"
     assert vit_data.train_x.shape == (1, 32, 2, 192) and vit_data.val_x.shape == (8, 2, 192)
     assert vit_data.preprocess["mean"] == (0.5, 0.5, 0.5)
-    cfg = homework_defaults("vit").replace(pretrained=False, pooling=pooling, epochs=2,
-                                           batch_size=8)
+    cfg = homework_defaults("vit").replace(
+        pretrained=False, pooling=pooling, epochs=2, batch_size=8
+    )
     result = fit(cfg, vit_data)
     assert len(result.history) == 2
     for m in result.history:
@@ -162,8 +188,13 @@ def test_vit_probe_fit_on_features(vit_data, pooling, dim):
 
 
 def test_fit_without_val_keeps_last_epoch(cnn_data):
-    data = FitData("images", cnn_data.classes, cnn_data.train_x, cnn_data.train_y,
-                   preprocess=cnn_data.preprocess)
+    data = FitData(
+        "images",
+        cnn_data.classes,
+        cnn_data.train_x,
+        cnn_data.train_y,
+        preprocess=cnn_data.preprocess,
+    )
     calls = []
     result = fit(CNN, data, lambda m, c: calls.append(c))
     assert result.best_epoch == 2 and all(c is not None for c in calls)
@@ -180,7 +211,7 @@ def test_lr_factor_warmup_then_cosine():
     assert f[55] == pytest.approx(0.5)
     assert f[total] == pytest.approx(0.0, abs=1e-12)
     # After the warmup it decays monotonically.
-    assert all(a >= b for a, b in zip(f[warm:-1], f[warm + 1:], strict=True))
+    assert all(a >= b for a, b in zip(f[warm:-1], f[warm + 1 :], strict=True))
     assert all(0 <= v <= 1 for v in f)
     assert [lr_factor(s, total, 0, "none") for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert lr_factor(3, total, warm, "none") == pytest.approx(0.4)
@@ -194,9 +225,25 @@ def test_overfit_check_cnn(cnn_data):
 
 # ---------------------------------------------------------------- the CLI, end to end
 def cnn_args(data_dir, work, runs: str) -> list:
-    return ["tune_pets.train", "cnn", "--data-dir", data_dir, "--epochs", 2, "--img-size", 32,
-            "--batch-size", 8, "--cache-dir", work / "cache", "--artifacts-dir",
-            work / "artifacts", "--runs-dir", work / runs, "--no-progress"]
+    return [
+        "tune_pets.train",
+        "cnn",
+        "--data-dir",
+        data_dir,
+        "--epochs",
+        2,
+        "--img-size",
+        32,
+        "--batch-size",
+        8,
+        "--cache-dir",
+        work / "cache",
+        "--artifacts-dir",
+        work / "artifacts",
+        "--runs-dir",
+        work / runs,
+        "--no-progress",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +254,11 @@ def cnn_cli(tiny_data, tmp_path_factory):
     first = run_module(*cnn_args(tiny_data, work, "runs1"), cwd=work)
     snap = {}
     if first.returncode == 0:
-        snap = {"metrics": json.loads((out / "metrics.json").read_text(encoding="utf-8")),
-                "split": (out / "val_split.json").read_text(encoding="utf-8"),
-                "ckpt": torch.load(out / "checkpoint_best.pt", weights_only=True)}
+        snap = {
+            "metrics": json.loads((out / "metrics.json").read_text(encoding="utf-8")),
+            "split": (out / "val_split.json").read_text(encoding="utf-8"),
+            "ckpt": torch.load(out / "checkpoint_best.pt", weights_only=True),
+        }
     second = run_module(*cnn_args(tiny_data, work, "runs2"), cwd=work)
     return SimpleNamespace(work=work, out=out, first=first, second=second, **snap)
 
@@ -275,11 +324,28 @@ def test_cli_train_rerun_is_identical(cnn_cli):
 def test_cli_train_vit_probe(tiny_data, tmp_path, vit_data, vit_cache):
     """Also: features cached by another process (vit_data, another split-file path) are reused."""
     cached = sorted((vit_cache / "features").glob("*.npy"))
-    assert len(cached) == 2  # train and val
-    proc = ok(run_module("tune_pets.train", "vit", "--no-pretrained", "--data-dir", tiny_data,
-                         "--epochs", 2, "--batch-size", 8, "--cache-dir", vit_cache,
-                         "--artifacts-dir", tmp_path / "a", "--runs-dir", tmp_path / "r",
-                         "--no-progress", cwd=tmp_path))
+    assert len(cached) == 1  # all of train once; the val split indexes into it
+    proc = ok(
+        run_module(
+            "tune_pets.train",
+            "vit",
+            "--no-pretrained",
+            "--data-dir",
+            tiny_data,
+            "--epochs",
+            2,
+            "--batch-size",
+            8,
+            "--cache-dir",
+            vit_cache,
+            "--artifacts-dir",
+            tmp_path / "a",
+            "--runs-dir",
+            tmp_path / "r",
+            "--no-progress",
+            cwd=tmp_path,
+        )
+    )
     assert "epoch   2" in proc.stdout
     out = tmp_path / "a" / "vit"
     ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
@@ -301,9 +367,23 @@ def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
     """The CLI's overfit mode, in process (the interpreter start-up is covered above)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        cli_main(main, ["cnn", "--overfit-batches", "1", "--data-dir", str(tiny_data),
-                        "--img-size", "32", "--batch-size", "8", "--cache-dir", "cache",
-                        "--no-progress"])
+        cli_main(
+            main,
+            [
+                "cnn",
+                "--overfit-batches",
+                "1",
+                "--data-dir",
+                str(tiny_data),
+                "--img-size",
+                "32",
+                "--batch-size",
+                "8",
+                "--cache-dir",
+                "cache",
+                "--no-progress",
+            ],
+        )
     out = capsys.readouterr().out
     assert e.value.code == 0, out
     assert "PASS" in out
@@ -311,16 +391,19 @@ def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["cnn", "--epochs", "0"], "--epochs"),
-    (["cnn", "--lr", "-1"], "--lr"),
-    (["cnn", "--lr", "nan"], "--lr"),
-    (["cnn", "--val-fraction", "1.5"], "--val-fraction"),
-    (["cnn", "--batch-size", "eight"], "--batch-size"),
-    (["resnet"], "resnet"),
-    (["vit", "--img-size", "32", "--no-pretrained"], "--img-size"),
-    (["cnn", "--label-smoothing", "1.5"], "label_smoothing"),
-])
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["cnn", "--epochs", "0"], "--epochs"),
+        (["cnn", "--lr", "-1"], "--lr"),
+        (["cnn", "--lr", "nan"], "--lr"),
+        (["cnn", "--val-fraction", "1.5"], "--val-fraction"),
+        (["cnn", "--batch-size", "eight"], "--batch-size"),
+        (["resnet"], "resnet"),
+        (["vit", "--img-size", "32", "--no-pretrained"], "--img-size"),
+        (["cnn", "--label-smoothing", "1.5"], "label_smoothing"),
+    ],
+)
 def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, expect):
     monkeypatch.chdir(tmp_path)
     argv = [*argv, "--data-dir", str(tmp_path / "no_data"), "--cache-dir", str(tmp_path / "c")]
@@ -335,8 +418,16 @@ def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, e
 
 @pytest.mark.slow
 def test_cli_missing_data_dir_in_a_real_process(tmp_path):
-    proc = run_module("tune_pets.train", "cnn", "--data-dir", "no/such/dir", "--cache-dir",
-                      tmp_path / "c", "--no-progress", cwd=tmp_path)
+    proc = run_module(
+        "tune_pets.train",
+        "cnn",
+        "--data-dir",
+        "no/such/dir",
+        "--cache-dir",
+        tmp_path / "c",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -348,7 +439,8 @@ def test_cli_missing_train_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d" / "test").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
-        cli_main(main, ["cnn", "--data-dir", str(tmp_path / "d"), "--cache-dir",
-                        str(tmp_path / "c")])
+        cli_main(
+            main, ["cnn", "--data-dir", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--data-dir" in err and "train/" in err

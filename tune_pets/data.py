@@ -187,6 +187,8 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
 def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None) -> SplitIndex:
     """List the images of ``data_dir/split``. ``classes`` (from train) fixes the label order."""
     root = data_dir / split
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist; expected {root}/<class>/<image files>")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise UserError(f"{root} has no class folders; expected {root}/<class>/<image files>")
@@ -502,7 +504,8 @@ def random_resized_crop_params(
     attempts: int = 10,
 ):
     """Vectorized torchvision ``RandomResizedCrop.get_params``: crop boxes (x0, y0, w, h) per
-    sample; 10 attempts each, then the same center-crop fallback as torchvision."""
+    sample; 10 attempts each, then a center crop (torchvision falls back to the whole image when
+    its aspect ratio is within ``ratio``; the cache is always square, where the two agree)."""
     import torch
 
     area = height * width

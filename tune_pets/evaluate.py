@@ -201,7 +201,7 @@ def evaluate_checkpoint(
 
         feats = cached_features(
             config,
-            model.backbone,
+            lambda: model.backbone,
             pre,
             data_split,
             cache_dir or default_cache_dir(),

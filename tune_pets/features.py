@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 import sys
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from tune_pets.utils import atomic_path
 
 
 def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None) -> str:
+    """Cache key: backbone weights, preprocessing, the exact images (fingerprint + paths), view."""
     aug = "clean" if view is None else f"view{view}-s{config.aug_scale_min}-f{config.hflip}"
+    paths = hashlib.sha1("\n".join(split.paths).encode()).hexdigest()
     text = json.dumps(
-        [backbone_tag(config), dc, split.fingerprint, split.images.shape[1], len(split), aug],
+        [backbone_tag(config), dc, split.fingerprint, paths, split.images.shape[1], aug],
         sort_keys=True,
         default=str,
     )
@@ -83,7 +86,7 @@ def extract(
 
 def cached_features(
     config: RunConfig,
-    backbone: torch.nn.Module | None,
+    get_backbone: Callable[[], torch.nn.Module],
     dc: dict,
     split: ImageSplit,
     cache_dir: Path,
@@ -93,7 +96,8 @@ def cached_features(
 ) -> np.ndarray:
     """Features ``[V, N, 2, D]`` for ``split``: V=1 clean view, or ``views`` augmented views.
 
-    ``backbone`` may be None when everything is cached (no model is built at all then).
+    ``get_backbone`` is called only on a cache miss, so a fully cached split builds no model
+    (and downloads no weights); pass a cached builder to build it at most once per process.
     """
     wanted = [None] if views == 0 else list(range(views))
     arrays = []
@@ -106,12 +110,15 @@ def cached_features(
         if path.is_file():
             arrays.append(np.load(path))
             continue
-        if backbone is None:
-            from tune_pets.models import build_backbone
-
-            backbone = build_backbone(config)
         feats = extract(
-            backbone, split, dc, device, view, config.aug_scale_min, config.hflip, progress=progress
+            get_backbone(),
+            split,
+            dc,
+            device,
+            view,
+            config.aug_scale_min,
+            config.hflip,
+            progress=progress,
         )
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, feats)

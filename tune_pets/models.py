@@ -159,10 +159,13 @@ def data_config(config: RunConfig, backbone: nn.Module | None = None) -> dict:
         }
     import timm
 
-    if backbone is None:  # no weights needed to read the config
-        with _seeded(RANDOM_INIT_SEED):
-            backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
-    dc = timm.data.resolve_model_data_config(backbone)
+    if backbone is None:  # the model's pretrained config, read without building the model
+        pretrained_cfg = timm.models.get_pretrained_cfg(config.backbone)
+        if pretrained_cfg is None:
+            raise UserError(f"timm backbone {config.backbone!r} has no data config")
+        dc = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict())
+    else:
+        dc = timm.data.resolve_model_data_config(backbone)
     return {
         "img_size": int(dc["input_size"][-1]),
         "crop_pct": float(dc["crop_pct"]),

@@ -12,6 +12,7 @@ cached frozen-backbone features.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -137,17 +138,28 @@ def load_fit_data(
             info,
         )
     from tune_pets.features import cached_features
+    from tune_pets.models import build_backbone
 
-    tr = cached_features(config, None, dc, train, cache_dir, device, config.feature_views, progress)
-    va = (
-        None
-        if val is None
-        else cached_features(config, None, dc, val, cache_dir, device, 0, progress)[0]
+    # Features are computed for all of train once (then indexed), so any val split reuses them;
+    # the backbone is built at most once, and only on a cache miss.
+    get_backbone = functools.cache(functools.partial(build_backbone, config))
+    clean = cached_features(config, get_backbone, dc, train_all, cache_dir, device, 0, progress)
+    views = (
+        clean
+        if config.feature_views == 0
+        else cached_features(
+            config, get_backbone, dc, train_all, cache_dir, device, config.feature_views, progress
+        )
     )
+    pos = {p: i for i, p in enumerate(train_all.paths)}
+    tr_idx = np.asarray([pos[p] for p in train.paths], dtype=np.int64)
+    va = None
+    if val is not None:
+        va = clean[0][np.asarray([pos[p] for p in val.paths], dtype=np.int64)]
     return FitData(
         "features",
         train_all.classes,
-        tr,
+        views[:, tr_idx],
         train.labels,
         va,
         None if val is None else val.labels,

@@ -268,11 +268,20 @@ def env_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": git_commit(),
     }
-    for mod in ("torchvision", "timm", "ray", "optuna", "sklearn"):
+    from importlib import metadata
+
+    # Read versions from package metadata: importing ray/optuna just for this costs seconds.
+    for key, dist in (
+        ("torchvision", "torchvision"),
+        ("timm", "timm"),
+        ("ray", "ray"),
+        ("optuna", "optuna"),
+        ("sklearn", "scikit-learn"),
+    ):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional, report as missing
-            info[mod] = None
+            info[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[key] = None
     return info
 
 
