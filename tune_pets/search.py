@@ -164,10 +164,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        token = Path.home() / ".ray" / "auth_token"
-        if token.is_file():
-            # `ray start --head` turns on token authentication; the driver must use it too.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -184,6 +181,30 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         log_to_driver=False,
         logging_level="ERROR",
     )
+
+
+def use_cluster_auth(address: str | None) -> None:
+    """`ray start --head` turns on token authentication; a driver joining it must use it too.
+    Ray reads RAY_AUTH_MODE when it is imported, so call this before anything imports ray."""
+    if address and (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's ~14 minutes of retries, when HOST:PORT is not listening."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"--address {address}: no Ray cluster answers there ({e}); start one with "
+            f"`ray start --head`, check HOST:PORT, or leave out --address for a local run"
+        ) from None
 
 
 def check_resources(cpus: float, gpus: float, concurrency: int) -> None:
@@ -241,9 +262,6 @@ def run_search(
             )
         shutil.rmtree(exp_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    db_path = out_dir / "optuna.db"
-    if not resume and db_path.exists():
-        db_path.unlink()  # a fresh search starts a fresh study (the old one belonged to it)
 
     base = base_config(spec, overrides)
     space = optuna_space(spec)
@@ -286,9 +304,7 @@ def run_search(
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
-        tuner = make_tuner(
-            fn, spec, storage_path, name, db_path, first_point(spec, base, space), progress
-        )
+        tuner = make_tuner(fn, spec, storage_path, name, first_point(spec, base, space), progress)
     t1 = time.time()
     grid = tuner.fit()
     search_s = time.time() - t1
@@ -296,8 +312,21 @@ def run_search(
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished and spec.time_budget_s is None:
         raise KeyboardInterrupt  # Ray caught Ctrl-C and saved the experiment state
+    _remove_orphan_trial_dirs(exp_dir, trials)
     summary = write_outputs(spec, base, grid, out_dir, name, exp_dir, search_s, prep_s, data.info)
     return summary
+
+
+def _remove_orphan_trial_dirs(exp_dir: Path, trials) -> None:
+    """A search killed between two snapshots of Ray's experiment state may leave the folder of
+    a trial that started after the last snapshot; on resume Ray reruns that trial under a new
+    id, so the old folder belongs to no trial. Remove it so every folder is one trial."""
+    known = {Path(t.local_path).name for t in trials if getattr(t, "local_path", None)}
+    if not known:
+        return
+    for d in exp_dir.glob("trial_*"):
+        if d.is_dir() and d.name not in known:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def make_tuner(
@@ -305,13 +334,18 @@ def make_tuner(
     spec: SearchSpec,
     storage_path: Path,
     name: str,
-    db_path: Path | None,
     first: dict | None = None,
     progress: bool = True,
 ):
-    """The Tuner every search uses: OptunaSearch (seeded TPE, study in SQLite at ``db_path``)
-    behind a ConcurrencyLimiter, ASHA on the reported ``epoch``, actor reuse, one checkpoint
-    per trial, failed trials recorded without stopping the search."""
+    """The Tuner every search uses: OptunaSearch (seeded TPE) behind a ConcurrencyLimiter, ASHA
+    on the reported ``epoch``, actor reuse, one checkpoint per trial, failed trials recorded
+    without stopping the search.
+
+    The Optuna study lives inside the searcher, which Ray snapshots with the experiment state:
+    a resumed search continues exactly the study that matches the trials Ray knows about. (A
+    study in SQLite would run ahead of the snapshot, and a trial rerun after a crash would then
+    report into an Optuna trial that is already finished.) ``optuna.db`` is written from the
+    results when the search ends (``export_study``)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -335,7 +369,6 @@ def make_tuner(
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db_path.resolve()}") if db_path else None
     searcher = OptunaSearch(
         space=space,
         metric=spec.metric,
@@ -343,7 +376,6 @@ def make_tuner(
         points_to_evaluate=[first] if first else None,
         sampler=optuna.samplers.TPESampler(seed=spec.seed),
         study_name=name,
-        storage=storage,
     )
     scheduler = ASHAScheduler(
         time_attr="epoch",
@@ -423,7 +455,7 @@ def write_outputs(
 ) -> dict:
     rows, frames = _trial_rows(spec, grid)
     atomic_write_csv(out_dir / "trials.csv", rows)
-    ok = [r for r in rows if r[f"best_{spec.metric}"] is not None]
+    ok = [r for r in rows if r[f"best_{spec.metric}"] is not None and r["status"] != STATUS_FAILED]
     if not ok:
         errors = "; ".join(sorted({r["error"] for r in rows if r["error"]}))[:400]
         raise UserError(f"all {len(rows)} trials failed ({errors}); see {out_dir / 'trials.csv'}")
@@ -475,6 +507,48 @@ def write_outputs(
     return summary
 
 
+def export_study(spec: SearchSpec, frames, db_path: Path, name: str):
+    """Write the search as an Optuna study in SQLite (for ``optuna-dashboard`` and the plots):
+    one Optuna trial per Ray trial, in order, with its per-epoch values as intermediate values
+    and its best value over epochs as the objective; failed trials are marked FAIL and ASHA-
+    stopped ones carry ``user_attrs["status"] = "stopped early"``."""
+    import optuna
+
+    from tune_pets.utils import atomic_path
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = optuna_space(spec)
+    direction = "maximize" if spec.mode == "max" else "minimize"
+    better = max if spec.mode == "max" else min
+    with atomic_path(db_path) as tmp:
+        study = optuna.create_study(
+            study_name=name, storage=f"sqlite:///{tmp.resolve()}", direction=direction
+        )
+        for tid, df, status, result in frames:
+            params = {k: result.config.get(k) for k in space}
+            if any(v is None for v in params.values()):
+                continue
+            steps = {}
+            if df is not None:
+                for e, v in zip(df["epoch"], df[spec.metric], strict=True):
+                    if math.isfinite(float(v)):
+                        steps[int(e)] = float(v)
+            failed = status == STATUS_FAILED or not steps
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions=space,
+                    value=None if failed else better(steps.values()),
+                    state=optuna.trial.TrialState.FAIL
+                    if failed
+                    else optuna.trial.TrialState.COMPLETE,
+                    intermediate_values=steps,
+                    user_attrs={"ray_trial_id": tid, "status": status},
+                )
+            )
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db_path.resolve()}")
+
+
 def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]:
     """Optimization history, parameter importances (Optuna), learning curves (where ASHA
     stopped each trial). A plot that cannot be made (too few trials) is skipped with a note."""
@@ -482,7 +556,6 @@ def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
 
     from tune_pets.utils import atomic_savefig
 
@@ -507,12 +580,7 @@ def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]
     plt.close(fig)
     written.append("learning_curves.png")
 
-    storage = f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except Exception as e:  # noqa: BLE001 - the study is optional for the plots
-        print(f"note: optuna study not readable ({e}); skipping Optuna plots", file=sys.stderr)
-        return written
+    study = export_study(spec, frames, out_dir / "optuna.db", name)
     import warnings
 
     from optuna.visualization import matplotlib as ovm
@@ -629,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
     storage = storage.resolve()
     out_dir = artifacts / "search" / name
+    use_cluster_auth(args.address)
     try:
         summary = run_search(
             spec,
