@@ -139,14 +139,17 @@ _RANGES = {  # name: (low, high, inclusive-low)
     "hflip": (0.0, 1.0, True),
     "feature_views": (0, 64, True),
     "max_steps_per_epoch": (0, 10**9, True),
+    "seed": (0, 2**32 - 1, True),  # numpy seeds must fit in 32 bits
 }
 
 
 def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
-    """Type- and range-check every field; errors name the source and the key."""
+    """Type- and range-check every field; errors name the source and the key (the flag, for
+    ``source="command line"``)."""
     values = {}
-    for name, f in CONFIG_FIELDS.items():
-        v = getattr(cfg, name)
+    for key, f in CONFIG_FIELDS.items():
+        v = getattr(cfg, key)
+        name = f"--{key.replace('_', '-')}" if source == "command line" else key
         typ = f.type if isinstance(f.type, str) else f.type.__name__
         if typ == "int":
             if isinstance(v, float) and v.is_integer():
@@ -161,16 +164,16 @@ def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
             raise UserError(f"{source}: {name} must be true or false, got {v!r}")
         elif typ == "str" and not isinstance(v, str):
             raise UserError(f"{source}: {name} must be a string, got {v!r}")
-        if name in _CHOICES and v not in _CHOICES[name]:
+        if key in _CHOICES and v not in _CHOICES[key]:
             raise UserError(
-                f"{source}: {name} must be one of {', '.join(_CHOICES[name])}, got {v!r}"
+                f"{source}: {name} must be one of {', '.join(_CHOICES[key])}, got {v!r}"
             )
-        if name in _RANGES:
-            lo, hi, inclusive = _RANGES[name]
+        if key in _RANGES:
+            lo, hi, inclusive = _RANGES[key]
             if not ((v >= lo if inclusive else v > lo) and v <= hi):
                 bracket = "[" if inclusive else "("
                 raise UserError(f"{source}: {name}={v} is out of range {bracket}{lo}, {hi}]")
-        values[name] = v
+        values[key] = v
     if values["warmup_epochs"] >= values["epochs"] and values["warmup_epochs"] > 0:
         raise UserError(
             f"{source}: warmup_epochs ({values['warmup_epochs']}) must be < epochs "
@@ -281,6 +284,8 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         raise UserError(f"search space file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

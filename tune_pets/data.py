@@ -180,8 +180,19 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
             f"--data-dir {data_dir} has no train/ folder; expected "
             f"{data_dir}/train/<class>/*.jpg and {data_dir}/test/<class>/*.jpg"
         )
-    heldout_split_name(data_dir)  # a held-out split is part of the layout: fail early without one
+    # The held-out split is part of the layout, and its classes must all have training images.
+    heldout = data_dir / heldout_split_name(data_dir)
+    extra = sorted(set(_class_names(heldout)) - set(_class_names(data_dir / "train")))
+    if extra:
+        raise UserError(
+            f"{heldout}: class folder(s) {', '.join(map(repr, extra))} are not in "
+            f"{data_dir / 'train'}; every held-out class needs training images"
+        )
     return data_dir
+
+
+def _class_names(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None) -> SplitIndex:

@@ -98,6 +98,9 @@ def write_confusion(
     plt.close(fig)
 
 
+CHECKPOINT_KEYS = ("model", "scope", "config", "classes", "preprocess", "state_dict")
+
+
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
     """Load a tune_pets checkpoint safely (``weights_only=True``) and check what it is."""
     import torch
@@ -116,6 +119,12 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--checkpoint {path}: not a tune_pets checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(
+            f"--checkpoint {path}: incomplete tune_pets checkpoint (missing {', '.join(missing)}); "
+            f"retrain or pass another file"
+        )
     if expect_model and ckpt["model"] != expect_model:
         from tune_pets.config import cli_name
 

@@ -59,6 +59,7 @@ from tune_pets.utils import (
     atomic_write_text,
     cli_main,
     env_info,
+    nonneg_int,
     positive_int,
     resolve_device,
     seed_everything,
@@ -389,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--img-size", type=positive_int, help="CNN input size (ViT uses its own: 224)")
     p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=nonneg_int)
     p.add_argument(
         "--backbone-batches",
         type=positive_int,

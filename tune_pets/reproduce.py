@@ -77,7 +77,7 @@ def reproduce(
 ) -> dict:
     import torch
 
-    from tune_pets.data import heldout_split_name
+    from tune_pets.data import cache_res, heldout_split_name, load_split
     from tune_pets.evaluate import evaluate_checkpoint
     from tune_pets.train import fit, load_fit_data
 
@@ -96,6 +96,19 @@ def reproduce(
                 cache_dir=cache_dir,
                 skip_bad=skip_bad,
                 device=device,
+                progress=progress,
+            )
+            # Read (and cache) the test split now: a bad test image fails before training.
+            pre = data.preprocess
+            size = cfg.img_size if data.kind == "images" else pre["img_size"]
+            load_split(
+                data_dir,
+                heldout,
+                cache_res(size, pre["crop_pct"]),
+                interpolation=pre["interpolation"],
+                cache_dir=cache_dir,
+                skip_bad=skip_bad,
+                classes=data.classes,
                 progress=progress,
             )
             print(

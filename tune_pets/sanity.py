@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=36,
         help="images in each split's grid (0: no grids)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the grid sample")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the grid sample")
     p.add_argument(
         "--workers",
         type=positive_int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -261,9 +262,13 @@ def run_search(
                 f"--resume to continue it, --overwrite to start over, or --name NEW"
             )
         shutil.rmtree(exp_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     base = base_config(spec, overrides)
+    # Cluster problems (no GPUs, too few CPUs, unreachable address) fail before anything is
+    # decoded or written.
+    connect(address, num_cpus)
+    cpus, gpus = float(spec.resources.get("cpu", 1)), float(spec.resources.get("gpu", 0))
+    check_resources(cpus, gpus, spec.max_concurrent)
     space = optuna_space(spec)
     import torch
 
@@ -287,9 +292,6 @@ def run_search(
         flush=True,
     )
 
-    connect(address, num_cpus)
-    cpus, gpus = float(spec.resources.get("cpu", 1)), float(spec.resources.get("gpu", 0))
-    check_resources(cpus, gpus, spec.max_concurrent)
     fn = tune.with_resources(
         tune.with_parameters(trainable, base=base.to_dict(), data=data, device_name=device),
         {"cpu": cpus, "gpu": gpus},
@@ -310,8 +312,10 @@ def run_search(
     search_s = time.time() - t1
     trials = grid._experiment_analysis.trials
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished and spec.time_budget_s is None:
-        raise KeyboardInterrupt  # Ray caught Ctrl-C and saved the experiment state
+    budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
+    if (unfinished or len(trials) < spec.num_samples) and not budget_spent:
+        # Ray caught Ctrl-C (SIGINT), stopped the trials and saved the experiment state.
+        raise KeyboardInterrupt
     _remove_orphan_trial_dirs(exp_dir, trials)
     summary = write_outputs(spec, base, grid, out_dir, name, exp_dir, search_s, prep_s, data.info)
     return summary
@@ -611,6 +615,7 @@ def _shutdown() -> None:
 
 # ---------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = ArgumentParser(prog="python -m tune_pets.search", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=["cnn", "vit"])
     p.add_argument(
@@ -716,11 +721,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:
-        raise UserError(
-            f"search interrupted; the experiment state is saved. Resume with: "
-            f"python -m tune_pets.search {args.model} --name {name} --resume "
-            f"--artifacts-dir {artifacts}"
-            + (f" --storage-path {storage}" if args.storage_path else "")
+        again = [a for a in argv if a not in ("--overwrite", "--resume")]
+        if args.name is None:
+            again += ["--name", name]
+        resume_cmd = shlex.join(["python", "-m", "tune_pets.search", *again, "--resume"])
+        raise KeyboardInterrupt(
+            f"search stopped; the experiment state is saved. Resume with: {resume_cmd}"
         ) from None
     finally:
         _shutdown()

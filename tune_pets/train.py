@@ -530,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--max-steps-per-epoch", type=nonneg_int, help="cap steps per epoch (smoke runs)"
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=nonneg_int)
     p.add_argument("--val-fraction", type=fraction, default=0.2)
     p.add_argument("--run-name", default=None, help="TensorBoard run name (default: <model>)")
     p.add_argument("--artifacts-dir", default="artifacts")
@@ -575,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tb_dir = Path(args.runs_dir) / run_name
 
     def log(metrics: dict, ckpt: dict | None) -> None:
+        if ckpt is not None:
+            atomic_torch_save(ckpt, out / "checkpoint_best.pt")
         val = (
             f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
             f"val_macro_f1 {metrics['val_macro_f1']:.4f}"
@@ -587,10 +589,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{' *' if ckpt else ''}",
             flush=True,
         )
-        if ckpt is not None:
-            atomic_torch_save(ckpt, out / "checkpoint_best.pt")
 
-    result = fit(config, data, log, device=device, tb_dir=tb_dir, progress=not args.no_progress)
+    try:
+        result = fit(config, data, log, device=device, tb_dir=tb_dir, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        best = out / "checkpoint_best.pt"
+        raise KeyboardInterrupt(
+            (f"the best checkpoint so far is {best}; " if best.is_file() else "")
+            + "config.json and metrics.json were not written; run the same command again to "
+            "train from the start"
+        ) from None
     atomic_write_json(
         out / "config.json",
         {

@@ -44,11 +44,13 @@ def cli_main(
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(
-            f"\n{prog}: interrupted; outputs written so far are complete (writes are atomic).",
-            file=sys.stderr,
+    except KeyboardInterrupt as e:
+        # Commands may say what to do next (e.g. the resume command) in the exception's text.
+        what = str(e) or (
+            "files written so far are complete (writes are atomic); run the same command "
+            "again to start over"
         )
+        print(f"\n{prog}: interrupted: {what}", file=sys.stderr)
         sys.exit(130)
     sys.exit(rc or 0)
 
