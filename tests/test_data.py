@@ -569,3 +569,22 @@ def test_real_sample_decodes(sample_dir, cache_dir):
         assert img.std() > 10  # a photo, not a blank square
     assert Image.open(sample_dir / "train/Abyssinian/Abyssinian_34.jpg").format == "GIF"
     assert load_rgb(sample_dir / "test/Abyssinian/Abyssinian_5.jpg").mode == "RGB"
+
+
+def test_cpu_and_cuda_resampling_paths_agree_on_an_identity_crop():
+    """train_augment resamples per device (uint8 antialiased on CPU, grid_sample on CUDA); on a
+    crop that is the whole image at its own size both must return the image itself, flipped
+    exactly when asked."""
+    from tune_pets.data import _resized_crops_grid, _resized_crops_uint8
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 24, 24, 3), dtype=torch.uint8, generator=gen)
+    full = torch.full((4,), 24.0)
+    zero = torch.zeros(4)
+    flip = torch.tensor([False, True, False, True])
+    a = _resized_crops_uint8(x, zero, zero, full, full, flip, 24).float()
+    b = _resized_crops_grid(x, zero, zero, full, full, flip, 24)
+    expect = x.permute(0, 3, 1, 2).float()
+    expect[flip] = expect[flip].flip(-1)
+    assert torch.equal(a, expect)
+    assert torch.allclose(b, expect, atol=1e-3)

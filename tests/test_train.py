@@ -401,7 +401,7 @@ def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
         (["cnn", "--batch-size", "eight"], "--batch-size"),
         (["resnet"], "resnet"),
         (["vit", "--img-size", "32", "--no-pretrained"], "--img-size"),
-        (["cnn", "--label-smoothing", "1.5"], "label_smoothing"),
+        (["cnn", "--label-smoothing", "1.5"], "--label-smoothing"),
     ],
 )
 def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, expect):

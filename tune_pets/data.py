@@ -554,23 +554,76 @@ def train_augment(
     hflip: float = 0.5,
     generator=None,
 ) -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch, as one
-    ``grid_sample`` over the batch (runs wherever ``x`` lives; random draws on the CPU
-    ``generator`` so results do not depend on the device)."""
+    """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch.
+
+    The crop boxes and flips are drawn on the CPU ``generator`` (torchvision's sampling rule),
+    so they do not depend on the device. Resampling is device-specific, for speed:
+
+    - CPU: each crop is resized on uint8 with antialiased bilinear interpolation (PyTorch's
+      vectorized uint8 kernel; what torchvision's tensor ``RandomResizedCrop`` runs), then the
+      batch is converted and normalized once. Float temporaries stay small, which matters on
+      CPU (see ``scripts/benchmark.py``).
+    - CUDA: one batched bilinear ``grid_sample`` over the whole batch (no antialiasing; crops
+      are rarely much larger than the output since the cache is ``img_size / crop_pct``).
+    """
     import torch
-    import torch.nn.functional as F
 
     n, h, w = x.shape[0], x.shape[1], x.shape[2]
     x0, y0, cw, ch = random_resized_crop_params(n, h, w, (scale_min, 1.0), generator=generator)
-    flip = torch.where(torch.rand(n, generator=generator) < hflip, -1.0, 1.0)
-    # affine_grid maps output coords in [-1, 1] to input coords in [-1, 1] (align_corners=False).
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = cw / w * flip
-    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
-    theta[:, 1, 1] = ch / h
-    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
-    grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)
-    out = F.grid_sample(
-        to_float(x), grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    flip = torch.rand(n, generator=generator) < hflip
+    if x.device.type == "cpu":
+        out = _resized_crops_uint8(x, x0, y0, cw, ch, flip, size)
+    else:
+        out = _resized_crops_grid(x, x0, y0, cw, ch, flip, size)
+    return _normalize_255(out, mean, std)
+
+
+def _resized_crops_uint8(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    src = x.permute(0, 3, 1, 2)  # uint8 NCHW view with channels-last strides (no copy)
+    out = torch.empty(
+        x.shape[0], 3, size, size, dtype=torch.uint8, memory_format=torch.channels_last
     )
-    return normalize(out, mean, std)
+    boxes = torch.stack([x0, y0, cw, ch], 1).long().tolist()
+    for i, (left, top, width, height) in enumerate(boxes):
+        crop = src[i : i + 1, :, top : top + height, left : left + width]
+        r = F.interpolate(
+            crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        out[i : i + 1] = r.flip(-1) if flip[i] else r
+    return out
+
+
+def _resized_crops_grid(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[1], x.shape[2]
+    sign = torch.where(flip, -1.0, 1.0)
+    # Output pixel centers in [-1, 1] (align_corners=False) mapped into each crop box: the grid
+    # affine_grid would build, computed directly from per-sample scales and offsets.
+    base = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    gx = (cw / w * sign)[:, None] * base[None, :] + ((2 * x0 + cw) / w - 1)[:, None]
+    gy = (ch / h)[:, None] * base[None, :] + ((2 * y0 + ch) / h - 1)[:, None]
+    gx, gy = gx.to(x.device), gy.to(x.device)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    # Sample 0..255 values (bilinear sampling is linear; /255 is folded into the normalize).
+    return F.grid_sample(
+        x.permute(0, 3, 1, 2).float(),
+        grid,
+        mode="bilinear",
+        padding_mode="reflection",
+        align_corners=False,
+    )
+
+
+def _normalize_255(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """0..255 values (uint8 or float) -> normalized float, in one fused in-place pass."""
+    import torch
+
+    x = x.float()
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x.mul_(1 / (255 * s)).add_(-m / s)

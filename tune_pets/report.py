@@ -135,9 +135,7 @@ def results_section(root: Path) -> list[str]:
         for tag, label in ((f"{model}_baseline", "baseline (homework config)"), (model, "tuned")):
             m = _json(root / tag / "metrics.json")
             if m is None:
-                how = f"python -m tune_pets.reproduce {model}" + (
-                    " --baseline" if "baseline" in tag else ""
-                )
+                how = _reproduce_cmd(tag)
                 out.append(f"| {model} | {label} | - | {_missing('metrics.json', how)} | | |")
                 continue
             n = m.get("n_seeds", 1)
@@ -173,14 +171,18 @@ def confusion_section(root: Path, tag: str) -> list[str]:
     return out + [""]
 
 
+def _reproduce_cmd(tag: str) -> str:
+    """The command that (re)writes the artifacts of ``tag`` (``cnn``, ``vit_baseline``, ...)."""
+    model = tag.removesuffix("_baseline")
+    return f"python -m tune_pets.reproduce {model}" + (" --baseline" if model != tag else "")
+
+
 def profiler_section(root: Path, tag: str) -> list[str]:
     s = _json(root / "profiler" / tag / "summary.json")
     out = [f"### Profile ({tag})", ""]
     if s is None:
         return out + [
-            _missing(
-                f"profiler/{tag}/summary.json", f"python -m tune_pets.reproduce {tag.split('_')[0]}"
-            ),
+            _missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag)),
             "",
         ]
     out.append(

@@ -199,7 +199,7 @@ def reproduce(
         out / "config.json",
         {
             "tag": tag,
-            "config": config.to_dict(),
+            "config": config.replace(seed=seeds[0], deterministic=True).to_dict(),
             "seeds": list(seeds),
             "deterministic": True,
             "deterministic_note": (
