@@ -1,0 +1,79 @@
+"""CUDA paths (skipped without a GPU): bf16 autocast + channels_last training, batched
+augmentation on the device, deterministic retrains. Run by ``scripts/gpu_check.sh``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tune_pets.config import homework_defaults
+from tune_pets.data import _resized_crops_grid, train_augment
+from tune_pets.train import fit, load_fit_data
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA = torch.device("cuda")
+
+
+def _cnn(**kw):
+    return homework_defaults("cnn").replace(
+        img_size=32, width=8, depth=2, epochs=2, batch_size=8, **kw
+    )
+
+
+def test_augmentation_on_cuda_matches_the_cpu_grid(tiny_data, cache_dir):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 40, 40, 3), dtype=torch.uint8, generator=gen)
+    boxes = (torch.zeros(8), torch.zeros(8), torch.full((8,), 30.0), torch.full((8,), 36.0))
+    flip = torch.arange(8) % 2 == 0
+    cpu = _resized_crops_grid(x, *boxes, flip, 32)
+    gpu = _resized_crops_grid(x.to(CUDA), *boxes, flip, 32).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-3)
+    out = train_augment(x.to(CUDA), 32, (0.5,) * 3, (0.5,) * 3, generator=gen)
+    assert out.device.type == "cuda" and out.shape == (8, 3, 32, 32) and out.isfinite().all()
+
+
+def test_fit_on_cuda_with_bf16_autocast(tiny_data, cache_dir):
+    cfg = _cnn(amp=True)
+    data = load_fit_data(
+        cfg,
+        tiny_data,
+        split_file=cache_dir / "split.json",
+        cache_dir=cache_dir,
+        device=CUDA,
+        progress=False,
+    )
+    result = fit(cfg, data, device=CUDA)
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+    assert result.checkpoint["state_dict"]["head.weight"].device.type == "cpu"
+
+
+def test_deterministic_fit_on_cuda_is_repeatable(tiny_data, cache_dir):
+    cfg = _cnn(deterministic=True)
+    data = load_fit_data(
+        cfg,
+        tiny_data,
+        split_file=cache_dir / "split.json",
+        cache_dir=cache_dir,
+        device=CUDA,
+        progress=False,
+    )
+    a = fit(cfg, data, device=CUDA).checkpoint["state_dict"]
+    b = fit(cfg, data, device=CUDA).checkpoint["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vit_features_extracted_on_cuda(tiny_data, cache_dir):
+    cfg = homework_defaults("vit").replace(pretrained=False, epochs=1)
+    data = load_fit_data(
+        cfg,
+        tiny_data,
+        split_file=cache_dir / "split.json",
+        cache_dir=cache_dir,
+        device=CUDA,
+        progress=False,
+    )
+    assert data.kind == "features" and data.train_x.shape[-1] == 192
+    assert fit(cfg, data, device=CUDA).history[0]["val_acc"] >= 0
