@@ -272,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model, Path(args.best_config) if args.best_config else None, artifacts, args.baseline
     )
     data_dir = check_data_dir(args.data_dir)
-    changes = {}
+    # A search may cap steps per epoch to save budget (the smoke spaces do); that is not a
+    # hyperparameter, so the retrain runs full epochs unless the flag asks otherwise.
+    changes = {"max_steps_per_epoch": 0}
     for k in ("epochs", "img_size", "max_steps_per_epoch"):
         if getattr(args, k) is not None:
             changes[k] = getattr(args, k)
