@@ -460,7 +460,7 @@ def test_reproduce_baseline_writes_its_own_tag(tiny_data, cache_dir, tmp_path):
     c = read_json(out / "config.json")
     assert "homework defaults" in c["origin"]["source"]
     assert c["tag"] == "cnn_baseline" and c["deterministic"] is True
-    expected = homework_defaults("cnn").replace(epochs=2, img_size=32).to_dict()
+    expected = homework_defaults("cnn").replace(epochs=2, img_size=32, deterministic=True).to_dict()
     assert c["config"] == expected
     m = read_json(out / "metrics.json")
     assert m["model"] == "cnn_baseline" and m["n_seeds"] == 1
