@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import kill_session
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,34 +161,6 @@ def env_for(work: Path) -> dict:
                PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     return env
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (a start_new_session child and all it spawned)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL what is left of a child's session (Ray's gcs_server, raylet, workers)."""
-    deadline = time.monotonic() + 20
-    while (alive := session_pids(sid)) and time.monotonic() < deadline:
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
 
 
 def start(cmd: str, args, work: Path, **popen) -> subprocess.Popen:

@@ -19,14 +19,13 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import kill_session
 
 from tune_pets.config import RunConfig, homework_defaults
 
@@ -55,37 +54,6 @@ def _env() -> dict:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``: one start_new_session child and
-    everything it spawned, nothing that another program started."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_session(sid: int, wait_s: float = 20.0) -> list[int]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = _session_pids(sid)
-        if not alive or time.monotonic() > deadline:
-            return alive
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-
-
 def run(cmd: list, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` in a new session from ``cwd``; kill what it leaves behind."""
     cwd.mkdir(parents=True, exist_ok=True)
@@ -101,14 +69,14 @@ def run(cmd: list, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         out, err = proc.communicate()
         pytest.fail(
             f"{' '.join(map(str, cmd))} timed out after {timeout}s\n"
             f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
         )
     finally:
-        leftover = _kill_session(proc.pid)
+        leftover = kill_session(proc.pid)
         assert not leftover, f"processes survived {cmd[:3]}: {leftover}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import kill_session, session_pids
 from PIL import Image
 
 from tune_pets.config import RunConfig
@@ -70,38 +71,6 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes in session ``sid``: what one start_new_session child and
-    everything it spawned (Ray's raylet, gcs_server, workers, agents) are, and nothing else."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_session(sid: int, sig: int = signal.SIGKILL, wait_s: float = 20.0) -> list[int]:
-    """Signal every process of session ``sid``; return those still alive after ``wait_s``."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = _session_pids(sid)
-        if not alive or time.monotonic() > deadline:
-            return alive
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-
-
 def start_cli(args: list, cwd: Path, env: dict | None = None, log: Path | None = None):
     """Start ``python -m tune_pets.search ARGS`` in a new session (so it can be killed whole);
     its output goes to pipes, or to the file ``log``."""
@@ -120,12 +89,12 @@ def run_cli(args: list, cwd: Path, env: dict | None = None,
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"search timed out after {timeout}s\nstdout:\n{out[-3000:]}\n"
                     f"stderr:\n{err[-3000:]}")
     finally:
-        leftover = _kill_session(proc.pid)  # the driver's Ray normally exits with it
+        leftover = kill_session(proc.pid)  # the driver's Ray normally exits with it
         assert not leftover, f"processes survived the search: {leftover}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -410,7 +379,7 @@ def test_resume_after_the_driver_is_killed(tiny_data, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        leftover = _kill_session(proc.pid)
+        leftover = kill_session(proc.pid)
     assert not leftover, f"Ray processes of the killed search survived: {leftover}"
     assert proc.returncode == -signal.SIGKILL
     assert not (artifacts / "search" / "cnn" / "trials.csv").exists()
@@ -481,8 +450,8 @@ def two_node_cluster(tmp_path_factory):
         yield {"address": f"127.0.0.1:{port}", "logs": logs}
     finally:
         for p in reversed(procs):  # SIGTERM drains for up to 30 s; the cluster is ours: kill
-            _kill_session(p.pid, signal.SIGKILL)
-        leftover = [pid for p in procs for pid in _session_pids(p.pid)]
+            kill_session(p.pid, signal.SIGKILL)
+        leftover = [pid for p in procs for pid in session_pids(p.pid)]
         shutil.rmtree(temp, ignore_errors=True)
         assert not leftover, f"cluster processes survived teardown: {leftover}"
 
