@@ -357,6 +357,7 @@ def make_tuner(
     from ray.tune.search.optuna import OptunaSearch
 
     space = optuna_space(spec)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" chatter
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # use the compact CLIReporter table below
     reporter = tune.CLIReporter(
         parameter_columns=list(space),
