@@ -23,6 +23,17 @@ def _cnn(**kw):
     )
 
 
+def _data(cfg, data_dir, cache_dir):
+    return load_fit_data(
+        cfg,
+        data_dir,
+        split_file=cache_dir / "split.json",
+        cache_dir=cache_dir,
+        device=CUDA,
+        progress=False,
+    )
+
+
 def test_augmentation_on_cuda_matches_the_cpu_grid(tiny_data, cache_dir):
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 40, 40, 3), dtype=torch.uint8, generator=gen)
@@ -37,14 +48,7 @@ def test_augmentation_on_cuda_matches_the_cpu_grid(tiny_data, cache_dir):
 
 def test_fit_on_cuda_with_bf16_autocast(tiny_data, cache_dir):
     cfg = _cnn(amp=True)
-    data = load_fit_data(
-        cfg,
-        tiny_data,
-        split_file=cache_dir / "split.json",
-        cache_dir=cache_dir,
-        device=CUDA,
-        progress=False,
-    )
+    data = _data(cfg, tiny_data, cache_dir)
     result = fit(cfg, data, device=CUDA)
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
     assert result.checkpoint["state_dict"]["head.weight"].device.type == "cpu"
@@ -52,14 +56,7 @@ def test_fit_on_cuda_with_bf16_autocast(tiny_data, cache_dir):
 
 def test_deterministic_fit_on_cuda_is_repeatable(tiny_data, cache_dir):
     cfg = _cnn(deterministic=True)
-    data = load_fit_data(
-        cfg,
-        tiny_data,
-        split_file=cache_dir / "split.json",
-        cache_dir=cache_dir,
-        device=CUDA,
-        progress=False,
-    )
+    data = _data(cfg, tiny_data, cache_dir)
     a = fit(cfg, data, device=CUDA).checkpoint["state_dict"]
     b = fit(cfg, data, device=CUDA).checkpoint["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -67,13 +64,6 @@ def test_deterministic_fit_on_cuda_is_repeatable(tiny_data, cache_dir):
 
 def test_vit_features_extracted_on_cuda(tiny_data, cache_dir):
     cfg = homework_defaults("vit").replace(pretrained=False, epochs=1)
-    data = load_fit_data(
-        cfg,
-        tiny_data,
-        split_file=cache_dir / "split.json",
-        cache_dir=cache_dir,
-        device=CUDA,
-        progress=False,
-    )
+    data = _data(cfg, tiny_data, cache_dir)
     assert data.kind == "features" and data.train_x.shape[-1] == 192
     assert fit(cfg, data, device=CUDA).history[0]["val_acc"] >= 0

@@ -169,8 +169,10 @@ def evaluate_checkpoint(
     weights=None,
     progress: bool = True,
     tag: str | None = None,
+    write: bool = True,
 ) -> dict:
-    """Score ``ckpt`` on ``split``; write per-class CSV, confusion CSV/PNG, metrics.csv row."""
+    """Score ``ckpt`` on ``split``; with ``write``, also write the per-class CSV, the confusion
+    CSV/PNG and the metrics.csv row (under the name ``tag``, default the model)."""
     import torch
 
     from tune_pets.config import cli_name
@@ -230,6 +232,14 @@ def evaluate_checkpoint(
     )
     m = classification_metrics(labels, preds, len(classes))
     cm = confusion(labels, preds, len(classes))
+    scores = {
+        f"{split}_acc": m["accuracy"],
+        f"{split}_macro_f1": m["macro_f1"],
+        "n_images": len(labels),
+        "most_confused": most_confused(cm, classes),
+    }
+    if not write:
+        return scores
     name = tag or cli_name(config.model)
     artifacts_dir = Path(artifacts_dir)
     atomic_write_csv(
@@ -253,12 +263,7 @@ def evaluate_checkpoint(
         },
         key=("model", "split"),
     )
-    return {
-        f"{split}_acc": m["accuracy"],
-        f"{split}_macro_f1": m["macro_f1"],
-        "n_images": len(labels),
-        "most_confused": most_confused(cm, classes),
-    }
+    return scores
 
 
 def main(argv: Sequence[str] | None = None) -> int:

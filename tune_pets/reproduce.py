@@ -122,8 +122,8 @@ def reproduce(
         ckpt = result.checkpoint
         ckpt_path = out / ("checkpoint_best.pt" if i == 0 else f"checkpoint_seed{seed}.pt")
         atomic_torch_save(ckpt, ckpt_path)
-        # Evaluate the first seed last-written artifacts: per seed, keep metrics; the confusion
-        # matrix and metrics.csv row come from the first seed (rewritten with the mean below).
+        # Every seed is scored once on the test split; the per-class CSV, confusion matrix and
+        # metrics.csv row are written for the first seed (the row gets the mean below).
         ev = evaluate_checkpoint(
             ckpt,
             data_dir,
@@ -133,14 +133,9 @@ def reproduce(
             skip_bad=skip_bad,
             device=device,
             progress=progress,
-            tag=tag if i == 0 else f"{tag}_seed{seed}",
+            tag=tag,
+            write=i == 0,
         )
-        if i > 0:  # keep only the first seed's confusion files; per-seed numbers go to metrics.json
-            for suffix in (".csv", ".png"):
-                (artifacts / f"confusion_{tag}_seed{seed}{suffix}").unlink(missing_ok=True)
-            _drop_metrics_row(artifacts / "metrics.csv", f"{tag}_seed{seed}")
-            (artifacts / f"{tag}_seed{seed}" / f"per_class_{heldout}.csv").unlink(missing_ok=True)
-            _rmdir_quiet(artifacts / f"{tag}_seed{seed}")
         per_seed.append(
             {
                 "seed": seed,
@@ -216,26 +211,6 @@ def reproduce(
     )
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _drop_metrics_row(path: Path, model: str) -> None:
-    import csv
-
-    from tune_pets.utils import atomic_write_csv
-
-    if not path.is_file():
-        return
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows, fields = [r for r in reader if r.get("model") != model], reader.fieldnames
-    atomic_write_csv(path, rows, fields)
-
-
-def _rmdir_quiet(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
