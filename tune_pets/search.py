@@ -208,7 +208,8 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def check_resources(cpus: float, gpus: float, concurrency: int) -> None:
+def check_resources(cpus: float, gpus: float) -> None:
+    """Refuse a request the cluster can never satisfy (Ray would wait for it forever)."""
     import ray
 
     have = ray.cluster_resources()
@@ -268,7 +269,7 @@ def run_search(
     # decoded or written.
     connect(address, num_cpus)
     cpus, gpus = float(spec.resources.get("cpu", 1)), float(spec.resources.get("gpu", 0))
-    check_resources(cpus, gpus, spec.max_concurrent)
+    check_resources(cpus, gpus)
     space = optuna_space(spec)
     import torch
 
