@@ -1,8 +1,23 @@
 """Shared fixtures: tiny ImageFolder trees written as real JPEGs, an isolated cache, the real
-Oxford-IIIT Pet sample from ../shared when it is present.
+Oxford-IIIT Pet sample from ../shared when it is present. Running CLIs in a subprocess:
+``tests/helpers.py``.
 
-    python -m pytest tests -x -q            # everything (about a minute on 2 cores)
-    python -m pytest tests -m "not slow"    # skip the end-to-end CLI runs
+    python -m pytest -m "not slow"           # the fast tests first: a broken basic test fails early
+    python -m pytest -m slow                 # then the end-to-end runs (real processes, real Ray)
+    python -m pytest tests/test_engine.py    # one file
+
+Timing, honestly: the whole suite took 8-12 minutes on 2 CPU cores before the restructure
+(issue 9), most of it in the ``slow`` tests (Ray searches, pipelines, real processes). Measured
+on 2 cores: test_config, test_models, test_data, test_engine, test_train, test_evaluate and
+test_gpu take 15-30 s together with ``-m "not slow"`` (test_gpu skips itself without CUDA) and
+about 60 s with their slow tests (the train and evaluate CLIs in real processes) on a quiet
+machine; with the cores shared by other jobs (load ~4) the same runs took 70 s and 170 s.
+
+Marking: ``@pytest.mark.slow`` on anything that starts a command in a subprocess and takes more
+than a few seconds (interpreter + torch import alone costs 3-5 s), every Ray search, and the
+pipeline runs. Cheap checks of the same code paths run in process (``cli_main(main, argv)``) and
+stay unmarked, so ``-m "not slow"`` keeps covering the CLIs' argument handling.
+``@pytest.mark.gpu`` marks tests that need CUDA; they skip themselves without it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""RunConfig defaults and validation; search-space YAML loading and its error messages."""
+"""RunConfig (fields, validation, split_seed) and search-space YAML loading (tune_pets.spaces)
+with its error messages. The models' homework defaults live in the registry: test_models.py."""
 
 from __future__ import annotations
 
@@ -7,54 +8,16 @@ import textwrap
 
 import pytest
 
-from tune_pets.config import (
-    RunConfig,
-    SearchSpec,
-    canonical_model,
-    homework_defaults,
-    load_search_spec,
-    validate_config,
-)
+from tune_pets.config import RunConfig, validate_config
+from tune_pets.models import get_spec, model_names
+from tune_pets.spaces import SearchSpec, default_space, load_search_spec
 from tune_pets.utils import UserError
 
 
 # ---------------------------------------------------------------- RunConfig
-def test_homework_defaults_cnn():
-    c = homework_defaults("cnn")
-    assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs, c.scheduler) == (
-        "cnn",
-        "adamw",
-        1e-3,
-        32,
-        50,
-        "cosine",
-    )
-    assert (c.depth, c.width, c.dropout) == (3, 64, 0.2)
-    assert validate_config(c) == c
-
-
-@pytest.mark.parametrize("name", ["vit", "vit_probe"])
-def test_homework_defaults_vit(name):
-    c = homework_defaults(name)
-    assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs) == (
-        "vit_probe",
-        "adam",
-        1e-3,
-        32,
-        10,
-    )
-    assert c.backbone == "vit_tiny_patch16_224"
-    assert validate_config(c) == c
-
-
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().lr = 0.1  # type: ignore[misc]
-
-
-def test_unknown_model_name_lists_valid_ones():
-    with pytest.raises(UserError, match=r"'resnet'.*cnn, vit"):
-        canonical_model("resnet")
 
 
 @pytest.mark.parametrize(
@@ -80,9 +43,14 @@ def test_unknown_model_name_lists_valid_ones():
         ("scheduler", "step"),
         ("pooling", "max"),
         ("metric", "test_acc"),
-        ("model", "resnet"),
+        ("model", ""),
         ("pretrained", "yes"),
         ("backbone", 3),
+        ("seed", -1),
+        ("seed", 2**32),  # numpy seeds must fit in 32 bits
+        ("split_seed", -1),
+        ("split_seed", 1.5),
+        ("split_seed", "0"),
     ],
 )
 def test_validate_config_rejects_bad_values_naming_the_key(key, value):
@@ -93,6 +61,11 @@ def test_validate_config_rejects_bad_values_naming_the_key(key, value):
     assert "\n" not in msg
 
 
+def test_validate_config_names_the_flag_for_the_command_line():
+    with pytest.raises(UserError, match=r"^command line: --label-smoothing="):
+        validate_config(RunConfig(label_smoothing=1.5), "command line")
+
+
 def test_validate_config_warmup_must_be_shorter_than_training():
     with pytest.raises(UserError, match="warmup_epochs"):
         validate_config(RunConfig(epochs=3, warmup_epochs=3))
@@ -100,16 +73,38 @@ def test_validate_config_warmup_must_be_shorter_than_training():
 
 
 def test_validate_config_normalizes_numbers():
-    c = validate_config(RunConfig().replace(epochs=5.0, lr=1, weight_decay=0))
+    c = validate_config(RunConfig().replace(epochs=5.0, lr=1, weight_decay=0, split_seed=3.0))
     assert c.epochs == 5 and type(c.epochs) is int
     assert c.lr == 1.0 and type(c.lr) is float
     assert type(c.weight_decay) is float
+    assert c.split_seed == 3 and type(c.split_seed) is int
+
+
+def test_split_seed_defaults_to_the_seed_and_can_be_pinned():
+    """Changing ``seed`` (a robustness check) must not move the validation split once
+    ``split_seed`` is set; unset, the split follows ``seed`` as before."""
+    assert RunConfig().split_seed is None
+    assert RunConfig(seed=7).val_split_seed == 7
+    assert RunConfig(seed=7, split_seed=0).val_split_seed == 0
+    assert RunConfig(seed=0, split_seed=5).val_split_seed == 5
+    assert validate_config(RunConfig(split_seed=None)).split_seed is None
 
 
 def test_from_dict_round_trip():
-    c = homework_defaults("vit").replace(lr=3e-4, pooling="both", feature_views=2, seed=7)
+    c = get_spec("vit").defaults.replace(
+        lr=3e-4, pooling="both", feature_views=2, seed=7, split_seed=1
+    )
     assert RunConfig.from_dict(c.to_dict()) == c
     assert RunConfig.from_dict({}) == RunConfig()
+
+
+def test_from_dict_reads_config_files_of_earlier_versions():
+    """Before the registry the probe was called vit_probe, and there was no split_seed."""
+    old = {k: v for k, v in get_spec("vit").defaults.to_dict().items() if k != "split_seed"}
+    old["model"] = "vit_probe"
+    c = RunConfig.from_dict(old)
+    assert c.model == "vit" and c.split_seed is None
+    assert c == get_spec("vit").defaults
 
 
 def test_from_dict_unknown_key_names_it_and_the_source():
@@ -133,6 +128,7 @@ grace_period: 2
 reduction_factor: 3
 max_concurrent: 2
 seed: 1
+split_seed: 4
 time_budget_s: 600
 resources: {cpu: 2, gpu: 0}
 fixed:
@@ -160,6 +156,7 @@ def test_load_valid_spec(tmp_path):
     assert isinstance(spec, SearchSpec)
     assert spec.model == "cnn" and spec.metric == "val_macro_f1" and spec.mode == "max"
     assert (spec.num_samples, spec.max_epochs, spec.grace_period, spec.seed) == (8, 12, 2, 1)
+    assert spec.split_seed == 4
     assert spec.resources == {"cpu": 2, "gpu": 0}
     assert spec.time_budget_s == 600
     assert spec.source == str(path)
@@ -176,14 +173,21 @@ def test_load_valid_spec(tmp_path):
     assert spec.space["width"] == ("quniform", [16, 64, 16])
 
 
-def test_load_vit_spec_uses_registry_name(tmp_path):
-    text = """\
-        model: vit
+def test_spec_defaults_auto_resources_and_split_seed_from_seed(tmp_path):
+    spec = load_search_spec(write(tmp_path, "model: cnn\nseed: 3\nresources: auto\n"))
+    assert spec.resources == "auto" and spec.seed == 3 and spec.split_seed is None
+    assert load_search_spec(write(tmp_path, "model: cnn\nsplit_seed: null\n")).split_seed is None
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_probe"])
+def test_load_vit_spec_uses_the_registry_name(tmp_path, name):
+    text = f"""\
+        model: {name}
         space:
-          pooling: {choice: [cls, mean, both]}
+          pooling: {{choice: [cls, mean, both]}}
     """
     spec = load_search_spec(write(tmp_path, text))
-    assert spec.model == "vit_probe"
+    assert spec.model == "vit"
     assert spec.space["pooling"] == ("choice", ["cls", "mean", "both"])
 
 
@@ -198,6 +202,17 @@ def test_choice_values_written_yaml11_style_become_numbers(tmp_path):
     _, values = spec.space["weight_decay"]
     assert values == [1e-4, 1e-3, 0.0]
     assert all(isinstance(v, float) for v in values), values
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
+@pytest.mark.parametrize("model", model_names())
+def test_shipped_search_spaces_load(model, smoke):
+    """Every registered model ships a search space (and a smoke one) that loads as is."""
+    path = default_space(model, smoke)
+    assert path.is_file(), f"no shipped search space for {model}: {path}"
+    spec = load_search_spec(path)
+    assert spec.model == model and spec.space
+    assert spec.resources == "auto" or set(spec.resources) == {"cpu", "gpu"}
 
 
 BAD_SPECS = [
@@ -222,6 +237,11 @@ BAD_SPECS = [
         "space key not a config field",
         "model: cnn\nspace:\n  learning_rate: {uniform: [0, 1]}\n",
         ["space.learning_rate", "learning_rate"],
+    ),
+    (
+        "seeds are not searchable",
+        "model: cnn\nspace:\n  split_seed: {choice: [0, 1]}\n",
+        ["space.split_seed", "not a searchable"],
     ),
     (
         "fixed key not a config field",
@@ -259,7 +279,11 @@ BAD_SPECS = [
     ("bad metric", "model: cnn\nmetric: test_acc\n", ["metric", "test_acc"]),
     ("bad mode", "model: cnn\nmode: biggest\n", ["mode", "biggest"]),
     ("bad num_samples", "model: cnn\nnum_samples: 0\n", ["num_samples"]),
+    ("bad split_seed", "model: cnn\nsplit_seed: -1\n", ["split_seed", "-1"]),
+    ("bad resources", "model: cnn\nresources: {cpu: 1, tpu: 1}\n", ["resources"]),
+    ("zero cpus", "model: cnn\nresources: {cpu: 0, gpu: 0}\n", ["resources.cpu"]),
     ("missing model", "space: {}\n", ["model"]),
+    ("unknown model", "model: resnet\n", ["model", "resnet", "cnn, vit"]),
     ("not a mapping", "- model\n- cnn\n", ["mapping"]),
 ]
 
@@ -273,6 +297,7 @@ def test_bad_spec_error_names_file_and_key(tmp_path, text, must_contain):
         load_search_spec(path)
     msg = str(e.value)
     assert str(path) in msg, msg
+    assert "\n" not in msg
     for part in must_contain:
         assert part in msg, msg
 
@@ -304,18 +329,10 @@ def test_missing_spec_file(tmp_path):
         load_search_spec(tmp_path / "nope.yaml")
 
 
-def test_unknown_model_in_spec_names_the_file(tmp_path):
-    path = write(tmp_path, "model: resnet\n")
-    with pytest.raises(UserError) as e:
-        load_search_spec(path)
-    assert "resnet" in str(e.value)
-    assert str(path) in str(e.value), str(e.value)
-
-
 @pytest.mark.parametrize("fixed", ["lr: -1.0", "epochs: 0", "optimizer: rmsprop", "dropout: 2.0"])
 def test_invalid_fixed_value_is_rejected_without_a_space(tmp_path, fixed):
     """Fixed values go into every trial's config: a bad one must fail at load time, not in the
-    middle of a search (today they are only checked when some `space` key exists)."""
+    middle of a search, even when the file searches nothing."""
     path = write(tmp_path, f"model: cnn\nfixed:\n  {fixed}\n")
     key = fixed.split(":")[0]
     with pytest.raises(UserError) as e:

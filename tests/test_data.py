@@ -12,8 +12,6 @@ import torch
 from PIL import Image
 
 from tune_pets.data import (
-    CNN_MEAN,
-    CNN_STD,
     BadImageError,
     cache_res,
     eval_transform,
@@ -25,6 +23,7 @@ from tune_pets.data import (
     stratified_split,
     train_augment,
 )
+from tune_pets.models import CNN_MEAN, CNN_STD
 from tune_pets.utils import UserError
 
 

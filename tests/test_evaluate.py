@@ -1,33 +1,37 @@
-"""Evaluation: the metric functions, and the evaluate CLI on real checkpoints and tiny data."""
+"""Scoring checkpoints: the metric functions (tune_pets.metrics), the checkpoint format
+(tune_pets.checkpoint), ``evaluate_checkpoint`` and the evaluate CLI on real checkpoints and tiny
+data.
+
+Bad checkpoints, data dirs and held-out classes through a real process: test_hardening.py.
+"""
 
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
+import dataclasses
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import ok, run
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from tune_pets.config import homework_defaults
-from tune_pets.evaluate import (
+from tune_pets.checkpoint import FORMAT, load_checkpoint, trained_module
+from tune_pets.engine import FitData, load_fit_data
+from tune_pets.evaluate import Evaluation, evaluate_checkpoint, main
+from tune_pets.layout import Layout
+from tune_pets.metrics import (
     classification_metrics,
     confusion,
-    evaluate_checkpoint,
-    load_checkpoint,
-    main,
-    model_from_checkpoint,
     most_confused,
     per_class_rows,
-    write_confusion,
+    prediction_spread,
 )
-from tune_pets.models import data_config
-from tune_pets.train import FitData, fit, load_fit_data
+from tune_pets.models import get_spec, register
+from tune_pets.train import fit
 from tune_pets.utils import UserError, atomic_torch_save, cli_main
 
 CLASSES = ["Abyssinian", "chat été", "golden retriever", "pug"]
@@ -78,19 +82,39 @@ def test_confusion_and_per_class_rows():
     assert most_confused(big, ["x", "y", "z"], k=2) == [("y", "z", 7), ("x", "y", 3)]
 
 
-def test_write_confusion_files(tmp_path):
-    cm = np.array([[3, 1], [0, 4]])
-    write_confusion(
-        cm, ["chat été", "golden retriever"], tmp_path / "c.csv", tmp_path / "c.png", "title"
-    )
+def test_prediction_spread():
+    """A model that predicts 2 of 4 classes on imbalanced labels: the facts behind a large gap
+    between accuracy and macro-F1."""
+    y = np.array([0] * 6 + [1] * 2 + [2] + [3])
+    p = np.array([0] * 6 + [1, 0, 0, 0])
+    s = prediction_spread(confusion(y, p, 4))
+    assert s == {
+        "classes_predicted": 2,
+        "num_classes": 4,
+        "top3_class_share": 0.9,
+        "max_min_support": [6, 1],
+    }
+
+
+def test_evaluation_writes_per_class_and_confusion_files(tmp_path):
+    classes = ["chat été", "golden retriever"]
+    labels, preds = np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    ev = Evaluation("test", classes, labels, preds)
+    assert ev.cm.tolist() == [[3, 1], [0, 4]]
+    assert ev.scores == {"accuracy": 0.875, "macro_f1": pytest.approx(0.8730158), "n_images": 8}
+    assert ev.most_confused() == [("chat été", "golden retriever", 1)]
+    ev.write(tmp_path / "p.csv", tmp_path / "c.csv", tmp_path / "c.png", "title")
     rows = read_csv(tmp_path / "c.csv")
-    assert list(rows[0]) == ["true\\pred", "chat été", "golden retriever"]
-    assert [[int(r[c]) for c in ("chat été", "golden retriever")] for r in rows] == cm.tolist()
+    assert list(rows[0]) == ["true\\pred", *classes]
+    assert [r["true\\pred"] for r in rows] == classes
+    assert [[int(r[c]) for c in classes] for r in rows] == ev.cm.tolist()
+    per_class = read_csv(tmp_path / "p.csv")
+    assert [(r["class"], int(r["support"])) for r in per_class] == [(c, 4) for c in classes]
     with Image.open(tmp_path / "c.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
 
 
-# ---------------------------------------------------------------- checkpoints, then the CLI
+# ---------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     """A CNN and a ViT-probe checkpoint, made as the train CLI makes them (``fit`` +
@@ -98,25 +122,158 @@ def trained(tiny_data, tmp_path_factory):
     fit on random features: evaluate must not care, and no backbone runs over the train split."""
     work = tmp_path_factory.mktemp("evaluate")
     art, cache = work / "artifacts", work / "cache"
-    cnn = homework_defaults("cnn").replace(img_size=32, epochs=2, batch_size=8)
+    cnn = get_spec("cnn").defaults.replace(img_size=32, epochs=2, batch_size=8)
     data = load_fit_data(
-        cnn, tiny_data, split_file=art / "cnn" / "val_split.json", cache_dir=cache, progress=False
+        cnn, tiny_data, split_file=work / "val_split.json", cache_dir=cache, progress=False
     )
-    atomic_torch_save(fit(cnn, data).checkpoint, art / "cnn" / "checkpoint_best.pt")
-    vit = homework_defaults("vit").replace(pretrained=False, epochs=2, batch_size=8)
+    atomic_torch_save(fit(cnn, data).checkpoint, work / "cnn.pt")
+    vit_spec = get_spec("vit")
+    vit = vit_spec.defaults.replace(pretrained=False, epochs=2, batch_size=8)
     x = np.random.default_rng(0).normal(size=(1, 32, 2, 192)).astype(np.float32)
     y = np.arange(32) % 4
-    feats = FitData("features", data.classes, x, y, x[0, :8], y[:8], data_config(vit))
-    atomic_torch_save(fit(vit, feats).checkpoint, art / "vit" / "checkpoint_best.pt")
+    feats = FitData("features", data.classes, x, y, x[0, :8], y[:8], vit_spec.data_config(vit))
+    atomic_torch_save(fit(vit, feats).checkpoint, work / "vit.pt")
     return SimpleNamespace(
-        work=work,
-        artifacts=art,
-        cache=cache,
-        cnn=art / "cnn" / "checkpoint_best.pt",
-        vit=art / "vit" / "checkpoint_best.pt",
+        work=work, artifacts=art, cache=cache, cnn=work / "cnn.pt", vit=work / "vit.pt"
     )
 
 
+def test_checkpoint_format(trained):
+    ckpt = torch.load(trained.vit, weights_only=True)
+    assert ckpt["format"] == FORMAT and ckpt["model"] == "vit" and ckpt["scope"] == "head"
+    assert ckpt["classes"] == CLASSES and ckpt["feature_dim"] == 192
+    assert set(ckpt["state_dict"]) == {"weight", "bias"}  # the head only: no backbone inside
+    module, config, spec = trained_module(load_checkpoint(trained.vit, "vit"))
+    assert isinstance(module, torch.nn.Linear) and not module.training
+    assert (config.model, config.pretrained, spec.name) == ("vit", False, "vit")
+    module, config, _ = trained_module(load_checkpoint(trained.vit), pretrained=True, weights="w")
+    assert (config.pretrained, config.weights) == (True, "w")
+
+
+def test_checkpoint_of_an_earlier_version_loads(trained, tmp_path):
+    """Checkpoints written before the registry call the probe vit_probe."""
+    ckpt = torch.load(trained.vit, weights_only=True)
+    ckpt["model"] = ckpt["config"]["model"] = "vit_probe"
+    atomic_torch_save(ckpt, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt", "vit")
+    assert loaded["model"] == "vit"
+    assert trained_module(loaded)[1].model == "vit"
+
+
+def _random_bytes(path, good):
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _truncated(path, good):
+    path.write_bytes(good.read_bytes()[:1000])
+
+
+def _foreign(path, good):
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+@pytest.mark.parametrize(
+    "make, model, expect",
+    [
+        (None, "cnn", "file not found"),
+        (_random_bytes, "cnn", "not a readable checkpoint"),
+        (_truncated, "cnn", "not a readable checkpoint"),
+        (_foreign, "cnn", "not a tune_pets checkpoint"),
+        ("vit", "cnn", "holds a vit model, not cnn"),
+    ],
+    ids=["missing", "random-bytes", "truncated", "foreign-dict", "other-model"],
+)
+def test_load_checkpoint_refuses_what_it_cannot_use(trained, tmp_path, make, model, expect):
+    path = tmp_path / "c.pt"
+    if make == "vit":
+        path = trained.vit
+    elif make is not None:
+        make(path, trained.cnn)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path, model)
+    msg = str(e.value)
+    assert msg.startswith(f"--checkpoint {path}") and expect in msg and "\n" not in msg
+
+
+def test_weights_that_do_not_fit_the_model(trained, tmp_path):
+    ckpt = torch.load(trained.cnn, weights_only=True)
+    ckpt["config"]["width"] = 8
+    with pytest.raises(UserError, match="do not fit"):
+        trained_module(ckpt)
+    atomic_torch_save(ckpt, tmp_path / "c.pt")
+    assert load_checkpoint(tmp_path / "c.pt", "cnn")["config"]["width"] == 8
+
+
+# ---------------------------------------------------------------- evaluate_checkpoint
+def test_evaluate_vit_matches_the_full_model_on_images(
+    trained, tmp_path, make_image_folder, monkeypatch
+):
+    """The probe head is scored on cached backbone features; the full model (backbone + head)
+    run on the eval-transformed images must give the same predictions. Nothing is written but
+    the cache."""
+    from tune_pets.data import eval_transform, load_split
+
+    # 2 test images per class (fewer ViT forwards on a CPU), the same class names.
+    data_dir = make_image_folder(tmp_path / "d", {c: (1, 2) for c in CLASSES}, seed=5)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    before = sorted(tmp_path.rglob("*"))
+    ckpt = load_checkpoint(trained.vit, "vit")
+    ev = evaluate_checkpoint(ckpt, data_dir, "test", cache_dir=trained.cache, progress=False)
+    assert ev.n_images == 8 and ev.classes == CLASSES and ev.split == "test"
+    assert sorted(tmp_path.rglob("*")) == before, "evaluate_checkpoint wrote files"
+
+    spec = get_spec("vit")
+    config = spec.defaults.replace(**{k: ckpt["config"][k] for k in ("pretrained", "pooling")})
+    full = spec.build(config, len(CLASSES))
+    full.head.load_state_dict(ckpt["state_dict"])
+    pre = ckpt["preprocess"]
+    test = load_split(
+        data_dir,
+        "test",
+        spec.cache_res(config),
+        interpolation=pre["interpolation"],
+        cache_dir=trained.cache,
+        classes=ckpt["classes"],
+        progress=False,
+    )
+    x = eval_transform(
+        torch.from_numpy(test.images), pre["img_size"], pre["crop_pct"], pre["mean"], pre["std"]
+    )
+    with torch.no_grad():
+        preds = full.eval()(x).argmax(1).numpy()
+    np.testing.assert_array_equal(ev.labels, test.labels)
+    np.testing.assert_array_equal(ev.preds, preds)
+    assert ev.scores["accuracy"] == pytest.approx(float((preds == test.labels).mean()))
+    assert np.trace(ev.cm) == int((preds == test.labels).sum())
+
+
+def test_evaluate_never_builds_the_backbone_when_features_are_cached(
+    trained, tmp_path, make_image_folder
+):
+    """Features cached by one evaluation are all the next one needs: with the registry's vit
+    spec swapped for one whose backbone cannot be built, scoring still works (and on a cold
+    cache the swap is what fails, so the check can fail)."""
+    data_dir = make_image_folder(tmp_path / "d", {c: (1, 1) for c in CLASSES}, seed=7)
+    ckpt = load_checkpoint(trained.vit, "vit")
+    warm = tmp_path / "cache"
+    first = evaluate_checkpoint(ckpt, data_dir, "test", cache_dir=warm, progress=False)
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built")
+
+    real = get_spec("vit")
+    register(dataclasses.replace(real, build=no_backbone, build_backbone=no_backbone))
+    try:
+        again = evaluate_checkpoint(ckpt, data_dir, "test", cache_dir=warm, progress=False)
+        with pytest.raises(AssertionError, match="the backbone was built"):
+            evaluate_checkpoint(ckpt, data_dir, "test", cache_dir=tmp_path / "cold")
+    finally:
+        register(real)
+    np.testing.assert_array_equal(again.preds, first.preds)
+
+
+# ---------------------------------------------------------------- the CLI
 def evaluate_argv(model, ckpt, data_dir, trained, *extra) -> list[str]:
     return [
         model,
@@ -133,175 +290,53 @@ def evaluate_argv(model, ckpt, data_dir, trained, *extra) -> list[str]:
     ]
 
 
-def run_evaluate(argv: list[str], cwd) -> subprocess.CompletedProcess:
-    """``python -m tune_pets.evaluate ARGV`` in a fresh interpreter; output decoded as UTF-8."""
-    return subprocess.run(
-        [sys.executable, "-m", "tune_pets.evaluate", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=240,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+@pytest.mark.slow
+def test_evaluate_cli_cnn(trained, tiny_data, monkeypatch, capsys):
+    proc = ok(
+        run(
+            "evaluate",
+            evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "test"),
+            trained.work,
+        )
     )
+    assert "16 images" in proc.stdout
+    layout = Layout(trained.artifacts)
+    name = "cnn-test"  # the default --name: <model>-<split>
+    metrics = json.loads(layout.evaluation_file(name, "test", "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(trained.cnn) and metrics["n_images"] == 16
+    assert metrics["prediction_spread"]["num_classes"] == 4
+    acc = metrics["accuracy"]
+    assert acc > 0.4, "a trained CNN should beat chance (0.25) on the tinted classes"
+    rows = [r for r in read_csv(layout.metrics_csv) if (r["model"], r["split"]) == (name, "test")]
+    assert len(rows) == 1
+    assert float(rows[0]["accuracy"]) == pytest.approx(acc) and int(rows[0]["n_images"]) == 16
+    cm_rows = read_csv(layout.evaluation_file(name, "test", "confusion.csv"))
+    cells = np.array([[int(r[c]) for c in CLASSES] for r in cm_rows])
+    assert cells.sum() == 16 and cells.sum(1).tolist() == [4, 4, 4, 4]
+    assert np.trace(cells) / 16 == pytest.approx(acc, abs=1e-6)
+    with Image.open(layout.evaluation_file(name, "test", "confusion.png")) as im:
+        im.verify()
+    per_class = read_csv(layout.evaluation_file(name, "test", "per_class.csv"))
+    assert [int(r["support"]) for r in per_class] == [4, 4, 4, 4]
+    # Nothing outside evaluate/<name>/ but the metrics.csv row.
+    assert sorted(p.name for p in trained.artifacts.iterdir()) == ["evaluate", "metrics.csv"]
+
+    # metrics.csv is upserted: scoring again (in process) replaces the row instead of adding one.
+    monkeypatch.chdir(trained.work)
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, evaluate_argv("cnn", trained.cnn, tiny_data, trained))
+    assert e.value.code == 0, capsys.readouterr().err
+    rows = [(r["model"], r["split"]) for r in read_csv(layout.metrics_csv)]
+    assert rows.count((name, "test")) == 1
 
 
-def expect_exit_2(argv, capsys, *needles) -> str:
+def test_evaluate_missing_split_folder(trained, tiny_data, tmp_path, capsys):
+    argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "holdout")
+    argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
     with pytest.raises(SystemExit) as e:
         cli_main(main, argv, prog="python -m tune_pets.evaluate")
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
-@pytest.mark.slow
-def test_evaluate_cli_cnn(trained, tiny_data):
-    proc = run_evaluate(
-        evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "test"), cwd=trained.work
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "16 images" in proc.stdout
-    art = trained.artifacts
-    rows = [r for r in read_csv(art / "metrics.csv") if (r["model"], r["split"]) == ("cnn", "test")]
-    assert len(rows) == 1
-    acc = float(rows[0]["accuracy"])
-    assert int(rows[0]["n_images"]) == 16
-    assert acc > 0.4, "a trained CNN should beat chance (0.25) on the tinted classes"
-    cm_rows = read_csv(art / "confusion_cnn.csv")
-    assert list(cm_rows[0]) == ["true\\pred", *CLASSES]
-    assert [r["true\\pred"] for r in cm_rows] == CLASSES
-    cells = np.array([[int(r[c]) for c in CLASSES] for r in cm_rows])
-    assert cells.sum() == 16 and cells.sum(1).tolist() == [4, 4, 4, 4]
-    assert np.trace(cells) / 16 == pytest.approx(acc, abs=1e-6)
-    with Image.open(art / "confusion_cnn.png") as im:
-        im.verify()
-    per_class = read_csv(art / "cnn" / "per_class_test.csv")
-    assert [r["class"] for r in per_class] == CLASSES
-    assert [int(r["support"]) for r in per_class] == [4, 4, 4, 4]
-
-    # metrics.csv is upserted: scoring again replaces the row instead of adding one.
-    ckpt = load_checkpoint(trained.cnn, "cnn")
-    again = evaluate_checkpoint(
-        ckpt, tiny_data, "test", art, cache_dir=trained.cache, progress=False
-    )
-    assert again["test_acc"] == pytest.approx(acc, abs=1e-6)
-    assert [(r["model"], r["split"]) for r in read_csv(art / "metrics.csv")].count(
-        ("cnn", "test")
-    ) == 1
-
-
-def test_evaluate_vit_matches_the_full_model_on_images(trained, tmp_path, make_image_folder):
-    """The probe is scored on cached backbone features; the full model (backbone + head) run on
-    the eval-transformed images must give the same predictions."""
-    from tune_pets.data import cache_res, eval_transform, load_split
-
-    # 2 test images per class (fewer ViT forwards on a CPU), the same class names.
-    data_dir = make_image_folder(tmp_path / "d", {c: (1, 2) for c in CLASSES}, seed=5)
-    ckpt = load_checkpoint(trained.vit, "vit_probe")
-    assert ckpt["scope"] == "head"
-    out = evaluate_checkpoint(
-        ckpt, data_dir, "test", trained.artifacts, cache_dir=trained.cache, progress=False
-    )
-    assert out["n_images"] == 8
-    model, config = model_from_checkpoint(ckpt)
-    assert config.pretrained is False
-    pre = ckpt["preprocess"]
-    test = load_split(
-        data_dir,
-        "test",
-        cache_res(pre["img_size"], pre["crop_pct"]),
-        interpolation=pre["interpolation"],
-        cache_dir=trained.cache,
-        classes=ckpt["classes"],
-        progress=False,
-    )
-    x = eval_transform(
-        torch.from_numpy(test.images), pre["img_size"], pre["crop_pct"], pre["mean"], pre["std"]
-    )
-    with torch.no_grad():
-        preds = model.eval()(x).argmax(1).numpy()
-    assert out["test_acc"] == pytest.approx(float((preds == test.labels).mean()))
-    rows = {(r["model"], r["split"]) for r in read_csv(trained.artifacts / "metrics.csv")}
-    assert ("vit", "test") in rows
-    cm_rows = read_csv(trained.artifacts / "confusion_vit.csv")
-    cells = np.array([[int(r[c]) for c in CLASSES] for r in cm_rows])
-    assert cells.sum() == 8
-    assert np.trace(cells) == int((preds == test.labels).sum())
-
-
-def test_vit_checkpoint_passed_as_cnn(trained, tiny_data, capsys):
-    expect_exit_2(
-        evaluate_argv("cnn", trained.vit, tiny_data, trained),
-        capsys,
-        "holds a vit model",
-        str(trained.vit),
-    )
-
-
-def test_corrupted_checkpoint(trained, tiny_data, tmp_path, capsys):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(np.random.default_rng(0).bytes(4096))
-    expect_exit_2(evaluate_argv("cnn", bad, tiny_data, trained), capsys, "--checkpoint", "bad.pt")
-
-
-@pytest.mark.slow
-def test_corrupted_checkpoint_in_a_real_process(trained, tiny_data, tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(np.random.default_rng(0).bytes(4096))
-    proc = run_evaluate(evaluate_argv("cnn", bad, tiny_data, trained), cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and "bad.pt" in proc.stderr
-
-
-def test_truncated_and_foreign_checkpoints(trained, tiny_data, tmp_path, capsys):
-    cut = tmp_path / "cut.pt"
-    cut.write_bytes(trained.cnn.read_bytes()[:1000])
-    expect_exit_2(evaluate_argv("cnn", cut, tiny_data, trained), capsys, "cut.pt")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    expect_exit_2(
-        evaluate_argv("cnn", foreign, tiny_data, trained), capsys, "not a tune_pets checkpoint"
-    )
-    expect_exit_2(
-        evaluate_argv("cnn", tmp_path / "missing.pt", tiny_data, trained), capsys, "not found"
-    )
-
-
-def test_evaluate_cli_bad_data_dir_and_split(trained, tmp_path, capsys):
-    expect_exit_2(
-        evaluate_argv("cnn", trained.cnn, tmp_path / "nowhere", trained), capsys, "--data-dir"
-    )
-    (tmp_path / "only_test" / "test" / "pug").mkdir(parents=True)
-    expect_exit_2(
-        evaluate_argv("cnn", trained.cnn, tmp_path / "only_test", trained),
-        capsys,
-        "--data-dir",
-        "train/",
-    )
-
-
-def test_evaluate_missing_split_folder(trained, tiny_data, capsys):
-    expect_exit_2(
-        evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "holdout"),
-        capsys,
-        "--split holdout",
-    )
-
-
-def test_weights_that_do_not_fit_the_model(trained, tmp_path):
-    ckpt = torch.load(trained.cnn, weights_only=True)
-    ckpt["config"]["width"] = 8
-    with pytest.raises(UserError, match="do not fit"):
-        model_from_checkpoint(ckpt)
-    atomic_torch_save(ckpt, tmp_path / "c.pt")
-    assert load_checkpoint(tmp_path / "c.pt", "cnn")["config"]["width"] == 8
-
-
-def test_heldout_class_unknown_to_the_checkpoint(trained, tmp_path, make_image_folder, capsys):
-    root = make_image_folder(tmp_path / "d", {c: (1, 1) for c in CLASSES})
-    make_image_folder(tmp_path / "d", {"zebra": (0, 2)}, seed=1)
-    expect_exit_2(evaluate_argv("cnn", trained.cnn, root, trained), capsys, "zebra")
+    assert "--split holdout" in err and str(tiny_data / "holdout") in err
+    assert not (tmp_path / "a").exists()

@@ -1,20 +1,29 @@
-"""Model registry invariants, parametrized over every registered model (real timm, random init)."""
+"""The model registry (tune_pets.models): what each spec holds, registering and looking up by
+name, and invariants parametrized over every registered model (real timm, random init).
+
+Loading backbone weights (hub cache, --weights files) and its errors: test_weights.py.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from tune_pets.config import RunConfig, homework_defaults
-from tune_pets.data import CNN_MEAN
+from tune_pets.backbone import backbone_tag, build_backbone
+from tune_pets.config import RunConfig, validate_config
 from tune_pets.models import (
-    MODELS,
+    CNN_CROP_PCT,
+    CNN_MEAN,
+    CNN_STD,
+    ModelSpec,
     ViTProbe,
-    backbone_tag,
-    build_backbone,
-    build_model,
-    data_config,
+    get_spec,
+    model_names,
     pool_features,
+    register,
+    unregister,
 )
 from tune_pets.utils import UserError
 
@@ -22,34 +31,146 @@ NUM_CLASSES = 5
 
 
 def config_for(name: str) -> RunConfig:
-    if name == "cnn":
-        return homework_defaults("cnn").replace(img_size=32, width=8)
-    return homework_defaults("vit").replace(pretrained=False)
+    """A cheap config of a registered model: a narrow CNN at 32 px, a random-init backbone."""
+    spec = get_spec(name)
+    if spec.kind == "images":
+        return spec.defaults.replace(img_size=32, width=8)
+    return spec.defaults.replace(pretrained=False)
 
 
 def input_size(name: str) -> int:
-    return 32 if name == "cnn" else 224
+    return get_spec(name).data_config(config_for(name))["img_size"]
 
 
 @pytest.fixture(scope="module")
 def probe():
     """One random-init ViT probe for the module (a ViT build costs about a second on a CPU)."""
-    return build_model("vit_probe", NUM_CLASSES, config_for("vit_probe"))
+    return get_spec("vit").build(config_for("vit"), NUM_CLASSES)
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=model_names())
 def built(request):
     name = request.param
-    if name == "vit_probe":
+    if name == "vit":
         return name, request.getfixturevalue("probe")
     torch.manual_seed(0)
-    return name, build_model(name, NUM_CLASSES, config_for(name))
+    return name, get_spec(name).build(config_for(name), NUM_CLASSES)
 
 
-def test_registry_has_both_models():
-    assert set(MODELS) == {"cnn", "vit_probe"}
+# ---------------------------------------------------------------- the registry
+def test_registry_has_the_two_models_and_the_legacy_name_is_only_an_alias():
+    names = model_names()
+    assert names[:2] == ["cnn", "vit"]
+    assert "vit_probe" not in names
+    assert get_spec("vit_probe") is get_spec("vit")
 
 
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(UserError) as e:
+        get_spec("resnet50")
+    msg = str(e.value)
+    assert "resnet50" in msg and "\n" not in msg
+    for name in model_names():
+        assert name in msg
+
+
+def test_homework_defaults_cnn():
+    spec = get_spec("cnn")
+    c = spec.defaults
+    assert (spec.name, spec.kind, spec.fixed_input_size) == ("cnn", "images", False)
+    assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs, c.scheduler) == (
+        "cnn",
+        "adamw",
+        1e-3,
+        32,
+        50,
+        "cosine",
+    )
+    assert (c.depth, c.width, c.dropout, c.img_size) == (3, 64, 0.2, 224)
+    assert validate_config(c) == c
+
+
+def test_homework_defaults_vit():
+    spec = get_spec("vit")
+    c = spec.defaults
+    assert (spec.name, spec.kind, spec.fixed_input_size) == ("vit", "features", True)
+    assert (c.model, c.optimizer, c.lr, c.batch_size, c.epochs, c.scheduler) == (
+        "vit",
+        "adam",
+        1e-3,
+        32,
+        10,
+        "none",
+    )
+    assert c.backbone == "vit_tiny_patch16_224" and c.pooling == "cls" and c.weight_decay == 0
+    assert validate_config(c) == c
+
+
+def _tiny_spec(name: str = "tiny", **changes) -> ModelSpec:
+    base = dict(
+        name=name,
+        kind="images",
+        help="a test model",
+        defaults=RunConfig(model=name, img_size=16),
+        build=lambda cfg, n: torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(3 * cfg.img_size**2, n)
+        ),
+        data_config=get_spec("cnn").data_config,
+    )
+    return ModelSpec(**{**base, **changes})
+
+
+def test_register_and_unregister_a_model():
+    spec = _tiny_spec()
+    try:
+        assert register(spec) is spec
+        assert "tiny" in model_names() and get_spec("tiny") is spec
+        replacement = dataclasses.replace(spec, help="replaced")
+        register(replacement)  # same name: replaces
+        assert get_spec("tiny") is replacement and model_names().count("tiny") == 1
+        net = get_spec("tiny").trainable(spec.defaults, 3)
+        assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+    finally:
+        unregister("tiny")
+    assert "tiny" not in model_names()
+    with pytest.raises(UserError, match="tiny"):
+        get_spec("tiny")
+    unregister("tiny")  # unregistering an unknown name is a no-op
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"kind": "pixels"}, "kind must be one of"),
+        ({"kind": "features"}, "needs a backbone and a head"),
+        ({"defaults": RunConfig(model="cnn")}, "defaults.model is 'cnn'"),
+    ],
+)
+def test_register_refuses_an_inconsistent_spec(changes, message):
+    with pytest.raises(ValueError, match=message):
+        register(_tiny_spec("broken", **changes))
+    assert "broken" not in model_names()
+
+
+def test_trainable_is_the_whole_net_or_only_the_head():
+    cnn = get_spec("cnn")
+    net = cnn.trainable(config_for("cnn"), 4)
+    assert isinstance(net, type(cnn.build(config_for("cnn"), 4)))
+    head = get_spec("vit").trainable(config_for("vit").replace(pooling="both"), 4, 192)
+    assert isinstance(head, torch.nn.Linear)
+    assert (head.in_features, head.out_features) == (384, 4)
+
+
+def test_cache_res_covers_the_largest_size_a_search_may_ask_for():
+    cnn, vit = get_spec("cnn"), get_spec("vit")
+    cfg = cnn.defaults.replace(img_size=64)
+    assert cnn.cache_res(cfg) == 73  # floor(64 / 0.875)
+    assert cnn.cache_res(cfg, img_sizes=(96, 128)) == 146  # floor(128 / 0.875)
+    # The probe's input size is the backbone's own: a search's img_size values do not count.
+    assert vit.cache_res(vit.defaults, img_sizes=(512,)) == vit.cache_res(vit.defaults) == 248
+
+
+# ---------------------------------------------------------------- every model
 def test_output_shape_and_finite(built):
     name, model = built
     model.eval()
@@ -76,6 +197,7 @@ def test_loss_is_finite_and_backprop_reaches_trainable_params(built):
     model.zero_grad(set_to_none=True)
 
 
+# ---------------------------------------------------------------- the ViT probe
 def test_vit_probe_only_head_is_trainable(probe):
     model = probe
     assert isinstance(model, ViTProbe)
@@ -122,66 +244,23 @@ def test_vit_probe_pooling_sets_head_width(probe, pooling, dim):
     torch.testing.assert_close(pool_features(feats, "both"), both)
 
 
-def test_build_model_takes_pooling_from_config_and_accepts_cli_alias():
-    m = build_model("vit", 3, homework_defaults("vit").replace(pretrained=False, pooling="both"))
+def test_build_takes_pooling_from_the_config():
+    m = get_spec("vit").build(config_for("vit").replace(pooling="both"), 3)
     assert isinstance(m, ViTProbe) and m.head.in_features == 384 and m.pooling == "both"
-
-
-def test_unknown_model_lists_valid_names():
-    with pytest.raises(UserError) as e:
-        build_model("resnet50", 3)
-    msg = str(e.value)
-    assert "resnet50" in msg
-    for name in MODELS:
-        assert name in msg
 
 
 def test_unknown_backbone_is_a_user_error():
     with pytest.raises(UserError, match="not_a_model"):
-        build_backbone(RunConfig(model="vit_probe", backbone="not_a_model", pretrained=False))
+        build_backbone(RunConfig(model="vit", backbone="not_a_model", pretrained=False))
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--weights"):
-        build_backbone(RunConfig(model="vit_probe", weights=str(tmp_path / "w.safetensors")))
-
-
-def test_cnn_shape_follows_config():
-    m = build_model("cnn", 7, RunConfig(depth=4, width=16, dropout=0.3))
-    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [16, 32, 64, 128]
-    assert m.head.in_features == 128 and m.head.out_features == 7
-    assert m.dropout.p == 0.3
-    wide = build_model("cnn", 2, RunConfig(depth=5, width=256))
-    assert max(c.out_channels for c in wide.modules() if isinstance(c, torch.nn.Conv2d)) == 512
-
-
-def test_cnn_same_seed_same_weights():
-    sd = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        sd.append(build_model("cnn", 4, RunConfig(width=8)).state_dict())
-    for k in sd[0]:
-        assert torch.equal(sd[0][k], sd[1][k]), k
-
-
-def test_data_config_vit_comes_from_the_model():
-    dc = data_config(homework_defaults("vit"))
-    assert dc["mean"] == (0.5, 0.5, 0.5) and dc["std"] == (0.5, 0.5, 0.5)
-    assert dc["mean"] != CNN_MEAN
-    assert dc["crop_pct"] == pytest.approx(0.9)
-    assert dc["interpolation"] == "bicubic"
-    assert dc["img_size"] == 224
-
-
-def test_data_config_cnn():
-    dc = data_config(homework_defaults("cnn").replace(img_size=64))
-    assert dc["img_size"] == 64 and dc["crop_pct"] == 0.875
-    assert dc["mean"] == CNN_MEAN and dc["interpolation"] == "bilinear"
+        build_backbone(RunConfig(model="vit", weights=str(tmp_path / "w.safetensors")))
 
 
 def test_random_init_backbone_is_identical_across_builds_and_leaves_rng_alone(probe):
-    cfg = config_for("vit_probe")
+    cfg = config_for("vit")
     torch.manual_seed(2)  # a different global seed must not change the backbone
     rng = torch.get_rng_state()
     fresh = build_backbone(cfg).state_dict()
@@ -191,3 +270,40 @@ def test_random_init_backbone_is_identical_across_builds_and_leaves_rng_alone(pr
     for k in ref:
         assert torch.equal(fresh[k], ref[k]), k
     assert backbone_tag(cfg) == "vit_tiny_patch16_224-random0"
+
+
+# ---------------------------------------------------------------- the CNN
+def test_cnn_shape_follows_config():
+    build = get_spec("cnn").build
+    m = build(RunConfig(depth=4, width=16, dropout=0.3), 7)
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 128]
+    assert m.head.in_features == 128 and m.head.out_features == 7
+    assert m.dropout.p == 0.3
+    wide = build(RunConfig(depth=5, width=256), 2)
+    assert max(c.out_channels for c in wide.modules() if isinstance(c, torch.nn.Conv2d)) == 512
+
+
+def test_cnn_same_seed_same_weights():
+    sd = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        sd.append(get_spec("cnn").build(RunConfig(width=8), 4).state_dict())
+    for k in sd[0]:
+        assert torch.equal(sd[0][k], sd[1][k]), k
+
+
+# ---------------------------------------------------------------- preprocessing
+def test_data_config_vit_comes_from_the_model():
+    dc = get_spec("vit").data_config(get_spec("vit").defaults)
+    assert dc["mean"] == (0.5, 0.5, 0.5) and dc["std"] == (0.5, 0.5, 0.5)
+    assert dc["mean"] != CNN_MEAN
+    assert dc["crop_pct"] == pytest.approx(0.9)
+    assert dc["interpolation"] == "bicubic"
+    assert dc["img_size"] == 224
+
+
+def test_data_config_cnn():
+    dc = get_spec("cnn").data_config(get_spec("cnn").defaults.replace(img_size=64))
+    assert dc["img_size"] == 64 and dc["crop_pct"] == CNN_CROP_PCT == 0.875
+    assert dc["mean"] == CNN_MEAN and dc["std"] == CNN_STD and dc["interpolation"] == "bilinear"

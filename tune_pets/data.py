@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -57,11 +58,7 @@ NON_IMAGE_EXTS = {
     ".tar",
     ".gz",
 }
-CACHE_VERSION = 1  # bump when the decode/resize rule changes
-# The homework's eval transform: Resize(256) + CenterCrop(224) -> crop_pct 0.875.
-CNN_CROP_PCT = 0.875
-CNN_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: fine for a CNN trained from scratch
-CNN_STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = 2  # bump when the decode/resize rule or the cache metadata changes
 
 
 def default_cache_dir() -> Path:
@@ -295,13 +292,14 @@ def load_split(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     stem = cache / "images" / f"{split}-{fp}-r{res}-{interpolation}"
     meta_path, arr_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
-    if meta_path.is_file() and arr_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    cached = _load_cached(meta_path, arr_path, res)
+    if cached is not None:
+        meta, images = cached
         if meta["skipped"] and not skip_bad:
             _raise_bad(meta["skipped"])
         return ImageSplit(
             split,
-            np.load(arr_path),
+            images,
             np.asarray(meta["labels"], dtype=np.int64),
             meta["paths"],
             meta["classes"],
@@ -349,9 +347,31 @@ def load_split(
             "res": res,
             "interpolation": interpolation,
             "ignored": index.ignored,
+            "crc32": zlib.crc32(out.images.data),
         },
     )
     return out
+
+
+def _load_cached(meta_path: Path, arr_path: Path, res: int) -> tuple[dict, np.ndarray] | None:
+    """A cache entry checked against its metadata (shape, dtype, CRC-32 of the pixels), or None
+    when it is missing or damaged; a damaged entry is reported in one line and rebuilt."""
+    if not (meta_path.is_file() or arr_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        images = np.load(arr_path)
+        want = (len(meta["labels"]), res, res, 3)
+        if images.shape != want or images.dtype != np.uint8:
+            why = f"shape {images.shape} {images.dtype}, expected {want} uint8"
+        elif zlib.crc32(np.ascontiguousarray(images).data) != meta["crc32"]:
+            why = "checksum mismatch"
+        else:
+            return meta, images
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        why = f"{type(e).__name__}: {str(e)[:80]}"
+    print(f"warning: decode cache {arr_path} is damaged ({why}); rebuilding it", file=sys.stderr)
+    return None
 
 
 def _collect(results, images, keep, errors, bar) -> None:

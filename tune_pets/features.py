@@ -4,15 +4,16 @@ The backbone is frozen, so its output for an image never changes: run it once pe
 per augmented view when ``feature_views > 0``) and let every probe fit train only the head on
 the cached ``[N, 2, D]`` features (CLS token and patch-token mean, so the pooling stays
 searchable). The cache key holds the backbone's weights tag, the preprocessing and the data
-fingerprint.
+fingerprint. Extraction always runs in fp32, on any device, so a cached entry does not depend
+on where it was made (a GPU in bf16 would give different features than a later CPU run).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from tune_pets.data import (
     to_device_uint8,
     train_augment,
 )
-from tune_pets.models import backbone_tag, token_features
+from tune_pets.backbone import backbone_tag, token_features
 from tune_pets.utils import atomic_path
 
 
@@ -78,9 +79,7 @@ def extract(
             x = train_augment(
                 x, dc["img_size"], dc["mean"], dc["std"], aug_scale_min, hflip, generator=gen
             )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = token_features(backbone, x)
-        out.append(feats.float().cpu().numpy())
+        out.append(token_features(backbone, x).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -107,8 +106,9 @@ def cached_features(
             / "features"
             / f"{split.name}-{feature_key(config, dc, split, view)}.npy"
         )
-        if path.is_file():
-            arrays.append(np.load(path))
+        cached = _load_checked(path, len(split))
+        if cached is not None:
+            arrays.append(cached)
             continue
         feats = extract(
             get_backbone(),
@@ -124,3 +124,20 @@ def cached_features(
             np.save(f, feats)
         arrays.append(feats)
     return np.stack(arrays)
+
+
+def _load_checked(path: Path, n: int) -> np.ndarray | None:
+    """A cached ``[n, 2, D]`` float32 array, or None when it is missing or damaged (truncated,
+    overwritten, wrong shape): a damaged entry is reported in one line and rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path)
+        if arr.dtype == np.float32 and arr.ndim == 3 and arr.shape[:2] == (n, 2):
+            if np.isfinite(arr).all():
+                return arr
+        why = f"shape {arr.shape} dtype {arr.dtype}, expected ({n}, 2, D) float32"
+    except (OSError, ValueError, EOFError) as e:
+        why = f"{type(e).__name__}: {str(e)[:80]}"
+    print(f"warning: feature cache {path} is damaged ({why}); rebuilding it", file=sys.stderr)
+    return None

@@ -1,27 +1,104 @@
-"""Model registry: ``build_model(name, num_classes, config)``.
+"""The model registry: one ``ModelSpec`` per model holds everything model-specific.
+
+A spec names the model on the command line, says what it trains on (``images``: the whole
+network on augmented image batches; ``features``: a head on cached frozen-backbone features),
+carries the homework's settings (the baseline and the search's first point), its preprocessing
+and how to build it. Every other module asks the registry instead of comparing model names, so
+adding a model is one ``register(ModelSpec(...))`` call (timm's registry is the model).
 
 - ``cnn``: the homework CNN (conv blocks of Conv-BN-ReLU-MaxPool, adaptive avg pool, dropout,
   linear); ``depth``/``width``/``dropout`` configurable, defaults 3 blocks of 64/128/256.
-- ``vit_probe``: a frozen timm ``vit_tiny_patch16_224`` (eval mode, no grads) with a linear head
-  on its CLS token, the mean of its patch tokens, or both. Preprocessing comes from the model
-  (``timm.data.resolve_model_data_config``), not ImageNet constants.
+- ``vit``: a linear probe on a frozen timm ``vit_tiny_patch16_224`` (eval mode, no grads) on its
+  CLS token, the mean of its patch tokens, or both. Preprocessing comes from the model
+  (``timm.data.resolve_model_data_config``: mean/std 0.5, bicubic, crop 0.9), not ImageNet
+  constants.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tune_pets.config import RunConfig, canonical_model
-from tune_pets.data import CNN_CROP_PCT, CNN_MEAN, CNN_STD
+from tune_pets.backbone import build_backbone, token_features
+from tune_pets.config import LEGACY_MODEL_NAMES, RunConfig
+from tune_pets.data import cache_res
 from tune_pets.utils import UserError
 
-RANDOM_INIT_SEED = 0  # a random-init backbone is always the same one: features stay cacheable
+# The homework's eval transform: Resize(256) + CenterCrop(224) -> crop_pct 0.875.
+CNN_CROP_PCT = 0.875
+CNN_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: fine for a CNN trained from scratch
+CNN_STD = (0.229, 0.224, 0.225)
+KINDS = ("images", "features")
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the package needs to know about one model."""
+
+    name: str  # CLI name and RunConfig.model
+    kind: str  # "images": train the whole net on images; "features": a head on frozen features
+    help: str  # one line for --help
+    defaults: RunConfig  # the homework's settings: the baseline and the search's first point
+    build: Callable[[RunConfig, int], nn.Module]  # (config, num_classes) -> the evaluable model
+    data_config: Callable[[RunConfig], dict]  # img_size, crop_pct, interpolation, mean, std
+    # "features" models: the frozen backbone, and the trained head on ``[..., 2, D]`` features.
+    build_backbone: Callable[[RunConfig], nn.Module] | None = None
+    build_head: Callable[[RunConfig, int, int], nn.Module] | None = None  # (cfg, D, classes)
+    fixed_input_size: bool = False  # the input size is the model's own; --img-size is refused
+    homework: tuple[float, float] | None = None  # the homework's val acc / macro-F1 (report)
+
+    def trainable(self, config: RunConfig, num_classes: int, feature_dim: int = 0) -> nn.Module:
+        """The module a fit optimizes: the whole network, or only the head on features."""
+        if self.kind == "images":
+            return self.build(config, num_classes)
+        return self.build_head(config, feature_dim, num_classes)
+
+    def cache_res(self, config: RunConfig, img_sizes: Sequence[int] = ()) -> int:
+        """Side of the cached uint8 squares: the eval resize size of the largest input size a
+        run (or a search, ``img_sizes``) may ask for."""
+        dc = self.data_config(config)
+        size = dc["img_size"] if self.fixed_input_size else max([dc["img_size"], *img_sizes])
+        return cache_res(size, dc["crop_pct"])
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry (replacing one of the same name) and return it."""
+    if spec.kind not in KINDS:
+        raise ValueError(f"ModelSpec {spec.name!r}: kind must be one of {KINDS}, got {spec.kind!r}")
+    if spec.kind == "features" and (spec.build_backbone is None or spec.build_head is None):
+        raise ValueError(f"ModelSpec {spec.name!r}: a features model needs a backbone and a head")
+    if spec.defaults.model != spec.name:
+        raise ValueError(f"ModelSpec {spec.name!r}: defaults.model is {spec.defaults.model!r}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def model_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered model; an unknown name lists the valid ones."""
+    name = LEGACY_MODEL_NAMES.get(name, name)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(
+            f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+# ---------------------------------------------------------------- cnn
 class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, depth: int = 3, width: int = 64, dropout: float = 0.2):
         super().__init__()
@@ -37,15 +114,42 @@ class SmallCNN(nn.Module):
             ]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.features(x)).flatten(1)
+        # Global average pooling as a mean: the same as AdaptiveAvgPool2d(1), whose CUDA
+        # backward has no deterministic implementation (reproduce runs deterministic on CUDA).
+        x = self.features(x).mean(dim=(2, 3))
         return self.head(self.dropout(x))
 
 
+def cnn_data_config(config: RunConfig) -> dict:
+    return {
+        "img_size": config.img_size,
+        "crop_pct": CNN_CROP_PCT,
+        "interpolation": "bilinear",
+        "mean": CNN_MEAN,
+        "std": CNN_STD,
+    }
+
+
+register(
+    ModelSpec(
+        name="cnn",
+        kind="images",
+        help="small CNN trained from scratch (conv blocks 64/128/256)",
+        # RunConfig's defaults are the homework CNN's (AdamW lr 1e-3, batch 32, 50 epochs,
+        # cosine, 3 blocks of 64/128/256, dropout 0.2); the homework trained at 224 px.
+        defaults=RunConfig(model="cnn", img_size=224),
+        build=lambda cfg, n: SmallCNN(n, cfg.depth, cfg.width, cfg.dropout),
+        data_config=cnn_data_config,
+        homework=(0.2306, 0.2185),
+    )
+)
+
+
+# ---------------------------------------------------------------- vit (linear probe)
 class ViTProbe(nn.Module):
     """Frozen backbone + trainable linear head. ``train()`` never unfreezes the backbone."""
 
@@ -60,19 +164,10 @@ class ViTProbe(nn.Module):
         self.backbone.eval()  # frozen: dropout/BN-style layers stay in eval mode
         return self
 
-    @torch.no_grad()
-    def token_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 2, D]``: CLS token and mean of patch tokens (after the final norm)."""
-        return token_features(self.backbone, x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(pool_features(self.token_features(x), self.pooling))
-
-
-def token_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    tokens = backbone.forward_features(x)
-    prefix = getattr(backbone, "num_prefix_tokens", 1)
-    return torch.stack([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=1)
+        with torch.no_grad():
+            feats = token_features(self.backbone, x)
+        return self.head(pool_features(feats, self.pooling))
 
 
 def pool_features(feats: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -88,84 +183,14 @@ def make_probe_head(embed_dim: int, num_classes: int, pooling: str) -> nn.Linear
     return nn.Linear(embed_dim * (2 if pooling == "both" else 1), num_classes)
 
 
-def build_backbone(config: RunConfig) -> nn.Module:
-    """The frozen timm backbone: pretrained from the hub, from ``config.weights``, or random."""
+def vit_data_config(config: RunConfig) -> dict:
+    """The backbone's own preprocessing, read from timm's pretrained config (no model built)."""
     import timm
 
-    name = config.backbone
-    if name not in timm.list_models(pretrained=False):
-        raise UserError(f"unknown timm backbone {name!r}")
-    if config.weights:
-        from pathlib import Path
-
-        if not Path(config.weights).is_file():
-            raise UserError(f"--weights {config.weights}: file not found")
-        try:
-            return timm.create_model(
-                name,
-                pretrained=True,
-                num_classes=0,
-                pretrained_cfg_overlay={"file": str(config.weights)},
-            )
-        except Exception as e:  # noqa: BLE001 - any load failure is the user's file
-            raise UserError(
-                f"--weights {config.weights}: could not load weights for {name} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
-    if not config.pretrained:
-        with _seeded(RANDOM_INIT_SEED):
-            return timm.create_model(name, pretrained=False, num_classes=0)
-    try:
-        return timm.create_model(name, pretrained=True, num_classes=0)
-    except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-        raise UserError(
-            f"could not get pretrained weights for {name} from the Hugging Face hub "
-            f"({type(e).__name__}); pass --weights PATH to load a local weights file, "
-            f"or --no-pretrained for random weights (tests only)"
-        ) from None
-
-
-def backbone_tag(config: RunConfig) -> str:
-    """Identifies the backbone's weights (part of the feature-cache key)."""
-    if config.weights:
-        import hashlib
-        from pathlib import Path
-
-        p = Path(config.weights)
-        digest = hashlib.sha1(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
-        return f"{config.backbone}-file{digest.hexdigest()[:10]}"
-    return f"{config.backbone}-{'pretrained' if config.pretrained else f'random{RANDOM_INIT_SEED}'}"
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def data_config(config: RunConfig, backbone: nn.Module | None = None) -> dict:
-    """Preprocessing for a model: img size, crop_pct, interpolation, mean, std.
-
-    For the ViT probe these come from the timm model's own data config.
-    """
-    if canonical_model(config.model) == "cnn":
-        return {
-            "img_size": config.img_size,
-            "crop_pct": CNN_CROP_PCT,
-            "interpolation": "bilinear",
-            "mean": CNN_MEAN,
-            "std": CNN_STD,
-        }
-    import timm
-
-    if backbone is None:  # the model's pretrained config, read without building the model
-        pretrained_cfg = timm.models.get_pretrained_cfg(config.backbone)
-        if pretrained_cfg is None:
-            raise UserError(f"timm backbone {config.backbone!r} has no data config")
-        dc = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict())
-    else:
-        dc = timm.data.resolve_model_data_config(backbone)
+    pretrained_cfg = timm.models.get_pretrained_cfg(config.backbone)
+    if pretrained_cfg is None:
+        raise UserError(f"timm backbone {config.backbone!r} has no data config")
+    dc = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict())
     return {
         "img_size": int(dc["input_size"][-1]),
         "crop_pct": float(dc["crop_pct"]),
@@ -175,24 +200,28 @@ def data_config(config: RunConfig, backbone: nn.Module | None = None) -> dict:
     }
 
 
-def build_cnn(config: RunConfig, num_classes: int) -> nn.Module:
-    return SmallCNN(num_classes, config.depth, config.width, config.dropout)
-
-
-def build_vit_probe(config: RunConfig, num_classes: int) -> nn.Module:
-    return ViTProbe(build_backbone(config), num_classes, config.pooling)
-
-
-MODELS: dict[str, Callable[[RunConfig, int], nn.Module]] = {
-    "cnn": build_cnn,
-    "vit_probe": build_vit_probe,
-}
-
-
-def build_model(name: str, num_classes: int, config: RunConfig | None = None) -> nn.Module:
-    """Build a registered model by name; an unknown name lists the valid ones."""
-    if name not in MODELS and name not in ("vit",):
-        raise UserError(f"unknown model {name!r}; registered models: {', '.join(MODELS)}")
-    name = canonical_model(name)
-    config = (config or RunConfig(model=name)).replace(model=name)
-    return MODELS[name](config, num_classes)
+register(
+    ModelSpec(
+        name="vit",
+        kind="features",
+        help="linear probe on a frozen, pretrained timm vit_tiny_patch16_224",
+        defaults=RunConfig(
+            model="vit",
+            epochs=10,
+            batch_size=32,
+            lr=1e-3,
+            optimizer="adam",
+            weight_decay=0.0,
+            scheduler="none",
+            img_size=224,
+            dropout=0.0,
+            pooling="cls",
+        ),
+        build=lambda cfg, n: ViTProbe(build_backbone(cfg), n, cfg.pooling),
+        data_config=vit_data_config,
+        build_backbone=build_backbone,
+        build_head=lambda cfg, dim, n: make_probe_head(dim, n, cfg.pooling),
+        fixed_input_size=True,
+        homework=(0.7912, 0.7888),
+    )
+)

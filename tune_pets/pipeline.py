@@ -1,11 +1,15 @@
 """The whole study in one command: prepare -> sanity -> search -> reproduce -> report.
 
-    python -m tune_pets.pipeline                                  # both models, full spaces
-    python -m tune_pets.pipeline --smoke --data-dir DIR --no-pretrained   # minutes, any data
+    python -m tune_pets.pipeline --smoke          # minutes on a laptop CPU, offline
+    python -m tune_pets.pipeline                  # both models, the shipped search spaces
 
 For each model: a search (Ray Tune, Optuna TPE + ASHA) on the train split, then the tuned config
 and the homework baseline retrained deterministically on all of train and scored once on the
-test split (same seeds, same epochs when --epochs is given), then ``REPORT.md``.
+test split (same seeds, same epochs and image size for both), then ``REPORT.md``.
+
+``--smoke`` runs the tiny search spaces on the photos shipped with the package (``--data-dir
+sample``) with short retrains; it needs no network: unless ``--weights`` is given, the ViT
+backbone is random-init and the report marks its rows as meaningless.
 """
 
 from __future__ import annotations
@@ -14,59 +18,77 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tune_pets.utils import ArgumentParser, UserError, cli_main, nonneg_int, positive_int
+from tune_pets import cli
+from tune_pets.layout import DEFAULT_DATA_DIR
+from tune_pets.models import get_spec, model_names
+from tune_pets.spaces import default_space
+from tune_pets.utils import UserError, cli_main
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-DEFAULT_DATA_DIR = "data/oxford_pets"
+SMOKE = {"epochs": 3, "img_size": 64, "profile_steps": 5}  # the retrains of a smoke run
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.command_parser(__doc__, "python -m tune_pets.pipeline")
+    p.add_argument(
+        "--models", nargs="+", choices=model_names(), default=model_names(), help="models to run"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny search spaces on the shipped sample, short retrains: minutes on CPU",
+    )
+    p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
+    p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
+    g = p.add_argument_group("search (passed to python -m tune_pets.search)")
+    g.add_argument("--num-samples", type=cli.positive_int, default=None, help="trials per search")
+    g.add_argument("--max-epochs", type=cli.positive_int, default=None, help="epochs per trial")
+    g.add_argument("--max-concurrent", type=cli.positive_int, default=None, help="trials at once")
+    g.add_argument("--cpus-per-trial", type=cli.positive_float, default=None, help="CPUs per trial")
+    g.add_argument(
+        "--gpus-per-trial",
+        type=cli.nonneg_float,
+        default=None,
+        help="GPUs per trial, may be fractional (default: a per-model share when GPUs exist)",
+    )
+    g.add_argument("--num-cpus", type=cli.positive_int, default=None, help="CPUs of the local Ray")
+    g = p.add_argument_group("retrains (passed to python -m tune_pets.reproduce)")
+    g.add_argument(
+        "--epochs", type=cli.positive_int, default=None, help="epochs of baseline and tuned"
+    )
+    g.add_argument(
+        "--img-size",
+        type=cli.positive_int,
+        default=None,
+        help="input size of baseline and tuned (models with their own size ignore it)",
+    )
+    g.add_argument(
+        "--seeds", type=cli.nonneg_int, nargs="+", default=[0], help="several seeds: mean +- std"
+    )
+    g.add_argument(
+        "--profile-steps",
+        type=cli.nonneg_int,
+        default=None,
+        help="train steps to profile after the retrain (0: no profile)",
+    )
+    cli.add_data_args(p, default=None, val_split=False)
+    cli.add_weights_args(p)
+    cli.add_output_args(p)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tune_pets import report, reproduce, sanity, search
 
-    p = ArgumentParser(prog="python -m tune_pets.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data-dir",
-        default=DEFAULT_DATA_DIR,
-        help=f"ImageFolder root; the default {DEFAULT_DATA_DIR} is prepared if missing",
-    )
-    p.add_argument("--models", nargs="+", choices=["cnn", "vit"], default=["cnn", "vit"])
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny search spaces (search_spaces/smoke/), short retrains: minutes on CPU",
-    )
-    p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
-    p.add_argument("--num-samples", type=positive_int)
-    p.add_argument("--max-epochs", type=positive_int, help="search: epochs per trial")
-    p.add_argument(
-        "--epochs", type=positive_int, help="reproduce: epochs for both baseline and tuned retrains"
-    )
-    p.add_argument(
-        "--img-size",
-        type=positive_int,
-        help="CNN: input size for both retrains (the homework used 224)",
-    )
-    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0])
-    p.add_argument("--profile-steps", type=nonneg_int, default=None)
-    p.add_argument("--artifacts-dir", default="artifacts")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--no-pretrained", action="store_true", help="ViT: random backbone (offline)")
-    p.add_argument("--weights", default=None, help="ViT: local backbone weights file")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs for the local Ray")
-    p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     t0 = time.time()
-    data_dir = Path(args.data_dir)
+    data_dir = args.data_dir or ("sample" if args.smoke else DEFAULT_DATA_DIR)
+    no_pretrained = args.no_pretrained or (args.smoke and not args.weights)
     art = ["--artifacts-dir", args.artifacts_dir]
-    common = (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (
-        ["--no-progress"] if args.no_progress else []
-    )
-    vit_flags = (["--no-pretrained"] if args.no_pretrained else []) + (
-        ["--weights", args.weights] if args.weights else []
-    )
+    common = ["--data-dir", str(data_dir)]
+    common += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+    common += ["--no-progress"] if args.no_progress else []
+    backbone = ["--no-pretrained"] if no_pretrained else []
+    backbone += ["--weights", args.weights] if args.weights else []
 
     def step(title: str, module, argv: list[str]) -> None:
         print(f"\n=== {title}: python -m {module.__name__} {' '.join(argv)}", flush=True)
@@ -74,56 +96,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rc:
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
-    if not data_dir.exists() and args.data_dir == DEFAULT_DATA_DIR:
+    if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
         from tune_pets.prepare import prepare
 
-        prepare(data_dir, progress=not args.no_progress)
+        prepare(Path(data_dir), progress=not args.no_progress)
     step(
         "sanity",
         sanity,
-        ["--data-dir", str(data_dir), "--out", str(Path(args.artifacts_dir) / "data_sanity")]
-        + (["--no-progress"] if args.no_progress else []),
+        ["--data-dir", str(data_dir), *art] + (["--no-progress"] if args.no_progress else []),
     )
-    space_dir = (
-        Path(args.search_space_dir)
-        if args.search_space_dir
-        else (SPACES / "smoke" if args.smoke else SPACES)
-    )
-    epochs = args.epochs or (3 if args.smoke else None)
-    img = args.img_size or (64 if args.smoke else None)
-    profile = args.profile_steps if args.profile_steps is not None else (5 if args.smoke else 50)
+    epochs = args.epochs or (SMOKE["epochs"] if args.smoke else None)
+    img = args.img_size or (SMOKE["img_size"] if args.smoke else None)
+    profile = args.profile_steps
+    if profile is None and args.smoke:
+        profile = SMOKE["profile_steps"]
     for model in args.models:
-        extra = vit_flags if model == "vit" else []
+        spec = get_spec(model)
+        extra = backbone if spec.kind == "features" else []
         if not args.skip_search:
-            s = [
-                "--data-dir",
-                str(data_dir),
-                "--search-space",
-                str(space_dir / f"{model}.yaml"),
-                "--overwrite",
-                *art,
-                *common,
-                *extra,
-            ]
-            s += ["--num-samples", str(args.num_samples)] if args.num_samples else []
-            s += ["--max-epochs", str(args.max_epochs)] if args.max_epochs else []
-            s += ["--num-cpus", str(args.num_cpus)] if args.num_cpus else []
-            step(f"search {model}", search, [model, *s])
-        r = [
-            "--data-dir",
-            str(data_dir),
-            "--seeds",
-            *map(str, args.seeds),
-            "--runs-dir",
-            args.runs_dir,
-            "--profile-steps",
-            str(profile),
-            *art,
-            *common,
-            *extra,
-        ]
+            space = (
+                Path(args.search_space_dir) / f"{model}.yaml"
+                if args.search_space_dir
+                else default_space(model, smoke=args.smoke)
+            )
+            s = [model, "--search-space", str(space), "--overwrite", *common, *art, *extra]
+            s += ["--runs-dir", args.runs_dir]
+            for flag in (
+                "num_samples",
+                "max_epochs",
+                "max_concurrent",
+                "cpus_per_trial",
+                "gpus_per_trial",
+                "num_cpus",
+            ):
+                if getattr(args, flag) is not None:
+                    s += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+            step(f"search {model}", search, s)
+        r = [*common, *art, *extra, "--runs-dir", args.runs_dir, "--seeds", *map(str, args.seeds)]
         r += ["--epochs", str(epochs)] if epochs else []
-        r += ["--img-size", str(img)] if img and model == "cnn" else []
+        r += ["--img-size", str(img)] if img and not spec.fixed_input_size else []
+        r += ["--profile-steps", str(profile)] if profile is not None else []
+        r += ["--smoke"] if args.smoke else []
         step(f"reproduce {model} (tuned)", reproduce, [model, *r])
         step(f"reproduce {model} (baseline)", reproduce, [model, "--baseline", *r])
     step("report", report, art)

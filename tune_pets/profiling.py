@@ -1,18 +1,17 @@
-"""Profiling: ``torch.profiler`` around the same train step ``fit`` runs, plus clean timings.
+"""Profile a model's train step with ``torch.profiler``, plus clean timings.
 
     python -m tune_pets.profiling cnn --data-dir data/oxford_pets --steps 50
     python -m tune_pets.profiling vit --data-dir data/oxford_pets --weights vit_tiny.safetensors
 
-The model, optimizer, LR schedule, batches (``train.Batches``, with the tensor augmentation) and
-step (``train.train_step`` + the loss check and scheduler step of ``fit``'s loop) are the ones
-``fit`` uses, built from the homework defaults plus the flags given. For the ViT probe ``fit``
-trains only the linear head on cached frozen-backbone features, so that head step is what is
-profiled (it is what every search trial runs); the one-time cost of the frozen backbone is
-reported separately as its feature-extraction throughput (``features.extract``).
+What is profiled is ``engine.Engine.step``, built from the homework defaults plus the flags
+given: the same object, batches and step that ``train.fit`` and every search trial run. A
+features model (the ViT probe) trains only its head on cached frozen-backbone features, so that
+head step is what is profiled; the one-time cost of the frozen backbone is reported separately
+as its feature-extraction throughput (``features.extract``).
 
-Writes into ``<artifacts>/profiler/<model>/``:
+Writes into ``<artifacts>/profiling/<model>/`` (reproduce profiles into ``profiler/<tag>/``):
 
-    *.pt.trace.json   the trace: ``tensorboard --logdir <artifacts>/profiler`` (torch-tb-profiler)
+    *.pt.trace.json   the trace: ``tensorboard --logdir <artifacts>/profiling`` (torch-tb-profiler)
                       or drag it into https://ui.perfetto.dev
     top_ops.txt/.csv  the 25 ops with the largest self CPU time
     summary.json      images_per_s, step_time_ms (mean; data + compute), device, batch size...
@@ -30,39 +29,25 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from tune_pets.config import RunConfig, cli_name, homework_defaults
+from tune_pets import cli
+from tune_pets.config import RunConfig
 from tune_pets.data import BadImageError, cache_res, check_data_dir, decode_square, scan_split
-from tune_pets.train import (
-    Batches,
-    FitData,
-    add_data_args,
-    build_trainable,
-    config_from_args,
-    load_fit_data,
-    lr_factor,
-    make_optimizer,
-    steps_per_epoch,
-    train_step,
-)
+from tune_pets.engine import Engine, FitData, load_fit_data
+from tune_pets.layout import PROFILE_SUMMARY, TOP_OPS_CSV, TOP_OPS_TXT
+from tune_pets.models import get_spec
 from tune_pets.utils import (
-    ArgumentParser,
     UserError,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     cli_main,
     env_info,
-    nonneg_int,
-    positive_int,
-    resolve_device,
-    seed_everything,
 )
 
 PROFILE_WAIT, PROFILE_WARMUP = 1, 2  # profiler schedule: skip 1 step, warm up 2, record --steps
@@ -72,50 +57,20 @@ BACKBONE_BATCH_SIZE = 64  # the batch size features.extract runs the backbone wi
 TRACE_GLOB = "*.pt.trace.json*"
 
 
-# ---------------------------------------------------------------- fit's inner loop, step by step
-def endless_batches(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``batches.train(epoch)`` for epoch 1, 2, ...: profiling may need more steps than an
-    epoch has."""
-    epoch = 1
-    while True:
-        n = 0
-        for batch in batches.train(epoch):
-            n += 1
-            yield batch
-        if n == 0:
-            raise UserError("no training batches: the train split is empty")
-        epoch += 1
-
-
-class TrainLoop:
-    """What ``fit`` builds before its epoch loop, and the body of its inner loop as ``step``."""
+class StepLoop:
+    """An ``Engine`` fed from its endless batch stream: one ``next_batch`` + ``step`` per
+    profiled or timed step."""
 
     def __init__(self, config: RunConfig, data: FitData, device: torch.device):
-        seed_everything(config.seed, config.deterministic)
-        self.config, self.device = config, device
-        model = build_trainable(config, data).to(device)
-        if device.type == "cuda" and data.kind == "images":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.train()
-        self.optimizer = make_optimizer(config, model.parameters())
-        spe = steps_per_epoch(config, len(data.train_y))
-        total, warmup = spe * config.epochs, spe * config.warmup_epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler)
-        )
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.batches = endless_batches(Batches(config, data, device))
-        self.nonfinite = 0
+        self.engine = Engine(config, data, device)
+        self.device = device
+        self.batches = self.engine.batches.forever()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return next(self.batches)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss, _ = train_step(self.model, x, y, self.optimizer, self.loss_fn, self.config)
-        if not torch.isfinite(loss):  # fit checks every step (a device sync on CUDA): so do we
-            self.nonfinite += 1
-        self.scheduler.step()
-        return loss
+        return self.engine.step(x, y)[0]
 
 
 def _sync(device: torch.device) -> None:
@@ -124,7 +79,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- the profiled and timed runs
-def _profiled_run(loop: TrainLoop, steps: int, trace_dir: Path, worker: str):
+def _profiled_run(loop: StepLoop, steps: int, trace_dir: Path, worker: str, memory: bool):
     from torch.profiler import (
         ProfilerActivity,
         profile,
@@ -141,7 +96,8 @@ def _profiled_run(loop: TrainLoop, steps: int, trace_dir: Path, worker: str):
         activities=activities,
         schedule=schedule(wait=PROFILE_WAIT, warmup=PROFILE_WARMUP, active=steps, repeat=1),
         record_shapes=True,
-        profile_memory=True,
+        # Memory profiling multiplies the trace size and the run's peak memory: opt-in.
+        profile_memory=memory,
         on_trace_ready=tensorboard_trace_handler(str(trace_dir), worker_name=worker),
     ) as prof:
         for _ in range(PROFILE_WAIT + PROFILE_WARMUP + steps):
@@ -156,7 +112,7 @@ def _profiled_run(loop: TrainLoop, steps: int, trace_dir: Path, worker: str):
     return prof, times[PROFILE_WAIT + PROFILE_WARMUP :]
 
 
-def _timed_run(loop: TrainLoop, steps: int) -> tuple[list[float], list[float], list[int]]:
+def _timed_run(loop: StepLoop, steps: int) -> tuple[list[float], list[float], list[int]]:
     """Unprofiled (data seconds, compute seconds, images) per step, after one untimed step
     (the first step after the profiler stops is an outlier)."""
     data_s, compute_s, images = [], [], []
@@ -217,7 +173,6 @@ def backbone_throughput(
     depend on pixel values)."""
     from tune_pets.data import ImageSplit
     from tune_pets.features import extract
-    from tune_pets.models import build_backbone
 
     n = batches * BACKBONE_BATCH_SIZE
     res = cache_res(preprocess["img_size"], preprocess["crop_pct"])
@@ -232,7 +187,7 @@ def backbone_throughput(
             "profile", arr, np.zeros(len(arr), dtype=np.int64), [""] * len(arr), [], ""
         )
 
-    backbone = build_backbone(config).to(device)
+    backbone = get_spec(config.model).build_backbone(config).to(device)
     extract(backbone, split(images[:8]), preprocess, device, batch_size=8, progress=False)  # warm
     _sync(device)
     t0 = time.perf_counter()
@@ -277,6 +232,7 @@ def run_profile(
     *,
     backbone_images: np.ndarray | None = None,
     backbone_batches: int = 3,
+    memory: bool = False,
 ) -> dict:
     """Profile ``steps`` train steps of ``config`` on ``data`` (as ``load_fit_data`` returns it)
     and time ``steps`` more without the profiler. Writes the trace, ``top_ops.{csv,txt}`` and
@@ -287,8 +243,9 @@ def run_profile(
     device = device or torch.device("cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_name = cli_name(config.model)
-    loop = TrainLoop(config, data, device)
+    model_name = config.model
+    quiet_profiler()
+    loop = StepLoop(config, data, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -296,7 +253,7 @@ def run_profile(
     # the previous run's trace (a killed run leaves the old one intact).
     trace_tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=out_dir))
     try:
-        prof, prof_s = _profiled_run(loop, steps, trace_tmp, model_name)
+        prof, prof_s = _profiled_run(loop, steps, trace_tmp, model_name, memory)
         traces = sorted(trace_tmp.glob(TRACE_GLOB))
         if traces:
             for old in out_dir.glob(TRACE_GLOB):
@@ -311,7 +268,7 @@ def run_profile(
     data_s, compute_s, n_images = _timed_run(loop, steps)
     step_s = [a + b for a, b in zip(data_s, compute_s, strict=True)]
     mean_s = statistics.fmean(step_s)
-    spe = steps_per_epoch(config, len(data.train_y))
+    spe = loop.engine.steps_per_epoch
     env = env_info()
     summary = {
         "model": model_name,
@@ -339,8 +296,11 @@ def run_profile(
         "n_train": len(data.train_y),
         "steps_per_epoch": spe,
         "epoch_time_est_s": round(spe * mean_s, 3),
-        "trainable_params": sum(p.numel() for p in loop.model.parameters() if p.requires_grad),
-        "nonfinite_steps": loop.nonfinite,
+        "trainable_params": sum(
+            p.numel() for p in loop.engine.model.parameters() if p.requires_grad
+        ),
+        "precision": loop.engine.precision,
+        "profile_memory": memory,
         "trace_files": sorted(p.name for p in out_dir.glob(TRACE_GLOB)),
         "top_ops": [r["name"] for r in rows[:5]],
     }
@@ -358,14 +318,14 @@ def run_profile(
     summary["config"] = config.to_dict()
     summary["env"] = env
 
-    atomic_write_csv(out_dir / "top_ops.csv", rows)
+    atomic_write_csv(out_dir / TOP_OPS_CSV, rows)
     header = (
         f"# {model_name}: {summary['step']}; {steps} profiled steps, batch "
         f"{config.batch_size}, img {summary['img_size']}px, device {device}; sorted by self "
         f"CPU time\n"
     )
-    atomic_write_text(out_dir / "top_ops.txt", header + table + "\n")
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / TOP_OPS_TXT, header + table + "\n")
+    atomic_write_json(out_dir / PROFILE_SUMMARY, summary)
     return summary
 
 
@@ -377,50 +337,60 @@ def _max_rss_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
+def quiet_profiler() -> None:
+    """Kineto (the profiler's C++ side) logs USDT probe lines (level 5) and, without a GPU, a
+    GPU-count ERROR (level 4) on every run; they say nothing about the run. 6 is above every
+    level. Kineto reads it when the profiler first starts, so this must run before that."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 # ---------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m tune_pets.profiling", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", choices=["cnn", "vit"], help="which model's train step to profile")
-    add_data_args(p)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.command_parser(__doc__, "python -m tune_pets.profiling")
+    cli.add_model_arg(p, "which model's train step to profile")
     p.add_argument(
         "--steps",
-        type=positive_int,
-        default=50,
+        type=cli.positive_int,
+        default=20,
         help="profiled steps; as many again are timed without the profiler",
     )
-    p.add_argument("--img-size", type=positive_int, help="CNN input size (ViT uses its own: 224)")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seed", type=nonneg_int)
+    p.add_argument(
+        "--profile-memory",
+        action="store_true",
+        help="record allocations too (a much larger trace and more memory)",
+    )
     p.add_argument(
         "--backbone-batches",
-        type=positive_int,
+        type=cli.positive_int,
         default=3,
-        help=f"ViT: batches of {BACKBONE_BATCH_SIZE} for the backbone throughput",
+        help=f"features models: batches of {BACKBONE_BATCH_SIZE} for the backbone throughput",
     )
-    p.add_argument("--artifacts-dir", default="artifacts")
-    args = p.parse_args(argv)
+    cli.add_data_args(p, val_split=False)
+    cli.add_weights_args(p)
+    cli.add_device_args(p)
+    cli.add_hparam_args(p, ("img_size", "batch_size", "seed"))
+    cli.add_output_args(p, runs=False)
+    return p
 
-    config = config_from_args(args, homework_defaults(args.model))
-    if config.model == "vit_probe" and args.img_size and args.img_size != 224:
-        raise UserError("--img-size: the ViT probe uses the backbone's own input size (224)")
-    device = resolve_device(args.device)
-    out = Path(args.artifacts_dir) / "profiler" / cli_name(config.model)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run = cli.resolve_run_args(build_parser().parse_args(argv))
+    args, spec, config, device, data_dir = run.args, run.spec, run.config, run.device, run.data_dir
+    out = run.layout.standalone_profile(spec.name)
     data = load_fit_data(
         config,
-        args.data_dir,
+        data_dir,
         full_train=True,
-        cache_dir=args.cache_dir,
-        skip_bad=args.skip_bad_images,
         device=device,
-        progress=not args.no_progress,
+        **cli.data_options(args),
     )
     images = None
     if data.kind == "features":
         images = sample_images(
-            args.data_dir, data.preprocess, args.backbone_batches * BACKBONE_BATCH_SIZE
+            data_dir, data.preprocess, args.backbone_batches * BACKBONE_BATCH_SIZE
         )
     print(
-        f"profiling {cli_name(config.model)} ({data.info['n_train']} train images, device "
+        f"profiling {spec.name} ({data.info['n_train']} train images, device "
         f"{device}): {args.steps} steps under torch.profiler, {args.steps} timed",
         flush=True,
     )
@@ -432,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device,
         backbone_images=images,
         backbone_batches=args.backbone_batches,
+        memory=args.profile_memory,
     )
     print(
         f"{s['model']}: {s['images_per_s']:.1f} images/s, step {s['step_time_ms']:.1f} ms "

@@ -2,9 +2,10 @@
 
     python -m tune_pets.report --artifacts-dir artifacts
 
-Sections: data summary, per model the search summary and plots, baseline vs tuned on the test
-split (mean +- std over seeds when several), confusion matrices and most-confused pairs,
-profiler summary, environment. A missing artifact is reported as missing, never invented.
+Sections: data summary, baseline vs tuned on the test split (with everything that decides
+whether two rows are comparable: backbone, smoke or full, epochs, image size, seeds), per model
+the search summary and plots, confusion matrices, profiles, environment. A missing artifact is
+reported as missing, never invented; a comparison that could mislead says so in the table.
 Figures are relative links, so the report renders on GitHub next to its images.
 """
 
@@ -15,10 +16,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tune_pets.utils import ArgumentParser, UserError, atomic_write_text, cli_main
+from tune_pets import cli
+from tune_pets.layout import Layout, result_tag
+from tune_pets.models import get_spec, model_names
+from tune_pets.records import ReproduceResult, RunInfo, SearchSummary
+from tune_pets.utils import UserError, atomic_write_text, cli_main
 
-MODELS = ("cnn", "vit")
-HOMEWORK = {"cnn": (0.2306, 0.2185), "vit": (0.7912, 0.7888)}  # the homework's (leaky) val numbers
+SEARCH_PLOTS = (
+    ("optimization_history", "optimization history"),
+    ("param_importances", "parameter importances"),
+    ("learning_curves", "learning curves"),
+)
+F1_GAP = 0.15  # accuracy - macro-F1 above this: say what the model predicts and the imbalance
 
 
 def _json(path: Path) -> dict | None:
@@ -45,29 +54,34 @@ def _fmt(v, digits: int = 4) -> str:
         return str(v)
 
 
-def _img(root: Path, rel: str, alt: str) -> str:
-    return f"![{alt}]({rel})" if (root / rel).is_file() else f"_missing: `{rel}`_"
+def _img(layout: Layout, path: Path, alt: str) -> str:
+    rel = path.relative_to(layout.artifacts).as_posix()
+    return f"![{alt}]({rel})" if path.is_file() else f"_missing: `{rel}`_"
 
 
 def _missing(what: str, how: str) -> str:
     return f"_missing: {what} (run `{how}`)_"
 
 
-def data_section(root: Path) -> list[str]:
+def _reproduce_cmd(tag: str) -> str:
+    model = tag.removesuffix("_baseline")
+    return f"python -m tune_pets.reproduce {model}" + (" --baseline" if model != tag else "")
+
+
+# ---------------------------------------------------------------- sections
+def data_section(layout: Layout) -> list[str]:
     out = ["## Data", ""]
-    s = _json(root / "data_sanity" / "summary.json")
+    s = _json(layout.sanity_summary)
     if s is None:
-        return out + [
-            _missing("data sanity summary", "python -m tune_pets.sanity --data-dir DIR"),
-            "",
-        ]
+        return out + [_missing("data sanity summary", "python -m tune_pets.sanity"), ""]
     counts = ", ".join(f"{n} {k}" for k, n in s.get("counts", {}).items())
     out += [
         f"`{s.get('data_dir')}`: {s.get('num_classes')} classes; {counts} images; "
         f"{s.get('n_odd_files', 0)} odd files (see `data_sanity/odd_files.csv`).",
         "",
+        "| split | images | min per class | max per class |",
+        "|---|---|---|---|",
     ]
-    out += ["| split | images | min per class | max per class |", "|---|---|---|---|"]
     for split, b in s.get("per_class", {}).items():
         out.append(f"| {split} | {s['counts'].get(split)} | {b.get('min')} | {b.get('max')} |")
     sizes = s.get("sizes", {}).get("all", {})
@@ -78,124 +92,182 @@ def data_section(root: Path) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in sizes.items() if not isinstance(v, (dict, list))),
         ]
     out.append("")
-    for split in s.get("splits", []):
-        out.append(_img(root, f"data_sanity/grid_{split}.png", f"{split} grid"))
+    out += [
+        _img(layout, layout.sanity_grid(split), f"{split} grid") for split in s.get("splits", [])
+    ]
     return out + [""]
 
 
-def search_section(root: Path, model: str) -> list[str]:
-    d = root / "search" / model
-    best = _json(d / "best_config.json")
+def _row_facts(m: ReproduceResult) -> str:
+    backbone = {None: "-", "random": "**random (numbers meaningless)**"}.get(m.backbone, m.backbone)
+    return (
+        f"{backbone} | {'smoke' if m.smoke else 'full'} | {m.epochs} | {m.img_size} | "
+        f"{', '.join(str(r.get('seed')) for r in m.per_seed) or m.n_seeds}"
+    )
+
+
+def _pm(m: ReproduceResult, key: str) -> str:
+    mean = getattr(m, key)
+    return _fmt(mean) + (f" ± {_fmt(getattr(m, key + '_std'))}" if m.n_seeds > 1 else "")
+
+
+def results_section(layout: Layout) -> list[str]:
+    out = [
+        "## Baseline vs tuned (test split, scored once per seed)",
+        "",
+        "| model | config | backbone | size | epochs | img | seeds | test_acc | test_macro_f1 "
+        "| homework (val, tuned on test) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes: list[str] = []
+    for model in model_names():
+        spec = get_spec(model)
+        hw = spec.homework
+        hw_text = f"{hw[0]:.4f} / {hw[1]:.4f}" if hw else "-"
+        pair = {}
+        for baseline in (True, False):
+            tag = result_tag(model, baseline)
+            label = "baseline (homework config)" if baseline else "tuned"
+            m = ReproduceResult.read_or_none(layout.result_metrics(tag))
+            if m is None:
+                how = _missing("metrics.json", _reproduce_cmd(tag))
+                out.append(f"| {model} | {label} | | | | | | {how} | | |")
+                continue
+            pair[baseline] = m
+            out.append(
+                f"| {model} | {label} | {_row_facts(m)} | {_pm(m, 'test_acc')} | "
+                f"{_pm(m, 'test_macro_f1')} | {hw_text} |"
+            )
+            notes += _divergence_note(tag, m)
+        if len(pair) == 2 and (
+            pair[True].epochs != pair[False].epochs or pair[True].img_size != pair[False].img_size
+        ):
+            notes.append(
+                f"- **{model}: baseline and tuned were trained under different settings** "
+                f"(baseline {pair[True].epochs} epochs at {pair[True].img_size} px, tuned "
+                f"{pair[False].epochs} epochs at {pair[False].img_size} px): not a fair "
+                f"comparison; rerun both with the same `--epochs`/`--img-size`."
+            )
+        notes += _stale_trial_note(layout, model, pair.get(False))
+    out += ["", *notes] if notes else []
+    return out + [
+        "",
+        "The homework's numbers were measured on the split it tuned on, so they are not "
+        "comparable estimates; they are shown for orientation only. A random backbone or a smoke "
+        "run exercises the pipeline; its scores say nothing about the method.",
+        "",
+    ]
+
+
+def _divergence_note(tag: str, m: ReproduceResult) -> list[str]:
+    spread = m.prediction_spread
+    if not spread or m.test_acc - m.test_macro_f1 <= F1_GAP:
+        return []
+    hi, lo = spread.get("max_min_support", [None, None])
+    return [
+        f"- {tag}: accuracy ({_fmt(m.test_acc, 3)}) is far above macro-F1 "
+        f"({_fmt(m.test_macro_f1, 3)}): the model ever predicts {spread.get('classes_predicted')} "
+        f"of {spread.get('num_classes')} classes, and the test split is imbalanced (the 3 "
+        f"largest classes hold {100 * spread.get('top3_class_share', 0):.0f} % of its images; "
+        f"{hi} vs {lo} images per class). Macro-F1 is the honest number here."
+    ]
+
+
+def _stale_trial_note(layout: Layout, model: str, tuned: ReproduceResult | None) -> list[str]:
+    best = SearchSummary.read_or_none(layout.best_config(model))
+    if tuned is None or best is None or tuned.trial_id in (None, best.trial_id):
+        return []
+    return [
+        f"- **{model}: the tuned row was retrained from trial `{tuned.trial_id}`, but the "
+        f"current search's best is trial `{best.trial_id}`**: run "
+        f"`python -m tune_pets.reproduce {model}` again."
+    ]
+
+
+def search_section(layout: Layout, model: str) -> list[str]:
+    best = SearchSummary.read_or_none(layout.best_config(model))
     out = [f"### Search ({model})", ""]
     if best is None:
         return out + [
             _missing(f"search results in `search/{model}/`", f"python -m tune_pets.search {model}"),
             "",
         ]
-    s = best.get("search", {})
+    s = best.search
+    smoke = "/smoke/" in str(s.get("spec_file", "")).replace("\\", "/")
     out += [
-        f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
+        (
+            "**Smoke-size search** (tiny space and budget): its choice says nothing about the "
+            "method.\n"
+            if smoke
+            else ""
+        )
+        + f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
         f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA, "
         f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
         f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation); "
         f"max {s.get('max_epochs')} epochs, grace {s.get('grace_period')}, "
         f"reduction factor {s.get('reduction_factor')}; nodes used: {len(s.get('nodes', []))}.",
         "",
-        f"Best trial `{best.get('trial_id')}` at epoch {best.get('epoch')}: val_acc "
-        f"{_fmt(best.get('val_acc'))}, val_macro_f1 {_fmt(best.get('val_macro_f1'))} "
-        f"(validation split carved from train; the test split was not used).",
+        f"Best trial `{best.trial_id}` at epoch {best.epoch}: val_acc {_fmt(best.val_acc)}, "
+        f"val_macro_f1 {_fmt(best.val_macro_f1)} (validation split carved from train; the test "
+        f"split was not used).",
         "",
         "| searched parameter | best value | space |",
         "|---|---|---|",
     ]
-    cfg = best.get("config", {})
     for k, (sampler, args) in s.get("search_space", {}).items():
-        out.append(
-            f"| {k} | {_fmt(cfg.get(k), 6) if isinstance(cfg.get(k), float) else cfg.get(k)} "
-            f"| {sampler} {args} |"
-        )
+        v = best.config.get(k)
+        out.append(f"| {k} | {_fmt(v, 6) if isinstance(v, float) else v} | {sampler} {args} |")
     out.append("")
-    for f, alt in (
-        ("optimization_history.png", "optimization history"),
-        ("param_importances.png", "parameter importances"),
-        ("learning_curves.png", "learning curves"),
-    ):
-        out.append(_img(root, f"search/{model}/{f}", alt))
+    for plot, alt in SEARCH_PLOTS:
+        path = layout.search_plot(model, plot)
+        if path.is_file() or plot != "param_importances":
+            out.append(_img(layout, path, alt))
+        else:
+            out.append("_parameter importances: too few completed trials to estimate them_")
     return out + [""]
 
 
-def results_section(root: Path) -> list[str]:
-    out = [
-        "## Baseline vs tuned (test split, scored once per seed)",
-        "",
-        "| model | config | seeds | test_acc | test_macro_f1 | homework (val, tuned on test) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for model in MODELS:
-        for tag, label in ((f"{model}_baseline", "baseline (homework config)"), (model, "tuned")):
-            m = _json(root / tag / "metrics.json")
-            if m is None:
-                how = _reproduce_cmd(tag)
-                out.append(f"| {model} | {label} | - | {_missing('metrics.json', how)} | | |")
-                continue
-            n = m.get("n_seeds", 1)
-
-            def pm(key: str, m: dict = m, n: int = n) -> str:
-                return f" +- {_fmt(m.get(key + '_std'))}" if n > 1 else ""
-
-            hw = HOMEWORK[model]
-            out.append(
-                f"| {model} | {label} | {n} | {_fmt(m.get('test_acc'))}{pm('test_acc')} | "
-                f"{_fmt(m.get('test_macro_f1'))}{pm('test_macro_f1')} | "
-                f"{hw[0]:.4f} / {hw[1]:.4f} |"
-            )
-    return out + [
-        "",
-        "The homework's numbers were measured on the split it tuned on, so they "
-        "are not comparable estimates; they are shown for orientation only.",
-        "",
-    ]
-
-
-def confusion_section(root: Path, tag: str) -> list[str]:
+def confusion_section(layout: Layout, tag: str) -> list[str]:
     out = [
         f"### Confusion matrix ({tag})",
         "",
-        _img(root, f"confusion_{tag}.png", f"confusion {tag}"),
+        _img(layout, layout.confusion(tag, "png"), f"confusion {tag}"),
+        "",
+        f"Colours are row-normalised (each row sums to 1: the recall of its class); "
+        f"`confusion_{tag}.csv` holds the counts.",
     ]
-    m = _json(root / tag / "metrics.json")
-    pairs = (m or {}).get("most_confused")
-    if pairs:
+    m = ReproduceResult.read_or_none(layout.result_metrics(tag))
+    if m is not None and m.most_confused:
         out += ["", "Most confused pairs (true -> predicted, count):", ""]
-        out += [f"- {a} -> {b}: {n}" for a, b, n in pairs[:8]]
+        out += [f"- {a} -> {b}: {n}" for a, b, n in m.most_confused[:8]]
     return out + [""]
 
 
-def _reproduce_cmd(tag: str) -> str:
-    """The command that (re)writes the artifacts of ``tag`` (``cnn``, ``vit_baseline``, ...)."""
-    model = tag.removesuffix("_baseline")
-    return f"python -m tune_pets.reproduce {model}" + (" --baseline" if model != tag else "")
-
-
-def profiler_section(root: Path, tag: str) -> list[str]:
-    s = _json(root / "profiler" / tag / "summary.json")
+def profiler_section(layout: Layout, tag: str) -> list[str]:
+    s = _json(layout.profile(tag) / "summary.json")
     out = [f"### Profile ({tag})", ""]
     if s is None:
-        return out + [
-            _missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag)),
-            "",
-        ]
+        return out + [_missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag)), ""]
+    steps = s.get("steps")
     out.append(
         f"{s.get('step')}: {_fmt(s.get('images_per_s'), 1)} images/s, "
         f"{_fmt(s.get('step_time_ms'), 1)} ms/step (batch {s.get('batch_size')}, "
-        f"img {s.get('img_size')}, {s.get('device')}, {s.get('steps')} profiled steps)."
+        f"img {s.get('img_size')}, {s.get('device')}, {s.get('precision', 'fp32')}). "
+        f"Timed over {steps} steps after {steps} profiled ones"
+        + (
+            ": a short sample, easily moved by other load on the machine; use "
+            "`--profile-steps 50` or more for numbers to quote."
+            if (steps or 0) < 50
+            else "."
+        )
     )
     if s.get("backbone_images_per_s") is not None:
         out.append(
             f"Frozen backbone forward (one-time feature extraction): "
             f"{_fmt(s.get('backbone_images_per_s'), 1)} images/s."
         )
-    ops = _csv(root / "profiler" / tag / "top_ops.csv") or []
+    ops = _csv(layout.profile(tag) / "top_ops.csv") or []
     if ops:
         out += ["", "| op | calls | self CPU % |", "|---|---|---|"]
         out += [
@@ -204,61 +276,76 @@ def profiler_section(root: Path, tag: str) -> list[str]:
     return out + [""]
 
 
-def env_section(root: Path) -> list[str]:
-    for tag in ("cnn", "vit", "cnn_baseline", "vit_baseline"):
-        c = _json(root / tag / "config.json")
-        if c and c.get("env"):
-            e = c["env"]
-            return [
-                "## Environment",
-                "",
-                f"- device: {c.get('device')}; CPU {e.get('cpu')} "
-                f"({e.get('cpu_count')} cores); GPU {e.get('gpu') or 'none'}",
-                "- versions: "
-                + ", ".join(
-                    f"{k} {e.get(k)}"
-                    for k in ("python", "torch", "torchvision", "timm", "ray", "optuna", "sklearn")
-                ),
-                f"- git commit: {e.get('git_commit')}",
-                "",
-            ]
-    return [
-        "## Environment",
-        "",
-        _missing("a reproduce config.json", "python -m tune_pets.reproduce cnn"),
-        "",
-    ]
+def env_section(layout: Layout) -> list[str]:
+    for model in model_names():
+        for baseline in (False, True):
+            info = RunInfo.read_or_none(layout.result_config(result_tag(model, baseline)))
+            if info and info.env:
+                e = info.env
+                return [
+                    "## Environment",
+                    "",
+                    f"- device: {info.device} ({info.precision}); CPU {e.get('cpu')} "
+                    f"({e.get('cpu_count')} cores); GPU {e.get('gpu') or 'none'}",
+                    "- versions: "
+                    + ", ".join(
+                        f"{k} {e.get(k)}"
+                        for k in (
+                            "python",
+                            "torch",
+                            "torchvision",
+                            "timm",
+                            "ray",
+                            "optuna",
+                            "sklearn",
+                        )
+                    ),
+                    f"- git commit: {e.get('git_commit')}",
+                    "",
+                ]
+    return ["## Environment", "", _missing("a reproduce config.json", _reproduce_cmd("cnn")), ""]
 
 
-def build_report(root: Path) -> str:
+def build_report(layout: Layout) -> str:
     lines = [
         "# tune_pets report",
         "",
         "Generated by `python -m tune_pets.report` from the artifacts in this folder.",
         "",
     ]
-    lines += data_section(root)
-    lines += results_section(root)
-    for model in MODELS:
+    lines += data_section(layout)
+    lines += results_section(layout)
+    for model in model_names():
+        tags = [
+            t for t in (result_tag(model), result_tag(model, True)) if layout.result(t).is_dir()
+        ]
         lines += [f"## {model}", ""]
-        lines += search_section(root, model)
-        for tag in (model, f"{model}_baseline"):
-            if (root / tag).is_dir():
-                lines += confusion_section(root, tag)
-                lines += profiler_section(root, tag)
-    lines += env_section(root)
+        lines += search_section(layout, model)
+        for tag in tags:
+            lines += confusion_section(layout, tag)
+            lines += profiler_section(layout, tag)
+    lines += env_section(layout)
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- CLI
+def build_parser() -> cli.ArgumentParser:
+    p = cli.command_parser(__doc__, "python -m tune_pets.report")
+    p.add_argument(
+        "--artifacts-dir", default="artifacts", help="where results are written"
+    )
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m tune_pets.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifacts-dir", default="artifacts")
-    args = p.parse_args(argv)
-    root = Path(args.artifacts_dir)
-    if not root.is_dir():
-        raise UserError(f"--artifacts-dir {root} does not exist; run the pipeline first")
-    atomic_write_text(root / "REPORT.md", build_report(root))
-    print(f"wrote {root / 'REPORT.md'}")
+    args = build_parser().parse_args(argv)
+    layout = Layout(Path(args.artifacts_dir))
+    if not layout.artifacts.is_dir():
+        raise UserError(
+            f"--artifacts-dir {layout.artifacts} does not exist; run the pipeline first"
+        )
+    atomic_write_text(layout.report, build_report(layout))
+    print(f"wrote {layout.report}")
     return 0
 
 

@@ -7,8 +7,9 @@
 No Ray. The search's val split is folded back into train (the final model trains on the whole
 official train split); the held-out test split is scored once per seed, never used to choose.
 Outputs (``<tag>`` is the model, or ``<model>_baseline``): ``<artifacts>/<tag>/checkpoint_best.pt``,
-``config.json``, ``metrics.json``, ``<artifacts>/metrics.csv``, ``<artifacts>/confusion_<tag>.*``,
-``<artifacts>/profiler/<tag>/`` and TensorBoard logs under ``<runs-dir>/<tag>-seed<N>``.
+``config.json``, ``metrics.json``, ``per_class_test.csv``, ``<artifacts>/confusion_<tag>.*``,
+``<artifacts>/profiler/<tag>/``, a row in ``<artifacts>/metrics.csv`` and TensorBoard logs under
+``<runs-dir>/<tag>-seed<N>``.
 """
 
 from __future__ import annotations
@@ -17,269 +18,275 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from tune_pets.config import RunConfig, cli_name, homework_defaults, validate_config
+import torch
+
+from tune_pets import cli
+from tune_pets.config import RunConfig, validate_config
+from tune_pets.data import heldout_split_name, load_split
+from tune_pets.engine import load_fit_data
+from tune_pets.evaluate import evaluate_checkpoint
+from tune_pets.layout import Layout, result_tag
+from tune_pets.models import ModelSpec, get_spec
+from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, write_metrics_row
+from tune_pets.train import fit, format_epoch
 from tune_pets.utils import (
-    ArgumentParser,
     UserError,
     atomic_torch_save,
-    atomic_write_json,
     cli_main,
+    enable_cuda_determinism,
     env_info,
-    nonneg_int,
-    positive_int,
-    read_json,
-    resolve_device,
 )
+
+DEFAULT_PROFILE_STEPS = 10  # light by default (seconds, a few MB of trace); more with the flag
 
 
 def resolve_config(
-    model: str, best_config: Path | None, artifacts: Path, baseline: bool
+    spec: ModelSpec, best_config: Path | None, layout: Layout, baseline: bool
 ) -> tuple[RunConfig, dict]:
     """The config to retrain and where it came from."""
     if baseline:
-        return homework_defaults(model), {"source": "homework defaults (--baseline)"}
-    path = best_config or artifacts / "search" / model / "best_config.json"
+        return spec.defaults, {"source": "homework defaults (--baseline)"}
+    path = best_config or layout.best_config(spec.name)
     if not path.is_file():
         raise UserError(
-            f"no search result at {path}: run `python -m tune_pets.search {model}` "
+            f"no search result at {path}: run `python -m tune_pets.search {spec.name}` "
             f"first, pass --best-config PATH, or use --baseline"
         )
-    best = read_json(path, "--best-config")
-    if not isinstance(best, dict) or "config" not in best:
-        raise UserError(f"--best-config {path}: not a best_config.json written by tune_pets.search")
-    config = RunConfig.from_dict(best["config"], str(path))
-    if cli_name(config.model) != model:
-        raise UserError(
-            f"--best-config {path} is for model {cli_name(config.model)!r}, not {model!r}"
-        )
+    best = SearchSummary.read(path, "--best-config")
+    config = RunConfig.from_dict(best.config, str(path))
+    if config.model != spec.name:
+        raise UserError(f"--best-config {path} is for model {config.model!r}, not {spec.name!r}")
     return config, {
         "source": str(path),
-        "trial_id": best.get("trial_id"),
-        "val_acc": best.get("val_acc"),
-        "val_macro_f1": best.get("val_macro_f1"),
+        "trial_id": best.trial_id,
+        "val_acc": best.val_acc,
+        "val_macro_f1": best.val_macro_f1,
     }
+
+
+def backbone_kind(spec: ModelSpec, config: RunConfig) -> str | None:
+    """pretrained | random | file, for features models (the report flags random ones)."""
+    if spec.kind != "features":
+        return None
+    return "file" if config.weights else ("pretrained" if config.pretrained else "random")
 
 
 def reproduce(
     config: RunConfig,
     data_dir: Path,
-    artifacts: Path,
-    runs_dir: Path,
+    layout: Layout,
     tag: str,
     seeds: Sequence[int],
     origin: dict,
     *,
-    profile_steps: int = 50,
+    profile_steps: int = DEFAULT_PROFILE_STEPS,
+    smoke: bool = False,
     cache_dir=None,
     skip_bad: bool = False,
-    device=None,
+    device: torch.device | None = None,
     progress: bool = True,
-) -> dict:
-    import torch
-
-    from tune_pets.data import cache_res, heldout_split_name, load_split
-    from tune_pets.evaluate import evaluate_checkpoint
-    from tune_pets.train import fit, load_fit_data
-
+) -> ReproduceResult:
     device = device or torch.device("cpu")
+    spec = get_spec(config.model)
     heldout = heldout_split_name(data_dir)
-    out = artifacts / tag
-    per_seed = []
-    data = None
+    first = config.replace(seed=seeds[0], deterministic=True)
+    data = load_fit_data(
+        first,
+        data_dir,
+        full_train=True,
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        device=device,
+        progress=progress,
+    )
+    # Read (and cache) the test split now: a bad test image fails before training.
+    load_split(
+        data_dir,
+        heldout,
+        spec.cache_res(first),
+        interpolation=data.preprocess["interpolation"],
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        classes=data.classes,
+        progress=progress,
+    )
+    print(
+        f"{tag}: retraining on all {data.info['n_train']} train images, {config.epochs} epochs, "
+        f"seeds {' '.join(map(str, seeds))}, device {device}, deterministic",
+        flush=True,
+    )
+    per_seed, first_eval, result = [], None, None
     for i, seed in enumerate(seeds):
         cfg = config.replace(seed=seed, deterministic=True)
-        if data is None:
-            data = load_fit_data(
-                cfg,
-                data_dir,
-                full_train=True,
-                cache_dir=cache_dir,
-                skip_bad=skip_bad,
-                device=device,
-                progress=progress,
-            )
-            # Read (and cache) the test split now: a bad test image fails before training.
-            pre = data.preprocess
-            size = cfg.img_size if data.kind == "images" else pre["img_size"]
-            load_split(
-                data_dir,
-                heldout,
-                cache_res(size, pre["crop_pct"]),
-                interpolation=pre["interpolation"],
-                cache_dir=cache_dir,
-                skip_bad=skip_bad,
-                classes=data.classes,
-                progress=progress,
-            )
-            print(
-                f"{tag}: retraining on all {data.info['n_train']} train images, "
-                f"{cfg.epochs} epochs, device {device}, deterministic",
-                flush=True,
-            )
-        result = fit(
-            cfg, data, device=device, tb_dir=runs_dir / f"{tag}-seed{seed}", progress=progress
-        )
-        ckpt = result.checkpoint
-        ckpt_path = out / ("checkpoint_best.pt" if i == 0 else f"checkpoint_seed{seed}.pt")
-        atomic_torch_save(ckpt, ckpt_path)
-        # Every seed is scored once on the test split; the per-class CSV, confusion matrix and
-        # metrics.csv row are written for the first seed (the row gets the mean below).
+
+        def log(metrics: dict, _ckpt, seed: int = seed) -> None:
+            print(f"{tag} seed {seed} " + format_epoch(metrics, config.epochs), flush=True)
+
+        result = fit(cfg, data, log, device=device, tb_dir=layout.reproduce_tb(tag, seed))
+        atomic_torch_save(result.checkpoint, layout.checkpoint(tag, None if i == 0 else seed))
         ev = evaluate_checkpoint(
-            ckpt,
+            result.checkpoint,
             data_dir,
             heldout,
-            artifacts,
             cache_dir=cache_dir,
             skip_bad=skip_bad,
             device=device,
             progress=progress,
-            tag=tag,
-            write=i == 0,
         )
+        if i == 0:
+            first_eval = ev
+            ev.write(
+                layout.per_class(tag, heldout),
+                layout.confusion(tag, "csv"),
+                layout.confusion(tag, "png"),
+                tag,
+            )
         per_seed.append(
             {
                 "seed": seed,
-                "test_acc": ev[f"{heldout}_acc"],
-                "test_macro_f1": ev[f"{heldout}_macro_f1"],
-                "epochs": cfg.epochs,
+                "test_acc": ev.scores["accuracy"],
+                "test_macro_f1": ev.scores["macro_f1"],
                 "train_loss": result.history[-1]["train_loss"],
                 "train_time_s": round(sum(h["epoch_time_s"] for h in result.history), 2),
             }
         )
         print(
-            f"{tag} seed {seed}: test_acc {ev[f'{heldout}_acc']:.4f}, test_macro_f1 "
-            f"{ev[f'{heldout}_macro_f1']:.4f}",
+            f"{tag} seed {seed}: test_acc {ev.scores['accuracy']:.4f}, test_macro_f1 "
+            f"{ev.scores['macro_f1']:.4f}",
             flush=True,
         )
-        if i == 0:
-            most_confused = ev["most_confused"]
 
     accs = [r["test_acc"] for r in per_seed]
     f1s = [r["test_macro_f1"] for r in per_seed]
-    metrics = {
-        "model": tag,
-        "split": heldout,
-        "test_acc": statistics.fmean(accs),
-        "test_macro_f1": statistics.fmean(f1s),
-        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "test_macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
-        "n_seeds": len(seeds),
-        "per_seed": per_seed,
-        "most_confused": [list(t) for t in most_confused],
-    }
-    if len(seeds) > 1:
-        from tune_pets.utils import upsert_csv_row
-
-        upsert_csv_row(
-            artifacts / "metrics.csv",
-            {
-                "model": tag,
-                "split": heldout,
-                "accuracy": round(metrics["test_acc"], 6),
-                "macro_f1": round(metrics["test_macro_f1"], 6),
-                "accuracy_std": round(metrics["test_acc_std"], 6),
-                "macro_f1_std": round(metrics["test_macro_f1_std"], 6),
-                "n_seeds": len(seeds),
-            },
-            key=("model", "split"),
-        )
-    prof = None
+    out = ReproduceResult(
+        tag=tag,
+        split=heldout,
+        test_acc=statistics.fmean(accs),
+        test_macro_f1=statistics.fmean(f1s),
+        test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        test_macro_f1_std=statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+        n_seeds=len(seeds),
+        per_seed=per_seed,
+        most_confused=[list(t) for t in first_eval.most_confused()],
+        prediction_spread=first_eval.spread(),
+        epochs=config.epochs,
+        img_size=int(data.preprocess["img_size"]),
+        backbone=backbone_kind(spec, config),
+        smoke=smoke,
+        trial_id=origin.get("trial_id"),
+        profile_steps=profile_steps,
+    )
     if profile_steps:
         from tune_pets.profiling import run_profile
 
-        cfg = config.replace(seed=seeds[0], deterministic=True)
-        prof = run_profile(cfg, data, profile_steps, artifacts / "profiler" / tag, device)
-        metrics["train_images_per_s"] = prof.get("images_per_s")
-    atomic_write_json(
-        out / "config.json",
+        print(f"{tag}: profiling {profile_steps} train steps", flush=True)
+        prof = run_profile(first, data, profile_steps, layout.profile(tag), device)
+        out.train_images_per_s = prof.get("images_per_s")
+    RunInfo(
+        name=tag,
+        config=first.to_dict(),
+        seeds=list(seeds),
+        deterministic=True,
+        determinism=(
+            "torch.use_deterministic_algorithms(True), cuDNN deterministic, "
+            "CUBLAS_WORKSPACE_CONFIG set before any CUDA work"
+            if device.type == "cuda"
+            else "CPU: bitwise repeatable (torch.use_deterministic_algorithms(True))"
+        ),
+        precision=result.precision,
+        origin=origin,
+        data=data.info,
+        preprocess=data.preprocess,
+        device=str(device),
+        smoke=smoke,
+        env=env_info(),
+    ).write(layout.result_config(tag))
+    out.write(layout.result_metrics(tag))
+    write_metrics_row(
+        layout.metrics_csv,
+        tag,
+        heldout,
         {
-            "tag": tag,
-            "config": config.replace(seed=seeds[0], deterministic=True).to_dict(),
-            "seeds": list(seeds),
-            "deterministic": True,
-            "deterministic_note": (
-                "torch.use_deterministic_algorithms(True), cuDNN deterministic"
-                if device.type == "cuda"
-                else "CPU: bitwise repeatable"
-            ),
-            "origin": origin,
-            "data": data.info,
-            "preprocess": data.preprocess,
-            "device": str(device),
-            "env": env_info(),
+            "accuracy": round(out.test_acc, 6),
+            "macro_f1": round(out.test_macro_f1, 6),
+            "accuracy_std": round(out.test_acc_std, 6),
+            "macro_f1_std": round(out.test_macro_f1_std, 6),
+            "n_seeds": out.n_seeds,
+            "n_images": first_eval.n_images,
         },
     )
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from tune_pets.data import check_data_dir
-
-    p = ArgumentParser(prog="python -m tune_pets.reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", choices=["cnn", "vit"])
-    p.add_argument("--data-dir", default="data/oxford_pets")
+# ---------------------------------------------------------------- CLI
+def build_parser() -> cli.ArgumentParser:
+    p = cli.command_parser(__doc__, "python -m tune_pets.reproduce")
+    cli.add_model_arg(p, "which model to retrain")
     p.add_argument(
         "--best-config",
         default=None,
-        help="best_config.json (default <artifacts>/search/<model>/best_config.json)",
+        help="best_config.json (default: <artifacts>/search/<model>/best_config.json)",
     )
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=nonneg_int, default=None)
-    seeds.add_argument("--seeds", type=nonneg_int, nargs="+", default=None)
     p.add_argument("--baseline", action="store_true", help="retrain the homework's config instead")
-    p.add_argument("--epochs", type=positive_int, help="override epochs (e.g. smoke runs)")
-    p.add_argument("--img-size", type=positive_int, help="CNN: override the input size")
-    p.add_argument("--max-steps-per-epoch", type=nonneg_int, help="cap steps per epoch (smoke)")
-    p.add_argument("--profile-steps", type=nonneg_int, default=50, help="0 skips profiling")
-    p.add_argument("--artifacts-dir", default="artifacts")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--skip-bad-images", action="store_true")
-    p.add_argument("--no-pretrained", action="store_true", help="ViT: random backbone (tests)")
-    p.add_argument("--weights", default=None, help="ViT: local backbone weights file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
-    artifacts = Path(args.artifacts_dir)
-    config, origin = resolve_config(
-        args.model, Path(args.best_config) if args.best_config else None, artifacts, args.baseline
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed", type=cli.nonneg_int, default=None, help="one seed (default: the config's)"
     )
-    data_dir = check_data_dir(args.data_dir)
+    seeds.add_argument(
+        "--seeds", type=cli.nonneg_int, nargs="+", default=None, help="several seeds: mean +- std"
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=cli.nonneg_int,
+        default=DEFAULT_PROFILE_STEPS,
+        help="train steps to profile after the retrain (0: no profile)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="mark the results as a smoke-size run in the report"
+    )
+    cli.add_data_args(p, val_split=False)
+    cli.add_weights_args(p)
+    cli.add_device_args(p)
+    cli.add_hparam_args(p, ("epochs", "img_size", "max_steps_per_epoch"))
+    cli.add_output_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    enable_cuda_determinism()  # before any CUDA work (feature extraction may come first)
+    args = build_parser().parse_args(argv)
+    spec = get_spec(args.model)
+    layout = cli.layout_from_args(args)
+    config, origin = resolve_config(
+        spec, Path(args.best_config) if args.best_config else None, layout, args.baseline
+    )
+    data_dir = cli.data_dir_from_args(args)
     # A search may cap steps per epoch to save budget (the smoke spaces do); that is not a
     # hyperparameter, so the retrain runs full epochs unless the flag asks otherwise.
-    changes = {"max_steps_per_epoch": 0}
-    for k in ("epochs", "img_size", "max_steps_per_epoch"):
-        if getattr(args, k) is not None:
-            changes[k] = getattr(args, k)
-    if args.no_pretrained:
-        changes["pretrained"] = False
-    if args.weights:
-        changes["weights"] = args.weights
-    config = validate_config(config.replace(**changes), "command line")
+    config = cli.config_from_args(args, config.replace(max_steps_per_epoch=0))
+    config = validate_config(config, "command line")
     seeds = args.seeds or [args.seed if args.seed is not None else config.seed]
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be distinct")
-    tag = args.model + ("_baseline" if args.baseline else "")
+    tag = result_tag(spec.name, args.baseline)
     m = reproduce(
         config,
         data_dir,
-        artifacts,
-        Path(args.runs_dir),
+        layout,
         tag,
         seeds,
         origin,
         profile_steps=args.profile_steps,
+        smoke=args.smoke,
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_images,
-        device=resolve_device(args.device),
+        device=cli.device_from_args(args),
         progress=not args.no_progress,
     )
-    std = f" +- {m['test_acc_std']:.4f}" if len(seeds) > 1 else ""
+    std = f" +- {m.test_acc_std:.4f}" if len(seeds) > 1 else ""
     print(
-        f"{tag}: test_acc {m['test_acc']:.4f}{std}, test_macro_f1 {m['test_macro_f1']:.4f} "
-        f"({len(seeds)} seed(s)); wrote {artifacts / tag}/"
+        f"{tag}: test_acc {m.test_acc:.4f}{std}, test_macro_f1 {m.test_macro_f1:.4f} "
+        f"({len(seeds)} seed(s)); wrote {layout.result(tag)}/"
     )
     return 0
 

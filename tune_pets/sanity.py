@@ -1,15 +1,16 @@
 """Data sanity report: class counts, image sizes, sample grids and odd files of an ImageFolder.
 
-    python -m tune_pets.sanity --data-dir data/oxford_pets --out artifacts/data_sanity
+    python -m tune_pets.sanity --data-dir data/oxford_pets --artifacts-dir artifacts
 
 Reads the same files the training code reads (``tune_pets.data.scan_split``, ``load_rgb``) and
-writes into ``--out``:
+writes into ``<artifacts>/data_sanity/``:
 
     class_counts.csv   one row per class: images per split and total
     image_sizes.csv    one row per image: split, path, class, format, mode, width, height
     odd_files.csv      files that deserve a look: named .jpg but not a JPEG, not RGB (P, RGBA,
                        L, CMYK...), unreadable, or ignored non-image files
-    grid_<split>.png   a deterministic sample (round-robin over classes) titled by class
+    grid_<split>.png   a deterministic sample (round-robin over classes, every class at least
+                       once by default) titled by class
     summary.json       the numbers: counts per split, classes, min/max per class, size
                        statistics, odd-file counts (``tune_pets.report`` reads this file)
 
@@ -39,15 +40,9 @@ from tune_pets.data import (
     load_rgb,
     scan_split,
 )
-from tune_pets.utils import (
-    ArgumentParser,
-    atomic_savefig,
-    atomic_write_csv,
-    atomic_write_json,
-    cli_main,
-    nonneg_int,
-    positive_int,
-)
+from tune_pets import cli
+from tune_pets.figures import figure_style, save
+from tune_pets.utils import atomic_write_csv, atomic_write_json, cli_main
 
 JPEG_EXTS = (".jpg", ".jpeg")
 DRAFT_SIZE = 64  # decode JPEGs at reduced scale: every byte is still read, much faster
@@ -186,11 +181,11 @@ def save_grid(
     odd: set[str] | frozenset = frozenset(),
 ) -> None:
     """Thumbnails titled by class name; odd files (not JPEG / not RGB) get a red title."""
-    import matplotlib
+    with figure_style() as plt:
+        _draw_grid(plt, data_dir, sample, path, title, odd)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw_grid(plt, data_dir, sample, path, title, odd) -> None:
     n = max(1, len(sample))
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -205,8 +200,7 @@ def save_grid(
         ax.set_title(label, fontsize=7, color="red" if rel in odd else "black")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------- the report
@@ -214,7 +208,7 @@ def run_sanity(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    grid_per_split: int = 36,
+    grid_per_split: int | None = None,
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
@@ -305,6 +299,8 @@ def run_sanity(
     )
 
     grids = []
+    if grid_per_split is None:
+        grid_per_split = max(36, len(classes))  # every class appears at least once
     if grid_per_split > 0:
         for index in splits:
             sample = grid_sample(index, grid_per_split, seed, exclude=bad_paths[index.name])
@@ -369,31 +365,32 @@ def print_summary(summary: dict, out_dir: Path, max_odd: int = 25) -> None:
 
 
 # ---------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m tune_pets.sanity", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data-dir", default="data/oxford_pets", help="ImageFolder root (train/, test/)"
-    )
-    p.add_argument("--out", default="artifacts/data_sanity", help="output folder")
+def build_parser() -> cli.ArgumentParser:
+    p = cli.command_parser(__doc__, "python -m tune_pets.sanity")
     p.add_argument(
         "--grid-per-split",
-        type=nonneg_int,
-        default=36,
-        help="images in each split's grid (0: no grids)",
+        type=cli.nonneg_int,
+        default=None,
+        help="images in each split's grid (default: max(36, number of classes), so every "
+        "class appears; 0: no grids)",
     )
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the grid sample")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the grid sample")
     p.add_argument(
         "--workers",
-        type=positive_int,
+        type=cli.positive_int,
         default=None,
         help="threads inspecting files (default: CPU count, at most 8)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    cli.add_data_args(p, val_split=False, decode=False)
+    cli.add_output_args(p, runs=False)
+    return p
 
-    out = Path(args.out)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = cli.layout_from_args(args).data_sanity
     summary = run_sanity(
-        args.data_dir,
+        cli.data_dir_from_args(args),
         out,
         grid_per_split=args.grid_per_split,
         seed=args.seed,

@@ -1,0 +1,136 @@
+"""The one way tests run tune_pets commands as a user would: ``python -m tune_pets.<cmd>`` in a
+subprocess of its own session, offline, with a clean Ray environment; whatever the command
+left behind (Ray's gcs_server, raylet, workers) is killed by session id afterwards, so no test
+touches processes that another program on the machine started, and ``ray stop`` is never used.
+
+    from helpers import run, start, ok, error_line, kill_session
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TIMEOUT_S = 240
+
+
+def env(**extra: str) -> dict:
+    """The environment of a command under test: offline hub, no inherited Ray cluster settings,
+    unbuffered output, the checkout importable."""
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "TUNE_PETS_DEBUG")
+    }
+    e.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")])),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        PYTHONIOENCODING="utf-8",
+    )
+    e.update(extra)
+    return e
+
+
+def start(cmd: str, args, cwd: Path, *, extra_env: dict | None = None, log: Path | None = None):
+    """Start ``python -m tune_pets.<cmd> ARGS`` in a new session; output to pipes or ``log``."""
+    cwd = Path(cwd)
+    cwd.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", f"tune_pets.{cmd}", *map(str, args)]
+    out = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 - closed by the OS
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env(**(extra_env or {})),
+        stdout=out,
+        stderr=subprocess.PIPE if log is None else subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        start_new_session=True,
+    )
+
+
+def run(
+    cmd: str,
+    args,
+    cwd: Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    extra_env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a command to completion (or fail the test at ``timeout``); kill its leftovers."""
+    proc = start(cmd, args, cwd, extra_env=extra_env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"{cmd} still running after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
+    finally:
+        leftover = kill_session(proc.pid)
+        assert not leftover, f"processes survived {cmd}: {leftover}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """Exit 2 and a single ``error:`` line on stderr; returns that line."""
+    assert proc.returncode == 2, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines and "error:" in lines[-1], proc.stderr[-3000:]
+    errors = [ln for ln in lines if "error:" in ln]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return lines[-1]
+
+
+# ---------------------------------------------------------------- process sessions
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes in session ``sid``: one start_new_session child and everything
+    it spawned."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(sid: int, sig: int = signal.SIGKILL, wait_s: float = 20.0) -> list[int]:
+    """Signal every process of session ``sid``; return those still alive after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = session_pids(sid)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)

@@ -1,0 +1,41 @@
+"""``python -m tune_pets``: list the commands; ``python -m tune_pets COMMAND ...`` runs one."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "prepare": "download the dataset (or convert a local copy) into an ImageFolder",
+    "sanity": "class counts, image sizes, odd files and image grids of a data dir",
+    "train": "train one model once (exploratory run, its own output folder)",
+    "evaluate": "score a checkpoint on a split",
+    "profiling": "torch.profiler over a model's train step",
+    "search": "hyperparameter search: Ray Tune + Optuna TPE + ASHA",
+    "reproduce": "retrain the best (or baseline) config deterministically, test once, profile",
+    "report": "write REPORT.md from the artifacts",
+    "pipeline": "the whole study: sanity, search, reproduce, report",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print("usage: python -m tune_pets COMMAND [options]   (or python -m tune_pets.COMMAND)")
+        print("\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<{width}}  {text}")
+        print("\nEach command takes --help.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(f"tune_pets.{argv[0]}")
+    from tune_pets.utils import cli_main
+
+    cli_main(module.main, argv[1:], prog=f"python -m tune_pets {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

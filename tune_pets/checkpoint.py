@@ -1,0 +1,101 @@
+"""The checkpoint format: a plain dict of tensors and metadata that loads with
+``torch.load(path, weights_only=True)``.
+
+``state_dict`` holds the module a run trains: the whole network for an images model, the head
+only for a features model (``scope="head"``; the frozen backbone is rebuilt from ``config``:
+pretrained, a ``weights`` file, or the seeded random init).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tune_pets.config import RunConfig
+from tune_pets.models import ModelSpec, get_spec
+from tune_pets.utils import UserError
+
+FORMAT = "tune_pets/1"
+REQUIRED_KEYS = ("model", "scope", "config", "classes", "preprocess", "state_dict")
+
+
+def make_checkpoint(
+    config: RunConfig,
+    spec: ModelSpec,
+    classes: list[str],
+    preprocess: dict,
+    state_dict: dict,
+    epoch: int,
+    metrics: dict,
+    feature_dim: int = 0,
+) -> dict:
+    return {
+        "format": FORMAT,
+        "model": spec.name,
+        "scope": "model" if spec.kind == "images" else "head",
+        "config": config.to_dict(),
+        "classes": list(classes),
+        "preprocess": dict(preprocess),
+        "feature_dim": feature_dim,  # input width of a features model's head
+        "epoch": epoch,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "state_dict": state_dict,
+    }
+
+
+def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
+    """Load a tune_pets checkpoint safely (``weights_only=True``) and check what it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupted/truncated/foreign files fail in many ways
+        raise UserError(
+            f"--checkpoint {path}: not a readable checkpoint ({type(e).__name__}); "
+            f"retrain or pass another file"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"--checkpoint {path}: not a tune_pets checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(
+            f"--checkpoint {path}: incomplete tune_pets checkpoint (missing {', '.join(missing)}); "
+            f"retrain or pass another file"
+        )
+    try:
+        ckpt["model"] = get_spec(ckpt["model"]).name  # also maps names of earlier versions
+    except UserError as e:
+        raise UserError(f"--checkpoint {path}: {e}") from None
+    if expect_model and ckpt["model"] != get_spec(expect_model).name:
+        raise UserError(
+            f"--checkpoint {path} holds a {ckpt['model']} model, not {expect_model}; pass the "
+            f"matching model name"
+        )
+    return ckpt
+
+
+def trained_module(
+    ckpt: dict, pretrained: bool | None = None, weights: str | None = None
+) -> tuple[nn.Module, RunConfig, ModelSpec]:
+    """The module the checkpoint's weights belong to (the whole CNN, or the probe head), in
+    eval mode, with the checkpoint's config (``pretrained``/``weights`` override the
+    backbone's). Builds no backbone: a features model's head runs on cached features."""
+    config = RunConfig.from_dict(ckpt["config"], "checkpoint config")
+    if pretrained is not None:
+        config = config.replace(pretrained=pretrained)
+    if weights:
+        config = config.replace(weights=weights)
+    spec = get_spec(config.model)
+    state = ckpt["state_dict"]
+    n = len(ckpt["classes"])
+    module = spec.trainable(config, n, int(ckpt.get("feature_dim", 0)))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(
+            f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})"
+        ) from None
+    return module.eval(), config, spec

@@ -1,0 +1,282 @@
+"""Shared command-line pieces: the parser every command uses and the flag groups (data,
+backbone weights, device, outputs, hyperparameters), each defined once with one help text.
+
+Argparse stays at the edge: commands turn flags into a ``RunConfig``, a data dir, a device and a
+``Layout`` with the helpers at the bottom, and pass those on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tune_pets.config import RunConfig, validate_config
+from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
+from tune_pets.utils import UserError
+
+
+# ---------------------------------------------------------------- the parser
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Adds "(default: X)" to every option that has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and not (default is None or default is False or default == argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is one ``--help`` away) and a ``--debug`` flag."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_parser(module_doc: str | None, prog: str) -> ArgumentParser:
+    """A command's parser, described by the first paragraph of its module docstring."""
+    description = (module_doc or "").split("\n\n")[0].replace("``", "")  # plain text in --help
+    return ArgumentParser(prog=prog, description=description)
+
+
+# ---------------------------------------------------------------- value types
+def _number(parse: Callable[[str], float], ok: Callable[[float], bool], what: str):
+    """An argparse type: ``parse`` the text, then check ``ok``; errors say ``what`` was due."""
+
+    def convert(text: str):
+        try:
+            v = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    convert.__name__ = what  # argparse names the type in "invalid <type> value" messages
+    return convert
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
+nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
+
+
+# ---------------------------------------------------------------- flag groups
+def add_model_arg(p: argparse.ArgumentParser, what: str = "which model") -> None:
+    from tune_pets.models import get_spec, model_names
+
+    names = model_names()
+    helps = "; ".join(f"{n}: {get_spec(n).help}" for n in names)
+    p.add_argument("model", choices=names, help=f"{what} ({helps})")
+
+
+def add_data_args(
+    p: argparse.ArgumentParser,
+    default: str = DEFAULT_DATA_DIR,
+    val_split: bool = True,
+    decode: bool = True,
+) -> None:
+    """--data-dir; with ``decode`` the decode-cache flags; with ``val_split`` the split's."""
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data-dir",
+        default=default,
+        help="ImageFolder root with train/<class>/ and test/<class>/; 'sample' is the small "
+        "set of real photos shipped with the package",
+    )
+    if decode:
+        g.add_argument(
+            "--cache-dir",
+            default=None,
+            help="decode and feature cache (default: $TUNE_PETS_CACHE or ~/.cache/tune_pets)",
+        )
+        g.add_argument(
+            "--skip-bad-images",
+            action="store_true",
+            help="skip unreadable images (listed on stderr) instead of failing",
+        )
+    if val_split:
+        g.add_argument(
+            "--val-fraction",
+            type=fraction,
+            default=0.2,
+            help="share of train held out as the validation split",
+        )
+        g.add_argument(
+            "--split-seed",
+            type=nonneg_int,
+            default=None,
+            help="seed of the train/val split (default: the run's --seed)",
+        )
+
+
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone weights (features models such as vit)")
+    g.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="random backbone weights, for offline tests only: results are meaningless",
+    )
+    g.add_argument(
+        "--weights",
+        default=None,
+        help="local backbone weights file (model.safetensors or .pth) instead of the hub",
+    )
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: the cores this process may use)",
+    )
+
+
+def add_output_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
+    g = p.add_argument_group("outputs")
+    g.add_argument(
+        "--artifacts-dir", default=DEFAULT_ARTIFACTS_DIR, help="where results are written"
+    )
+    if runs:
+        g.add_argument(
+            "--runs-dir", default=DEFAULT_RUNS_DIR, help="TensorBoard logs (tensorboard --logdir)"
+        )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+HPARAMS = {  # flag -> (type, help)
+    "epochs": (positive_int, "epochs to train"),
+    "lr": (positive_float, "learning rate"),
+    "batch_size": (positive_int, "batch size"),
+    "img_size": (positive_int, "input size in pixels (models with their own size refuse it)"),
+    "optimizer": (str, "adamw, adam or sgd"),
+    "weight_decay": (float, "weight decay"),
+    "label_smoothing": (float, "label smoothing of the cross-entropy loss"),
+    "max_steps_per_epoch": (nonneg_int, "cap steps per epoch, for smoke runs (0: no cap)"),
+    "seed": (nonneg_int, "seed of weights, batch order and augmentation"),
+}
+
+
+def add_hparam_args(p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(HPARAMS)) -> None:
+    g = p.add_argument_group("hyperparameters (default: the model's homework settings)")
+    for name in names:
+        typ, text = HPARAMS[name]
+        kw: dict[str, Any] = {"type": typ, "default": None, "help": text}
+        if name == "optimizer":
+            kw["choices"] = ["adamw", "adam", "sgd"]
+        g.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+# ---------------------------------------------------------------- flags -> objects
+def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
+    """``base`` with the explicit hyperparameter, split-seed and weights flags applied."""
+    from tune_pets.models import get_spec
+
+    changes = {k: getattr(args, k) for k in HPARAMS if getattr(args, k, None) is not None}
+    if getattr(args, "split_seed", None) is not None:
+        changes["split_seed"] = args.split_seed
+    if getattr(args, "no_pretrained", False):
+        changes["pretrained"] = False
+    if getattr(args, "weights", None):
+        changes["weights"] = args.weights
+    spec = get_spec(base.model)
+    if spec.fixed_input_size and "img_size" in changes:
+        size = spec.data_config(base)["img_size"]
+        if changes["img_size"] != size:
+            raise UserError(f"--img-size: {spec.name} uses the backbone's own input size ({size})")
+    return validate_config(base.replace(**changes), "command line")
+
+
+def data_dir_from_args(args: argparse.Namespace) -> Path:
+    """The data dir, with 'sample' resolved to the shipped photos, checked."""
+    from tune_pets.data import check_data_dir
+    from tune_pets.sample import resolve_data_dir
+
+    return check_data_dir(resolve_data_dir(args.data_dir))
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """What a training command's flags resolve to."""
+
+    args: argparse.Namespace
+    spec: Any  # models.ModelSpec
+    config: RunConfig
+    data_dir: Path
+    device: Any  # torch.device
+    layout: Layout
+
+
+def resolve_run_args(args: argparse.Namespace) -> RunArgs:
+    """Model spec, config (homework defaults + flags), checked data dir, device and layout."""
+    from tune_pets.models import get_spec
+
+    spec = get_spec(args.model)
+    return RunArgs(
+        args,
+        spec,
+        config_from_args(args, spec.defaults),
+        data_dir_from_args(args),
+        device_from_args(args),
+        layout_from_args(args),
+    )
+
+
+def data_options(args: argparse.Namespace) -> dict:
+    """The decode-cache keyword arguments of ``engine.load_fit_data`` from the data flags."""
+    return {
+        "cache_dir": args.cache_dir,
+        "skip_bad": args.skip_bad_images,
+        "progress": not args.no_progress,
+    }
+
+
+def layout_from_args(args: argparse.Namespace) -> Layout:
+    return Layout(Path(args.artifacts_dir), Path(getattr(args, "runs_dir", DEFAULT_RUNS_DIR)))
+
+
+def device_from_args(args: argparse.Namespace):
+    """The torch device, with torch's CPU threads set (``--threads``, else the usable cores)."""
+    import torch
+
+    threads = getattr(args, "threads", None) or usable_cores()
+    torch.set_num_threads(threads)
+    name = getattr(args, "device", "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,380 @@
+"""The training engine: what one run trains on (``FitData``), its batches, and an ``Engine``
+that builds model, optimizer, LR schedule and loss once and runs ``step()`` / ``run_epoch()``.
+
+``train.fit``, the overfit check, ``profiling`` and the benchmark all drive the same ``Engine``,
+so what is profiled or benchmarked is exactly the step a search trial runs (minGPT's
+``Trainer``: set up once, one loop).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tune_pets.config import RunConfig
+from tune_pets.data import (
+    default_cache_dir,
+    eval_transform,
+    iterate_indices,
+    load_or_make_val_split,
+    load_split,
+    to_device_uint8,
+    train_augment,
+)
+from tune_pets.metrics import classification_metrics
+from tune_pets.models import ModelSpec, get_spec, pool_features
+from tune_pets.utils import UserError, seed_everything
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf (diverged); the run cannot continue."""
+
+
+# ---------------------------------------------------------------- what a run trains on
+@dataclass
+class FitData:
+    """Arrays one run needs. ``kind="images"``: uint8 ``[N, R, R, 3]``; ``kind="features"``:
+    float32 ``[V, N, 2, D]`` frozen-backbone features (V views of train, 1 of val)."""
+
+    kind: str
+    classes: list[str]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+    preprocess: dict = field(default_factory=dict)  # img_size, crop_pct, interpolation, mean, std
+    info: dict = field(default_factory=dict)  # data dir, fingerprints, split file, counts
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.train_x.shape[-1]) if self.kind == "features" else 0
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_y is not None and len(self.val_y) > 0
+
+
+def load_fit_data(
+    config: RunConfig,
+    data_dir: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    split_file: str | Path | None = None,
+    full_train: bool = False,
+    cache_dir: str | Path | None = None,
+    skip_bad: bool = False,
+    device: torch.device | None = None,
+    img_sizes: Sequence[int] = (),
+    progress: bool = True,
+    spec: ModelSpec | None = None,
+) -> FitData:
+    """Decode (or read from cache) the train split, carve the val split (unless
+    ``full_train``), and for a features model turn both into cached features.
+
+    ``img_sizes``: every img_size a search may ask for (the cache is built for the largest).
+    """
+    spec = spec or get_spec(config.model)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    dc = spec.data_config(config)
+    train_all = load_split(
+        data_dir,
+        "train",
+        spec.cache_res(config, img_sizes),
+        interpolation=dc["interpolation"],
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        progress=progress,
+    )
+    info = {
+        "data_dir": str(data_dir),
+        "train_fingerprint": train_all.fingerprint,
+        "cache_res": int(train_all.images.shape[1]),
+        "skipped": train_all.skipped,
+    }
+    if full_train:
+        train, val = train_all, None
+    else:
+        if split_file is None:
+            raise ValueError("split_file is required unless full_train=True")
+        seed = config.val_split_seed
+        train, val = load_or_make_val_split(train_all, split_file, val_fraction, seed)
+        info.update(
+            split_file=str(split_file), val_fraction=val_fraction, split_seed=seed, n_val=len(val)
+        )
+    info["n_train"] = len(train)
+    if spec.kind == "images":
+        return FitData(
+            "images",
+            train_all.classes,
+            train.images,
+            train.labels,
+            None if val is None else val.images,
+            None if val is None else val.labels,
+            dc,
+            info,
+        )
+    from tune_pets.features import cached_features
+
+    # Features are computed for all of train once (then indexed), so any val split reuses them;
+    # the backbone is built at most once, and only on a cache miss.
+    get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
+    device = device or torch.device("cpu")
+    clean = cached_features(config, get_backbone, dc, train_all, cache_dir, device, 0, progress)
+    views = clean
+    if config.feature_views:
+        views = cached_features(
+            config, get_backbone, dc, train_all, cache_dir, device, config.feature_views, progress
+        )
+    pos = {p: i for i, p in enumerate(train_all.paths)}
+    tr_idx = np.asarray([pos[p] for p in train.paths], dtype=np.int64)
+    va = None
+    if val is not None:
+        va = clean[0][np.asarray([pos[p] for p in val.paths], dtype=np.int64)]
+    return FitData(
+        "features",
+        train_all.classes,
+        views[:, tr_idx],
+        train.labels,
+        va,
+        None if val is None else val.labels,
+        dc,
+        info,
+    )
+
+
+# ---------------------------------------------------------------- batches
+def steps_per_epoch(config: RunConfig, n: int) -> int:
+    steps = max(1, n // config.batch_size) if n >= config.batch_size else 1
+    return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
+
+
+class Batches:
+    """Device batches for training (augmented) and evaluation, from images or features."""
+
+    def __init__(self, config: RunConfig, data: FitData, device: torch.device):
+        self.config, self.data, self.device = config, data, device
+        self.gen = torch.Generator().manual_seed(config.seed)
+        # channels_last speeds up convolutions on CUDA; on CPU it is slower for this CNN.
+        self.channels_last = device.type == "cuda" and data.kind == "images"
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def train(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cfg, d = self.config, self.data
+        n = len(d.train_y)
+        drop_last = n >= cfg.batch_size  # homework: full batches; tiny data keeps its one batch
+        limit = steps_per_epoch(cfg, n)
+        for step, idx in enumerate(iterate_indices(n, cfg.batch_size, True, self.gen, drop_last)):
+            if step >= limit:
+                break
+            i = idx.numpy()
+            y = torch.from_numpy(d.train_y[i]).to(self.device, non_blocking=True)
+            if d.kind == "images":
+                x = to_device_uint8(d.train_x, i, self.device)
+                pre = d.preprocess
+                x = train_augment(
+                    x,
+                    cfg.img_size,
+                    pre["mean"],
+                    pre["std"],
+                    cfg.aug_scale_min,
+                    cfg.hflip,
+                    generator=self.gen,
+                )
+                x = self._images(x)
+            else:
+                view = d.train_x[(epoch - 1) % d.train_x.shape[0]]  # one augmented view per epoch
+                x = pool_features(torch.from_numpy(view[i]), cfg.pooling).to(self.device)
+            yield x, y
+
+    def forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Train batches of epoch 1, 2, ...: profiling may need more steps than an epoch has."""
+        epoch = 1
+        while True:
+            n = 0
+            for batch in self.train(epoch):
+                n += 1
+                yield batch
+            if n == 0:
+                raise UserError("no training batches: the train split is empty")
+            epoch += 1
+
+    def eval(self, x_all: np.ndarray, y_all: np.ndarray, batch_size: int = 256):
+        cfg, pre = self.config, self.data.preprocess
+        for idx in iterate_indices(len(y_all), batch_size, shuffle=False):
+            i = idx.numpy()
+            y = torch.from_numpy(y_all[i]).to(self.device)
+            if self.data.kind == "images":
+                x = to_device_uint8(x_all, i, self.device)
+                x = eval_transform(x, cfg.img_size, pre["crop_pct"], pre["mean"], pre["std"])
+                x = self._images(x)
+            else:
+                x = pool_features(torch.from_numpy(x_all[i]), cfg.pooling).to(self.device)
+            yield x, y
+
+
+# ---------------------------------------------------------------- optimizer, schedule, precision
+def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warmup, then cosine decay to 0 (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "none":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def precision(config: RunConfig, device: torch.device) -> str:
+    """``bf16`` autocast only on GPUs with native bf16 (compute capability 8.0+, e.g. A100,
+    H100); older GPUs (T4, V100) emulate it and run slower than fp32, and CPUs use fp32."""
+    if not config.amp or device.type != "cuda":
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp32"
+
+
+def autocast(prec: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches, prec: str = "fp32", loss_fn: nn.Module | None = None):
+    """Argmax predictions, labels and mean loss over ``batches`` (model in eval mode)."""
+    model.eval()
+    preds, labels, total, n = [], [], torch.zeros(()), 0
+    for x, y in batches:
+        with autocast(prec, x.device):
+            logits = model(x).float()
+        if loss_fn is not None:
+            total = total + loss_fn(logits, y).cpu() * len(y)
+        n += len(y)
+        preds.append(logits.argmax(1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy(), float(total) / max(n, 1)
+
+
+# ---------------------------------------------------------------- the engine
+class Engine:
+    """Model, optimizer, LR schedule, loss and batches of one run, built once.
+
+    ``step(x, y)`` is one optimization step plus one schedule step; ``run_epoch(epoch)`` loops
+    it over an epoch of batches and syncs with the device once, at the end.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        data: FitData,
+        device: torch.device | None = None,
+        spec: ModelSpec | None = None,
+    ):
+        self.config, self.data = config, data
+        self.device = device or torch.device("cpu")
+        self.spec = spec or get_spec(config.model)
+        self.determinism = seed_everything(config.seed, config.deterministic)
+        self.batches = Batches(config, data, self.device)
+        model = self.spec.trainable(config, data.num_classes, data.feature_dim).to(self.device)
+        if self.batches.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = make_optimizer(config, model.parameters())
+        self.steps_per_epoch = steps_per_epoch(config, len(data.train_y))
+        total = self.steps_per_epoch * config.epochs
+        warmup = self.steps_per_epoch * config.warmup_epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warmup, config.scheduler)
+        )
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.precision = precision(config, self.device)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimization step and one LR-schedule step; returns (loss, logits), detached.
+        No host sync: the loss stays on the device."""
+        self.model.train()
+        with autocast(self.precision, x.device):
+            logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+    def run_epoch(self, epoch: int, progress: bool = False) -> dict:
+        """Train one epoch; returns ``train_loss``, ``train_acc`` and the ``lr`` at its end.
+        Raises ``NonFiniteLossError`` when the loss diverged during the epoch."""
+        from tqdm.auto import tqdm
+
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(
+            self.batches.train(epoch),
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch}/{self.config.epochs}",
+            disable=not progress or None,
+            leave=False,
+            file=sys.stderr,
+        )
+        for x, y in bar:
+            loss, logits = self.step(x, y)
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        train_loss = loss_sum.item() / seen  # the epoch's one host sync
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"loss became {train_loss} in epoch {epoch} (lr={self.config.lr:g}); lower the "
+                f"learning rate"
+            )
+        return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": self.lr}
+
+    def predict(self, x_all: np.ndarray, y_all: np.ndarray, with_loss: bool = False):
+        return predict(
+            self.model,
+            self.batches.eval(x_all, y_all),
+            self.precision,
+            self.loss_fn if with_loss else None,
+        )
+
+    def validate(self) -> dict:
+        """``val_loss``, ``val_acc`` and ``val_macro_f1`` on the val split."""
+        preds, labels, loss = self.predict(self.data.val_x, self.data.val_y, with_loss=True)
+        m = classification_metrics(labels, preds, self.data.num_classes)
+        return {"val_loss": loss, "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+
+    def state_dict(self) -> dict:
+        """A CPU copy of the trained module's weights (for a checkpoint)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -1,0 +1,145 @@
+"""Hugging Face hub access shared by ``prepare`` (the dataset) and ``backbone`` (the pretrained
+ViT weights): offline detection, one short reachability probe (huggingface_hub's own retries
+take 25-55 s offline before they give up), and telling network errors from others."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import socket
+import ssl
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+# A reachable hub answers in well under a second; offline, one short probe decides first.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline(datasets_too: bool = False) -> bool:
+    """Whether offline mode is on (HF_HUB_OFFLINE; with ``datasets_too``, HF_DATASETS_OFFLINE).
+
+    The environment is read as well as huggingface_hub's constant, which it reads only once,
+    at import."""
+    keys = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] * datasets_too)
+    if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in keys):
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(constants is not None and constants.HF_HUB_OFFLINE)
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached (a short phrase), or None when it answers.
+
+    One HEAD request with a hard deadline. It runs in a thread because a hanging DNS lookup
+    ignores socket timeouts. Any HTTP answer, even an error status, and a TLS failure (the real
+    client may trust other certificates) count as reachable; proxy variables apply.
+    """
+    url = hub_endpoint()
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
+            answer.append(None)
+        except urllib.error.HTTPError:
+            answer.append(None)  # the server answered
+        except urllib.error.URLError as e:
+            answer.append(None if isinstance(e.reason, ssl.SSLError) else _reason(e.reason))
+        except (OSError, ValueError) as e:
+            answer.append(_reason(e))
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not answer:
+        return f"no answer from {url} within {timeout_s:g} s"
+    return None if answer[0] is None else f"{url}: {answer[0]}"
+
+
+def _reason(e: object) -> str:
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve the host name ({e.strerror or e})"
+    if isinstance(e, (TimeoutError, socket.timeout)):
+        return "connection timed out"
+    return first_line(e) if isinstance(e, BaseException) else str(e)
+
+
+@contextlib.contextmanager
+def hub_offline_mode() -> Iterator[None]:
+    """For this block, huggingface_hub (and datasets, if imported) use only their local caches.
+
+    Their offline switches are module constants read from the environment once, at import, so
+    setting HF_HUB_OFFLINE now would change nothing: the constants are set and then restored.
+    """
+    importlib.import_module("huggingface_hub.constants")
+    switches = [
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+    ]
+    saved = []
+    for module_name, attr in switches:
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, attr):
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _error_types(*names: str) -> tuple[type, ...]:
+    """The named exception classes that exist in the installed libraries."""
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), attr))
+    return tuple(found)
+
+
+def is_network_error(e: BaseException) -> bool:
+    """The failure is the network (unreachable, timed out, offline), not the request itself."""
+    network = (ConnectionError, TimeoutError, socket.gaierror) + _error_types(
+        "huggingface_hub.errors.LocalEntryNotFoundError",  # not cached and could not download
+        "httpx.TransportError",
+        "requests.exceptions.ConnectionError",
+        "requests.exceptions.Timeout",
+    )
+    return any(isinstance(x, network) for x in _chain(e))
+
+
+def is_not_found_error(e: BaseException) -> bool:
+    """The hub answered: no such repo, revision or file, or no access to it."""
+    not_found = _error_types(
+        "datasets.exceptions.DatasetNotFoundError",
+        "huggingface_hub.errors.RepositoryNotFoundError",  # also gated repos
+        "huggingface_hub.errors.RevisionNotFoundError",
+    )
+    return any(isinstance(x, not_found) for x in _chain(e))
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit] + "..."

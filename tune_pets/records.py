@@ -1,0 +1,137 @@
+"""The records that pass between commands, as small dataclasses: the writer calls ``to_dict``
+and ``report`` (or ``reproduce``) calls ``from_dict``, so a key is spelled in one place.
+
+- ``SearchSummary``: ``search/<name>/best_config.json``, written by search, read by reproduce
+  and report;
+- ``RunInfo``: ``<tag>/config.json`` (and train's run folder), what produced a result;
+- ``ReproduceResult``: ``<tag>/metrics.json``, the test scores of a retrain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tune_pets.utils import UserError, atomic_write_json, read_json
+
+R = TypeVar("R", bound="Record")
+
+
+class Record:
+    """``to_dict``/``from_dict``/``write``/``read`` for the dataclasses below. Unknown keys are
+    ignored and missing ones take their defaults, so older files still read."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict) -> R:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def write(self, path: str | Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls: type[R], path: str | Path, what: str) -> R:
+        d = read_json(path, what)
+        required = [f.name for f in dataclasses.fields(cls) if _required(f)]
+        if not isinstance(d, dict) or any(k not in d for k in required):
+            raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
+        return cls.from_dict(d)
+
+    @classmethod
+    def read_or_none(cls: type[R], path: str | Path) -> R | None:
+        """For the report: a missing or unreadable file is shown as missing."""
+        try:
+            return cls.read(path, "file")
+        except UserError:
+            return None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+@dataclass
+class SearchSummary(Record):
+    """The outcome of a search: the best trial's resolved config and how it was found."""
+
+    model: str
+    config: dict  # the full RunConfig of the best trial
+    metric: str
+    mode: str
+    best_value: float  # the best trial's ``metric`` (over its epochs, or its chosen score)
+    trial_id: str
+    epoch: int | None = None  # the epoch of best_value
+    val_acc: float | None = None
+    val_macro_f1: float | None = None
+    checkpoint: str | None = None
+    search: dict = field(default_factory=dict)  # name, trial counts, budget, space, wall time
+    data: dict = field(default_factory=dict)
+    val_split_file: str | None = None
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunInfo(Record):
+    """What produced a result: config, seeds, device, precision, data, library versions."""
+
+    name: str  # the result tag (reproduce) or run name (train)
+    config: dict
+    seeds: list[int] = field(default_factory=list)
+    deterministic: bool = False
+    determinism: str = ""  # what determinism means here (device-specific)
+    precision: str = "fp32"  # fp32 | bf16 (autocast on GPUs with native bf16)
+    origin: dict = field(default_factory=dict)  # where the config came from (search trial, ...)
+    data: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+    device: str = "cpu"
+    smoke: bool = False  # a tiny smoke-size run: its numbers say nothing about the method
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReproduceResult(Record):
+    """Test-split scores of a deterministic retrain (mean and std over seeds)."""
+
+    tag: str
+    split: str
+    test_acc: float
+    test_macro_f1: float
+    test_acc_std: float = 0.0
+    test_macro_f1_std: float = 0.0
+    n_seeds: int = 1
+    per_seed: list[dict] = field(default_factory=list)
+    most_confused: list = field(default_factory=list)
+    prediction_spread: dict = field(default_factory=dict)  # see metrics.prediction_spread
+    epochs: int | None = None
+    img_size: int | None = None
+    backbone: str | None = None  # features models: pretrained | random | file
+    smoke: bool = False
+    trial_id: str | None = None  # the search trial the config came from (tuned runs)
+    train_images_per_s: float | None = None
+    profile_steps: int = 0
+
+
+def write_metrics_row(path: Path, tag: str, split: str, scores: dict[str, Any]) -> None:
+    """The one writer of ``metrics.csv``: one row per (tag, split), fixed columns."""
+    from tune_pets.utils import upsert_csv_row
+
+    row = {"model": tag, "split": split}
+    row.update({k: scores.get(k, "") for k in METRICS_CSV_COLUMNS[2:]})
+    upsert_csv_row(path, row, key=("model", "split"), fieldnames=METRICS_CSV_COLUMNS)
+
+
+METRICS_CSV_COLUMNS = (
+    "model",
+    "split",
+    "accuracy",
+    "macro_f1",
+    "accuracy_std",
+    "macro_f1_std",
+    "n_seeds",
+    "n_images",
+)

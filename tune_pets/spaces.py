@@ -1,0 +1,240 @@
+"""Search spaces: the YAML files in ``search_spaces/`` (shipped inside the package) parsed and
+validated into a ``SearchSpec``. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources as package_files
+from pathlib import Path
+from typing import Any
+
+from tune_pets.config import CONFIG_FIELDS, METRICS, validate_config
+from tune_pets.models import get_spec
+from tune_pets.utils import UserError
+
+
+def spaces_dir() -> Path:
+    """The shipped search spaces: ``tune_pets.search_spaces`` in an installed wheel (setup.cfg
+    maps the top-level ``search_spaces/`` folder there), the source folder in a checkout."""
+    try:
+        shipped = Path(str(package_files.files("tune_pets.search_spaces")))
+        if (shipped / "cnn.yaml").is_file():
+            return shipped
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def default_space(model: str, smoke: bool = False) -> Path:
+    return spaces_dir() / ("smoke" if smoke else "") / f"{model}.yaml"
+
+
+UNSEARCHABLE = ("model", "seed", "split_seed", "metric")
+SAMPLERS = ("uniform", "loguniform", "choice", "randint", "quniform")
+SPEC_KEYS = {
+    "model",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_epochs",
+    "grace_period",
+    "reduction_factor",
+    "max_concurrent",
+    "seed",
+    "split_seed",
+    "resources",
+    "fixed",
+    "space",
+    "time_budget_s",
+}
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A parsed search-space file. ``space`` maps config keys to (sampler, args)."""
+
+    model: str
+    metric: str = "val_acc"
+    mode: str = "max"
+    num_samples: int = 20
+    max_epochs: int = 30
+    grace_period: int = 3
+    reduction_factor: int = 3
+    max_concurrent: int = 2
+    seed: int = 0  # sampler seed and trial seed
+    split_seed: int | None = None  # train/val split seed; None: the same as seed
+    # Per trial: "auto" (a GPU share per model when the cluster has GPUs, else 1 CPU; see
+    # tune_pets.search) or an explicit {cpu: C, gpu: G} (gpu may be fractional).
+    resources: str | dict = "auto"
+    fixed: dict = field(default_factory=dict)
+    space: dict = field(default_factory=dict)
+    time_budget_s: float | None = None
+    source: str = "<spec>"
+
+    def replace(self, **changes: Any) -> SearchSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _as_number(v: Any, where: str) -> float:
+    """YAML 1.1 reads ``1e-4`` as a string: accept it, reject anything non-numeric."""
+    if isinstance(v, bool):
+        raise UserError(f"{where}: expected a number, got {v!r}")
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    raise UserError(f"{where}: expected a number, got {v!r}")
+
+
+def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
+    if name not in CONFIG_FIELDS or name in UNSEARCHABLE:
+        raise UserError(
+            f"{where}: {name!r} is not a searchable field of the run config; valid: "
+            f"{', '.join(k for k in CONFIG_FIELDS if k not in UNSEARCHABLE)}"
+        )
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise UserError(
+            f"{where}: write it as {{sampler: args}}, e.g. {{loguniform: [1.0e-4, 1.0e-2]}}"
+        )
+    ((sampler, args),) = spec.items()
+    if sampler not in SAMPLERS:
+        raise UserError(
+            f"{where}: unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}"
+        )
+    if not isinstance(args, list) or not args:
+        raise UserError(f"{where}: {sampler} takes a non-empty list")
+    if sampler == "choice":
+        return sampler, [_coerce_value(name, a, f"{where}.choice") for a in args]
+    need = 3 if sampler == "quniform" else 2
+    if len(args) != need:
+        raise UserError(f"{where}: {sampler} takes {need} numbers, got {len(args)}")
+    nums = [_as_number(a, f"{where}.{sampler}") for a in args]
+    lo, hi = nums[0], nums[1]
+    if lo >= hi:
+        raise UserError(f"{where}: low ({lo}) must be < high ({hi})")
+    if sampler == "loguniform" and lo <= 0:
+        raise UserError(f"{where}: loguniform bounds must be > 0, got {lo}")
+    if sampler == "randint":
+        if not all(float(n).is_integer() for n in nums):
+            raise UserError(f"{where}: randint bounds must be integers, got {args}")
+        nums = [int(n) for n in nums]
+    if sampler == "quniform" and nums[2] <= 0:
+        raise UserError(f"{where}: quniform step must be > 0, got {nums[2]}")
+    return sampler, nums
+
+
+def load_search_spec(path: str | Path) -> SearchSpec:
+    """Load and validate a search-space YAML. Every error names the file and the key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: YAML syntax error{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys (model, metric, space, ...)")
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown top-level key(s) {', '.join(map(str, unknown))}; "
+            f"valid keys: {', '.join(sorted(SPEC_KEYS))}"
+        )
+    if "model" not in raw:
+        raise UserError(f"{path}: missing key 'model' (a registered model, e.g. cnn or vit)")
+    try:
+        model_spec = get_spec(str(raw["model"]))
+    except UserError as e:
+        raise UserError(f"{path}: model: {e}") from None
+    model = model_spec.name
+    kw: dict[str, Any] = {"model": model, "source": str(path)}
+    if "metric" in raw:
+        if raw["metric"] not in METRICS:
+            raise UserError(
+                f"{path}: metric must be one of {', '.join(METRICS)}, got {raw['metric']!r}"
+            )
+        kw["metric"] = raw["metric"]
+    if "mode" in raw:
+        if raw["mode"] not in ("min", "max"):
+            raise UserError(f"{path}: mode must be min or max, got {raw['mode']!r}")
+        kw["mode"] = raw["mode"]
+    for key, lo in (
+        ("num_samples", 1),
+        ("max_epochs", 1),
+        ("grace_period", 1),
+        ("reduction_factor", 2),
+        ("max_concurrent", 1),
+        ("seed", 0),
+        ("split_seed", 0),
+    ):
+        if key in raw:
+            v = raw[key]
+            if key == "split_seed" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise UserError(f"{path}: {key} must be an integer >= {lo}, got {v!r}")
+            kw[key] = v
+    if "time_budget_s" in raw and raw["time_budget_s"] is not None:
+        kw["time_budget_s"] = _as_number(raw["time_budget_s"], f"{path}: time_budget_s")
+    if "resources" in raw and raw["resources"] != "auto":
+        res = raw["resources"]
+        if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
+            raise UserError(f"{path}: resources must be auto or a mapping with keys cpu and gpu")
+        res = {k: _as_number(v, f"{path}: resources.{k}") for k, v in res.items()}
+        if res.get("cpu", 1) <= 0 or res.get("gpu", 0) < 0:
+            raise UserError(f"{path}: resources.cpu must be > 0 and resources.gpu >= 0")
+        kw["resources"] = {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)}
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise UserError(f"{path}: fixed must be a mapping of run-config keys to values")
+    for k in fixed:
+        if k not in CONFIG_FIELDS:
+            raise UserError(
+                f"{path}: fixed.{k} is not a field of the run config; valid: "
+                f"{', '.join(CONFIG_FIELDS)}"
+            )
+    kw["fixed"] = {k: _coerce_value(k, v, f"{path}: fixed.{k}") for k, v in fixed.items()}
+    space = raw.get("space") or {}
+    if not isinstance(space, dict):
+        raise UserError(f"{path}: space must be a mapping of run-config keys to samplers")
+    kw["space"] = {k: _parse_param(k, v, f"{path}: space.{k}") for k, v in space.items()}
+    both = sorted(set(kw["space"]) & set(kw["fixed"]))
+    if both:
+        raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
+    spec = SearchSpec(**kw)
+    try:
+        base = model_spec.defaults.replace(**spec.fixed)
+    except TypeError as e:
+        raise UserError(f"{path}: fixed: {e}") from None
+    validate_config(base, f"{path}: fixed")
+    # Every value the space can produce must make a valid config: check the bounds.
+    for name, (sampler, args) in spec.space.items():
+        values = args if sampler == "choice" else args[:2]
+        for v in values:
+            base = model_spec.defaults.replace(**{k: v for k, v in spec.fixed.items()})
+            try:
+                validate_config(
+                    base.replace(**{name: _coerce_value(name, v, "")}), f"{path}: space.{name}"
+                )
+            except TypeError:
+                raise UserError(f"{path}: space.{name}: bad value {v!r}") from None
+    return spec
+
+
+def _coerce_value(name: str, v: Any, where: str) -> Any:
+    typ = CONFIG_FIELDS[name].type
+    typ = typ if isinstance(typ, str) else typ.__name__
+    if typ in ("float",) and isinstance(v, str):
+        return _as_number(v, where)
+    return v
