@@ -2,107 +2,202 @@
 
     python -m tune_pets.search cnn --data-dir data/oxford_pets
     python -m tune_pets.search vit --no-pretrained --num-samples 8 --max-epochs 5
+    python -m tune_pets.search cnn --gpus-per-trial 0.25                               # 4 per GPU
     python -m tune_pets.search cnn --address auto --storage-path /shared/ray_results   # cluster
     python -m tune_pets.search cnn --resume                                            # continue
 
 The search sees only the train split, carved once into train/val by a seeded stratified split
-that every trial shares (saved as ``val_split.json``). The dataset is decoded once (uint8 cache)
+(``split_seed``) that every trial shares (saved as ``val_split.json``). The data is decoded once
 and reaches the trials through the Ray object store; the ViT probe's frozen backbone runs once
-into a feature cache and trials train only the head. This is the only module that imports Ray.
+into a feature cache and trials train only the head. Every trial writes TensorBoard logs under
+``<runs-dir>/search/<name>/<trial_id>/`` as it runs, and ``optuna.db`` is rewritten after every
+finished trial. This is the only module that imports Ray; ``search_results`` writes the files.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import os
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_pets.config import (
-    CONFIG_FIELDS,
-    RunConfig,
-    SearchSpec,
-    cli_name,
-    homework_defaults,
-    load_search_spec,
-    validate_config,
+from tune_pets import cli
+from tune_pets.config import RunConfig, validate_config
+from tune_pets.engine import FitData, load_fit_data
+from tune_pets.layout import DEFAULT_DATA_DIR, Layout
+from tune_pets.models import ModelSpec, get_spec
+from tune_pets.records import SearchSummary
+from tune_pets.search_results import (
+    TrialRecord,
+    add_report,
+    error_line,
+    export_study,
+    make_record,
+    make_summary,
+    optuna_distributions,
+    pick_best,
+    status_counts,
+    trial_line,
+    write_plots,
+    write_trials_csv,
 )
-from tune_pets.utils import (
-    ArgumentParser,
-    UserError,
-    atomic_write_csv,
-    atomic_write_json,
-    cli_main,
-    env_info,
-    fraction,
-    nonneg_int,
-    positive_float,
-    positive_int,
-)
+from tune_pets.spaces import SearchSpec, default_space, load_search_spec
+from tune_pets.utils import UserError, cli_main, env_info
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPACES = REPO_ROOT / "search_spaces"
-DEFAULT_DATA_DIR = "data/oxford_pets"
-STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", "failed"
+PROG = "python -m tune_pets.search"
+# The GPU share of one trial when the cluster has GPUs and nothing else is asked for
+# (``resources: auto``), by model kind. An images trial (the CNN on augmented batches) leaves
+# room for four on one GPU; a features trial (a ViT-probe head) finishes in seconds, so packing
+# more of them buys little and would leave TPE fewer finished trials to learn from: two per GPU.
+DEFAULT_GPU_FRACTION = {"images": 0.25, "features": 0.5}
+STATUS_EVERY_S = 30  # one status line this often while trials run (with progress on)
+
+
+# ---------------------------------------------------------------- resources
+@dataclass(frozen=True)
+class ResourceRequest:
+    """Per-trial resources as asked for; None: not asked (``resources: auto``, no flag)."""
+
+    cpu: float | None = None
+    gpu: float | None = None
+    max_concurrent: int | None = None  # --max-concurrent
+    yaml_max_concurrent: int = 2  # the YAML's max_concurrent
+    # A GPU share fixed in the YAML keeps the YAML's max_concurrent; from auto or a flag, the
+    # trials fill the GPUs.
+    fill_gpus: bool = True
+    cpu_option: str = "--cpus-per-trial"  # where each value came from, for messages
+    gpu_option: str = "--gpus-per-trial"
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What each trial gets and how many run at once."""
+
+    cpu: float
+    gpu: float
+    max_concurrent: int
+    why: str  # where max_concurrent came from
+
+    def line(self, cluster: Mapping[str, float]) -> str:
+        per_trial = f"{self.cpu:g} CPU" + (f" + {self.gpu:g} GPU" if self.gpu else "")
+        return (
+            f"resources: {per_trial} per trial, up to {self.max_concurrent} trial(s) at once "
+            f"({self.why}; cluster: {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU)"
+        )
+
+
+def resource_request(spec: SearchSpec, args: argparse.Namespace | None = None) -> ResourceRequest:
+    """The YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the flags in ``args``
+    (``--cpus-per-trial``, ``--gpus-per-trial``, ``--max-concurrent``) over it."""
+    yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
+    cpu, gpu = getattr(args, "cpus_per_trial", None), getattr(args, "gpus_per_trial", None)
+    where = f"{spec.source}: resources"
+    return ResourceRequest(
+        cpu=float(yaml["cpu"]) if cpu is None and "cpu" in yaml else cpu,
+        gpu=float(yaml["gpu"]) if gpu is None and "gpu" in yaml else gpu,
+        max_concurrent=getattr(args, "max_concurrent", None),
+        yaml_max_concurrent=spec.max_concurrent,
+        fill_gpus=gpu is not None or "gpu" not in yaml,
+        cpu_option="--cpus-per-trial" if cpu is not None or "cpu" not in yaml else f"{where}.cpu",
+        gpu_option="--gpus-per-trial" if gpu is not None or "gpu" not in yaml else f"{where}.gpu",
+    )
+
+
+def choose_resources(
+    request: ResourceRequest, cluster: Mapping[str, float], kind: str
+) -> TrialResources:
+    """Per-trial CPUs/GPUs and concurrency for a cluster whose resources are ``cluster`` (as
+    ``ray.cluster_resources()`` gives them, e.g. ``{"CPU": 16, "GPU": 2}``).
+
+    With GPUs and no GPU share asked for, a trial gets ``DEFAULT_GPU_FRACTION[kind]``; a share
+    from auto or ``--gpus-per-trial`` fills the GPUs (GPUs / share trials, capped by CPUs /
+    cpu-per-trial) unless ``--max-concurrent`` says otherwise. Without GPUs, or with a share
+    fixed in the YAML, the YAML's ``max_concurrent`` applies. Asking for more than the cluster
+    has is an error, not a search that waits forever."""
+    have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    cpu = 1.0 if request.cpu is None else request.cpu
+    if cpu > have_cpu:
+        raise UserError(
+            f"{request.cpu_option} {cpu:g}: the Ray cluster has only {have_cpu:g} CPU(s); "
+            f"lower --cpus-per-trial"
+        )
+    gpu = request.gpu
+    if gpu is None:
+        gpu = DEFAULT_GPU_FRACTION.get(kind, 0.5) if have_gpu > 0 else 0.0
+    if gpu > have_gpu:
+        raise UserError(
+            f"{request.gpu_option} {gpu:g}: the Ray cluster has {have_gpu:g} GPU(s); use "
+            f"--gpus-per-trial 0 or add GPU nodes"
+        )
+    if request.max_concurrent is not None:
+        return TrialResources(cpu, gpu, request.max_concurrent, "--max-concurrent")
+    if gpu > 0 and request.fill_gpus:
+        # The small epsilon keeps 1 / 0.1 = 9.999... from losing a trial to rounding.
+        fit_gpu, fit_cpu = math.floor(have_gpu / gpu + 1e-9), math.floor(have_cpu / cpu + 1e-9)
+        share = request.gpu_option if request.gpu is not None else f"{kind} default"
+        why = f"GPUs / {gpu:g} ({share})" + (", capped by CPUs" if fit_cpu < fit_gpu else "")
+        return TrialResources(cpu, gpu, max(1, min(fit_gpu, fit_cpu)), why)
+    return TrialResources(cpu, gpu, request.yaml_max_concurrent, "max_concurrent in the YAML")
+
+
+def check_resources(request: ResourceRequest, kind: str) -> TrialResources:
+    """``choose_resources`` for the connected cluster; prints the choice in one line."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    chosen = choose_resources(request, cluster, kind)
+    print(chosen.line(cluster), flush=True)
+    return chosen
+
+
+def asha_warning(spec: SearchSpec) -> str | None:
+    """ASHA's first rung is at ``grace_period``: at or past ``max_epochs`` it never stops one."""
+    if spec.grace_period < spec.max_epochs:
+        return None
+    return (
+        f"warning: grace_period {spec.grace_period} >= max_epochs {spec.max_epochs}: ASHA can "
+        f"never stop a trial early; lower --grace-period or raise --max-epochs"
+    )
 
 
 # ---------------------------------------------------------------- spec -> trial configs
-def base_config(spec: SearchSpec, args_overrides: dict) -> RunConfig:
-    """The config every trial starts from: homework defaults + YAML ``fixed`` + CLI flags."""
-    base = homework_defaults(spec.model).replace(
-        epochs=spec.max_epochs, seed=spec.seed, metric=spec.metric
-    )
-    return validate_config(base.replace(**spec.fixed, **args_overrides), spec.source)
+def base_config(spec: SearchSpec, model: ModelSpec) -> RunConfig:
+    """The config every trial starts from: the model's homework settings, the YAML's ``fixed``
+    values, then the search's own budget, seeds and metric."""
+    own = {
+        "model": model.name,
+        "epochs": spec.max_epochs,
+        "seed": spec.seed,
+        "split_seed": spec.split_seed,
+        "metric": spec.metric,
+    }
+    return validate_config(model.defaults.replace(**{**spec.fixed, **own}), spec.source)
 
 
-def optuna_space(spec: SearchSpec) -> dict:
-    """YAML samplers -> Optuna distributions. Bounds: uniform/loguniform/quniform [low, high],
-    randint [low, high] (both inclusive), choice: one of the listed values."""
-    import optuna.distributions as od
-
-    out = {}
-    for name, (sampler, args) in spec.space.items():
-        is_int = CONFIG_FIELDS[name].type == "int"
-        if sampler == "choice":
-            out[name] = od.CategoricalDistribution(args)
-        elif sampler == "randint":
-            out[name] = od.IntDistribution(args[0], args[1])
-        elif sampler == "loguniform":
-            out[name] = od.FloatDistribution(args[0], args[1], log=True)
-        elif sampler == "quniform":
-            if is_int:
-                out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=int(args[2]))
-            else:
-                out[name] = od.FloatDistribution(args[0], args[1], step=args[2])
-        else:
-            out[name] = od.FloatDistribution(args[0], args[1])
-    return out
-
-
-def first_point(spec: SearchSpec, base: RunConfig, space: dict) -> dict:
+def first_point(spec: SearchSpec, model: ModelSpec) -> dict:
     """The homework's own hyperparameters, snapped into the space: evaluated first, so the
     search can only match or beat the baseline configuration."""
     import optuna.distributions as od
 
-    defaults = homework_defaults(spec.model)
     point = {}
-    for name, dist in space.items():
-        v = getattr(defaults, name)
+    for name, dist in optuna_distributions(spec).items():
+        v = getattr(model.defaults, name)
         if isinstance(dist, od.CategoricalDistribution):
             choices = list(dist.choices)
+            numeric = [c for c in choices if isinstance(c, (int, float))]
             if v not in choices:
-                numeric = [c for c in choices if isinstance(c, (int, float))]
-                v = (
-                    min(numeric, key=lambda c: abs(c - v))
-                    if numeric and isinstance(v, (int, float))
-                    else choices[0]
-                )
+                near = numeric and isinstance(v, (int, float))
+                v = min(numeric, key=lambda c: abs(c - v)) if near else choices[0]
         else:
             v = min(max(v, dist.low), dist.high)
             if isinstance(dist, od.IntDistribution):
@@ -122,27 +217,47 @@ def img_sizes(spec: SearchSpec, base: RunConfig) -> list[int]:
 
 
 # ---------------------------------------------------------------- the trainable
-def trainable(trial_params: dict, base: dict, data: Any, device_name: str) -> None:
-    """One trial: resolve the config, call ``fit``, forward each epoch to ``tune.report``.
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares besides the data; reaches the workers via the object store,
+    so a model registered only in the driver's process trains there too."""
 
-    ``data`` (a ``FitData``) arrives from the object store; its numpy arrays are zero-copy,
-    read-only views shared by all trials on a node.
-    """
+    base: RunConfig
+    model: ModelSpec
+    tb_root: str  # absolute <runs-dir>/search/<name>: each trial logs to <tb_root>/<trial_id>
+    searched: tuple[str, ...]  # the searched keys: TensorBoard's hyperparameters
+
+
+class GPUNotVisibleError(RuntimeError):
+    """A trial was assigned a GPU but torch sees none. It fails rather than train on the CPU
+    (hours instead of minutes, with trials.csv saying cpu)."""
+
+
+def trainable(params: dict, setup: TrialSetup, data: FitData) -> None:
+    """One trial: resolve the config, call ``fit``, forward each epoch to ``tune.report`` with
+    the trial's id, node, host and device. ``data`` arrives from the object store: its numpy
+    arrays are zero-copy, read-only views shared by all trials on a node."""
     import ray
     import torch
     from ray import tune
 
     from tune_pets.train import fit
 
-    ctx = ray.get_runtime_context()
-    cpus = ctx.get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))
-    config = RunConfig.from_dict({**base, **trial_params}, "trial config")
-    node = ctx.get_node_id()
-    device = torch.device("cuda" if device_name == "cuda" and torch.cuda.is_available() else "cpu")
+    runtime = ray.get_runtime_context()
+    torch.set_num_threads(max(1, int(runtime.get_assigned_resources().get("CPU", 1))))
+    gpu_ids = runtime.get_accelerator_ids().get("GPU", [])
+    trial_id = tune.get_context().get_trial_id()
+    identity = {
+        "trial_id": trial_id,
+        "node": runtime.get_node_id(),
+        "host": socket.gethostname(),
+        "device": trial_device_label(gpu_ids, torch.cuda.is_available()),
+    }
+    config = RunConfig.from_dict({**setup.base.to_dict(), **params}, "trial config")
+    t0 = time.perf_counter()
 
     def report(metrics: dict, checkpoint: dict | None) -> None:
-        metrics = {**metrics, "node_id": node}
+        metrics = {**metrics, **identity, "time_s": time.perf_counter() - t0}
         if checkpoint is None:
             tune.report(metrics)
             return
@@ -150,7 +265,30 @@ def trainable(trial_params: dict, base: dict, data: Any, device_name: str) -> No
             torch.save(checkpoint, os.path.join(d, "checkpoint.pt"))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    fit(config, data, report, device=device)
+    fit(
+        config,
+        data,
+        report,
+        # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU(s): the first visible one is its own.
+        device=torch.device("cuda", 0) if gpu_ids else torch.device("cpu"),
+        tb_dir=Path(setup.tb_root) / trial_id,
+        hparams={k: getattr(config, k) for k in setup.searched},
+        spec=setup.model,
+    )
+
+
+def trial_device_label(gpu_ids: Sequence[str], cuda_available: bool) -> str:
+    """``cuda:N`` (N: the node's GPU index Ray assigned) or ``cpu``."""
+    if not gpu_ids:
+        return "cpu"
+    if not cuda_available:
+        raise GPUNotVisibleError(
+            f"trial was assigned GPU {','.join(map(str, gpu_ids))} on {socket.gethostname()} "
+            f"but torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); install a CUDA build of torch "
+            f"on that node or run with --gpus-per-trial 0"
+        )
+    return f"cuda:{gpu_ids[0]}"
 
 
 def _trial_dirname(trial) -> str:
@@ -158,6 +296,13 @@ def _trial_dirname(trial) -> str:
 
 
 # ---------------------------------------------------------------- ray setup
+def use_cluster_auth(address: str | None) -> None:
+    """`ray start --head` turns on token authentication; a driver joining it must use it too.
+    Ray reads RAY_AUTH_MODE when it is imported, so call this before anything imports ray."""
+    if address and (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Start a local Ray (dashboard off, bound to 127.0.0.1) or join a cluster at ``address``."""
     import ray
@@ -184,17 +329,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     )
 
 
-def use_cluster_auth(address: str | None) -> None:
-    """`ray start --head` turns on token authentication; a driver joining it must use it too.
-    Ray reads RAY_AUTH_MODE when it is imported, so call this before anything imports ray."""
-    if address and (Path.home() / ".ray" / "auth_token").is_file():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
 def _check_reachable(address: str) -> None:
     """Fail in seconds, not after Ray's ~14 minutes of retries, when HOST:PORT is not listening."""
-    import socket
-
     if address == "auto" or address.startswith("ray://") or ":" not in address:
         return
     host, _, port = address.rpartition(":")
@@ -208,132 +344,123 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def check_resources(cpus: float, gpus: float) -> None:
-    """Refuse a request the cluster can never satisfy (Ray would wait for it forever)."""
-    import ray
+def _shutdown() -> None:
+    """Stop the local Ray (or disconnect from a cluster) so later steps get the CPUs back."""
+    if "ray" in sys.modules:
+        import ray
 
-    have = ray.cluster_resources()
-    if gpus > 0 and have.get("GPU", 0) < gpus:
-        raise UserError(
-            f"--gpus-per-trial {gpus:g}: the Ray cluster has {have.get('GPU', 0):g} "
-            f"GPU(s); use --gpus-per-trial 0 or add GPU nodes"
-        )
-    if cpus > have.get("CPU", 0):
-        raise UserError(
-            f"--cpus-per-trial {cpus:g}: the Ray cluster has only "
-            f"{have.get('CPU', 0):g} CPU(s); lower --cpus-per-trial"
-        )
+        if ray.is_initialized():
+            ray.shutdown()
 
 
-# ---------------------------------------------------------------- the search
-def run_search(
-    spec: SearchSpec,
-    data_dir: Path,
-    out_dir: Path,
-    storage_path: Path,
-    name: str,
-    *,
-    overrides: dict | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    address: str | None = None,
-    val_fraction: float = 0.2,
-    cache_dir=None,
-    skip_bad: bool = False,
-    num_cpus: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Run (or resume) a search; write best_config.json, trials.csv, plots; return the summary."""
+def _quiet_ray_output() -> None:
+    """Tune reads these when ``fit`` starts, for a new and a restored Tuner alike: the compact
+    output (our status line, not Ray's boxed tables naming its temp session folder), and no
+    TensorBoard files of Ray's own (each trial writes ours under <runs-dir>/search/)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+
+
+# ---------------------------------------------------------------- live outputs
+@functools.cache
+def _export_callback_class() -> type:
+    """``OptunaExport`` (a ``tune.Callback``), made on first use because ray may be imported
+    only after ``use_cluster_auth``. Ray pickles it with the Tuner (by value)."""
     from ray import tune
 
-    from tune_pets.train import load_fit_data
+    class OptunaExport(tune.Callback):
+        """After every finished trial: one line on stdout and ``optuna.db`` rewritten from all
+        finished trials, so ``optuna-dashboard`` follows a running search. The study the
+        search relies on lives in the searcher; this is a derived copy. Its state (each
+        trial's reports, the finished records) is snapshotted by Ray together with the
+        searcher, so after a kill ``--resume`` goes on from the same set of trials."""
 
-    overrides = overrides or {}
-    exp_dir = storage_path / name
-    exists = (exp_dir / "tuner.pkl").is_file()
-    if resume and not exists:
-        raise UserError(
-            f"--resume: no experiment named {name!r} under {storage_path}; run without "
-            f"--resume to start it"
-        )
-    if exists and not resume:
-        if not overwrite:
-            raise UserError(
-                f"experiment {name!r} already exists under {storage_path}; pass "
-                f"--resume to continue it, --overwrite to start over, or --name NEW"
+        def __init__(self, spec: SearchSpec, name: str, db_path: Path):
+            self.spec, self.name, self.db_path = spec, name, str(db_path)
+            self.reports: dict[str, list[dict]] = {}
+            self.finished: dict[str, TrialRecord] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            add_report(self.reports.setdefault(trial.trial_id, []), result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finish(trials, trial, "")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finish(trials, trial, _trial_error(trial))
+
+        def get_state(self) -> dict:
+            return {
+                "reports": self.reports,
+                "finished": {k: r.to_dict() for k, r in self.finished.items()},
+            }
+
+        def set_state(self, state: dict) -> None:
+            self.reports = state["reports"]
+            self.finished = {k: TrialRecord.from_dict(d) for k, d in state["finished"].items()}
+
+        def _finish(self, trials, trial, error: str) -> None:
+            params = {k: trial.config.get(k) for k in self.spec.space}
+            reports = self.reports.pop(trial.trial_id, [])
+            record = make_record(trial.trial_id, params, reports, self.spec, error=error)
+            self.finished[trial.trial_id] = record
+            order = {t.trial_id: i for i, t in enumerate(trials)}
+            records = sorted(self.finished.values(), key=lambda r: order.get(r.trial_id, 1e9))
+            try:  # the db first: a trial announced in the log is in the db
+                export_study(records, self.spec, self.name, Path(self.db_path))
+            except Exception as e:  # noqa: BLE001 - a derived file must never stop the search
+                print(f"warning: {self.db_path} not updated ({error_line(e)})", file=sys.stderr)
+            print(trial_line(record, self.spec, len(self.finished)), flush=True)
+
+    return OptunaExport
+
+
+def export_callback(spec: SearchSpec, name: str, db_path: Path):
+    """The callback that prints a line per finished trial and keeps ``optuna.db`` current."""
+    return _export_callback_class()(spec, name, db_path)
+
+
+def _trial_error(trial) -> str:
+    """The last line of a failed trial's error, as Tune stored it."""
+    try:
+        return error_line(trial.get_pickled_error() or trial.get_error()) or "error"
+    except OSError:  # the error file is unreadable: the status still says failed
+        return "error"
+
+
+@functools.cache
+def _status_reporter_class() -> type:
+    """``StatusLine`` (a ``tune.ProgressReporter``), made on first use like OptunaExport."""
+    from ray import tune
+
+    class StatusLine(tune.ProgressReporter):
+        """One line every STATUS_EVERY_S seconds while trials run: how many are done and how
+        many are running (each finished trial gets its own line from OptunaExport)."""
+
+        def __init__(self, num_samples: int, every_s: float = STATUS_EVERY_S):
+            self.num_samples, self.every_s = num_samples, every_s
+            self.start = self.last = 0.0
+
+        def setup(self, start_time=None, total_samples=None, **kwargs):
+            self.start = self.last = time.time()  # per run: a resumed search counts anew
+
+        def should_report(self, trials, done=False):
+            return done or time.time() - self.last >= self.every_s
+
+        def report(self, trials, done, *sys_info):
+            self.last = time.time()
+            finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            running = sum(t.status == "RUNNING" for t in trials)
+            print(
+                f"[{self.last - self.start:.0f}s] {finished}/{self.num_samples} trials done, "
+                f"{running} running",
+                flush=True,
             )
-        shutil.rmtree(exp_dir)
 
-    base = base_config(spec, overrides)
-    # Cluster problems (no GPUs, too few CPUs, unreachable address) fail before anything is
-    # decoded or written.
-    connect(address, num_cpus)
-    cpus, gpus = float(spec.resources.get("cpu", 1)), float(spec.resources.get("gpu", 0))
-    check_resources(cpus, gpus)
-    space = optuna_space(spec)
-    import torch
-
-    device = "cuda" if spec.resources.get("gpu", 0) > 0 else "cpu"
-    t0 = time.time()
-    data = load_fit_data(
-        base,
-        data_dir,
-        val_fraction=val_fraction,
-        split_file=out_dir / "val_split.json",
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        img_sizes=img_sizes(spec, base),
-        progress=progress,
-        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-    )
-    prep_s = time.time() - t0
-    print(
-        f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
-        f"{data.num_classes} classes ({data.kind}, ready in {prep_s:.1f}s)",
-        flush=True,
-    )
-
-    fn = tune.with_resources(
-        tune.with_parameters(trainable, base=base.to_dict(), data=data, device_name=device),
-        {"cpu": cpus, "gpu": gpus},
-    )
-    if resume:
-        tuner = tune.Tuner.restore(
-            str(exp_dir),
-            trainable=fn,
-            resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=False,
-        )
-        print(f"resuming {name!r} from {exp_dir}", flush=True)
-    else:
-        tuner = make_tuner(fn, spec, storage_path, name, first_point(spec, base, space), progress)
-    t1 = time.time()
-    grid = tuner.fit()
-    search_s = time.time() - t1
-    trials = grid._experiment_analysis.trials
-    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
-    if (unfinished or len(trials) < spec.num_samples) and not budget_spent:
-        # Ray caught Ctrl-C (SIGINT), stopped the trials and saved the experiment state.
-        raise KeyboardInterrupt
-    _remove_orphan_trial_dirs(exp_dir, trials)
-    summary = write_outputs(spec, base, grid, out_dir, name, exp_dir, search_s, prep_s, data.info)
-    return summary
+    return StatusLine
 
 
-def _remove_orphan_trial_dirs(exp_dir: Path, trials) -> None:
-    """A search killed between two snapshots of Ray's experiment state may leave the folder of
-    a trial that started after the last snapshot; on resume Ray reruns that trial under a new
-    id, so the old folder belongs to no trial. Remove it so every folder is one trial."""
-    known = {Path(t.local_path).name for t in trials if getattr(t, "local_path", None)}
-    if not known:
-        return
-    for d in exp_dir.glob("trial_*"):
-        if d.is_dir() and d.name not in known:
-            shutil.rmtree(d, ignore_errors=True)
-
-
+# ---------------------------------------------------------------- the tuner
 def make_tuner(
     fn,
     spec: SearchSpec,
@@ -341,42 +468,40 @@ def make_tuner(
     name: str,
     first: dict | None = None,
     progress: bool = True,
+    *,
+    max_concurrent: int | None = None,
+    callbacks: Sequence[Any] = (),
 ):
-    """The Tuner every search uses: OptunaSearch (seeded TPE) behind a ConcurrencyLimiter, ASHA
-    on the reported ``epoch``, actor reuse, one checkpoint per trial, failed trials recorded
-    without stopping the search.
+    """The Tuner every search uses: OptunaSearch (seeded TPE) behind a ConcurrencyLimiter
+    (``max_concurrent``, default the spec's), ASHA on the reported ``epoch``, actor reuse, one
+    checkpoint per trial, failed trials recorded without stopping the search.
 
     The Optuna study lives inside the searcher, which Ray snapshots with the experiment state:
     a resumed search continues exactly the study that matches the trials Ray knows about. (A
     study in SQLite would run ahead of the snapshot, and a trial rerun after a crash would then
-    report into an Optuna trial that is already finished.) ``optuna.db`` is written from the
-    results when the search ends (``export_study``)."""
+    report into an Optuna trial that is already finished.) ``optuna.db`` is an export of the
+    finished trials (``export_callback``, ``search_results.export_study``)."""
     import optuna
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    space = optuna_space(spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" chatter
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # use the compact CLIReporter table below
-    reporter = tune.CLIReporter(
-        parameter_columns=list(space),
-        metric_columns=["epoch", spec.metric, "val_macro_f1"],
-        max_report_frequency=30,
-        max_progress_rows=12,
-        sort_by_metric=True,
-    )
+    _quiet_ray_output()
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage_path),
-        progress_reporter=reporter,
+        progress_reporter=_status_reporter_class()(spec.num_samples),
         verbose=1 if progress else 0,
+        # result.json and progress.csv per trial (what Result.metrics_dataframe reads).
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     searcher = OptunaSearch(
-        space=space,
+        space=optuna_distributions(spec),
         metric=spec.metric,
         mode=spec.mode,
         points_to_evaluate=[first] if first else None,
@@ -395,7 +520,9 @@ def make_tuner(
             metric=spec.metric,
             mode=spec.mode,
             num_samples=spec.num_samples,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+            search_alg=ConcurrencyLimiter(
+                searcher, max_concurrent=max_concurrent or spec.max_concurrent
+            ),
             scheduler=scheduler,
             reuse_actors=True,
             time_budget_s=spec.time_budget_s,
@@ -405,314 +532,358 @@ def make_tuner(
     )
 
 
-def _trial_rows(spec: SearchSpec, grid) -> tuple[list[dict], list[Any]]:
-    rows, frames = [], []
-    better = max if spec.mode == "max" else min
-    for result in grid:
-        df = result.metrics_dataframe
-        has = df is not None and len(df) and spec.metric in df
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
-        epochs = int(df["epoch"].max()) if has else 0
-        if result.error is not None:
-            status = STATUS_FAILED
-        elif epochs >= spec.max_epochs:
-            status = STATUS_COMPLETED
-        else:
-            status = STATUS_STOPPED
-        best_row = None
-        if has:
-            vals = df[spec.metric].astype(float)
-            vals = vals[vals.apply(math.isfinite)]
-            if len(vals):
-                best_row = df.loc[better(vals.index, key=lambda i: vals[i])]
-        row = {
-            "trial_id": trial_id,
-            "status": status,
-            "epochs": epochs,
-            **{k: result.config.get(k) for k in spec.space},
-            f"best_{spec.metric}": None if best_row is None else float(best_row[spec.metric]),
-            "best_epoch": None if best_row is None else int(best_row["epoch"]),
-            "best_val_macro_f1": (
-                None
-                if best_row is None or "val_macro_f1" not in best_row
-                else float(best_row["val_macro_f1"])
-            ),
-            "time_s": round(float(df["time_total_s"].max()), 3) if has else None,
-            "node": df["node_id"].iloc[-1] if has and "node_id" in df else None,
-            "error": (str(result.error).strip().splitlines() or [""])[-1][:300]
-            if result.error is not None
-            else "",
-        }
-        rows.append(row)
-        frames.append((trial_id, df if has else None, status, result))
-    return rows, frames
+# ---------------------------------------------------------------- the search
+@dataclass(frozen=True)
+class SearchOutcome:
+    """How ``run_search`` ended: finished (``summary`` set) or interrupted (Ctrl-C; Ray saved
+    the experiment state and ``--resume`` continues it)."""
+
+    interrupted: bool
+    name: str
+    records: list[TrialRecord]
+    summary: SearchSummary | None
+    out_dir: Path
 
 
-def write_outputs(
-    spec,
-    base,
-    grid,
-    out_dir: Path,
+def run_search(
+    spec: SearchSpec,
+    base: RunConfig,
+    data_dir: Path,
+    layout: Layout,
     name: str,
-    exp_dir: Path,
-    search_s: float,
-    prep_s: float,
-    data_info: dict,
-) -> dict:
-    rows, frames = _trial_rows(spec, grid)
-    atomic_write_csv(out_dir / "trials.csv", rows)
-    ok = [r for r in rows if r[f"best_{spec.metric}"] is not None and r["status"] != STATUS_FAILED]
-    if not ok:
-        errors = "; ".join(sorted({r["error"] for r in rows if r["error"]}))[:400]
-        raise UserError(f"all {len(rows)} trials failed ({errors}); see {out_dir / 'trials.csv'}")
-    pick = max if spec.mode == "max" else min
-    best = pick(ok, key=lambda r: r[f"best_{spec.metric}"])
-    best_result = next(res for tid, _, _, res in frames if tid == best["trial_id"])
-    config = base.replace(**{k: best_result.config[k] for k in spec.space})
-    counts = {
-        s: sum(r["status"] == s for r in rows)
-        for s in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)
-    }
-    summary = {
-        "model": cli_name(spec.model),
-        "config": config.to_dict(),
-        "val_acc": best.get("best_val_acc") if spec.metric != "val_acc" else best["best_val_acc"],
-        "val_macro_f1": best["best_val_macro_f1"],
-        "metric": spec.metric,
-        "mode": spec.mode,
-        f"best_{spec.metric}": best[f"best_{spec.metric}"],
-        "trial_id": best["trial_id"],
-        "epoch": best["best_epoch"],
-        "checkpoint": str(best_result.checkpoint.path) if best_result.checkpoint else None,
-        "search": {
-            "name": name,
-            "experiment_dir": str(exp_dir),
-            "spec_file": spec.source,
-            "num_trials": len(rows),
-            **{k.replace(" ", "_"): v for k, v in counts.items()},
-            "num_samples": spec.num_samples,
-            "max_epochs": spec.max_epochs,
-            "grace_period": spec.grace_period,
-            "reduction_factor": spec.reduction_factor,
-            "search_space": {k: [s, a] for k, (s, a) in spec.space.items()},
-            "wall_time_s": round(search_s, 1),
-            "data_prep_s": round(prep_s, 1),
-            "nodes": sorted({r["node"] for r in rows if r["node"]}),
-        },
-        "data": data_info,
-        "val_split_file": str(out_dir / "val_split.json"),
-        "env": env_info(),
-    }
-    if spec.metric == "val_acc":
-        summary["val_acc"] = best["best_val_acc"]
+    *,
+    model: ModelSpec | None = None,
+    resources: ResourceRequest | None = None,
+    storage_path: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    val_fraction: float = 0.2,
+    cache_dir: str | Path | None = None,
+    skip_bad: bool = False,
+    num_cpus: int | None = None,
+    progress: bool = True,
+) -> SearchOutcome:
+    """Run (or resume) a search; write best_config.json, trials.csv, optuna.db and the plots.
+
+    Cluster problems (unreachable address, too few CPUs/GPUs) and experiment-name clashes fail
+    before anything is decoded or written. Raises UserError when every trial failed."""
+    from ray import tune
+
+    model = model or get_spec(spec.model)
+    storage_path = Path(storage_path or layout.ray_results).resolve()
+    exp_dir = storage_path / name
+    exists = tune.Tuner.can_restore(str(exp_dir))
+    _check_experiment(exists, resume, overwrite, name, storage_path)
+    warning = asha_warning(spec)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    connect(address, num_cpus)
+    chosen = check_resources(resources or resource_request(spec), model.kind)
+    spec = spec.replace(
+        max_concurrent=chosen.max_concurrent, resources={"cpu": chosen.cpu, "gpu": chosen.gpu}
+    )
+    tb_root = layout.search_tb(name).resolve()
+    if not resume:
+        _start_fresh(exp_dir if exists else None, tb_root, layout.optuna_db(name))
+
+    t0 = time.time()
+    data = load_fit_data(
+        base,
+        data_dir,
+        val_fraction=val_fraction,
+        split_file=layout.search_val_split(name),
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        img_sizes=img_sizes(spec, base),
+        progress=progress,
+        device=_driver_device(),
+        spec=model,
+    )
+    prep_s = time.time() - t0
+    print(
+        f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
+        f"{data.num_classes} classes ({data.kind}, ready in {prep_s:.1f}s)",
+        flush=True,
+    )
+    setup = TrialSetup(base, model, str(tb_root), tuple(spec.space))
+    fn = tune.with_resources(
+        tune.with_parameters(trainable, setup=setup, data=data),
+        {"cpu": chosen.cpu, "gpu": chosen.gpu},
+    )
+    if resume:
+        _quiet_ray_output()
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=fn, resume_unfinished=True)
+        print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
-        df = next(d for tid, d, _, _ in frames if tid == best["trial_id"])
-        summary["val_acc"] = float(df.loc[df["epoch"] == best["best_epoch"], "val_acc"].iloc[0])
-    atomic_write_json(out_dir / "best_config.json", summary)
-    write_plots(spec, frames, out_dir, name)
+        tuner = make_tuner(
+            fn,
+            spec,
+            storage_path,
+            name,
+            first_point(spec, model),
+            progress,
+            max_concurrent=chosen.max_concurrent,
+            callbacks=[export_callback(spec, name, layout.optuna_db(name))],
+        )
+    t1 = time.time()
+    grid = tuner.fit()
+    search_s = time.time() - t1
+    out_dir = layout.search(name)
+    if _interrupted(grid, spec, search_s):
+        return SearchOutcome(True, name, [], None, out_dir)
+    records = records_from_grid(grid, spec)
+    _remove_orphans(grid, records, exp_dir, tb_root)
+    run = {
+        "name": name,
+        "experiment_dir": str(exp_dir),
+        "tensorboard_dir": str(tb_root),
+        "wall_time_s": round(search_s, 1),
+        "data_prep_s": round(prep_s, 1),
+    }
+    summary = _write_outputs(records, spec, base, layout, name, run, data.info)
+    return SearchOutcome(False, name, records, summary, out_dir)
+
+
+def _check_experiment(
+    exists: bool, resume: bool, overwrite: bool, name: str, storage_path: Path
+) -> None:
+    if resume and not exists:
+        raise UserError(
+            f"--resume: no experiment named {name!r} under {storage_path}; run without "
+            f"--resume to start it"
+        )
+    if exists and not resume and not overwrite:
+        raise UserError(
+            f"experiment {name!r} already exists under {storage_path}; pass --resume to "
+            f"continue it, --overwrite to start over, or --name NEW"
+        )
+
+
+def _start_fresh(old_experiment: Path | None, tb_root: Path, db: Path) -> None:
+    """A new search of this name replaces the old one's Ray state, TensorBoard logs and
+    optuna.db, so neither TensorBoard nor optuna-dashboard mixes two searches."""
+    for path in (old_experiment, tb_root):
+        if path is not None and path.exists():
+            shutil.rmtree(path)
+    db.unlink(missing_ok=True)
+
+
+def _driver_device():
+    """Where the driver runs the frozen backbone of a features model (once, before the trials):
+    its GPU if it has one."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _interrupted(grid, spec: SearchSpec, search_s: float) -> bool:
+    """Ray returns from ``fit`` on Ctrl-C too, after saving the experiment state: then some
+    trial is unfinished, or fewer than num_samples were started (unless the budget ran out)."""
+    budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
+    finished = grid.num_terminated + grid.num_errors
+    return not budget_spent and (finished < len(grid) or len(grid) < spec.num_samples)
+
+
+def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
+    """Ray's ``ResultGrid`` as plain records, in the order the trials were created. The trial
+    id is the one each trial reported (``tune.get_context().get_trial_id()``); a trial that
+    failed before its first report has only Tune's auto-filled result, which carries the same
+    ``trial_id`` (and ``config`` once its actor started); failing that, a counter names it."""
+    records = []
+    for i, result in enumerate(grid):
+        df = result.metrics_dataframe
+        config = result.config or {}
+        records.append(
+            make_record(
+                str((result.metrics or {}).get("trial_id") or f"unreported_{i + 1}"),
+                {k: config.get(k) for k in spec.space},
+                [] if df is None else df.to_dict("records"),
+                spec,
+                error=error_line(result.error),
+                checkpoint=result.checkpoint.path if result.checkpoint else None,
+            )
+        )
+    return records
+
+
+def _remove_orphans(grid, records: list[TrialRecord], exp_dir: Path, tb_root: Path) -> None:
+    """A search killed between two snapshots of Ray's experiment state may leave folders of a
+    trial that started after the last snapshot; on resume Ray reruns that trial under a new
+    id, so the old folders belong to no trial. Remove them so every folder is one trial."""
+    known_dirs = {Path(r.path).name for r in grid if r.path}
+    known_ids = {r.trial_id for r in records}
+    for d in list(exp_dir.glob("trial_*")) if known_dirs else []:
+        if d.is_dir() and d.name not in known_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in list(tb_root.iterdir()) if tb_root.is_dir() else []:
+        if d.is_dir() and d.name not in known_ids:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_outputs(
+    records: list[TrialRecord],
+    spec: SearchSpec,
+    base: RunConfig,
+    layout: Layout,
+    name: str,
+    run: dict,
+    data_info: dict,
+) -> SearchSummary:
+    write_trials_csv(records, spec, layout.trials_csv(name))
+    export_study(records, spec, name, layout.optuna_db(name))
+    best = pick_best(records, spec)
+    if best is None:
+        errors = "; ".join(sorted({r.error for r in records if r.error}))[:400]
+        raise UserError(
+            f"all {len(records)} trials failed ({errors}); see {layout.trials_csv(name)}"
+        )
+    summary = make_summary(
+        best,
+        records,
+        spec,
+        base,
+        run=run,
+        data=data_info,
+        val_split_file=layout.search_val_split(name),
+        env=env_info(),
+    )
+    summary.write(layout.best_config(name))
+    write_plots(records, spec, name, layout)
     return summary
 
 
-def export_study(spec: SearchSpec, frames, db_path: Path, name: str):
-    """Write the search as an Optuna study in SQLite (for ``optuna-dashboard`` and the plots):
-    one Optuna trial per Ray trial, in order, with its per-epoch values as intermediate values
-    and its best value over epochs as the objective; failed trials are marked FAIL and ASHA-
-    stopped ones carry ``user_attrs["status"] = "stopped early"``."""
-    import optuna
-
-    from tune_pets.utils import atomic_path
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = optuna_space(spec)
-    direction = "maximize" if spec.mode == "max" else "minimize"
-    better = max if spec.mode == "max" else min
-    with atomic_path(db_path) as tmp:
-        study = optuna.create_study(
-            study_name=name, storage=f"sqlite:///{tmp.resolve()}", direction=direction
-        )
-        for tid, df, status, result in frames:
-            params = {k: result.config.get(k) for k in space}
-            if any(v is None for v in params.values()):
-                continue
-            steps = {}
-            if df is not None:
-                for e, v in zip(df["epoch"], df[spec.metric], strict=True):
-                    if math.isfinite(float(v)):
-                        steps[int(e)] = float(v)
-            failed = status == STATUS_FAILED or not steps
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=params,
-                    distributions=space,
-                    value=None if failed else better(steps.values()),
-                    state=optuna.trial.TrialState.FAIL
-                    if failed
-                    else optuna.trial.TrialState.COMPLETE,
-                    intermediate_values=steps,
-                    user_attrs={"ray_trial_id": tid, "status": status},
-                )
-            )
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{db_path.resolve()}")
-
-
-def write_plots(spec: SearchSpec, frames, out_dir: Path, name: str) -> list[str]:
-    """Optimization history, parameter importances (Optuna), learning curves (where ASHA
-    stopped each trial). A plot that cannot be made (too few trials) is skipped with a note."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tune_pets.utils import atomic_savefig
-
-    written = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for _tid, df, status, _ in frames:
-        if df is None:
-            continue
-        style = {"completed": "-", "stopped early": "--", "failed": ":"}[status]
-        (line,) = ax.plot(df["epoch"], df[spec.metric], style, alpha=0.8, lw=1.2)
-        ax.plot(
-            df["epoch"].iloc[-1],
-            df[spec.metric].iloc[-1],
-            "x" if status != "completed" else "o",
-            color=line.get_color(),
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(spec.metric)
-    ax.set_title(f"{name}: learning curves (x = stopped by ASHA or failed, o = ran to max_t)")
-    fig.tight_layout()
-    atomic_savefig(fig, out_dir / "learning_curves.png", dpi=110)
-    plt.close(fig)
-    written.append("learning_curves.png")
-
-    study = export_study(spec, frames, out_dir / "optuna.db", name)
-    import warnings
-
-    from optuna.visualization import matplotlib as ovm
-
-    for fname, plot in (
-        ("optimization_history.png", ovm.plot_optimization_history),
-        ("param_importances.png", ovm.plot_param_importances),
-    ):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ExperimentalWarning for the matplotlib backend
-                ax = plot(study)
-            atomic_savefig(ax.figure, out_dir / fname, dpi=110, bbox_inches="tight")
-            plt.close(ax.figure)
-            written.append(fname)
-        except Exception as e:  # noqa: BLE001 - e.g. too few completed trials for importances
-            print(f"note: {fname} skipped ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
-    return written
-
-
-def _shutdown() -> None:
-    """Stop the local Ray (or disconnect from a cluster) so later steps get the CPUs back."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 # ---------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = ArgumentParser(prog="python -m tune_pets.search", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", choices=["cnn", "vit"])
-    p.add_argument(
-        "--data-dir",
-        default=DEFAULT_DATA_DIR,
-        help=f"ImageFolder root; the default {DEFAULT_DATA_DIR} is prepared if missing",
+def build_parser() -> cli.ArgumentParser:
+    p = cli.command_parser(__doc__, PROG)
+    cli.add_model_arg(p, "which model to search")
+    cli.add_data_args(p)
+    cli.add_weights_args(p)
+    g = p.add_argument_group("search (each flag overrides the search-space YAML)")
+    g.add_argument(
+        "--search-space",
+        default=None,
+        help="search-space YAML (default: the shipped search_spaces/<model>.yaml)",
     )
-    p.add_argument("--search-space", default=None, help="YAML (default search_spaces/<model>.yaml)")
-    p.add_argument("--num-samples", type=positive_int)
-    p.add_argument("--max-epochs", type=positive_int, help="epochs per trial (ASHA max_t)")
-    p.add_argument("--grace-period", type=positive_int)
-    p.add_argument("--max-concurrent", type=positive_int)
-    p.add_argument("--cpus-per-trial", type=positive_float)
-    p.add_argument("--gpus-per-trial", type=float, help="may be fractional, e.g. 0.25")
-    p.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT")
-    p.add_argument(
+    g.add_argument("--num-samples", type=cli.positive_int, help="number of trials")
+    g.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial (ASHA's max_t)")
+    g.add_argument(
+        "--grace-period",
+        type=cli.positive_int,
+        help="ASHA: epochs before a trial can be stopped (must be < --max-epochs to stop any)",
+    )
+    g.add_argument(
+        "--time-budget-s",
+        type=cli.positive_float,
+        help="wall-clock budget for the whole search, in seconds",
+    )
+    g.add_argument(
+        "--seed",
+        type=cli.nonneg_int,
+        help="seed of the TPE sampler and of every trial (weights, batch order, augmentation)",
+    )
+    g.add_argument(
+        "--max-steps-per-epoch",
+        type=cli.nonneg_int,
+        help="cap steps per epoch, for smoke runs (0: no cap)",
+    )
+    g.add_argument("--name", default=None, help="experiment name (default: the model)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the experiment --name (finished trials are not rerun)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace an existing experiment of this name"
+    )
+    r = p.add_argument_group("Ray cluster and resources")
+    r.add_argument(
+        "--address",
+        default=None,
+        help="join a running Ray cluster: auto or HOST:PORT (default: start a local Ray)",
+    )
+    r.add_argument(
         "--storage-path",
         default=None,
-        help="absolute dir for Ray results (shared by all nodes on a cluster; "
-        "default <artifacts>/ray_results)",
+        help="absolute folder for Ray's experiment state and trial checkpoints, writable by "
+        "every node (default: <artifacts-dir>/ray_results)",
     )
-    p.add_argument("--name", default=None, help="experiment name (default: the model)")
-    p.add_argument("--time-budget-s", type=positive_float)
-    p.add_argument("--resume", action="store_true", help="continue the experiment --name")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
-    p.add_argument("--seed", type=nonneg_int)
-    p.add_argument("--val-fraction", type=fraction, default=0.2)
-    p.add_argument("--max-steps-per-epoch", type=nonneg_int, help="cap steps per epoch (smoke)")
-    p.add_argument("--artifacts-dir", default="artifacts")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--skip-bad-images", action="store_true")
-    p.add_argument("--no-pretrained", action="store_true", help="ViT: random backbone (tests)")
-    p.add_argument("--weights", default=None, help="ViT: local backbone weights file")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs for a local Ray (default: all)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    r.add_argument("--num-cpus", type=cli.positive_int, help="CPUs of the local Ray (default: all)")
+    r.add_argument("--cpus-per-trial", type=cli.positive_float, help="CPUs per trial (default: 1)")
+    r.add_argument(
+        "--gpus-per-trial",
+        type=cli.nonneg_float,
+        help="GPUs per trial, may be fractional (0.25: four trials share a GPU); alone it also "
+        "sets how many run at once (GPUs / share). Default with GPUs: "
+        + ", ".join(f"{v:g} for {k} models" for k, v in DEFAULT_GPU_FRACTION.items()),
+    )
+    r.add_argument(
+        "--max-concurrent",
+        type=cli.positive_int,
+        help="trials at once (default: fill the GPUs, else max_concurrent from the YAML)",
+    )
+    cli.add_output_args(p)
+    return p
 
-    spec_path = Path(args.search_space or DEFAULT_SPACES / f"{args.model}.yaml")
-    spec = load_search_spec(spec_path)
-    if cli_name(spec.model) != args.model:
-        raise UserError(
-            f"--search-space {spec_path} is for model {cli_name(spec.model)!r}, not {args.model!r}"
-        )
-    changes: dict[str, Any] = {}
-    for flag, key in (
-        ("num_samples", "num_samples"),
-        ("max_epochs", "max_epochs"),
-        ("grace_period", "grace_period"),
-        ("max_concurrent", "max_concurrent"),
-        ("seed", "seed"),
-        ("time_budget_s", "time_budget_s"),
-    ):
-        if getattr(args, flag) is not None:
-            changes[key] = getattr(args, flag)
-    res = dict(spec.resources)
-    if args.cpus_per_trial is not None:
-        res["cpu"] = args.cpus_per_trial
-    if args.gpus_per_trial is not None:
-        if not (args.gpus_per_trial >= 0 and math.isfinite(args.gpus_per_trial)):
-            raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-        res["gpu"] = args.gpus_per_trial
-    spec = spec.replace(resources=res, **changes)
-    overrides: dict[str, Any] = {}
-    if args.no_pretrained:
-        overrides["pretrained"] = False
-    if args.weights:
-        overrides["weights"] = args.weights
-    if args.max_steps_per_epoch is not None:
-        overrides["max_steps_per_epoch"] = args.max_steps_per_epoch
 
-    data_dir = Path(args.data_dir)
-    if not data_dir.exists() and args.data_dir == DEFAULT_DATA_DIR:
+def spec_from_args(args: Any, model: ModelSpec) -> SearchSpec:
+    """The search-space YAML with the search flags applied."""
+    path = Path(args.search_space) if args.search_space else default_space(model.name)
+    spec = load_search_spec(path)
+    if spec.model != model.name:
+        raise UserError(f"--search-space {path} is for model {spec.model!r}, not {model.name!r}")
+    flags = ("num_samples", "max_epochs", "grace_period", "seed", "split_seed", "time_budget_s")
+    return spec.replace(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+
+
+def _data_dir(args: Any) -> Path:
+    """--data-dir, prepared first when it is the default and missing."""
+    if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
         from tune_pets.prepare import prepare
 
-        print(f"{data_dir} not found: preparing the dataset there first", flush=True)
-        prepare(data_dir, progress=not args.no_progress)
-    from tune_pets.data import check_data_dir
+        print(f"{args.data_dir} not found: preparing the dataset there first", flush=True)
+        prepare(Path(args.data_dir), progress=not args.no_progress)
+    return cli.data_dir_from_args(args)
 
-    check_data_dir(data_dir)
-    artifacts = Path(args.artifacts_dir)
-    name = args.name or args.model
-    storage = Path(args.storage_path) if args.storage_path else (artifacts / "ray_results")
-    if args.storage_path and not storage.is_absolute():
+
+def _storage_path(args: Any, layout: Layout) -> Path:
+    if args.storage_path is None:
+        return layout.ray_results.resolve()
+    storage = Path(args.storage_path)
+    if not storage.is_absolute():
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
-    storage = storage.resolve()
-    out_dir = artifacts / "search" / name
+    return storage
+
+
+def resume_command(argv: Sequence[str], name: str, named: bool) -> str:
+    """The command that continues this search: the same arguments, with --resume."""
+    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    if not named:
+        again += ["--name", name]
+    return shlex.join(["python", "-m", "tune_pets.search", *again, "--resume"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    model = get_spec(args.model)
+    spec = spec_from_args(args, model)
+    base = cli.config_from_args(args, base_config(spec, model))
+    layout = cli.layout_from_args(args)
+    name = args.name or model.name
+    storage = _storage_path(args, layout)
+    data_dir = _data_dir(args)
     use_cluster_auth(args.address)
     try:
-        summary = run_search(
+        outcome = run_search(
             spec,
+            base,
             data_dir,
-            out_dir,
-            storage,
+            layout,
             name,
-            overrides=overrides,
+            model=model,
+            resources=resource_request(spec, args),
+            storage_path=storage,
             resume=args.resume,
             overwrite=args.overwrite,
             address=args.address,
@@ -722,34 +893,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_cpus=args.num_cpus,
             progress=not args.no_progress,
         )
-    except KeyboardInterrupt:
-        again = [a for a in argv if a not in ("--overwrite", "--resume")]
-        if args.name is None:
-            again += ["--name", name]
-        resume_cmd = shlex.join(["python", "-m", "tune_pets.search", *again, "--resume"])
-        raise KeyboardInterrupt(
-            f"search stopped; the experiment state is saved. Resume with: {resume_cmd}"
-        ) from None
     finally:
         _shutdown()
-    s = summary["search"]
-    print(
-        f"\nsearch {name!r}: {s['num_trials']} trials ({s['completed']} completed, "
-        f"{s['stopped_early']} stopped early, {s['failed']} failed) in {s['wall_time_s']:.0f}s"
-    )
-    print(
-        f"best trial {summary['trial_id']} (epoch {summary['epoch']}): "
-        f"{spec.metric} {summary[f'best_{spec.metric}']:.4f}, val_macro_f1 "
-        f"{summary['val_macro_f1']:.4f}"
-    )
-    print("  params: " + ", ".join(f"{k}={summary['config'][k]!r}" for k in spec.space))
-    print(
-        f"wrote {out_dir}/best_config.json, trials.csv, plots; next: python -m "
-        f"tune_pets.reproduce {args.model}"
-        + (f" --best-config {out_dir}/best_config.json" if name != args.model else "")
-    )
+    if outcome.interrupted:
+        print(
+            f"\n{PROG}: interrupted: search stopped; the experiment state is saved. Resume "
+            f"with: {resume_command(argv, name, args.name is not None)}",
+            file=sys.stderr,
+        )
+        return 130
+    _print_summary(outcome, spec, layout, model.name)
     return 0
 
 
+def _print_summary(outcome: SearchOutcome, spec: SearchSpec, layout: Layout, model: str) -> None:
+    s, name = outcome.summary, outcome.name
+    counts = status_counts(outcome.records)
+    print(
+        f"\nsearch {name!r}: {len(outcome.records)} trials ({counts['completed']} completed, "
+        f"{counts['stopped_early']} stopped early, {counts['failed']} failed) in "
+        f"{s.search['wall_time_s']:.0f}s"
+    )
+    f1 = "n/a" if s.val_macro_f1 is None else f"{s.val_macro_f1:.4f}"
+    print(
+        f"best trial {s.trial_id} (epoch {s.epoch}): {s.metric} {s.best_value:.4f}, "
+        f"val_macro_f1 {f1}"
+    )
+    print("  params: " + ", ".join(f"{k}={s.config[k]!r}" for k in spec.space))
+    best = layout.best_config(name)
+    print(
+        f"wrote {outcome.out_dir}/ (best_config.json, trials.csv, optuna.db, plots) and "
+        f"TensorBoard logs in {layout.search_tb(name)}/; next: python -m tune_pets.reproduce "
+        f"{model}" + (f" --best-config {best}" if name != model else "")
+    )
+
+
 if __name__ == "__main__":
-    cli_main(main, prog="python -m tune_pets.search")
+    cli_main(main, prog=PROG)

@@ -1,0 +1,465 @@
+"""What a search leaves behind, built from plain data: one ``TrialRecord`` per trial, then
+
+    trials.csv          one row per trial                         (write_trials_csv)
+    best_config.json    the best trial over all reported epochs   (pick_best, make_summary)
+    optuna.db           the search as an Optuna study             (export_study)
+    *.png               learning curves, optimization history, parameter importances
+
+Nothing here knows Ray: ``search.py`` turns Ray's results (and, while the search runs, each
+finished trial) into records and calls these functions, so the files are the same whether they
+come from a running search or from its final results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tune_pets.config import CONFIG_FIELDS, RunConfig
+from tune_pets.figures import figure_style, save
+from tune_pets.layout import Layout
+from tune_pets.records import SearchSummary
+from tune_pets.spaces import SearchSpec
+from tune_pets.utils import atomic_path, atomic_write_csv
+
+STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", "failed"
+STATUSES = (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)
+# What a trial reports besides fit's train_*/val_* metrics: where it ran and its clock.
+IDENTITY_KEYS = ("trial_id", "node", "host", "device")
+HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", *IDENTITY_KEYS)
+# fANOVA importances from a handful of trials are noise presented as a ranking.
+MIN_TRIALS_FOR_IMPORTANCES = 8
+PLOTS = ("learning_curves", "optimization_history", "param_importances")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the result files see it."""
+
+    trial_id: str
+    status: str  # completed | stopped early | failed
+    epochs: int  # epochs reported (of the trial's last run, if it was restarted)
+    params: dict[str, Any]  # the searched hyperparameters (None: never known)
+    best_value: float | None  # best finite value of the search metric over the epochs
+    best_epoch: int | None
+    val_macro_f1: float | None  # at best_epoch
+    time_s: float | None  # seconds from the trial's start to its last report
+    node: str = ""  # Ray node id
+    host: str = ""
+    device: str = ""  # cuda:N (the node's GPU index) or cpu
+    error: str = ""  # last line of the error, for failed trials
+    checkpoint: str | None = None  # the trial's kept checkpoint (its best epoch's)
+    history: list[dict] = field(default_factory=list)  # one dict per epoch
+
+    def at_best(self, key: str) -> float | None:
+        """``key``'s value at the best epoch."""
+        row = next((h for h in self.history if h.get("epoch") == self.best_epoch), None)
+        return None if row is None or row.get(key) is None else float(row[key])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialRecord:
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- reports -> record
+def add_report(history: list[dict], metrics: dict) -> None:
+    """Append one report's per-epoch numbers (Ray's own bookkeeping keys dropped). A report whose
+    epoch is not after the last one starts the history over: the trial was restarted (e.g. it
+    was running when a killed search was resumed) and trains from epoch 1 again."""
+    row = {
+        k: _plain(v)
+        for k, v in metrics.items()
+        if k in HISTORY_KEYS or k.startswith(("train_", "val_"))
+    }
+    if "epoch" not in row:
+        return
+    row["epoch"] = int(row["epoch"])
+    while history and history[-1]["epoch"] >= row["epoch"]:
+        history.pop()
+    history.append(row)
+
+
+def make_record(
+    trial_id: str,
+    params: dict[str, Any],
+    reports: Iterable[dict],
+    spec: SearchSpec,
+    *,
+    error: str = "",
+    checkpoint: str | None = None,
+) -> TrialRecord:
+    """A record from a trial's reports (in order): failed if it raised, completed if it ran to
+    ``max_epochs``, otherwise stopped early (by ASHA or the time budget)."""
+    history: list[dict] = []
+    for metrics in reports:
+        add_report(history, metrics)
+    epochs = history[-1]["epoch"] if history else 0
+    if error:
+        status = STATUS_FAILED
+    elif epochs >= spec.max_epochs:
+        status = STATUS_COMPLETED
+    else:
+        status = STATUS_STOPPED
+    best = _best_row(history, spec.metric, spec.mode)
+    last = history[-1] if history else {}
+    return TrialRecord(
+        trial_id=trial_id,
+        status=status,
+        epochs=epochs,
+        params=params,
+        best_value=None if best is None else float(best[spec.metric]),
+        best_epoch=None if best is None else best["epoch"],
+        val_macro_f1=None if best is None else _float_or_none(best.get("val_macro_f1")),
+        time_s=_float_or_none(last.get("time_s")),
+        node=str(last.get("node") or ""),
+        host=str(last.get("host") or ""),
+        device=str(last.get("device") or ""),
+        error=error,
+        checkpoint=checkpoint,
+        history=history,
+    )
+
+
+def _best_row(history: list[dict], metric: str, mode: str) -> dict | None:
+    rows = [h for h in history if _finite(h.get(metric))]
+    if not rows:
+        return None
+    better = max if mode == "max" else min
+    return better(rows, key=lambda h: float(h[metric]))  # the first of equals: earliest epoch
+
+
+def error_line(error: object) -> str:
+    """The last line of an error (the exception and its message), at most 300 characters."""
+    if error is None:
+        return ""
+    lines = str(error).strip().splitlines()
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def trial_line(record: TrialRecord, spec: SearchSpec, done: int) -> str:
+    """One line per finished trial, for the log."""
+    head = (
+        f"trial {record.trial_id} {record.status} after {record.epochs} "
+        f"epoch{'' if record.epochs == 1 else 's'}"
+    )
+    if record.status == STATUS_FAILED:
+        what = record.error or "error"
+    elif record.best_value is None:
+        what = f"no finite {spec.metric}"
+    else:
+        what = f"{spec.metric} {record.best_value:.4f} (best, epoch {record.best_epoch})"
+    return f"{head}: {what} [{done}/{spec.num_samples} trials done]"
+
+
+# ---------------------------------------------------------------- trials.csv, best pick
+def trials_columns(spec: SearchSpec) -> list[str]:
+    return list(
+        dict.fromkeys(
+            [
+                "trial_id",
+                "status",
+                "epochs",
+                *spec.space,
+                f"best_{spec.metric}",
+                "best_epoch",
+                "best_val_macro_f1",
+                "time_s",
+                "node",
+                "host",
+                "device",
+                "error",
+            ]
+        )
+    )
+
+
+def write_trials_csv(records: Sequence[TrialRecord], spec: SearchSpec, path: Path) -> None:
+    rows = []
+    for r in records:
+        rows.append(
+            {
+                "trial_id": r.trial_id,
+                "status": r.status,
+                "epochs": r.epochs,
+                **{k: r.params.get(k) for k in spec.space},
+                f"best_{spec.metric}": r.best_value,
+                "best_epoch": r.best_epoch,
+                "best_val_macro_f1": r.val_macro_f1,
+                "time_s": None if r.time_s is None else round(r.time_s, 3),
+                "node": r.node,
+                "host": r.host,
+                "device": r.device,
+                "error": r.error,
+            }
+        )
+    atomic_write_csv(path, rows, trials_columns(spec))
+
+
+def pick_best(records: Sequence[TrialRecord], spec: SearchSpec) -> TrialRecord | None:
+    """The trial with the best metric over all its reported epochs; failed trials never win
+    (their good epochs came from a run that then broke). Ties go to the earlier trial."""
+    ok = [r for r in records if r.status != STATUS_FAILED and r.best_value is not None]
+    if not ok:
+        return None
+    better = max if spec.mode == "max" else min
+    return better(ok, key=lambda r: r.best_value)
+
+
+def status_counts(records: Sequence[TrialRecord]) -> dict[str, int]:
+    """``{"completed": n, "stopped_early": n, "failed": n}``."""
+    return {s.replace(" ", "_"): sum(r.status == s for r in records) for s in STATUSES}
+
+
+def make_summary(
+    best: TrialRecord,
+    records: Sequence[TrialRecord],
+    spec: SearchSpec,
+    base: RunConfig,
+    *,
+    run: dict,
+    data: dict,
+    val_split_file: Path,
+    env: dict,
+) -> SearchSummary:
+    """best_config.json: the best trial's full run config (what ``reproduce`` retrains) and how
+    it was found. ``run``: the caller's name, paths and timings of this search."""
+    config = base.replace(**{k: best.params[k] for k in spec.space})
+    return SearchSummary(
+        model=config.model,
+        config=config.to_dict(),
+        metric=spec.metric,
+        mode=spec.mode,
+        best_value=best.best_value,
+        trial_id=best.trial_id,
+        epoch=best.best_epoch,
+        val_acc=best.at_best("val_acc"),
+        val_macro_f1=best.val_macro_f1,
+        checkpoint=best.checkpoint,
+        search={
+            **run,
+            "spec_file": spec.source,
+            "num_samples": spec.num_samples,
+            "max_epochs": spec.max_epochs,
+            "grace_period": spec.grace_period,
+            "reduction_factor": spec.reduction_factor,
+            "seed": spec.seed,
+            "split_seed": base.val_split_seed,
+            "resources": spec.resources,
+            "max_concurrent": spec.max_concurrent,
+            "search_space": {k: [s, a] for k, (s, a) in spec.space.items()},
+            "num_trials": len(records),
+            **status_counts(records),
+            "nodes": sorted({r.node for r in records if r.node}),
+            "hosts": sorted({r.host for r in records if r.host}),
+            "devices": sorted({r.device for r in records if r.device}),
+        },
+        data=data,
+        val_split_file=str(val_split_file),
+        env=env,
+    )
+
+
+# ---------------------------------------------------------------- Optuna
+def optuna_distributions(spec: SearchSpec) -> dict:
+    """YAML samplers -> Optuna distributions (the searcher's space and the export's).
+    uniform/loguniform/quniform [low, high] and randint [low, high] are inclusive."""
+    import optuna.distributions as od
+
+    out = {}
+    for name, (sampler, args) in spec.space.items():
+        is_int = CONFIG_FIELDS[name].type == "int"
+        if sampler == "choice":
+            out[name] = od.CategoricalDistribution(args)
+        elif sampler == "randint":
+            out[name] = od.IntDistribution(args[0], args[1])
+        elif sampler == "loguniform":
+            out[name] = od.FloatDistribution(args[0], args[1], log=True)
+        elif sampler == "quniform" and is_int:
+            out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=int(args[2]))
+        elif sampler == "quniform":
+            out[name] = od.FloatDistribution(args[0], args[1], step=args[2])
+        else:
+            out[name] = od.FloatDistribution(args[0], args[1])
+    return out
+
+
+def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, storage=None):
+    """The search as an Optuna study: one Optuna trial per record, in order, its per-epoch
+    values as intermediate values and its best value as the objective. Failed trials are FAIL;
+    every trial carries ``user_attrs`` ray_trial_id, status, epochs, device and host."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions = optuna_distributions(spec)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize" if spec.mode == "max" else "minimize",
+    )
+    trials = []
+    for r in records:
+        params = {k: r.params.get(k) for k in distributions}
+        if any(v is None for v in params.values()):
+            continue  # a trial that died before Ray knew its config
+        steps = {
+            h["epoch"]: float(h[spec.metric]) for h in r.history if _finite(h.get(spec.metric))
+        }
+        failed = r.status == STATUS_FAILED or r.best_value is None
+        trials.append(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=distributions,
+                value=None if failed else r.best_value,
+                state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE,
+                intermediate_values=steps,
+                user_attrs={
+                    "ray_trial_id": r.trial_id,
+                    "status": r.status,
+                    "epochs": r.epochs,
+                    "device": r.device,
+                    "host": r.host,
+                },
+            )
+        )
+    study.add_trials(trials)
+    return study
+
+
+def export_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path) -> None:
+    """Write the study to SQLite at ``path`` atomically (a new file, then a rename), so
+    ``optuna-dashboard sqlite:///PATH`` never reads a half-written study."""
+    import optuna
+
+    with atomic_path(path) as tmp:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp.resolve()}")
+        try:
+            build_study(records, spec, name, storage)
+        finally:
+            storage.remove_session()
+            storage.engine.dispose()  # no open handle on the file once it is renamed
+
+
+# ---------------------------------------------------------------- plots
+def write_plots(
+    records: Sequence[TrialRecord], spec: SearchSpec, name: str, layout: Layout
+) -> list[Path]:
+    """Learning curves, optimization history and, from enough trials, parameter importances,
+    each drawn in its own style context. A plot that is not made says why on stderr."""
+    written = [_learning_curves(records, spec, name, layout.search_plot(name, PLOTS[0]))]
+    study = build_study(records, spec, name)
+    history = layout.search_plot(name, PLOTS[1])
+    if _optuna_plot(study, spec, name, "optimization history", history):
+        written.append(history)
+    importances = layout.search_plot(name, PLOTS[2])
+    importances.unlink(missing_ok=True)  # never leave an earlier search's plot beside this one
+    n = sum(r.status != STATUS_FAILED and r.best_value is not None for r in records)
+    if n < MIN_TRIALS_FOR_IMPORTANCES:
+        print(
+            f"note: {importances.name} skipped: {n} trial(s) with a {spec.metric}, "
+            f"importances need at least {MIN_TRIALS_FOR_IMPORTANCES} to mean anything",
+            file=sys.stderr,
+        )
+    elif _optuna_plot(study, spec, name, "parameter importances", importances):
+        written.append(importances)
+    return written
+
+
+_LINE = {STATUS_COMPLETED: "-", STATUS_STOPPED: "--", STATUS_FAILED: ":"}
+_END = {STATUS_COMPLETED: "o", STATUS_STOPPED: "x", STATUS_FAILED: "x"}
+_KEY = (
+    "solid line, o: ran to max_epochs;  dashed, x: stopped early (ASHA or the time budget);  "
+    "dotted, x: failed;  thick: the best trial"
+)
+
+
+def _learning_curves(
+    records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path
+) -> Path:
+    """One line per trial (the search metric per epoch), the best trial drawn thick; the line
+    style and end marker say how the trial ended (the caption says how)."""
+    best = pick_best(records, spec)
+    drawn = [r for r in records if r.history]
+    with figure_style() as plt:
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        for r in drawn:
+            epochs = [h["epoch"] for h in r.history]
+            values = [h.get(spec.metric, math.nan) for h in r.history]
+            is_best = best is not None and r.trial_id == best.trial_id
+            (line,) = ax.plot(
+                epochs,
+                values,
+                _LINE[r.status],
+                lw=2.6 if is_best else 1.2,
+                alpha=0.9,
+                label=f"{r.trial_id} {r.status}" + (", best" if is_best else ""),
+            )
+            ax.plot(epochs[-1], values[-1], _END[r.status], color=line.get_color())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(spec.metric)
+        ax.set_title(f"{name}: learning curves of {len(drawn)} trials")
+        if drawn:
+            ncol = 1 if len(drawn) <= 20 else 2
+            ax.legend(
+                fontsize=7, title="trial", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=ncol
+            )
+        fig.text(0.01, 0.005, _KEY, fontsize=8)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        save(fig, path, bbox_inches="tight")
+    return path
+
+
+def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> bool:
+    """Optuna's matplotlib plot of ``what``, its axis naming the metric ("Objective Value" says
+    nothing). Returns False, with a note, when Optuna cannot draw it."""
+    from optuna.visualization import matplotlib as ovm
+
+    plot = {
+        "optimization history": ovm.plot_optimization_history,
+        "parameter importances": ovm.plot_param_importances,
+    }[what]
+    with figure_style():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning: the matplotlib backend
+                ax = plot(study, target_name=spec.metric)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            # e.g. importances when every trial scored the same
+            print(
+                f"note: {path.name} skipped ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr
+            )
+            return False
+        ax.set_title(f"{name}: {what}")
+        if what == "optimization history":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.set_ylabel(spec.metric)
+            ax.set_xlabel("trial (in the order started)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        save(ax.figure, path, bbox_inches="tight")
+    return True
+
+
+# ---------------------------------------------------------------- small helpers
+def _plain(v: Any) -> Any:
+    """numpy/pandas scalars -> Python scalars (for CSV, JSON and Optuna)."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _float_or_none(v: Any) -> float | None:
+    return float(v) if _finite(v) else None
