@@ -8,7 +8,8 @@ center-cropped to a square of side ``res`` and stored as uint8 ``[N, res, res, 3
 cache keyed by the data's fingerprint and ``res``; training never decodes a JPEG.
 
 Augmentation runs on batches of tensors (on the GPU when there is one): RandomResizedCrop
-(torchvision's sampling rule) + horizontal flip as one ``grid_sample`` call, then normalize.
+(torchvision's sampling rule) + horizontal flip: on CPU each crop is resized on uint8
+(antialiased, as torchvision), on CUDA one batched ``grid_sample``; then one fused normalize.
 """
 
 from __future__ import annotations
@@ -582,7 +583,9 @@ def train_augment(
     - CPU: each crop is resized on uint8 with antialiased bilinear interpolation (PyTorch's
       vectorized uint8 kernel; what torchvision's tensor ``RandomResizedCrop`` runs), then the
       batch is converted and normalized once. Float temporaries stay small, which matters on
-      CPU (see ``scripts/benchmark.py``).
+      CPU (see docs/benchmark-investigation.md). The per-crop resizes run on one thread: the
+      crops are small, and on a machine with a busy core two-thread ops on them stalled
+      (3-12x slower than one thread in the benchmark's busy figure).
     - CUDA: one batched bilinear ``grid_sample`` over the whole batch (no antialiasing; crops
       are rarely much larger than the output since the cache is ``img_size / crop_pct``).
     """
@@ -607,12 +610,17 @@ def _resized_crops_uint8(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
         x.shape[0], 3, size, size, dtype=torch.uint8, memory_format=torch.channels_last
     )
     boxes = torch.stack([x0, y0, cw, ch], 1).long().tolist()
-    for i, (left, top, width, height) in enumerate(boxes):
-        crop = src[i : i + 1, :, top : top + height, left : left + width]
-        r = F.interpolate(
-            crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        out[i : i + 1] = r.flip(-1) if flip[i] else r
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, (left, top, width, height) in enumerate(boxes):
+            crop = src[i : i + 1, :, top : top + height, left : left + width]
+            r = F.interpolate(
+                crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+            out[i : i + 1] = r.flip(-1) if flip[i] else r
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
