@@ -95,6 +95,7 @@ def add_data_args(
     default: str = DEFAULT_DATA_DIR,
     val_split: bool = True,
     decode: bool = True,
+    split_default: str = "the run's --seed",
 ) -> None:
     """--data-dir; with ``decode`` the decode-cache flags; with ``val_split`` the split's."""
     g = p.add_argument_group("data")
@@ -126,7 +127,7 @@ def add_data_args(
             "--split-seed",
             type=nonneg_int,
             default=None,
-            help="seed of the train/val split (default: the run's --seed)",
+            help=f"seed of the train/val split (default: {split_default})",
         )
 
 

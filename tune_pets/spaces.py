@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from importlib import resources as package_files
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,11 @@ from tune_pets.utils import UserError
 
 
 def spaces_dir() -> Path:
-    """The shipped search spaces: ``tune_pets.search_spaces`` in an installed wheel (setup.cfg
+    """The shipped search spaces: ``tune_pets/search_spaces/`` in an installed wheel (setup.cfg
     maps the top-level ``search_spaces/`` folder there), the source folder in a checkout."""
-    try:
-        shipped = Path(str(package_files.files("tune_pets.search_spaces")))
-        if (shipped / "cnn.yaml").is_file():
-            return shipped
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parents[1] / "search_spaces"
+    here = Path(__file__).resolve()
+    installed = here.parent / "search_spaces"
+    return installed if installed.is_dir() else here.parents[1] / "search_spaces"
 
 
 def default_space(model: str, smoke: bool = False) -> Path:
