@@ -1,13 +1,16 @@
-"""reproduce, report and pipeline end to end: real subprocesses, real files, tiny data.
+"""reproduce, report and the pipeline end to end: real subprocesses, real files, tiny data; the
+README's quick start from a plain copy of the repository; figures drawn in their own style.
 
-    python -m pytest tests/test_reproduce_report.py -q          # about 2.5-3.5 minutes on 2 cores
-    python -m pytest tests/test_reproduce_report.py -m "not slow"   # usage checks only (seconds)
+    python -m pytest tests/test_reproduce_report.py -q               # about 4.5 minutes on 2 cores
+    python -m pytest tests/test_reproduce_report.py -q -m "not slow"   # about 15 s
 
-Every command runs as ``python -m tune_pets.<module>`` in a subprocess of its own session, from
-an empty working directory, with every output folder (``--artifacts-dir``, ``--runs-dir``,
-``--cache-dir``) under pytest's tmp_path; whatever a pipeline leaves behind (Ray's raylet,
-gcs_server, workers) is killed by session id afterwards. Retrains use a 2-block, width-8 CNN at
-32 px for 2 epochs on conftest's tiny ImageFolder (4 classes x 10 train x 4 test JPEGs).
+Every command runs as ``python -m tune_pets.<module>`` (``tests/helpers.py``) in a subprocess
+of its own session, from an empty working directory, with every output folder under pytest's
+tmp_path. Retrains use a 2-block, width-8 CNN at 32 px for 2 epochs on conftest's tiny
+ImageFolder (4 classes x 10 train x 4 test JPEGs); their search result is a ``SearchSummary``
+written here, not a search. The pipeline tests share one run: ``pipeline --smoke`` from a copy of
+the repository with no ``../shared`` beside it, offline, on the photos shipped in the package
+(needs the search command).
 """
 
 from __future__ import annotations
@@ -22,78 +25,28 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from procs import kill_session
+from helpers import env, ok, run
 
-from tune_pets.config import RunConfig, homework_defaults
+from tune_pets.config import RunConfig
+from tune_pets.models import get_spec
+from tune_pets.records import SearchSummary
 
 REPO = Path(__file__).resolve().parents[1]
-REPRODUCE_TIMEOUT_S = 180
-PIPELINE_TIMEOUT_S = 420
+PIPELINE_TIMEOUT_S = 600
+QUICK_START_TARGET_S = 180  # README: 1-3 minutes on 2 CPU cores, cold caches
 TAGS = ("cnn_baseline", "cnn", "vit_baseline", "vit")
 # The retrained config of the determinism tests: a few ms per step at 32 px.
 TINY_CNN = RunConfig(model="cnn", img_size=32, width=8, depth=2, epochs=2, batch_size=8)
 
 
-# ---------------------------------------------------------------- processes
-def _env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "TUNE_PETS_DEBUG")
-    }
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        RAY_USAGE_STATS_ENABLED="0",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def run(cmd: list, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in a new session from ``cwd``; kill what it leaves behind."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(c) for c in cmd],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_session(proc.pid)
-        out, err = proc.communicate()
-        pytest.fail(
-            f"{' '.join(map(str, cmd))} timed out after {timeout}s\n"
-            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-        )
-    finally:
-        leftover = kill_session(proc.pid)
-        assert not leftover, f"processes survived {cmd[:3]}: {leftover}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def module(name: str, *args, cwd: Path, timeout: float = REPRODUCE_TIMEOUT_S):
-    return run([sys.executable, "-m", f"tune_pets.{name}", *args], cwd, timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    )
-    return proc
-
-
-def reproduce_args(data: Path, root: Path, cache: Path, *extra) -> list:
+# ---------------------------------------------------------------- commands
+def reproduce_args(data: Path, root: Path, cache: Path, *extra, profile_steps=3) -> list:
     """``reproduce cnn`` writing everything under ``root`` (artifacts ``root/A``)."""
+    profile = [] if profile_steps is None else ["--profile-steps", profile_steps]
     return [
         "cnn",
         "--data-dir", data,
@@ -101,15 +54,17 @@ def reproduce_args(data: Path, root: Path, cache: Path, *extra) -> list:
         "--runs-dir", root / "R",
         "--cache-dir", cache,
         "--no-progress",
-        "--profile-steps", 3,
+        *profile,
         *extra,
     ]  # fmt: skip
 
 
 def write_best_config(path: Path, config: RunConfig = TINY_CNN) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"config": config.to_dict(), "trial_id": "x", "val_acc": 0.5}
-    path.write_text(json.dumps(body), encoding="utf-8")
+    """What a search would leave: ``best_config.json`` as a ``SearchSummary``."""
+    SearchSummary(
+        model=config.model, config=config.to_dict(), metric="val_acc", mode="max",
+        best_value=0.5, trial_id="x", epoch=2, val_acc=0.5,
+    ).write(path)  # fmt: skip
     return path
 
 
@@ -125,7 +80,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def drop_timings(obj):
     """``obj`` without the keys that measure time (``train_time_s``, ``train_images_per_s``,
-    ``epoch_time_s``, anything ending in ``_s``), recursively."""
+    anything ending in ``_s``), recursively."""
     if isinstance(obj, dict):
         return {k: drop_timings(v) for k, v in obj.items() if not k.endswith("_s")}
     if isinstance(obj, (list, tuple)):
@@ -172,6 +127,8 @@ SEARCH_LINE = re.compile(
     r"(\d+) trials \(of (\d+) planned\): (\d+) completed, (\d+) stopped early by ASHA, "
     r"(\d+) failed"
 )
+# The baseline vs tuned table's columns.
+MODEL, CONFIG, BACKBONE, SIZE, EPOCHS, IMG, SEEDS, ACC, F1, HOMEWORK = range(10)
 
 
 def sections(report: str) -> dict[str, str]:
@@ -195,7 +152,7 @@ def claimed_files(report: str) -> list[str]:
             continue
         refs += LINK.findall(line)
         for tok in TICKS.findall(line):
-            if " " in tok or "::" in tok:  # commands, op names
+            if " " in tok or "::" in tok or tok.startswith("--"):  # commands, ops, flags
                 continue
             if "/" in tok or FILE_EXT.search(tok):
                 refs.append(tok)
@@ -222,7 +179,7 @@ def results_rows(report: str) -> dict[tuple[str, str], list[str]]:
     for line in table.splitlines():
         if line.startswith("| ") and not line.startswith("| model ") and "---" not in line:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            rows[(cells[0], cells[1])] = cells
+            rows[(cells[MODEL], cells[CONFIG])] = cells
     return rows
 
 
@@ -241,10 +198,10 @@ def det_runs(tiny_data, tmp_path_factory) -> dict:
     cache = root / "cache"
     runs = []
     for name in ("run1", "run2"):
-        proc = module(
+        proc = run(
             "reproduce",
-            *reproduce_args(tiny_data, root / name, cache, "--best-config", best, "--seed", 0),
-            cwd=root / name / "cwd",
+            reproduce_args(tiny_data, root / name, cache, "--best-config", best, "--seed", 0),
+            root / name / "cwd",
         )
         runs.append({"proc": proc, "A": root / name / "A", "R": root / name / "R"})
     return {"best": best, "runs": runs, "data": tiny_data, "root": root}
@@ -262,7 +219,7 @@ def test_reproduce_twice_is_bitwise_identical(det_runs):
     # ... and everything else is identical.
     assert drop_timings(m1) == drop_timings(m2)
     assert m1["n_seeds"] == 1 and [r["seed"] for r in m1["per_seed"]] == [0]
-    assert m1["per_seed"][0]["epochs"] == TINY_CNN.epochs
+    assert (m1["epochs"], m1["img_size"], m1["trial_id"]) == (TINY_CNN.epochs, 32, "x")
     assert 0.0 <= m1["test_acc"] <= 1.0 and 0.0 <= m1["test_macro_f1"] <= 1.0
 
     c1 = load_checkpoint(r1["A"] / "cnn" / "checkpoint_best.pt")
@@ -284,45 +241,42 @@ def test_reproduce_config_json_records_protocol(det_runs):
     run1 = det_runs["runs"][0]
     ok(run1["proc"])
     c = read_json(run1["A"] / "cnn" / "config.json")
-    assert c["tag"] == "cnn"
-    assert c["deterministic"] is True
+    assert c["name"] == "cnn"
+    assert c["deterministic"] is True and c["determinism"]
     assert c["seeds"] == [0]
-    assert c["device"] == "cpu"
+    assert c["device"] == "cpu" and c["precision"] == "fp32"
     # The resolved config is the best config (the seed and determinism are recorded apart).
-    expected = TINY_CNN.to_dict()
-    assert {k: v for k, v in c["config"].items() if k not in ("seed", "deterministic")} == {
-        k: v for k, v in expected.items() if k not in ("seed", "deterministic")
+    ignore = ("seed", "deterministic")
+    assert {k: v for k, v in c["config"].items() if k not in ignore} == {
+        k: v for k, v in TINY_CNN.to_dict().items() if k not in ignore
     }
     assert c["origin"]["source"] == str(det_runs["best"])
     assert c["origin"]["trial_id"] == "x" and c["origin"]["val_acc"] == 0.5
-    env = c["env"]
-    assert env["torch"] == torch.__version__
-    assert env["timm"] == timm.__version__
-    assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    env_ = c["env"]
+    assert env_["torch"] == torch.__version__
+    assert env_["timm"] == timm.__version__
+    assert env_["python"] == ".".join(map(str, sys.version_info[:3]))
     for key in ("numpy", "ray", "optuna", "platform", "cpu_count"):
-        assert env.get(key), f"config.json env lacks {key}"
-    assert "git_commit" in env
+        assert env_.get(key), f"config.json env lacks {key}"
+    assert "git_commit" in env_
     if (REPO / ".git").exists() and shutil.which("git"):
-        assert re.fullmatch(r"[0-9a-f]{4,40}", env["git_commit"] or ""), env["git_commit"]
+        assert re.fullmatch(r"[0-9a-f]{4,40}", env_["git_commit"] or ""), env_["git_commit"]
     assert c["data"]["n_train"] == 40  # all of train: the val split is folded back in
     # TensorBoard logs went to the runs dir given, and nothing to the working directory.
     assert (run1["R"] / "cnn-seed0").is_dir()
     assert list((run1["A"].parent / "cwd").iterdir()) == []
+    # One line per epoch reaches a redirected log (stdout is a pipe here).
+    epochs = re.findall(r"^cnn seed 0 epoch +(\d+)/2 ", run1["proc"].stdout, re.M)
+    assert epochs == ["1", "2"], run1["proc"].stdout
 
 
 @pytest.mark.slow
 def test_reproduce_seeds_mean_std_and_metrics_csv(det_runs, cache_dir, tmp_path):
     """``--seeds 0 1``: two retrains; seed 0 is bitwise the single-seed run of det_runs."""
-    proc = ok(
-        module(
-            "reproduce",
-            *reproduce_args(
-                det_runs["data"], tmp_path, cache_dir, "--best-config", det_runs["best"],
-                "--seeds", 0, 1,
-            ),
-            cwd=tmp_path / "cwd",
-        )
-    )  # fmt: skip
+    args = reproduce_args(
+        det_runs["data"], tmp_path, cache_dir, "--best-config", det_runs["best"], "--seeds", 0, 1
+    )
+    proc = ok(run("reproduce", args, tmp_path / "cwd"))
     art = tmp_path / "A"
     m = read_json(art / "cnn" / "metrics.json")
     per_seed = m["per_seed"]
@@ -365,165 +319,181 @@ def test_reproduce_seeds_mean_std_and_metrics_csv(det_runs, cache_dir, tmp_path)
     assert "2 seed(s)" in proc.stdout
 
     # The report shows mean +- std for several seeds.
-    ok(module("report", "--artifacts-dir", art, cwd=tmp_path / "cwd", timeout=60))
-    rows = results_rows((art / "REPORT.md").read_text(encoding="utf-8"))
-    cells = rows[("cnn", "tuned")]
-    assert cells[2] == "2"
-    assert cells[3] == f"{m['test_acc']:.4f} +- {m['test_acc_std']:.4f}"
-    assert cells[4] == f"{m['test_macro_f1']:.4f} +- {m['test_macro_f1_std']:.4f}"
+    ok(run("report", ["--artifacts-dir", art], tmp_path / "cwd", timeout=60))
+    cells = results_rows((art / "REPORT.md").read_text(encoding="utf-8"))[("cnn", "tuned")]
+    assert cells[SEEDS] == "0, 1"
+    assert cells[ACC] == f"{m['test_acc']:.4f} ± {m['test_acc_std']:.4f}"
+    assert cells[F1] == f"{m['test_macro_f1']:.4f} ± {m['test_macro_f1_std']:.4f}"
 
 
-# ---------------------------------------------------------------- 2. no search result
-def test_reproduce_without_search_says_what_to_do(tiny_data, cache_dir, tmp_path):
-    proc = module(
-        "reproduce", *reproduce_args(tiny_data, tmp_path, cache_dir), cwd=tmp_path / "cwd"
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    line = lines[0]
-    assert line.startswith("python -m tune_pets.reproduce: error: "), line
-    for word in ("tune_pets.search", "--best-config", "--baseline"):
-        assert word in line, f"{word!r} not in {line!r}"
-    assert str(tmp_path / "A" / "search" / "cnn" / "best_config.json") in line
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "A" / "cnn").exists()
-    assert not (tmp_path / "A" / "metrics.csv").exists()
-    assert not (tmp_path / "R").exists()
-
-
-def test_reproduce_best_config_for_other_model_is_refused(tiny_data, cache_dir, tmp_path):
-    best = write_best_config(tmp_path / "best.json", homework_defaults("vit"))
-    proc = module(
-        "reproduce",
-        *reproduce_args(tiny_data, tmp_path, cache_dir, "--best-config", best),
-        cwd=tmp_path / "cwd",
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "'vit'" in lines[0] and str(best) in lines[0], proc.stderr
-    assert not (tmp_path / "A" / "cnn").exists()
-
-
-# ---------------------------------------------------------------- 3. --baseline
+# ---------------------------------------------------------------- 2. --baseline
 @pytest.mark.slow
 def test_reproduce_baseline_writes_its_own_tag(tiny_data, cache_dir, tmp_path):
-    ok(
-        module(
-            "reproduce",
-            *reproduce_args(tiny_data, tmp_path, cache_dir, "--baseline", "--epochs", 2,
-                            "--img-size", 32),
-            cwd=tmp_path / "cwd",
-        )
-    )  # fmt: skip
+    """The homework config under the same protocol, with reproduce's default profile."""
+    args = reproduce_args(tiny_data, tmp_path, cache_dir, "--baseline", "--epochs", 1,
+                          "--img-size", 32, profile_steps=None)  # fmt: skip
+    ok(run("reproduce", args, tmp_path / "cwd"))
     art = tmp_path / "A"
     out = art / "cnn_baseline"
     for name in ("checkpoint_best.pt", "config.json", "metrics.json", "per_class_test.csv"):
         assert (out / name).is_file(), name
     assert not (art / "cnn").exists(), "--baseline must not write the tuned model's folder"
     assert (art / "confusion_cnn_baseline.png").is_file()
-    assert (art / "profiler" / "cnn_baseline" / "summary.json").is_file()
     assert (tmp_path / "R" / "cnn_baseline-seed0").is_dir()
+    # The default profile is light: 10 steps (--profile-steps for more).
+    profile = read_json(art / "profiler" / "cnn_baseline" / "summary.json")
+    assert profile["steps"] == 10
 
     c = read_json(out / "config.json")
     assert "homework defaults" in c["origin"]["source"]
-    assert c["tag"] == "cnn_baseline" and c["deterministic"] is True
-    expected = homework_defaults("cnn").replace(epochs=2, img_size=32, deterministic=True).to_dict()
-    assert c["config"] == expected
+    assert c["name"] == "cnn_baseline" and c["deterministic"] is True
+    expected = get_spec("cnn").defaults.replace(epochs=1, img_size=32, deterministic=True)
+    assert c["config"] == expected.to_dict()
     m = read_json(out / "metrics.json")
-    assert m["model"] == "cnn_baseline" and m["n_seeds"] == 1
+    assert (m["tag"], m["n_seeds"], m["trial_id"], m["smoke"]) == ("cnn_baseline", 1, None, False)
+    assert (m["epochs"], m["img_size"], m["profile_steps"]) == (1, 32, 10)
     rows = read_csv(art / "metrics.csv")
     assert [r["model"] for r in rows] == ["cnn_baseline"]
     assert float(rows[0]["accuracy"]) == pytest.approx(m["test_acc"], abs=1e-6)
 
 
-# ---------------------------------------------------------------- 4. report from a pipeline
-def pipeline_args(data: Path, root: Path, *extra) -> list:
-    return [
-        "--smoke",
-        "--data-dir", data,
-        "--no-pretrained",
-        "--artifacts-dir", root / "A",
-        "--runs-dir", root / "R",
-        "--cache-dir", root / "cache",
-        "--no-progress",
-        "--num-cpus", 2,
-        # Short retrains: the smoke search spaces are used as shipped.
-        "--epochs", 2,
-        "--img-size", 32,
-        "--profile-steps", 3,
-        *extra,
-    ]  # fmt: skip
+# ---------------------------------------------------------------- 3. the quick start, plain clone
+def copy_checkout(dest: Path) -> Path:
+    """What a clone holds: tracked files plus untracked ones git does not ignore."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():  # a tracked file deleted in the working tree is not copied
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tiny_data, tmp_path_factory) -> dict:
-    """The smoke pipeline, both models, on the tiny data (50-90 s on 2 cores)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    proc = module(
-        "pipeline", *pipeline_args(tiny_data, root), cwd=root / "cwd", timeout=PIPELINE_TIMEOUT_S
+def quick_start(tmp_path_factory) -> dict:
+    """The README's quick start, ``python -m tune_pets.pipeline --smoke``, in a copy of the
+    repository with no ``../shared`` beside it, offline, importing the copy (not the editable
+    install), with a cold decode cache."""
+    if not shutil.which("git") or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout to copy")
+    root = tmp_path_factory.mktemp("plain_clone")
+    clone = copy_checkout(root / "tune_pets")
+    assert not (root / "shared").exists()
+    extra_env = {"PYTHONPATH": str(clone), "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run(  # the package the commands below import
+        [sys.executable, "-c", "import tune_pets; print(tune_pets.__file__)"],
+        cwd=clone, env=env(**extra_env), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    before = {p for p in clone.rglob("*") if p.is_file()}
+    t0 = time.monotonic()
+    proc = run(
+        "pipeline",
+        ["--smoke", "--no-progress", "--cache-dir", root / "cache"],
+        clone,
+        timeout=PIPELINE_TIMEOUT_S,
+        extra_env=extra_env,
     )
-    return {"proc": proc, "root": root, "A": root / "A"}
+    wall = time.monotonic() - t0
+    new = {p.relative_to(clone) for p in clone.rglob("*") if p.is_file()} - {
+        p.relative_to(clone) for p in before
+    }
+    return {"proc": proc, "wall": wall, "clone": clone, "A": clone / "artifacts", "new": new,
+            "imported": where.stdout.strip()}  # fmt: skip
 
 
 @pytest.fixture
-def report(pipeline_run) -> str:
-    ok(pipeline_run["proc"])
-    path = pipeline_run["A"] / "REPORT.md"
-    assert path.is_file()
+def report(quick_start) -> str:
+    proc, wall = quick_start["proc"], quick_start["wall"]
+    assert proc.returncode == 0, (
+        f"quick start: exit {proc.returncode} after {wall:.0f}s\nstdout:\n{proc.stdout[-4000:]}"
+        f"\nstderr:\n{proc.stderr[-6000:]}"
+    )
+    path = quick_start["A"] / "REPORT.md"
+    assert path.is_file(), f"no REPORT.md after {wall:.0f}s"
     return path.read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
-def test_pipeline_report_claims_only_files_that_exist(pipeline_run, report):
-    art = pipeline_run["A"]
+def test_plain_clone_quick_start_runs_offline(quick_start, report):
+    wall = quick_start["wall"]
+    assert Path(quick_start["imported"]).is_relative_to(quick_start["clone"]), quick_start
+    rows = results_rows(report)
+    for kind in ("baseline (homework config)", "tuned"):
+        backbone = rows[("vit", kind)][BACKBONE]
+        assert "random" in backbone, f"{backbone!r} (quick start took {wall:.0f}s)"
+    # The shipped sample: 37 breeds, 5 train images each (the val split folded back in).
+    assert "37 classes" in sections(report)["## Data"], f"(quick start took {wall:.0f}s)"
+    for tag in ("cnn", "cnn_baseline"):
+        assert read_json(quick_start["A"] / tag / "config.json")["data"]["n_train"] == 185
+    # Everything went to artifacts/ and runs/ of the working directory, nothing elsewhere.
+    stray = sorted(
+        str(p) for p in quick_start["new"]
+        if p.parts[0] not in ("artifacts", "runs") and "__pycache__" not in p.parts
+    )  # fmt: skip
+    assert not stray, f"the quick start wrote outside artifacts/ and runs/: {stray[:10]}"
+    print(f"quick start: {wall:.0f}s (target <= {QUICK_START_TARGET_S}s on 2 cores, cold caches)")
+
+
+@pytest.mark.slow
+def test_pipeline_report_claims_only_files_that_exist(quick_start, report):
+    art = quick_start["A"]
     refs = assert_claims_exist(report, art)
     links = LINK.findall(report)
     # Every figure the pipeline produced is linked: data grids, search plots, confusions.
     for rel in (
         "data_sanity/grid_train.png",
         "data_sanity/grid_test.png",
-        *(
-            f"search/{m}/{p}"
-            for m in ("cnn", "vit")
-            for p in ("optimization_history.png", "param_importances.png", "learning_curves.png")
-        ),
+        *(f"search/{m}/{p}.png" for m in ("cnn", "vit") for p in ("optimization_history",
+                                                                    "learning_curves")),
         *(f"confusion_{t}.png" for t in TAGS),
-    ):
+    ):  # fmt: skip
         assert rel in links, f"{rel} not linked"
+    for model in ("cnn", "vit"):
+        importances = f"search/{model}/param_importances.png"
+        search = sections(report)[f"### Search ({model})"]
+        assert (importances in links) == (art / importances).is_file()
+        assert importances in links or "too few completed trials" in search, search
     assert "data_sanity/odd_files.csv" in refs
     assert "missing" not in report.lower(), "a complete pipeline run reported something missing"
-    # Everything the pipeline ran is there, and nothing escaped into the working directory.
-    assert list((pipeline_run["root"] / "cwd").iterdir()) == []
     for tag in TAGS:
         assert (art / "profiler" / tag / "summary.json").is_file(), tag
         assert f"### Profile ({tag})" in report
 
 
 @pytest.mark.slow
-def test_pipeline_report_table_matches_metrics_json(pipeline_run, report):
+def test_pipeline_report_table_matches_metrics_json(quick_start, report):
+    from tune_pets.pipeline import SMOKE
+
     rows = results_rows(report)
     assert set(rows) == {label(t) for t in TAGS}
     for tag in TAGS:
-        m = read_json(pipeline_run["A"] / tag / "metrics.json")
+        m = read_json(quick_start["A"] / tag / "metrics.json")
         cells = rows[label(tag)]
-        assert cells[2] == str(m["n_seeds"]) == "1"
-        assert cells[3] == f"{m['test_acc']:.4f}", (tag, cells)
-        assert cells[4] == f"{m['test_macro_f1']:.4f}", (tag, cells)
-        # The pipeline passed --epochs 2 to both retrains (baseline and tuned, same budget).
-        assert [r["epochs"] for r in m["per_seed"]] == [2]
-        if tag.startswith("cnn"):
-            assert read_json(pipeline_run["A"] / tag / "config.json")["config"]["img_size"] == 32
+        assert cells[SEEDS] == "0" and m["n_seeds"] == 1
+        assert cells[ACC] == f"{m['test_acc']:.4f}", (tag, cells)
+        assert cells[F1] == f"{m['test_macro_f1']:.4f}", (tag, cells)
+        # A smoke run, marked as such; baseline and tuned under the same epochs and size.
+        assert cells[SIZE] == "smoke" and m["smoke"] is True
+        assert cells[EPOCHS] == str(m["epochs"]) == str(SMOKE["epochs"])
+        size = SMOKE["img_size"] if tag.startswith("cnn") else 224
+        assert cells[IMG] == str(m["img_size"]) == str(size)
+        assert m["profile_steps"] == SMOKE["profile_steps"]
+    assert "different settings" not in report
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["cnn", "vit"])
-def test_pipeline_report_search_counts_match_trials_csv(pipeline_run, report, model):
+def test_pipeline_report_search_counts_match_trials_csv(quick_start, report, model):
+    from tune_pets.spaces import default_space, load_search_spec
+
     text = sections(report)[f"### Search ({model})"]
     match = SEARCH_LINE.search(text)
     assert match, text
     n, planned, completed, stopped, failed = map(int, match.groups())
-    out = pipeline_run["A"] / "search" / model
+    out = quick_start["A"] / "search" / model
     trials = read_csv(out / "trials.csv")
     status = collections.Counter(r["status"] for r in trials)
     assert n == len(trials)
@@ -533,8 +503,7 @@ def test_pipeline_report_search_counts_match_trials_csv(pipeline_run, report, mo
         status["failed"],
     )
     assert completed + stopped + failed == n
-    smoke = (REPO / "search_spaces" / "smoke" / f"{model}.yaml").read_text(encoding="utf-8")
-    assert planned == int(re.search(r"^num_samples:\s*(\d+)", smoke, re.M).group(1)) == n
+    assert planned == load_search_spec(default_space(model, smoke=True)).num_samples == n
     best = read_json(out / "best_config.json")
     assert f"Best trial `{best['trial_id']}`" in text
     assert best["trial_id"] in {r["trial_id"] for r in trials}
@@ -543,17 +512,19 @@ def test_pipeline_report_search_counts_match_trials_csv(pipeline_run, report, mo
     assert math.isclose(
         max(float(r["best_val_acc"]) for r in trials if r["best_val_acc"]), best["val_acc"]
     )
+    # The tuned retrain is the search's best trial: no stale-trial flag.
+    assert read_json(quick_start["A"] / model / "metrics.json")["trial_id"] == best["trial_id"]
 
 
 @pytest.fixture(scope="module")
-def report_missing_profile(pipeline_run, tmp_path_factory) -> dict:
+def report_missing_profile(quick_start, tmp_path_factory) -> dict:
     """A copy of the pipeline's artifacts without ``profiler/cnn_baseline``, report rerun."""
-    ok(pipeline_run["proc"])
+    ok(quick_start["proc"])
     root = tmp_path_factory.mktemp("report_missing")
     art = root / "A"
-    shutil.copytree(pipeline_run["A"], art, ignore=shutil.ignore_patterns("ray_results"))
+    shutil.copytree(quick_start["A"], art, ignore=shutil.ignore_patterns("ray_results"))
     shutil.rmtree(art / "profiler" / "cnn_baseline")
-    proc = ok(module("report", "--artifacts-dir", art, cwd=root / "cwd", timeout=60))
+    proc = ok(run("report", ["--artifacts-dir", art], root / "cwd", timeout=60))
     return {"proc": proc, "A": art, "report": (art / "REPORT.md").read_text(encoding="utf-8")}
 
 
@@ -564,6 +535,7 @@ def test_report_says_missing_and_links_nothing_absent(report_missing_profile, re
     profile = sections(text)["### Profile (cnn_baseline)"]
     assert "missing" in profile and "profiler/cnn_baseline" in profile, profile
     assert "images/s" not in profile  # no numbers invented for it
+    assert "`python -m tune_pets.reproduce cnn --baseline`" in profile, profile
     for ref in claimed_files(text):
         assert "profiler/cnn_baseline" not in ref
     # The other pieces are untouched: same table, the other profiles still reported.
@@ -573,40 +545,62 @@ def test_report_says_missing_and_links_nothing_absent(report_missing_profile, re
     assert text.lower().count("missing") == 1
 
 
-@pytest.mark.slow
-def test_report_missing_baseline_profile_hint_reruns_the_baseline(report_missing_profile):
-    profile = sections(report_missing_profile["report"])["### Profile (cnn_baseline)"]
-    assert "`python -m tune_pets.reproduce cnn --baseline`" in profile, profile
+# ---------------------------------------------------------------- 4. figures keep their own style
+FIGURE = """
+import sys
+from pathlib import Path
+import numpy as np
+if sys.argv[2] == "after_optuna":
+    import warnings
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization.matplotlib import plot_optimization_history
+    warnings.simplefilter("ignore")  # optuna's ExperimentalWarning
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0) ** 2, n_trials=5)
+    plot_optimization_history(study)
+    print("facecolor", plt.rcParams["axes.facecolor"], "grid", plt.rcParams["axes.grid"])
+from tune_pets.figures import confusion_figure
+cm = np.array([[5, 1, 0, 0], [2, 3, 1, 0], [0, 0, 6, 0], [1, 0, 0, 4]])
+confusion_figure(cm, ["Abyssinian", "chat été", "golden retriever", "pug"], "cnn on test",
+                 Path(sys.argv[1]))
+"""
 
 
-# ---------------------------------------------------------------- 5. real sample
-@pytest.mark.slow
-def test_pipeline_on_real_sample_cnn(sample_dir, tmp_path):
-    """The cheapest meaningful run on real photos (37 breeds, odd files included): cnn only,
-    2 trials of 1 epoch, 1-epoch retrains at 32 px (40-60 s on 2 cores)."""
-    args = pipeline_args(
-        sample_dir, tmp_path, "--models", "cnn", "--num-samples", 2, "--max-epochs", 1
-    )
-    args[args.index("--epochs") + 1] = 1
-    ok(module("pipeline", *args, cwd=tmp_path / "cwd", timeout=PIPELINE_TIMEOUT_S))
-    art = tmp_path / "A"
-    text = (art / "REPORT.md").read_text(encoding="utf-8")
-    assert_claims_exist(text, art)
-    rows = results_rows(text)
-    for tag in ("cnn", "cnn_baseline"):
-        m = read_json(art / tag / "metrics.json")
-        cells = rows[label(tag)]
-        assert cells[3] == f"{m['test_acc']:.4f}" and cells[4] == f"{m['test_macro_f1']:.4f}"
-        assert read_json(art / tag / "config.json")["data"]["n_train"] == 570
-    assert "37 classes" in sections(text)["## Data"]
-    # vit was not run: its rows say missing rather than showing numbers.
-    assert "missing" in rows[("vit", "tuned")][3]
-    assert not (art / "vit").exists()
+def test_confusion_figure_ignores_the_style_optuna_leaves_behind(tmp_path):
+    """The same confusion matrix drawn alone and after Optuna's matplotlib plots (which switch
+    the global style to ggplot), each in a fresh process: identical pixels."""
+    import numpy as np
+    from PIL import Image
+
+    def draw(name: str, mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", FIGURE, str(tmp_path / name), mode],
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    alone = ok(draw("alone.png", "alone"))
+    after = ok(draw("after.png", "after_optuna"))
+    # The precondition: Optuna did leave its style behind in that process.
+    assert "facecolor #E5E5E5 grid True" in after.stdout, (alone.stdout, after.stdout)
+    with Image.open(tmp_path / "alone.png") as a, Image.open(tmp_path / "after.png") as b:
+        pa, pb = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+    assert pa.shape == pb.shape, (pa.shape, pb.shape)
+    differ = int((pa != pb).any(axis=-1).sum())
+    assert differ == 0, f"{differ} pixels differ after Optuna's plots"
 
 
-# ---------------------------------------------------------------- 6. the shell wrapper
+# ---------------------------------------------------------------- 5. the shell wrapper
+def _bash(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
 def test_run_pipeline_sh_help(tmp_path):
-    proc = run(["bash", REPO / "scripts" / "run_pipeline.sh", "--help"], tmp_path, 60)
+    proc = _bash(REPO / "scripts" / "run_pipeline.sh", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m tune_pets.pipeline")
     for flag in ("--smoke", "--models", "--seeds", "--no-pretrained", "--artifacts-dir"):
@@ -615,6 +609,6 @@ def test_run_pipeline_sh_help(tmp_path):
 
 
 def test_run_pipeline_sh_bad_option_exits_2(tmp_path):
-    proc = run(["bash", REPO / "scripts" / "run_pipeline.sh", "--no-such-flag"], tmp_path, 60)
+    proc = _bash(REPO / "scripts" / "run_pipeline.sh", "--no-such-flag", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "--no-such-flag" in proc.stderr

@@ -18,13 +18,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tune_pets import cli
+from tune_pets import cli, search
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.models import get_spec, model_names
 from tune_pets.spaces import default_space
 from tune_pets.utils import UserError, cli_main
 
 SMOKE = {"epochs": 3, "img_size": 64, "profile_steps": 5}  # the retrains of a smoke run
+SEARCH_FLAGS = (
+    "num_samples",
+    "max_epochs",
+    "max_concurrent",
+    "cpus_per_trial",
+    "gpus_per_trial",
+    "num_cpus",
+)
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -40,17 +48,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
     p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
     g = p.add_argument_group("search (passed to python -m tune_pets.search)")
-    g.add_argument("--num-samples", type=cli.positive_int, default=None, help="trials per search")
-    g.add_argument("--max-epochs", type=cli.positive_int, default=None, help="epochs per trial")
-    g.add_argument("--max-concurrent", type=cli.positive_int, default=None, help="trials at once")
-    g.add_argument("--cpus-per-trial", type=cli.positive_float, default=None, help="CPUs per trial")
-    g.add_argument(
-        "--gpus-per-trial",
-        type=cli.nonneg_float,
-        default=None,
-        help="GPUs per trial, may be fractional (default: a per-model share when GPUs exist)",
-    )
-    g.add_argument("--num-cpus", type=cli.positive_int, default=None, help="CPUs of the local Ray")
+    search_flags = {a.dest: a for a in search.build_parser()._actions}
+    for dest in SEARCH_FLAGS:  # same type and help as the search command's own flag
+        a = search_flags[dest]
+        g.add_argument(*a.option_strings, type=a.type, default=None, help=a.help)
     g = p.add_argument_group("retrains (passed to python -m tune_pets.reproduce)")
     g.add_argument(
         "--epochs", type=cli.positive_int, default=None, help="epochs of baseline and tuned"
@@ -77,7 +78,7 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tune_pets import report, reproduce, sanity, search
+    from tune_pets import report, reproduce, sanity
 
     args = build_parser().parse_args(argv)
     t0 = time.time()
@@ -121,14 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             s = [model, "--search-space", str(space), "--overwrite", *common, *art, *extra]
             s += ["--runs-dir", args.runs_dir]
-            for flag in (
-                "num_samples",
-                "max_epochs",
-                "max_concurrent",
-                "cpus_per_trial",
-                "gpus_per_trial",
-                "num_cpus",
-            ):
+            for flag in SEARCH_FLAGS:
                 if getattr(args, flag) is not None:
                     s += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
             step(f"search {model}", search, s)

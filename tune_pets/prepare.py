@@ -623,7 +623,7 @@ def prepare(
 
 
 # ---------------------------------------------------------------- CLI
-def _parser() -> cli.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.prepare")
     p.add_argument(
         "--output-dir",
@@ -652,7 +652,7 @@ def _parser() -> cli.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
     if is_prepared(out):
         print(f"{out} is already prepared ({MARKER} found); nothing to do")

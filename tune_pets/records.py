@@ -35,8 +35,14 @@ class Record:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """A file of an earlier version, in this version's keys (default: as it is)."""
+        return d
+
+    @classmethod
     def read(cls: type[R], path: str | Path, what: str) -> R:
         d = read_json(path, what)
+        d = cls.upgrade(d) if isinstance(d, dict) else d
         required = [f.name for f in dataclasses.fields(cls) if _required(f)]
         if not isinstance(d, dict) or any(k not in d for k in required):
             raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
@@ -73,6 +79,14 @@ class SearchSummary(Record):
     data: dict = field(default_factory=dict)
     val_split_file: str | None = None
     env: dict = field(default_factory=dict)
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        # tune_pets 0.1 wrote the best value as best_<metric>.
+        legacy = f"best_{d.get('metric', 'val_acc')}"
+        if "best_value" not in d and legacy in d:
+            return {**d, "best_value": d[legacy]}
+        return d
 
 
 @dataclass

@@ -1,0 +1,335 @@
+"""One artifact layout, one command line: where each command writes (nothing overwrites
+another command's result), what every command's ``--help`` says, ``python -m tune_pets``, and
+the report's warnings, built from records written directly (no training).
+
+    python -m pytest tests/test_layout_cli.py -q                 # about 30 s on 2 cores
+    python -m pytest tests/test_layout_cli.py -q -m "not slow"   # parsers and report: seconds
+
+The parser checks import every command's ``build_parser()``; a command whose module does not
+import yet fails its own parametrized case only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import env, ok, run
+
+from tune_pets.config import RunConfig
+from tune_pets.layout import Layout
+from tune_pets.models import model_names
+from tune_pets.records import ReproduceResult, SearchSummary
+
+COMMANDS = (
+    "prepare",
+    "sanity",
+    "train",
+    "evaluate",
+    "profiling",
+    "search",
+    "reproduce",
+    "report",
+    "pipeline",
+)
+WRITES_ARTIFACTS = tuple(c for c in COMMANDS if c != "prepare")  # prepare writes a data dir
+# The retrained config: a 2-block, width-8 CNN at 32 px, 1 epoch (a few seconds on 2 cores).
+TINY_CNN = RunConfig(model="cnn", img_size=32, width=8, depth=2, epochs=1, batch_size=8)
+
+
+def parser(cmd: str) -> argparse.ArgumentParser:
+    return importlib.import_module(f"tune_pets.{cmd}").build_parser()
+
+
+def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
+
+
+def flag(a: argparse.Action) -> str:
+    return a.option_strings[-1] if a.option_strings else a.dest
+
+
+def shows_default(default) -> bool:
+    """Options whose ``--help`` must say "(default: ...)": a default other than None/False.
+    (Identity checks: 0 == False, and a 0 default is worth showing.)"""
+    return not (default is None or default is False or default == argparse.SUPPRESS)
+
+
+def help_blocks(text: str) -> dict[str, str]:
+    """``--help`` output split per option: ``{"--data-dir": "its lines joined", ...}``."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line.strip()
+        elif current and line.startswith("   ") and line.strip():
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def results_rows(report: str) -> dict[tuple[str, str], list[str]]:
+    """The baseline vs tuned table of REPORT.md: ``{(model, "tuned" | "baseline"): cells}``."""
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| ") and not line.startswith("| model ") and "---" not in line:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 10:
+                rows[(cells[0], "baseline" if "baseline" in cells[1] else "tuned")] = cells
+    return rows
+
+
+# ---------------------------------------------------------------- (a) no command overwrites another
+@pytest.mark.slow
+def test_train_profiling_evaluate_leave_reproduces_result_alone(tiny_data, tmp_path):
+    """reproduce cnn, then train / profiling / evaluate of the same model: each writes only its
+    own folder, and REPORT.md still shows the reproduced test accuracy and profile."""
+    layout = Layout(tmp_path / "A", tmp_path / "R")
+    cwd = tmp_path / "cwd"
+    common = ["--data-dir", tiny_data, "--cache-dir", tmp_path / "cache", "--no-progress"]
+    out = ["--artifacts-dir", layout.artifacts]
+    SearchSummary(
+        model="cnn", config=TINY_CNN.to_dict(), metric="val_acc", mode="max", best_value=0.5,
+        trial_id="t0", val_acc=0.5,
+    ).write(layout.best_config("cnn"))  # fmt: skip
+    ok(run("reproduce", ["cnn", *common, *out, "--runs-dir", layout.runs, "--profile-steps", 2],
+           cwd))  # fmt: skip
+    reproduced = ReproduceResult.read(layout.result_metrics("cnn"), "metrics.json")
+    art0, runs0 = tree(layout.artifacts), tree(layout.runs)
+    assert "profiler/cnn/summary.json" in art0 and "cnn/checkpoint_best.pt" in art0
+
+    hp = ["--epochs", 1, "--img-size", 32, "--batch-size", 8]
+    ok(run("train", ["cnn", *common, *out, "--runs-dir", layout.runs, *hp], cwd))
+    art1, runs1 = tree(layout.artifacts), tree(layout.runs)
+    for path in changed(art0, art1):
+        assert path.startswith("train/cnn/"), f"train wrote {path} outside artifacts/train/"
+    assert {"train/cnn/checkpoint_best.pt", "train/cnn/config.json"} <= set(art1)
+    for path in changed(runs0, runs1):
+        assert path.startswith("train/cnn/"), f"train logged {path} outside runs/train/"
+    assert changed(runs0, runs1), "train wrote no TensorBoard logs"
+
+    ok(run("profiling", ["cnn", *common, *out, "--steps", 1, "--img-size", 32], cwd))
+    train_ckpt = layout.train_run("cnn") / "checkpoint_best.pt"
+    ok(run("evaluate", ["cnn", *common, *out, "--checkpoint", train_ckpt], cwd))
+    art2 = tree(layout.artifacts)
+    for path in changed(art1, art2):
+        assert path.startswith(("profiling/cnn/", "evaluate/cnn-test/")) or path == "metrics.csv", (
+            f"profiling or evaluate wrote {path}"
+        )
+    assert "profiling/cnn/summary.json" in art2 and "evaluate/cnn-test/test_metrics.json" in art2
+    # metrics.csv: evaluate added its own row; reproduce's row is untouched.
+    rows = (layout.metrics_csv).read_text(encoding="utf-8").splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["cnn", "cnn-test"], rows
+
+    ok(run("report", out, cwd))
+    text = layout.report.read_text(encoding="utf-8")
+    cells = results_rows(text)[("cnn", "tuned")]
+    assert cells[7] == f"{reproduced.test_acc:.4f}", cells
+    assert cells[8] == f"{reproduced.test_macro_f1:.4f}", cells
+    profile = text.split("### Profile (cnn)")[1].split("###")[0]
+    assert "over 2 steps" in profile, profile  # reproduce's profile, not the 1-step standalone
+    assert "train/" not in text and "profiling/" not in text
+    assert not cwd.exists() or list(cwd.iterdir()) == []
+
+
+# ---------------------------------------------------------------- (b) every command's parser
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_option_has_help_and_shows_its_default(cmd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    p = parser(cmd)
+    text = p.format_help()
+    blocks = help_blocks(text)
+    for a in options(p):
+        assert a.help and a.help != argparse.SUPPRESS and a.help.strip(), f"{flag(a)}: no help"
+        if a.option_strings and shows_default(a.default):
+            shown = " ".join(map(str, a.default)) if isinstance(a.default, list) else a.default
+            assert f"(default: {shown}" in blocks[a.option_strings[0]], (
+                f"{cmd} --help does not show the default of {flag(a)}: "
+                f"{blocks[a.option_strings[0]]!r}"
+            )
+    assert "`" not in text, f"{cmd} --help has reST/markdown backticks:\n{text}"
+    assert "--debug" in blocks
+
+
+@pytest.mark.parametrize("cmd", WRITES_ARTIFACTS)
+def test_commands_that_write_artifacts_take_artifacts_dir(cmd):
+    (a,) = [a for a in options(parser(cmd)) if "--artifacts-dir" in a.option_strings]
+    assert a.default == "artifacts"
+
+
+# Flags whose help differs between commands on purpose: (command, flag) -> why.
+OWN_MEANING = {
+    ("sanity", "--seed"): "seeds the grid sample, not a training run",
+    ("search", "--seed"): "seeds the TPE sampler too",
+    ("search", "--split-seed"): "its default comes from the search-space YAML",
+    ("reproduce", "--seed"): "its default is the retrained config's seed",
+    ("evaluate", "--name"): "names evaluate's output folder (search's: the experiment)",
+    ("pipeline", "--epochs"): "the retrains' epochs only (the search's are --max-epochs)",
+    ("pipeline", "--img-size"): "the retrains' size; skipped, not refused, for fixed-size models",
+    ("pipeline", "--smoke"): "runs the smoke study",
+    ("reproduce", "--smoke"): "only marks the results as a smoke run",
+}
+
+
+def test_same_flag_same_help_across_commands():
+    texts: dict[str, dict[str, str]] = {}
+    problems = []
+    for cmd in COMMANDS:
+        try:
+            p = parser(cmd)
+        except Exception as e:  # noqa: BLE001 - listed with the other problems below
+            problems.append(f"{cmd}: no parser ({type(e).__name__}: {e})")
+            continue
+        for a in options(p):
+            if (cmd, flag(a)) in OWN_MEANING:
+                continue
+            text = a.help
+            if not a.option_strings:  # the model: "which model to train (cnn: ...; vit: ...)"
+                text = text[text.index("(") :]
+            texts.setdefault(flag(a), {})[cmd] = text
+    problems += [f"{f}: {by_cmd}" for f, by_cmd in texts.items() if len(set(by_cmd.values())) > 1]
+    assert not problems, "the same flag has different help texts:\n" + "\n".join(problems)
+    # The shared flags really are shared.
+    for name in ("--data-dir", "--artifacts-dir", "--no-progress", "--no-pretrained"):
+        assert len(texts[name]) >= 5, (name, sorted(texts[name]))
+
+
+@pytest.mark.parametrize("cmd", ("train", "evaluate", "profiling", "search", "reproduce"))
+def test_model_argument_lists_the_registry(cmd, capsys):
+    p = parser(cmd)
+    (a,) = [a for a in options(p) if a.dest == "model"]
+    assert list(a.choices) == model_names()
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["resnet"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    for word in ("resnet", *model_names()):
+        assert word in err
+
+
+# ---------------------------------------------------------------- (c) python -m tune_pets
+def test_python_m_tune_pets_lists_every_command(tmp_path):
+    def tune_pets(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "tune_pets", *args],
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    proc = ok(tune_pets())
+    listed = re.findall(r"^  (\w+)  ", proc.stdout, re.M)
+    assert listed == list(COMMANDS), proc.stdout
+    ok_help = ok(tune_pets("report", "--help"))
+    assert "--artifacts-dir" in ok_help.stdout
+    bad = tune_pets("no_such_command")
+    assert bad.returncode == 2 and "no_such_command" in bad.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- (d) the report's warnings
+def _result(tag: str, acc: float, f1: float, epochs: int, img: int, **kw) -> ReproduceResult:
+    seed = {"seed": 0, "test_acc": acc, "test_macro_f1": f1}
+    return ReproduceResult(tag=tag, split="test", test_acc=acc, test_macro_f1=f1,
+                           per_seed=[seed], epochs=epochs, img_size=img, **kw)  # fmt: skip
+
+
+def _summary(model: str, trial_id: str) -> SearchSummary:
+    config = RunConfig(model=model).to_dict()
+    return SearchSummary(model=model, config=config, metric="val_acc", mode="max",
+                         best_value=0.5, trial_id=trial_id, epoch=1, val_acc=0.5)  # fmt: skip
+
+
+def _profile(steps: int) -> dict:
+    return {"step": "full CNN on augmented image batches", "images_per_s": 100.0,
+            "step_time_ms": 80.0, "batch_size": 8, "img_size": 64, "device": "cpu",
+            "steps": steps}  # fmt: skip
+
+
+@pytest.fixture
+def flagged_report(tmp_path) -> str:
+    """Artifacts that should each raise one flag: cnn baseline and tuned trained under different
+    epochs and sizes; cnn's tuned row retrained from trial aaaa1111 while the search now says
+    bbbb2222; random ViT backbones in a smoke run; vit's baseline with accuracy far above
+    macro-F1 (5 of 37 classes predicted); a 5-step cnn profile. vit's pair is the control:
+    same settings, same trial."""
+    from tune_pets.utils import atomic_write_json
+
+    layout = Layout(tmp_path / "A")
+    spread = {"classes_predicted": 5, "num_classes": 37, "top3_class_share": 0.7312,
+              "max_min_support": [150, 3]}  # fmt: skip
+    results = [
+        _result("cnn_baseline", 0.30, 0.28, epochs=3, img=64),
+        _result("cnn", 0.35, 0.33, epochs=2, img=128, trial_id="aaaa1111"),
+        _result("vit_baseline", 0.42, 0.04, 2, 224, backbone="random", smoke=True,
+                prediction_spread=spread),
+        _result("vit", 0.10, 0.09, 2, 224, backbone="random", smoke=True, trial_id="cccc3333",
+                prediction_spread={**spread, "classes_predicted": 30}),
+    ]  # fmt: skip
+    for r in results:
+        r.write(layout.result_metrics(r.tag))
+    _summary("cnn", "bbbb2222").write(layout.best_config("cnn"))
+    _summary("vit", "cccc3333").write(layout.best_config("vit"))
+    atomic_write_json(layout.profile("cnn") / "summary.json", _profile(5))
+    atomic_write_json(layout.profile("cnn_baseline") / "summary.json", _profile(50))
+    from tune_pets import report
+
+    assert report.main(["--artifacts-dir", str(layout.artifacts)]) == 0
+    return layout.report.read_text(encoding="utf-8")
+
+
+def test_report_rows_say_backbone_size_epochs_img_and_seeds(flagged_report):
+    rows = results_rows(flagged_report)
+    #   model, config, backbone, size, epochs, img, seeds, test_acc, test_macro_f1, homework
+    assert rows[("cnn", "baseline")][2:9] == ["-", "full", "3", "64", "0", "0.3000", "0.2800"]
+    assert rows[("cnn", "tuned")][2:7] == ["-", "full", "2", "128", "0"]
+    for kind in ("baseline", "tuned"):
+        backbone, size = rows[("vit", kind)][2:4]
+        assert "random" in backbone and "meaningless" in backbone, backbone
+        assert size == "smoke"
+
+
+def _notes(report: str) -> list[str]:
+    section = report.split("## Baseline vs tuned")[1].split("\n## ")[0]
+    return [line for line in section.splitlines() if line.startswith("- ")]
+
+
+def test_report_flags_each_misleading_comparison_once(flagged_report):
+    notes = _notes(flagged_report)
+    settings = [n for n in notes if "different settings" in n]
+    assert len(settings) == 1 and "cnn" in settings[0], notes
+    assert "3 epochs at 64 px" in settings[0] and "2 epochs at 128 px" in settings[0]
+    stale = [n for n in notes if "trial" in n]
+    assert len(stale) == 1 and "aaaa1111" in stale[0] and "bbbb2222" in stale[0], notes
+    assert "python -m tune_pets.reproduce cnn" in stale[0]
+    diverge = [n for n in notes if "macro-F1" in n]
+    assert len(diverge) == 1 and diverge[0].startswith("- vit_baseline"), notes
+    assert "5 of 37 classes" in diverge[0] and "73 %" in diverge[0], diverge
+    assert len(notes) == 3, notes  # nothing flagged for the vit pair
+
+
+def test_report_says_how_many_steps_a_profile_rests_on(flagged_report):
+    short = flagged_report.split("### Profile (cnn)\n")[1].split("###")[0]
+    assert "5 steps" in short and "short sample" in short and "--profile-steps" in short, short
+    enough = flagged_report.split("### Profile (cnn_baseline)\n")[1].split("###")[0]
+    assert "50 steps" in enough and "short sample" not in enough, enough
