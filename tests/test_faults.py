@@ -39,6 +39,7 @@ def test_damaged_decode_cache_is_rebuilt(tiny_data, cache_dir, capsys, how):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "garbage"])
 def test_damaged_feature_cache_is_rebuilt(tiny_data, cache_dir, tmp_path, capsys, how):
     cfg = get_spec("vit").defaults.replace(pretrained=False)

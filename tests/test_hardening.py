@@ -330,6 +330,7 @@ def test_reproduce_checks_the_heldout_split_before_training(tmp_path):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_skip_bad_images_trains_and_lists_every_skipped_file(tmp_path):
     data = write_folder(tmp_path / "data")
     bad = [add_bad_image(data, kind, cls=CLASSES[i % 3]) for i, kind in enumerate(BAD_IMAGES)]
@@ -379,6 +380,7 @@ def _odd_images(folder: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.slow
 def test_odd_but_valid_images_all_load_and_train(tmp_path):
     import torch
 
