@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import kill_session, session_pids
+from helpers import kill_session, session_pids
 from PIL import Image
 
 from tune_pets.config import RunConfig
