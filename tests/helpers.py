@@ -84,6 +84,26 @@ def run(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def run_script(script: Path, args, cwd: Path, *, timeout: float, **extra_env: str):
+    """Run ``python SCRIPT ARGS`` (a benchmark) to completion in a new session; fail the test
+    on a non-zero exit or on processes it left behind (Ray's). Returns its CompletedProcess."""
+    argv = [sys.executable, str(script), *map(str, args)]
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        assert not kill_session(proc.pid), f"{script.name} left processes behind (Ray?)"
+    return ok(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import env, kill_session, ok
+from helpers import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 # The keys of each figure: the contract with earlier bench.json files and the README.
@@ -59,22 +57,10 @@ def smoke_run(tmp_path_factory) -> tuple[dict, str]:
     """One ``--smoke`` run of every figure on the package's shipped photos: (JSON, stdout)."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench" / "bench.json"
-    script = REPO / "scripts/benchmark.py"
-    argv = [sys.executable, str(script), "--smoke", "--out", str(out), "--data-dir", "sample"]
-    proc = subprocess.Popen(
-        argv,
-        cwd=tmp,
-        env=env(TUNE_PETS_CACHE=str(tmp / "cache")),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        assert not kill_session(proc.pid), "benchmark left processes behind (Ray?)"
-    ok(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
+    args = ["--smoke", "--out", out, "--data-dir", "sample"]
+    proc = run_script(REPO / "scripts/benchmark.py", args, tmp, timeout=300,
+                      TUNE_PETS_CACHE=str(tmp / "cache"))  # fmt: skip
+    stdout = proc.stdout
     return json.loads(out.read_text()), stdout
 
 

@@ -67,7 +67,8 @@ def test_a_registered_model_runs_through_every_command(tiny_model, tiny_data, tm
 
     space = tmp_path / "tiny.yaml"
     space.write_text(SPACE)
-    assert search.main(["tiny", "--search-space", str(space), *common, *out, "--num-cpus", "2"]) == 0
+    argv = ["tiny", "--search-space", str(space), *common, *out, "--num-cpus", "2"]
+    assert search.main(argv) == 0
     best = SearchSummary.read(layout.best_config("tiny"), "best_config")
     assert best.model == "tiny" and best.search["num_trials"] == 2
 

@@ -359,7 +359,7 @@ def test_search_writes_trials_csv_and_best_config(cnn_search):
     out = cnn_search["out"]
     rows = read_trials(out)
     columns = "trial_id status epochs lr dropout batch_size best_val_acc best_epoch"
-    columns += " best_val_macro_f1 time_s node host device error"
+    columns += " best_val_macro_f1 time_s node host device error restarts restart_reason"
     assert list(rows[0]) == columns.split()
     assert len(rows) == SEARCH_SAMPLES
     assert len({r["trial_id"] for r in rows}) == SEARCH_SAMPLES
@@ -393,7 +393,7 @@ def test_search_writes_trials_csv_and_best_config(cnn_search):
     # The kept checkpoint of the winner is its best epoch's (fit reports one only on a new best).
     import torch
 
-    ckpt = torch.load(Path(best.checkpoint) / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(best.checkpoint, weights_only=True)
     assert ckpt["epoch"] == best.epoch
     assert ckpt["config"]["lr"] == pytest.approx(config.lr)
     assert ckpt["metrics"]["val_acc"] == pytest.approx(best.val_acc)

@@ -8,6 +8,7 @@ so what is profiled or benchmarked is exactly the step a search trial runs (minG
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -378,3 +379,29 @@ class Engine:
     def state_dict(self) -> dict:
         """A CPU copy of the trained module's weights (for a checkpoint)."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def train_state(self) -> dict:
+        """Everything the next epochs depend on: weights, optimizer and LR-schedule state, the
+        batch generator and torch's own RNG (dropout). ``load_train_state`` of it continues the
+        run exactly as if it had not stopped. Loads with ``torch.load(weights_only=True)``."""
+        state = {
+            "model": self.state_dict(),
+            # deep copies: the live optimizer state changes in place at the next step
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "batch_rng": self.batches.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_train_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        # a copy: the optimizer would adopt (and then update in place) the caller's tensors
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.gen.set_state(state["batch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)

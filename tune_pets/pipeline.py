@@ -32,6 +32,7 @@ SEARCH_FLAGS = (
     "cpus_per_trial",
     "gpus_per_trial",
     "num_cpus",
+    "pick",
 )
 
 
@@ -51,7 +52,9 @@ def build_parser() -> cli.ArgumentParser:
     search_flags = {a.dest: a for a in search.build_parser()._actions}
     for dest in SEARCH_FLAGS:  # same type and help as the search command's own flag
         a = search_flags[dest]
-        g.add_argument(*a.option_strings, type=a.type, default=None, help=a.help)
+        g.add_argument(
+            *a.option_strings, type=a.type, choices=a.choices, default=None, help=a.help
+        )
     g = p.add_argument_group("retrains (passed to python -m tune_pets.reproduce)")
     g.add_argument(
         "--epochs", type=cli.positive_int, default=None, help="epochs of baseline and tuned"

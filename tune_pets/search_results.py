@@ -25,7 +25,7 @@ from tune_pets.config import CONFIG_FIELDS, RunConfig
 from tune_pets.figures import figure_style, save
 from tune_pets.layout import Layout
 from tune_pets.records import SearchSummary
-from tune_pets.spaces import SearchSpec
+from tune_pets.spaces import PICK_RULES, SearchSpec
 from tune_pets.utils import atomic_path, atomic_write_csv
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", "failed"
@@ -36,6 +36,7 @@ HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", *IDENTITY_KEYS)
 # fANOVA importances from a handful of trials are noise presented as a ranking.
 MIN_TRIALS_FOR_IMPORTANCES = 8
 PLOTS = ("learning_curves", "optimization_history", "param_importances")
+FINAL_MEAN_EPOCHS = 3  # pick_best's final_mean averages this many last epochs
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class TrialRecord:
     device: str = ""  # cuda:N (the node's GPU index) or cpu
     error: str = ""  # last line of the error, for failed trials
     checkpoint: str | None = None  # the trial's kept checkpoint (its best epoch's)
+    # Times the trial's process died (node lost, OOM-killed, SIGKILL) and the trial went on
+    # from its last checkpoint, and why the last time.
+    restarts: int = 0
+    restart_reason: str = ""
     history: list[dict] = field(default_factory=list)  # one dict per epoch
 
     def at_best(self, key: str) -> float | None:
@@ -80,7 +85,7 @@ def add_report(history: list[dict], metrics: dict) -> None:
         for k, v in metrics.items()
         if k in HISTORY_KEYS or k.startswith(("train_", "val_"))
     }
-    if "epoch" not in row:
+    if not _finite(row.get("epoch")):  # no epoch (NaN in a data frame): a trial's error report
         return
     row["epoch"] = int(row["epoch"])
     while history and history[-1]["epoch"] >= row["epoch"]:
@@ -96,6 +101,8 @@ def make_record(
     *,
     error: str = "",
     checkpoint: str | None = None,
+    restarts: int = 0,
+    restart_reason: str = "",
 ) -> TrialRecord:
     """A record from a trial's reports (in order): failed if it raised, completed if it ran to
     ``max_epochs``, otherwise stopped early (by ASHA or the time budget)."""
@@ -125,6 +132,8 @@ def make_record(
         device=str(last.get("device") or ""),
         error=error,
         checkpoint=checkpoint,
+        restarts=restarts,
+        restart_reason=restart_reason,
         history=history,
     )
 
@@ -157,6 +166,8 @@ def trial_line(record: TrialRecord, spec: SearchSpec, done: int) -> str:
         what = f"no finite {spec.metric}"
     else:
         what = f"{spec.metric} {record.best_value:.4f} (best, epoch {record.best_epoch})"
+    if record.restarts and record.status != STATUS_FAILED:
+        what += f", restarted {record.restarts}x from its checkpoint ({record.restart_reason})"
     return f"{head}: {what} [{done}/{spec.num_samples} trials done]"
 
 
@@ -177,6 +188,8 @@ def trials_columns(spec: SearchSpec) -> list[str]:
                 "host",
                 "device",
                 "error",
+                "restarts",
+                "restart_reason",
             ]
         )
     )
@@ -199,19 +212,46 @@ def write_trials_csv(records: Sequence[TrialRecord], spec: SearchSpec, path: Pat
                 "host": r.host,
                 "device": r.device,
                 "error": r.error,
+                "restarts": r.restarts,
+                "restart_reason": r.restart_reason,
             }
         )
     atomic_write_csv(path, rows, trials_columns(spec))
 
 
-def pick_best(records: Sequence[TrialRecord], spec: SearchSpec) -> TrialRecord | None:
-    """The trial with the best metric over all its reported epochs; failed trials never win
-    (their good epochs came from a run that then broke). Ties go to the earlier trial."""
+def pick_best(
+    records: Sequence[TrialRecord], spec: SearchSpec, rule: str | None = None
+) -> TrialRecord | None:
+    """The trial whose config the search hands to ``reproduce``. Failed trials never win
+    (their good epochs came from a run that then broke); ties go to the earlier trial.
+
+    ``best_epoch``: the best metric over all reported epochs of all trials.
+    ``final_mean``: among the trials that ran the most epochs (those that ran to max_epochs,
+    unless every trial was stopped sooner), the best mean of the metric over their last
+    ``FINAL_MEAN_EPOCHS`` epochs. Sturdier: the best single epoch on a small validation split
+    is partly luck, and an early epoch of a trial ASHA stopped was scored mid-schedule, while
+    ``reproduce`` trains the chosen config for the whole schedule."""
+    rule = rule or spec.pick  # the YAML's pick, or --pick
+    if rule not in PICK_RULES:
+        raise ValueError(f"pick rule must be one of {', '.join(PICK_RULES)}, got {rule!r}")
     ok = [r for r in records if r.status != STATUS_FAILED and r.best_value is not None]
+    scores = {id(r): r.best_value for r in ok}
+    if rule == "final_mean":
+        scores = {id(r): final_mean(r, spec.metric) for r in ok}
+        most = max((r.epochs for r in ok), default=0)
+        ok = [r for r in ok if r.epochs == most and scores[id(r)] is not None]
     if not ok:
         return None
     better = max if spec.mode == "max" else min
-    return better(ok, key=lambda r: r.best_value)
+    return better(ok, key=lambda r: scores[id(r)])
+
+
+def final_mean(record: TrialRecord, metric: str, k: int | None = None) -> float | None:
+    """The mean of ``metric`` over the trial's last ``k`` (default ``FINAL_MEAN_EPOCHS``)
+    reported epochs with a finite value; None when there is none."""
+    values = [float(h[metric]) for h in record.history if _finite(h.get(metric))]
+    values = values[-(k or FINAL_MEAN_EPOCHS) :]
+    return sum(values) / len(values) if values else None
 
 
 def status_counts(records: Sequence[TrialRecord]) -> dict[str, int]:
@@ -251,6 +291,7 @@ def make_summary(
             "max_epochs": spec.max_epochs,
             "grace_period": spec.grace_period,
             "reduction_factor": spec.reduction_factor,
+            "pick": spec.pick,
             "seed": spec.seed,
             "split_seed": base.val_split_seed,
             "resources": spec.resources,

@@ -43,7 +43,10 @@ SPEC_KEYS = {
     "fixed",
     "space",
     "time_budget_s",
+    "pick",
 }
+# How the search chooses the trial it hands to reproduce (search_results.pick_best).
+PICK_RULES = ("best_epoch", "final_mean")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class SearchSpec:
     fixed: dict = field(default_factory=dict)
     space: dict = field(default_factory=dict)
     time_budget_s: float | None = None
+    pick: str = "best_epoch"  # PICK_RULES: the trial handed to reproduce
     source: str = "<spec>"
 
     def replace(self, **changes: Any) -> SearchSpec:
@@ -182,6 +186,12 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             kw[key] = v
     if "time_budget_s" in raw and raw["time_budget_s"] is not None:
         kw["time_budget_s"] = _as_number(raw["time_budget_s"], f"{path}: time_budget_s")
+    if "pick" in raw:
+        if raw["pick"] not in PICK_RULES:
+            raise UserError(
+                f"{path}: pick must be one of {', '.join(PICK_RULES)}, got {raw['pick']!r}"
+            )
+        kw["pick"] = raw["pick"]
     if "resources" in raw and raw["resources"] != "auto":
         res = raw["resources"]
         if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:

@@ -51,6 +51,8 @@ def fit(
     hparams: dict | None = None,
     progress: bool = False,
     spec: ModelSpec | None = None,
+    resume: dict | None = None,
+    on_state: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``config`` on ``data``; validate each epoch; keep the best by ``config.metric``.
 
@@ -58,14 +60,22 @@ def fit(
     checkpoint dict when this epoch is the best so far, else None. Without a val split the last
     epoch is the best. ``tb_dir``: TensorBoard scalars per epoch (and ``hparams`` for the
     HParams plugin). Raises ``engine.NonFiniteLossError`` if the loss diverges.
+
+    ``on_state(state)``, when given, is called after every epoch (before ``on_epoch_end``) with
+    the run's whole state at that point; ``fit(..., resume=state)`` continues from the next
+    epoch exactly as if the run had not stopped (a search trial restarted on another node).
     """
     engine = Engine(config, data, device, spec)
     lower = config.metric in LOWER_IS_BETTER
     tb = _TensorBoard(tb_dir, hparams, config.metric) if tb_dir is not None else None
     history: list[dict] = []
     best, best_epoch, best_ckpt = None, 0, None
+    if resume is not None:
+        engine.load_train_state(resume["engine"])
+        history = [dict(h) for h in resume["history"]]
+        best, best_epoch, best_ckpt = resume["best"], resume["best_epoch"], resume["best_ckpt"]
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(len(history) + 1, config.epochs + 1):
             t0 = time.perf_counter()
             metrics = {"epoch": epoch, **engine.run_epoch(epoch, progress)}
             if data.has_val:
@@ -90,6 +100,16 @@ def fit(
             history.append(metrics)
             if tb is not None:
                 tb.epoch(metrics)
+            if on_state is not None:
+                on_state(
+                    {
+                        "engine": engine.train_state(),
+                        "history": [dict(h) for h in history],
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "best_ckpt": best_ckpt,
+                    }
+                )
             if on_epoch_end is not None:
                 on_epoch_end(dict(metrics), ckpt)
     finally:

@@ -1,0 +1,267 @@
+"""The filesystem Ray Tune writes ``--storage-path`` through: the local filesystem, except that
+every file is written whole or not at all (to a temporary file beside it, renamed over the old
+one once complete), as tune_pets writes its own files.
+
+Ray writes its experiment state (``experiment_state-*.json``, the searcher's and callbacks'
+pickles), the trials' result logs and their checkpoints by copying files into the storage
+path. Through a plain ``pyarrow.fs.LocalFileSystem`` a full disk stops such a copy half-way and
+leaves a truncated ``experiment_state-*.json`` (what ``--resume`` reads: it then starts over);
+through this one the previous version stays, so ``--resume`` continues once space is freed.
+
+The files of one experiment snapshot (``SNAPSHOT_KINDS``) are also kept together: each new
+version is held back until all of the same snapshot are written whole, then they are renamed
+into place together. A full disk that stops the small searcher state but not the large
+trial list (or the other way round) would otherwise leave a mix that ``--resume`` reads as a
+search with trials missing.
+
+    fs = atomic_local_filesystem()     # tune.RunConfig(storage_filesystem=fs), Tuner.restore(...)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+# What Ray Tune writes into the experiment folder at every snapshot, ``<kind>-<session>.<ext>``
+# (ray/tune: TuneController, SearchGenerator, Searcher and CallbackList CKPT_FILE_TMPL).
+SNAPSHOT_KINDS = ("experiment_state", "searcher-state", "search_gen_state", "callback-states")
+# Tune writes the callbacks' file only when some callback has state (tune_pets' always has).
+OPTIONAL_KIND = "callback-states"
+_SNAPSHOT_FILE = re.compile(rf"^({'|'.join(map(re.escape, SNAPSHOT_KINDS))})-(.+)\.(json|pkl)$")
+
+
+class _AtomicWriter:
+    """A write-only file object for ``pa.PythonFile``: writes go to a temporary file in the
+    target's folder, which replaces the target on a clean ``close`` and is deleted when any
+    write, flush or the close failed (a full disk: the old file stays as it was)."""
+
+    def __init__(self, path: str, commit: Callable[[_AtomicWriter], None] | None = None):
+        self.path = path
+        # What a clean close does with the finished temporary file (default: rename it over
+        # ``path``); ``on_failure`` is called once if the file is given up.
+        self.commit = commit or (lambda w: os.replace(w.tmp, w.path))
+        self.on_failure: Callable[[], None] = lambda: None
+        fd, self.tmp = tempfile.mkstemp(
+            dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+        )
+        os.fchmod(fd, 0o644)  # as an ordinary new file, not mkstemp's 0600
+        self.file = os.fdopen(fd, "wb")
+        self.failed = False
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except BaseException:
+            self._discard()
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        """Delete the temporary file now: after a failed write pyarrow may never close the
+        stream, and a partial file left behind would keep the disk full."""
+        if self.failed:
+            return
+        self.failed = True
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+            self.on_failure()
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    def close(self) -> None:
+        if self.file.closed:
+            return
+        try:
+            self.file.close()  # the last buffered bytes: a full disk may show only here
+        except BaseException:
+            self._discard()
+            raise
+        self.commit(self)
+
+
+@dataclass
+class _Snapshot:
+    """The files of one experiment snapshot being written (one session's, one round)."""
+
+    seen: set[str] = field(default_factory=set)  # kinds opened in this round
+    ready: dict[str, _AtomicWriter] = field(default_factory=dict)  # written whole, held back
+    failed: bool = False
+    committed: bool = False
+
+    def drop(self) -> None:
+        for w in self.ready.values():
+            if os.path.exists(w.tmp):
+                os.unlink(w.tmp)
+        self.ready.clear()
+
+
+def _committed(folder: str, kind: str, session: str) -> bool:
+    """Whether ``folder`` holds a ``kind`` file of this session (from an earlier snapshot)."""
+    try:
+        return any(n.startswith(f"{kind}-{session}.") for n in os.listdir(folder))
+    except OSError:
+        return False
+
+
+class _Snapshots:
+    """Holds back each snapshot file until its round is complete (see the module's doc). A
+    round writes every kind once: a kind opened again starts the next round, and a round with a
+    failed file is dropped whole (the last complete snapshot stays). The callbacks' file is
+    waited for once it exists (Tune writes it only when a callback has state); a session's
+    first one, if it comes after the rest of its round, is renamed on its own."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # pyarrow copies files on several threads
+        self.rounds: dict[tuple[str, str], _Snapshot] = {}
+
+    def writer(self, path: str, kind: str, session: str) -> _AtomicWriter:
+        key = (os.path.dirname(path), session)
+        with self.lock:
+            snap = self.rounds.setdefault(key, _Snapshot())
+            if kind in snap.seen:  # the next round: an unfinished one is given up
+                snap.drop()
+                snap = self.rounds[key] = _Snapshot()
+            snap.seen.add(kind)
+        writer = _AtomicWriter(path, commit=lambda w: self._ready(key, snap, kind, w))
+        writer.on_failure = lambda: self._failed(snap)
+        return writer
+
+    def _ready(
+        self, key: tuple[str, str], snap: _Snapshot, kind: str, writer: _AtomicWriter
+    ) -> None:
+        with self.lock:
+            if snap.failed or self.rounds.get(key) is not snap:  # given up, or an old round
+                os.unlink(writer.tmp)
+                return
+            if snap.committed:  # the callbacks' file of a first snapshot, come after the rest
+                os.replace(writer.tmp, writer.path)
+                return
+            snap.ready[kind] = writer
+            needed = set(SNAPSHOT_KINDS) - {OPTIONAL_KIND}
+            if OPTIONAL_KIND in snap.seen or _committed(key[0], OPTIONAL_KIND, key[1]):
+                needed.add(OPTIONAL_KIND)
+            if needed <= set(snap.ready):
+                # the trial list last: a reader that finds it finds the rest of its snapshot
+                for k in sorted(snap.ready, key=lambda k: k == "experiment_state"):
+                    os.replace(snap.ready[k].tmp, snap.ready[k].path)
+                snap.ready.clear()
+                snap.committed = True
+
+    def _failed(self, snap: _Snapshot) -> None:
+        with self.lock:
+            snap.failed = True
+            snap.drop()
+
+
+class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
+    """``pyarrow.fs.LocalFileSystem`` with whole-file writes (``open_output_stream`` and
+    ``copy_file``); everything else is passed through. Appends stay appends."""
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+        self.snapshots = _Snapshots()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtomicLocalFileSystemHandler)
+
+    def __hash__(self) -> int:
+        return hash(AtomicLocalFileSystemHandler)
+
+    def __reduce__(self):  # sent to every trial's process with the storage settings
+        return (AtomicLocalFileSystemHandler, ())
+
+    def get_type_name(self) -> str:
+        return "tune_pets-atomic-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the root folder")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        writer = _AtomicWriter(dest)
+        try:
+            with self.fs.open_input_stream(src) as source:
+                while chunk := source.read(1 << 20):
+                    writer.write(chunk)
+        except BaseException:
+            writer._discard()
+            raise
+        finally:
+            writer.close()
+
+    def open_input_stream(self, path: str):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata):
+        snapshot = _SNAPSHOT_FILE.match(os.path.basename(path))
+        if snapshot:
+            writer = self.snapshots.writer(path, snapshot.group(1), snapshot.group(2))
+        else:
+            writer = _AtomicWriter(path)
+        return pa.PythonFile(writer, mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def atomic_local_filesystem() -> pafs.PyFileSystem:
+    """The filesystem to give Ray Tune for a local (or NFS-mounted) ``--storage-path``."""
+    return pafs.PyFileSystem(AtomicLocalFileSystemHandler())
