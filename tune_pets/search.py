@@ -1216,7 +1216,7 @@ def build_parser() -> cli.ArgumentParser:
         choices=PICK_RULES,
         help="how the trial handed to reproduce is chosen: best_epoch (its best epoch is the "
         "best of all) or final_mean (the best mean of the last 3 epochs among the trials that "
-        "ran longest: steadier on a small validation split); default: the YAML's pick, else "
+        "ran longest: less swayed by one lucky epoch); default: the YAML's pick, else "
         "best_epoch",
     )
     g.add_argument(
