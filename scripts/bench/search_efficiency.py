@@ -54,7 +54,9 @@ after its start (Optuna alone: 0.8-3.4 s), so with c at 42 s a ratio of 3 needed
 target within 14 s: its first 1-2 trial-epochs. The same run under load from other jobs
 (load 3.5-8.7, 1,832 s, commit 3be8545) gave a 0.650, b 0.667, c 0.667, d 0.667, e 0.650,
 f 0.600, Ray's first report after 19 s (median): which method wins moves with the seed and
-the load more than the gaps between the methods; see the README's "Search efficiency".
+the load more than the gaps between the methods. A 6-seed rerun of a, c, d, e (2,135 s,
+docs/search_efficiency_6seeds.json): medians a 0.667, c 0.725, d 0.733, e 0.667; over all 9
+runs a 0.650, c 0.717, d 0.733, e 0.700. See the README's "Search efficiency".
 """
 
 from __future__ import annotations
