@@ -339,7 +339,7 @@ def _run_trial(
         hparams={k: getattr(config, k) for k in setup.searched},
         spec=setup.model,
         resume=resume,
-        on_state=state.update,
+        on_state=state.update if folder else None,  # no folder: nothing to restart from
     )
 
 
@@ -868,7 +868,6 @@ def make_tuner(
         # result.json and progress.csv per trial (what Result.metrics_dataframe reads).
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
         failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_RESTARTS, fail_fast=False),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     search_alg = _stopped_as_pruned_class()(
         space=optuna_distributions(spec),
@@ -1279,8 +1278,15 @@ def spec_from_args(args: Any, model: ModelSpec) -> SearchSpec:
     spec = load_search_spec(path)
     if spec.model != model.name:
         raise UserError(f"--search-space {path} is for model {spec.model!r}, not {model.name!r}")
-    flags = ("num_samples", "max_epochs", "grace_period", "seed", "split_seed", "time_budget_s")
-    flags += ("pick",)
+    flags = (
+        "num_samples",
+        "max_epochs",
+        "grace_period",
+        "seed",
+        "split_seed",
+        "time_budget_s",
+        "pick",
+    )
     return spec.replace(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
 
 
