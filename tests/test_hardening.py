@@ -33,6 +33,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -738,25 +739,51 @@ def test_ctrl_c_during_train_says_what_to_do(interrupted_train):
     assert "checkpoint_best.pt" in err
 
 
-def _result_reported(exp: Path) -> bool:
-    return any(p.stat().st_size > 0 for p in exp.rglob("result.json"))
+def _read_until_first_trial_done(proc, timeout_s: float):
+    """Drain the search's stdout and stderr in background threads; return (stdout lines,
+    stderr lines, threads), the lists still growing, once stdout shows its first "[1/N trials
+    done]" line, the search ends, or ``timeout_s`` passes."""
+    out: list[str] = []
+    err: list[str] = []
+    seen = threading.Event()
+
+    def drain(stream, into, watch):
+        for line in stream:
+            into.append(line)
+            if watch and "trials done]" in line:
+                seen.set()
+        seen.set()  # EOF: the search ended
+
+    threads = [
+        threading.Thread(target=drain, args=(proc.stdout, out, True), daemon=True),
+        threading.Thread(target=drain, args=(proc.stderr, err, False), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    seen.wait(timeout_s)
+    return out, err, threads
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_search_prints_a_resume_command_that_works(tmp_path, good_data):
-    n = 8
+    # Trials here take ~0.3 s once the first actor is up, and Ray writes a trial's result.json
+    # to storage only when the trial ends: so Ctrl-C goes in at the first trial's progress line
+    # with 39 trials still to run (~12 s), not at a file that may appear near the end (a CI run
+    # of 8 trials once finished them all before the signal landed).
+    n = 40
     (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=n, epochs=3))
     args = cli_args("search", good_data, tmp_path)
-    exp = tmp_path / "artifacts" / "ray_results" / "cnn"
     proc = start("search", args, tmp_path)
     try:
-        deadline = time.monotonic() + 150
-        while proc.poll() is None and time.monotonic() < deadline and not _result_reported(exp):
-            time.sleep(0.1)
-        assert proc.poll() is None, f"search ended before a trial reported: {proc.stderr.read()}"
-        assert _result_reported(exp), "no trial reported within 150 s"
+        out_lines, err_lines, readers = _read_until_first_trial_done(proc, timeout_s=150)
+        out = "".join(out_lines)
+        assert proc.poll() is None, f"search ended before Ctrl-C: {out[-2000:]}"
+        assert "[1/" in out, "no trial finished within 150 s"
         proc.send_signal(signal.SIGINT)  # the driver only, not its process group
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        for reader in readers:
+            reader.join(timeout=30)
+        out, err = "".join(out_lines), "".join(err_lines)
     finally:
         kill_session(proc.pid)
     assert proc.returncode != 0, f"exit 0 after Ctrl-C; stdout: {out[-1500:]}"
