@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tune_pets import cli, search
+from tune_pets import cli, reproduce, search
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.models import get_spec, model_names
 from tune_pets.spaces import default_space
@@ -36,6 +36,21 @@ SEARCH_FLAGS = (
 )
 
 
+def _forward_flags(p, command, dests: tuple[str, ...], note: str = ""):
+    """Options the pipeline passes on to ``command``: that command's own flags, type and help
+    (so the two cannot drift apart), defaulting to None (not passed)."""
+    title = f"passed to python -m {command.__name__}" + (f", {note}" if note else "")
+    g = p.add_argument_group(title)
+    actions = {a.dest: a for a in command.build_parser()._actions}
+    for dest in dests:
+        a = actions[dest]
+        g.add_argument(
+            *a.option_strings, type=a.type, choices=a.choices, nargs=a.nargs, default=None,
+            help=a.help,
+        )  # fmt: skip
+    return g
+
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.pipeline")
     p.add_argument(
@@ -48,32 +63,17 @@ def build_parser() -> cli.ArgumentParser:
     )
     p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
     p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
-    g = p.add_argument_group("search (passed to python -m tune_pets.search)")
-    search_flags = {a.dest: a for a in search.build_parser()._actions}
-    for dest in SEARCH_FLAGS:  # same type and help as the search command's own flag
-        a = search_flags[dest]
-        g.add_argument(
-            *a.option_strings, type=a.type, choices=a.choices, default=None, help=a.help
-        )
-    g = p.add_argument_group("retrains (passed to python -m tune_pets.reproduce)")
-    g.add_argument(
-        "--epochs", type=cli.positive_int, default=None, help="epochs of baseline and tuned"
-    )
-    g.add_argument(
-        "--img-size",
-        type=cli.positive_int,
-        default=None,
-        help="input size of baseline and tuned (models with their own size ignore it)",
-    )
-    g.add_argument(
-        "--seeds", type=cli.nonneg_int, nargs="+", default=[0], help="several seeds: mean +- std"
-    )
-    g.add_argument(
-        "--profile-steps",
-        type=cli.nonneg_int,
-        default=None,
-        help="train steps to profile after the retrain (0: no profile)",
-    )
+    _forward_flags(p, search, SEARCH_FLAGS)
+    g = _forward_flags(
+        p, reproduce, ("seeds", "profile_steps"),
+        f"for baseline and tuned alike (defaults: seed 0, the homework's epochs and size, "
+        f"{reproduce.DEFAULT_PROFILE_STEPS} profile steps; --smoke: {SMOKE['epochs']} epochs, "
+        f"{SMOKE['img_size']} px, {SMOKE['profile_steps']} steps)",
+    )  # fmt: skip
+    epochs_help = "epochs of the retrains (the search's: --max-epochs)"
+    g.add_argument("--epochs", type=cli.positive_int, default=None, help=epochs_help)
+    size_help = "input size in pixels (models with their own size ignore it)"
+    g.add_argument("--img-size", type=cli.positive_int, default=None, help=size_help)
     cli.add_data_args(p, default=None, val_split=False)
     cli.add_weights_args(p)
     cli.add_output_args(p)
@@ -81,7 +81,7 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tune_pets import report, reproduce, sanity
+    from tune_pets import report, sanity
 
     args = build_parser().parse_args(argv)
     t0 = time.time()
@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if getattr(args, flag) is not None:
                     s += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
             step(f"search {model}", search, s)
-        r = [*common, *art, *extra, "--runs-dir", args.runs_dir, "--seeds", *map(str, args.seeds)]
+        r = [*common, *art, *extra, "--runs-dir", args.runs_dir]
+        r += ["--seeds", *map(str, args.seeds or [0])]  # one seed list for both retrains
         r += ["--epochs", str(epochs)] if epochs else []
         r += ["--img-size", str(img)] if img and not spec.fixed_input_size else []
         r += ["--profile-steps", str(profile)] if profile is not None else []
