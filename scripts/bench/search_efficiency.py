@@ -56,7 +56,10 @@ target within 14 s: its first 1-2 trial-epochs. The same run under load from oth
 f 0.600, Ray's first report after 19 s (median): which method wins moves with the seed and
 the load more than the gaps between the methods. A 6-seed rerun of a, c, d, e (2,135 s,
 docs/search_efficiency_6seeds.json): medians a 0.667, c 0.725, d 0.733, e 0.667; over all 9
-runs a 0.650, c 0.717, d 0.733, e 0.700. See the README's "Search efficiency".
+runs a 0.650, c 0.717, d 0.733, e 0.700. At the shipped schedule's length (`--methods a c d
+--set max_epochs=27 budget_s=240 ...`, 2,080 s, docs/search_efficiency_27epochs.*): a 0.783,
+c 0.817, d 0.783, all within the seed spread; a's 24 trials took 198-324 trial-epochs, c's
+13-16 took 314-390. See the README's "Search efficiency".
 """
 
 from __future__ import annotations
