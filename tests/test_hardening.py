@@ -766,10 +766,10 @@ def _read_until_first_trial_done(proc, timeout_s: float):
 
 @pytest.mark.slow
 def test_ctrl_c_during_search_prints_a_resume_command_that_works(tmp_path, good_data):
-    # Trials here take ~0.3 s once the first actor is up, and Ray writes a trial's result.json
-    # to storage only when the trial ends: so Ctrl-C goes in at the first trial's progress line
-    # with 39 trials still to run (~12 s), not at a file that may appear near the end (a CI run
-    # of 8 trials once finished them all before the signal landed).
+    # Trials here take ~0.3 s once the first actor is up, and Ray copies a trial's result.json
+    # to storage at a trial's end or an experiment snapshot, not per report: so Ctrl-C goes in
+    # at the first trial's progress line with 39 trials still to run (~12 s), not at a file
+    # that may appear near the end (a CI run of 8 trials finished them all before the signal).
     n = 40
     (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=n, epochs=3))
     args = cli_args("search", good_data, tmp_path)
