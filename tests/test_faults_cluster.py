@@ -24,6 +24,7 @@ here signals a process this file did not start.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -32,6 +33,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -234,6 +236,25 @@ def test_search_lock_refuses_a_second_search_and_ignores_a_stale_file(tmp_path):
     assert not lock.exists(), "the lock file outlived its search"
     with search_lock(lock, "cnn"):  # free again
         pass
+
+
+def test_search_lock_names_a_holder_that_has_not_written_its_line_yet(tmp_path):
+    """The moment a CI run met: the holder has the flock but its line is not in the file yet
+    (two searches started at once). The refused search waits for the line instead of naming
+    no one."""
+    lock = tmp_path / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: conflicts in-process too
+    line = "pid 4242 on other-host, started 2026-01-01 00:00:00\n"
+    writer = threading.Timer(0.3, os.pwrite, (fd, line.encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(UserError) as refused, search_lock(lock, "cnn"):
+            pass
+        assert "(pid 4242 on other-host, started 2026-01-01 00:00:00; lock " in str(refused.value)
+    finally:
+        writer.join()
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- 1. node loss

@@ -931,7 +931,7 @@ def search_lock(path: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "starting up"
+            holder = _read_holder(fd)
             os.close(fd)
             raise UserError(
                 f"search {name!r} is already running ({holder}; lock {path}); wait for it to "
@@ -950,6 +950,18 @@ def search_lock(path: Path, name: str) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # still locked here: no other search is inside
         os.close(fd)
+
+
+def _read_holder(fd: int, wait_s: float = 3.0) -> str:
+    """The running search's line from its lock file. The holder writes it just after taking the
+    lock, so a search started at the same moment can find the file still empty: wait for the
+    line (a CI run did meet the empty file) rather than name no one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 1000, 0).decode("utf-8", "replace")
+        if text.endswith("\n") or time.monotonic() > deadline:
+            return text.strip() or "starting up"
+        time.sleep(0.02)
 
 
 def _holding_search_lock(run: Callable[..., SearchOutcome]) -> Callable[..., SearchOutcome]:
