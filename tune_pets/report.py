@@ -331,9 +331,7 @@ def build_report(layout: Layout) -> str:
 # ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.report")
-    p.add_argument(
-        "--artifacts-dir", default="artifacts", help="where results are written"
-    )
+    p.add_argument("--artifacts-dir", default="artifacts", help="where results are written")
     return p
 
 
