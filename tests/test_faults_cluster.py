@@ -151,9 +151,10 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT_S) -> int
         assert not leftover, f"processes survived the search: {leftover}"
 
 
-def slow_args(data: Path, root: Path, lrs: str, n: int, **flags) -> list:
+def slow_args(data: Path, root: Path, lrs: str, n: int, epochs: int = SLOW_EPOCHS, **flags) -> list:
+    """Search flags for ``n`` trials of ``epochs`` each, none stopped early."""
     space = write_space(root / "slow.yaml", SLOW_SPACE.format(lrs=lrs))
-    flags = {"max_epochs": SLOW_EPOCHS, "grace_period": SLOW_EPOCHS, **flags}
+    flags = {"max_epochs": epochs, "grace_period": epochs, **flags}
     return search_args(data, space, root, num_samples=n, max_concurrent=2, **flags)
 
 
@@ -325,7 +326,8 @@ def test_a_lost_node_costs_no_trial(tiny_data, tmp_path):
                     rows = results(d)
                     last = rows[-1] if rows else {}
                     trains = last.get("config", {}).get("lr") != DIVERGING_LR
-                    early = 2 <= last.get("epoch", 0) <= SLOW_EPOCHS // 2  # it has far to go
+                    # far from done: result.json lags the trial by a snapshot or two
+                    early = 2 <= last.get("epoch", 0) <= SLOW_EPOCHS - 6
                     if last.get("node") == worker_node and early and trains:
                         return d, int(last["epoch"])
                 return None
@@ -384,16 +386,10 @@ def test_a_trial_killed_from_outside_is_restarted_then_recorded_failed(tiny_data
     trial has come back: twice it goes on from its last checkpoint; killed a third time it is
     recorded as failed, with the reason and the restarts in trials.csv. The search goes on
     and the best is chosen from the other trials."""
-    n, kills, epochs_per_trial = 3, MAX_TRIAL_RESTARTS + 1, 30
-    args = slow_args(
-        tiny_data,
-        tmp_path,
-        "[1.0e-2, 3.0e-2]",
-        n,
-        num_cpus=2,
-        max_epochs=epochs_per_trial,
-        grace_period=epochs_per_trial,
-    )
+    # Each kill and restart moves the trial on by a few epochs (the snapshot lag): 50 epochs
+    # leave room for three before epoch 40 even where an epoch takes 0.1 s.
+    n, kills, epochs_per_trial = 3, MAX_TRIAL_RESTARTS + 1, 50
+    args = slow_args(tiny_data, tmp_path, "[1.0e-2, 3.0e-2]", n, epochs_per_trial, num_cpus=2)
     log = tmp_path / "search.log"
     proc = start_cli(args, tmp_path, env=_env(**WATCHABLE), log=log)
     exp = tmp_path / "artifacts" / "ray_results" / "cnn"
@@ -431,9 +427,11 @@ def test_a_trial_killed_from_outside_is_restarted_then_recorded_failed(tiny_data
     assert len(rows) == n
     dead = rows[victim.name.removeprefix("trial_")]
     assert dead["status"] == "failed" and dead["restarts"] == str(MAX_TRIAL_RESTARTS), dead
-    assert f"(pid {killed[-1][0]}) was killed from outside" in dead["error"], dead
+    # Ray says ActorDiedError (with the pid) once it knows the process died; a call that
+    # fails before it knows is ActorUnavailableError ("lost contact"), which names no pid.
+    for text, pid in ((dead["error"], killed[-1][0]), (dead["restart_reason"], killed[-2][0])):
+        assert f"(pid {pid}) was killed from outside" in text or "lost contact" in text, dead
     assert f"not restarted again after {MAX_TRIAL_RESTARTS} restart(s)" in dead["error"]
-    assert f"(pid {killed[-2][0]})" in dead["restart_reason"]
     # Each restart went on from the last state: no run after the first trained epoch 1 again.
     runs = [epochs(run) for run in trained_epochs(victim)]
     assert len(runs) == kills and runs[0][0] == 1, runs
@@ -460,8 +458,8 @@ def test_two_searches_of_one_name_and_a_stale_lock(tiny_data, tmp_path):
     once with one line naming it (pid, host, start time); so does an --overwrite while it runs.
     Then the running one is SIGKILLed: its lock file stays behind, naming a dead process, and
     does not stop --resume, which ends with the planned trials and consistent files."""
-    n = 3
-    args = slow_args(tiny_data, tmp_path, "[1.0e-2, 3.0e-2]", n, num_cpus=2)
+    n, epochs_per_trial = 3, 60  # the third trial runs ~15 s after the first ends: time to kill
+    args = slow_args(tiny_data, tmp_path, "[1.0e-2, 3.0e-2]", n, epochs_per_trial, num_cpus=2)
     lock = tmp_path / "artifacts" / "search" / "cnn" / ".lock"
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [start_cli(args, tmp_path, log=log) for log in logs]
@@ -499,6 +497,7 @@ def test_two_searches_of_one_name_and_a_stale_lock(tiny_data, tmp_path):
             240,
             logs[winner],
         )
+        assert procs[winner].poll() is None, "the search ended before it could be killed"
         os.killpg(procs[winner].pid, signal.SIGKILL)
         procs[winner].wait(timeout=30)
     finally:
@@ -711,9 +710,12 @@ def test_a_200_trial_search_keeps_its_memory_and_overhead(tiny_data, tmp_path):
     rss: dict[int, float] = {}  # trials done -> driver RSS (MB) when its line appeared
     done_at: dict[int, float] = {}
     seen = 0
+    deadline = time.monotonic() + 1200
     try:
         while proc.poll() is None:
-            lines = out_lines(log)
+            assert time.monotonic() < deadline, f"{LONG_TRIALS} trials not done in 1200 s"
+            text = log.read_text(encoding="utf-8", errors="replace")
+            lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines only
             for ln in lines[seen:]:
                 m = re.search(r"\[(\d+)/\d+ trials done\]$", ln)
                 if m and TRIAL_LINE.match(ln):
@@ -754,4 +756,5 @@ def test_a_200_trial_search_keeps_its_memory_and_overhead(tiny_data, tmp_path):
         f"{last24:.2f} s over trials {LONG_TRIALS - 23}-{LONG_TRIALS}"
     )
     assert late - early <= MEMORY_BOUND_MB, f"driver memory grew {late - early:.0f} MB"
-    assert last24 <= max(1.0, 2 * first24), "trials finish ever more slowly: overhead grows"
+    # A floor of 2 s: one optuna.db rewrite or a busy moment of the machine is not growth.
+    assert last24 <= max(2.0, 2 * first24), "trials finish ever more slowly: overhead grows"
