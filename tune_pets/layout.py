@@ -33,11 +33,6 @@ def result_tag(model: str, baseline: bool = False) -> str:
     return model + (BASELINE_SUFFIX if baseline else "")
 
 
-def tag_model(tag: str) -> tuple[str, bool]:
-    """(model, baseline) of a result tag."""
-    return tag.removesuffix(BASELINE_SUFFIX), tag.endswith(BASELINE_SUFFIX)
-
-
 @dataclass(frozen=True)
 class Layout:
     artifacts: Path = Path(DEFAULT_ARTIFACTS_DIR)
