@@ -652,13 +652,18 @@ def test_resume_after_the_driver_is_killed(tiny_data, tmp_path):
     exp = tmp_path / "artifacts" / "ray_results" / "cnn"
     out = tmp_path / "artifacts" / "search" / "cnn"
     log = tmp_path / "first.log"
-    proc = start_cli(args, tmp_path, log=log)
+    # Tune snapshots the experiment at its first step (trial 1 pending) and then every 10 s or
+    # more ("auto"): a search of 8 short trials may take its second snapshot in the step where
+    # a trial ended, before the next one exists, and end before a third (a CI-like run under
+    # load did). With the period at an hour the step-1 snapshot stays the last one until the
+    # search ends, so the moment comes with trial 2, on any machine.
+    proc = start_cli(args, tmp_path, env=_env(TUNE_GLOBAL_CHECKPOINT_S="3600"), log=log)
     try:
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline:
             if exp.is_dir() and _stale_snapshot(exp):
                 break
-            time.sleep(0.002)  # the moment lasts until Ray's next experiment snapshot
+            time.sleep(0.002)
         ended = "the search ended before the moment to kill it came: "
         assert proc.poll() is None, ended + log.read_text()[-2000:]
         assert time.monotonic() < deadline, "no trial finished within 180 s"
