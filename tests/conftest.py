@@ -6,12 +6,9 @@ Oxford-IIIT Pet sample from ../shared when it is present. Running CLIs in a subp
     python -m pytest -m slow                 # then the end-to-end runs (real processes, real Ray)
     python -m pytest tests/test_engine.py    # one file
 
-Timing, honestly: the whole suite took 8-12 minutes on 2 CPU cores before the restructure
-(issue 9), most of it in the ``slow`` tests (Ray searches, pipelines, real processes). Measured
-on 2 cores: test_config, test_models, test_data, test_engine, test_train, test_evaluate and
-test_gpu take 15-30 s together with ``-m "not slow"`` (test_gpu skips itself without CUDA) and
-about 60 s with their slow tests (the train and evaluate CLIs in real processes) on a quiet
-machine; with the cores shared by other jobs (load ~4) the same runs took 70 s and 170 s.
+Timing, honestly (2 idle CPU cores, fresh clone, `bash .ci/run`): the fast set (~410 tests)
+takes about 2 minutes, the slow set (~85: Ray searches, clusters, killed processes, pipelines)
+about 19; with one core kept busy by another process the slow set took 25-28 minutes.
 
 Marking: ``@pytest.mark.slow`` on anything that starts a command in a subprocess and takes more
 than a few seconds (interpreter + torch import alone costs 3-5 s), every Ray search, and the
