@@ -178,15 +178,12 @@ def write_trials_csv(records: Sequence[TrialRecord], spec: SearchSpec, path: Pat
 def pick_best(
     records: Sequence[TrialRecord], spec: SearchSpec, rule: str | None = None
 ) -> TrialRecord | None:
-    """The trial whose config the search hands to ``reproduce`` (``rule``: default the spec's
-    pick). Failed trials never win (their good epochs came from a run that then broke); ties
-    go to the earlier trial.
-
-    ``best_epoch``: the best metric over all reported epochs of all trials.
-    ``final_mean``: among the trials that ran the most epochs, the best mean over their last
-    ``FINAL_MEAN_EPOCHS`` epochs. Sturdier: one epoch's score on a small validation split is
-    partly luck, and an early epoch was scored mid-schedule, while ``reproduce`` trains the
-    whole schedule."""
+    """The trial whose config goes to ``reproduce``; failed trials never win (their good epochs
+    came from a run that then broke), ties go to the earlier trial. ``rule`` (default the
+    spec's pick) ``best_epoch``: the best metric over all epochs of all trials; ``final_mean``:
+    among the trials that ran the most epochs, the best mean over their last
+    ``FINAL_MEAN_EPOCHS``, sturdier since one epoch on a small validation split is partly luck
+    and an early one was scored mid-schedule, while ``reproduce`` trains the whole schedule."""
     rule = rule or spec.pick
     if rule not in PICK_RULES:
         raise ValueError(f"pick rule must be one of {', '.join(PICK_RULES)}, got {rule!r}")

@@ -112,6 +112,13 @@ class _Snapshot:
         self.ready.clear()
 
 
+def _has_file(folder: str, prefix: str) -> bool:
+    try:
+        return any(n.startswith(prefix) for n in os.listdir(folder))
+    except OSError:
+        return False
+
+
 class _Snapshots:
     """Holds back each snapshot file until its round is complete. A round writes every kind
     once: a kind opened again starts the next round, and a round with a failed file is dropped
@@ -233,13 +240,6 @@ class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
 
     def open_append_stream(self, path: str, metadata):
         return self.fs.open_append_stream(path, metadata=metadata)
-
-
-def _has_file(folder: str, prefix: str) -> bool:
-    try:
-        return any(n.startswith(prefix) for n in os.listdir(folder))
-    except OSError:
-        return False
 
 
 def atomic_local_filesystem() -> pafs.PyFileSystem:
