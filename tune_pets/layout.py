@@ -28,8 +28,7 @@ DEFAULT_RUNS_DIR = "runs"
 BASELINE_SUFFIX = "_baseline"
 
 
-def result_tag(model: str, baseline: bool = False) -> str:
-    """The name reproduce's results go under: ``cnn`` (tuned) or ``cnn_baseline``."""
+def result_tag(model: str, baseline: bool = False) -> str:  # cnn (tuned) or cnn_baseline
     return model + (BASELINE_SUFFIX if baseline else "")
 
 
@@ -42,7 +41,6 @@ class Layout:
         object.__setattr__(self, "artifacts", Path(self.artifacts))
         object.__setattr__(self, "runs", Path(self.runs))
 
-    # ------------------------------------------------------------ sanity
     @property
     def data_sanity(self) -> Path:
         return self.artifacts / "data_sanity"
@@ -54,7 +52,6 @@ class Layout:
     def sanity_grid(self, split: str) -> Path:
         return self.data_sanity / f"grid_{split}.png"
 
-    # ------------------------------------------------------------ search
     def search(self, name: str) -> Path:
         return self.artifacts / "search" / name
 
@@ -83,14 +80,12 @@ class Layout:
     def search_tb(self, name: str) -> Path:
         return self.runs / "search" / name
 
-    # ------------------------------------------------------------ train (exploratory)
     def train_run(self, run_name: str) -> Path:
         return self.artifacts / "train" / run_name
 
     def train_tb(self, run_name: str) -> Path:
         return self.runs / "train" / run_name
 
-    # ------------------------------------------------------------ reproduce results
     def result(self, tag: str) -> Path:
         return self.artifacts / tag
 
@@ -101,23 +96,25 @@ class Layout:
     def result_config(self, tag: str) -> Path:
         return self.result(tag) / "config.json"
 
+    def per_class(self, tag: str, split: str) -> Path:
+        return self.result(tag) / f"per_class_{split}.csv"
+
     def result_metrics(self, tag: str) -> Path:
         return self.result(tag) / "metrics.json"
 
-    def per_class(self, tag: str, split: str) -> Path:
-        return self.result(tag) / f"per_class_{split}.csv"
+    @property
+    def metrics_csv(self) -> Path:
+        return self.artifacts / "metrics.csv"
 
     def confusion(self, tag: str, ext: str) -> Path:
         return self.artifacts / f"confusion_{tag}.{ext}"
 
     def profile(self, tag: str) -> Path:
-        """reproduce's profile of the retrained config."""
         return self.artifacts / "profiler" / tag
 
     def reproduce_tb(self, tag: str, seed: int) -> Path:
         return self.runs / f"{tag}-seed{seed}"
 
-    # ------------------------------------------------------------ standalone commands
     def standalone_profile(self, model: str) -> Path:
         return self.artifacts / "profiling" / model
 
@@ -127,10 +124,6 @@ class Layout:
     def evaluation_file(self, name: str, split: str, kind: str) -> Path:
         """``kind``: per_class.csv, confusion.csv, confusion.png or metrics.json."""
         return self.evaluation(name) / f"{split}_{kind}"
-
-    @property
-    def metrics_csv(self) -> Path:
-        return self.artifacts / "metrics.csv"
 
     @property
     def report(self) -> Path:

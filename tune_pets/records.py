@@ -1,10 +1,8 @@
-"""The records that pass between commands, as small dataclasses: the writer calls ``to_dict``
-and ``report`` (or ``reproduce``) calls ``from_dict``, so a key is spelled in one place.
+"""The records that pass between commands, as dataclasses, so a file's keys are spelled once:
+``SearchSummary`` (search/<name>/best_config.json), ``RunInfo`` (<tag>/config.json: what
+produced a result) and ``ReproduceResult`` (<tag>/metrics.json: a retrain's test scores).
 
-- ``SearchSummary``: ``search/<name>/best_config.json``, written by search, read by reproduce
-  and report;
-- ``RunInfo``: ``<tag>/config.json`` (and train's run folder), what produced a result;
-- ``ReproduceResult``: ``<tag>/metrics.json``, the test scores of a retrain.
+    ReproduceResult(...).write(path);  ReproduceResult.read(path, "metrics file")
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tune_pets.utils import UserError, atomic_write_json, read_json
+from tune_pets.utils import UserError, atomic_write_json, read_json, upsert_csv_row
 
 R = TypeVar("R", bound="Record")
 
@@ -35,30 +33,25 @@ class Record:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def upgrade(cls, d: dict) -> dict:
-        """A file of an earlier version, in this version's keys (default: as it is)."""
+    def upgrade(cls, d: dict) -> dict:  # an earlier version's file in this version's keys
         return d
 
     @classmethod
     def read(cls: type[R], path: str | Path, what: str) -> R:
         d = read_json(path, what)
-        d = cls.upgrade(d) if isinstance(d, dict) else d
-        required = [f.name for f in dataclasses.fields(cls) if _required(f)]
-        if not isinstance(d, dict) or any(k not in d for k in required):
-            raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
-        return cls.from_dict(d)
+        if isinstance(d, dict):
+            try:
+                return cls.from_dict(cls.upgrade(d))
+            except TypeError:  # a key without a default is missing
+                pass
+        raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
 
     @classmethod
-    def read_or_none(cls: type[R], path: str | Path) -> R | None:
-        """For the report: a missing or unreadable file is shown as missing."""
+    def read_or_none(cls: type[R], path: str | Path) -> R | None:  # the report shows it missing
         try:
             return cls.read(path, "file")
         except UserError:
             return None
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 @dataclass
@@ -132,10 +125,7 @@ class ReproduceResult(Record):
 
 def write_metrics_row(path: Path, tag: str, split: str, scores: dict[str, Any]) -> None:
     """The one writer of ``metrics.csv``: one row per (tag, split), fixed columns."""
-    from tune_pets.utils import upsert_csv_row
-
-    row = {"model": tag, "split": split}
-    row.update({k: scores.get(k, "") for k in METRICS_CSV_COLUMNS[2:]})
+    row = {"model": tag, "split": split, **{k: scores.get(k, "") for k in METRICS_CSV_COLUMNS[2:]}}
     upsert_csv_row(path, row, key=("model", "split"), fieldnames=METRICS_CSV_COLUMNS)
 
 

@@ -5,9 +5,8 @@
     optuna.db           the search as an Optuna study             (export_study)
     *.png               learning curves, optimization history, parameter importances
 
-Nothing here knows Ray: ``search.py`` turns Ray's results (and, while the search runs, each
-finished trial) into records and calls these functions, so the files are the same whether they
-come from a running search or from its final results.
+Nothing here knows Ray: ``search.py`` turns Ray's results (and each finished trial while the
+search runs) into records, so the files are the same from a running search or its results.
 """
 
 from __future__ import annotations
@@ -30,13 +29,16 @@ from tune_pets.utils import atomic_path, atomic_write_csv
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", "failed"
 STATUSES = (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)
-# What a trial reports besides fit's train_*/val_* metrics: where it ran and its clock.
-IDENTITY_KEYS = ("trial_id", "node", "host", "device")
-HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", *IDENTITY_KEYS)
+# What a trial reports besides fit's train_*/val_* metrics: its clock and where it ran.
+HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", "trial_id", "node", "host", "device")
 # fANOVA importances from a handful of trials are noise presented as a ranking.
 MIN_TRIALS_FOR_IMPORTANCES = 8
 PLOTS = ("learning_curves", "optimization_history", "param_importances")
 FINAL_MEAN_EPOCHS = 3  # pick_best's final_mean averages this many last epochs
+# trials.csv columns after the scores, named as the TrialRecord fields they come from.
+_CSV_FIELDS = ("node", "host", "device", "error", "restarts", "restart_reason")
+# The SearchSpec fields best_config.json's "search" repeats, in its order.
+_SPEC_FIELDS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "pick", "seed")
 
 
 @dataclass(frozen=True)
@@ -56,16 +58,11 @@ class TrialRecord:
     device: str = ""  # cuda:N (the node's GPU index) or cpu
     error: str = ""  # last line of the error, for failed trials
     checkpoint: str | None = None  # the trial's kept checkpoint (its best epoch's)
-    # Times the trial's process died (node lost, OOM-killed, SIGKILL) and the trial went on
-    # from its last checkpoint, and why the last time.
+    # Times the trial's process died (node lost, OOM, SIGKILL) and went on from its last
+    # checkpoint, and why the last time.
     restarts: int = 0
     restart_reason: str = ""
     history: list[dict] = field(default_factory=list)  # one dict per epoch
-
-    def at_best(self, key: str) -> float | None:
-        """``key``'s value at the best epoch."""
-        row = next((h for h in self.history if h.get("epoch") == self.best_epoch), None)
-        return None if row is None or row.get(key) is None else float(row[key])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,11 +72,9 @@ class TrialRecord:
         return cls(**d)
 
 
-# ---------------------------------------------------------------- reports -> record
 def add_report(history: list[dict], metrics: dict) -> None:
-    """Append one report's per-epoch numbers (Ray's own bookkeeping keys dropped). A report whose
-    epoch is not after the last one starts the history over: the trial was restarted (e.g. it
-    was running when a killed search was resumed) and trains from epoch 1 again."""
+    """Append one report's per-epoch numbers (Ray's bookkeeping keys dropped). An epoch not
+    after the last one starts the history over: the trial was restarted from epoch 1."""
     row = {
         k: _plain(v)
         for k, v in metrics.items()
@@ -112,38 +107,29 @@ def make_record(
     epochs = history[-1]["epoch"] if history else 0
     if error:
         status = STATUS_FAILED
-    elif epochs >= spec.max_epochs:
-        status = STATUS_COMPLETED
     else:
-        status = STATUS_STOPPED
-    best = _best_row(history, spec.metric, spec.mode)
+        status = STATUS_COMPLETED if epochs >= spec.max_epochs else STATUS_STOPPED
+    scored = [h for h in history if _finite(h.get(spec.metric))]
+    better = max if spec.mode == "max" else min
+    # the first of equals wins: the earliest epoch
+    best = better(scored, key=lambda h: float(h[spec.metric])) if scored else {}
     last = history[-1] if history else {}
     return TrialRecord(
         trial_id=trial_id,
         status=status,
         epochs=epochs,
         params=params,
-        best_value=None if best is None else float(best[spec.metric]),
-        best_epoch=None if best is None else best["epoch"],
-        val_macro_f1=None if best is None else _float_or_none(best.get("val_macro_f1")),
+        best_value=_float_or_none(best.get(spec.metric)),
+        best_epoch=best.get("epoch"),
+        val_macro_f1=_float_or_none(best.get("val_macro_f1")),
         time_s=_float_or_none(last.get("time_s")),
-        node=str(last.get("node") or ""),
-        host=str(last.get("host") or ""),
-        device=str(last.get("device") or ""),
+        **{k: str(last.get(k) or "") for k in ("node", "host", "device")},
         error=error,
         checkpoint=checkpoint,
         restarts=restarts,
         restart_reason=restart_reason,
         history=history,
     )
-
-
-def _best_row(history: list[dict], metric: str, mode: str) -> dict | None:
-    rows = [h for h in history if _finite(h.get(metric))]
-    if not rows:
-        return None
-    better = max if mode == "max" else min
-    return better(rows, key=lambda h: float(h[metric]))  # the first of equals: earliest epoch
 
 
 def error_line(error: object) -> str:
@@ -156,82 +142,49 @@ def error_line(error: object) -> str:
 
 def trial_line(record: TrialRecord, spec: SearchSpec, done: int) -> str:
     """One line per finished trial, for the log."""
-    head = (
-        f"trial {record.trial_id} {record.status} after {record.epochs} "
-        f"epoch{'' if record.epochs == 1 else 's'}"
-    )
-    if record.status == STATUS_FAILED:
-        what = record.error or "error"
-    elif record.best_value is None:
+    r = record
+    head = f"trial {r.trial_id} {r.status} after {r.epochs} epoch{'' if r.epochs == 1 else 's'}"
+    if r.status == STATUS_FAILED:
+        what = r.error or "error"
+    elif r.best_value is None:
         what = f"no finite {spec.metric}"
     else:
-        what = f"{spec.metric} {record.best_value:.4f} (best, epoch {record.best_epoch})"
-    if record.restarts and record.status != STATUS_FAILED:
-        what += f", restarted {record.restarts}x from its checkpoint ({record.restart_reason})"
+        what = f"{spec.metric} {r.best_value:.4f} (best, epoch {r.best_epoch})"
+    if r.restarts and r.status != STATUS_FAILED:
+        what += f", restarted {r.restarts}x from its checkpoint ({r.restart_reason})"
     return f"{head}: {what} [{done}/{spec.num_samples} trials done]"
 
 
-# ---------------------------------------------------------------- trials.csv, best pick
-def trials_columns(spec: SearchSpec) -> list[str]:
-    return list(
-        dict.fromkeys(
-            [
-                "trial_id",
-                "status",
-                "epochs",
-                *spec.space,
-                f"best_{spec.metric}",
-                "best_epoch",
-                "best_val_macro_f1",
-                "time_s",
-                "node",
-                "host",
-                "device",
-                "error",
-                "restarts",
-                "restart_reason",
-            ]
-        )
-    )
-
-
 def write_trials_csv(records: Sequence[TrialRecord], spec: SearchSpec, path: Path) -> None:
-    rows = []
-    for r in records:
-        rows.append(
-            {
-                "trial_id": r.trial_id,
-                "status": r.status,
-                "epochs": r.epochs,
-                **{k: r.params.get(k) for k in spec.space},
-                f"best_{spec.metric}": r.best_value,
-                "best_epoch": r.best_epoch,
-                "best_val_macro_f1": r.val_macro_f1,
-                "time_s": None if r.time_s is None else round(r.time_s, 3),
-                "node": r.node,
-                "host": r.host,
-                "device": r.device,
-                "error": r.error,
-                "restarts": r.restarts,
-                "restart_reason": r.restart_reason,
-            }
-        )
-    atomic_write_csv(path, rows, trials_columns(spec))
+    best = f"best_{spec.metric}"
+    rows = [
+        {
+            "trial_id": r.trial_id,
+            "status": r.status,
+            "epochs": r.epochs,
+            **{k: r.params.get(k) for k in spec.space},
+            best: r.best_value,
+            "best_epoch": r.best_epoch,
+            "best_val_macro_f1": r.val_macro_f1,
+            "time_s": None if r.time_s is None else round(r.time_s, 3),
+            **{k: getattr(r, k) for k in _CSV_FIELDS},
+        }
+        for r in records
+    ]
+    head = ["trial_id", "status", "epochs", *spec.space, best, "best_epoch", "best_val_macro_f1"]
+    atomic_write_csv(path, rows, list(dict.fromkeys([*head, "time_s", *_CSV_FIELDS])))
 
 
 def pick_best(
     records: Sequence[TrialRecord], spec: SearchSpec, rule: str | None = None
 ) -> TrialRecord | None:
-    """The trial whose config the search hands to ``reproduce``. Failed trials never win
-    (their good epochs came from a run that then broke); ties go to the earlier trial.
-
-    ``best_epoch``: the best metric over all reported epochs of all trials.
-    ``final_mean``: among the trials that ran the most epochs (those that ran to max_epochs,
-    unless every trial was stopped sooner), the best mean of the metric over their last
-    ``FINAL_MEAN_EPOCHS`` epochs. Sturdier: the best single epoch on a small validation split
-    is partly luck, and an early epoch of a trial ASHA stopped was scored mid-schedule, while
-    ``reproduce`` trains the chosen config for the whole schedule."""
-    rule = rule or spec.pick  # the YAML's pick, or --pick
+    """The trial whose config goes to ``reproduce``; failed trials never win (their good epochs
+    came from a run that then broke), ties go to the earlier trial. ``rule`` (default the
+    spec's pick) ``best_epoch``: the best metric over all epochs of all trials; ``final_mean``:
+    among the trials that ran the most epochs, the best mean over their last
+    ``FINAL_MEAN_EPOCHS``, sturdier since one epoch on a small validation split is partly luck
+    and an early one was scored mid-schedule, while ``reproduce`` trains the whole schedule."""
+    rule = rule or spec.pick
     if rule not in PICK_RULES:
         raise ValueError(f"pick rule must be one of {', '.join(PICK_RULES)}, got {rule!r}")
     ok = [r for r in records if r.status != STATUS_FAILED and r.best_value is not None]
@@ -247,8 +200,8 @@ def pick_best(
 
 
 def final_mean(record: TrialRecord, metric: str, k: int | None = None) -> float | None:
-    """The mean of ``metric`` over the trial's last ``k`` (default ``FINAL_MEAN_EPOCHS``)
-    reported epochs with a finite value; None when there is none."""
+    """The mean of ``metric`` over the last ``k`` (default ``FINAL_MEAN_EPOCHS``) epochs with a
+    finite value; None when there is none."""
     values = [float(h[metric]) for h in record.history if _finite(h.get(metric))]
     values = values[-(k or FINAL_MEAN_EPOCHS) :]
     return sum(values) / len(values) if values else None
@@ -273,6 +226,7 @@ def make_summary(
     """best_config.json: the best trial's full run config (what ``reproduce`` retrains) and how
     it was found. ``run``: the caller's name, paths and timings of this search."""
     config = base.replace(**{k: best.params[k] for k in spec.space})
+    at_best = next((h for h in best.history if h.get("epoch") == best.best_epoch), {})
     return SearchSummary(
         model=config.model,
         config=config.to_dict(),
@@ -281,18 +235,13 @@ def make_summary(
         best_value=best.best_value,
         trial_id=best.trial_id,
         epoch=best.best_epoch,
-        val_acc=best.at_best("val_acc"),
+        val_acc=None if at_best.get("val_acc") is None else float(at_best["val_acc"]),
         val_macro_f1=best.val_macro_f1,
         checkpoint=best.checkpoint,
         search={
             **run,
             "spec_file": spec.source,
-            "num_samples": spec.num_samples,
-            "max_epochs": spec.max_epochs,
-            "grace_period": spec.grace_period,
-            "reduction_factor": spec.reduction_factor,
-            "pick": spec.pick,
-            "seed": spec.seed,
+            **{k: getattr(spec, k) for k in _SPEC_FIELDS},
             "split_seed": base.val_split_seed,
             "resources": spec.resources,
             "max_concurrent": spec.max_concurrent,
@@ -309,43 +258,36 @@ def make_summary(
     )
 
 
-# ---------------------------------------------------------------- Optuna
 def optuna_distributions(spec: SearchSpec) -> dict:
-    """YAML samplers -> Optuna distributions (the searcher's space and the export's).
-    uniform/loguniform/quniform [low, high] and randint [low, high] are inclusive."""
+    """YAML samplers -> Optuna distributions (the searcher's space and the export's); the
+    [low, high] bounds are inclusive."""
     import optuna.distributions as od
 
     out = {}
     for name, (sampler, args) in spec.space.items():
-        is_int = CONFIG_FIELDS[name].type == "int"
         if sampler == "choice":
             out[name] = od.CategoricalDistribution(args)
         elif sampler == "randint":
             out[name] = od.IntDistribution(args[0], args[1])
-        elif sampler == "loguniform":
-            out[name] = od.FloatDistribution(args[0], args[1], log=True)
-        elif sampler == "quniform" and is_int:
+        elif sampler == "quniform" and CONFIG_FIELDS[name].type == "int":
             out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=int(args[2]))
-        elif sampler == "quniform":
-            out[name] = od.FloatDistribution(args[0], args[1], step=args[2])
         else:
-            out[name] = od.FloatDistribution(args[0], args[1])
+            step = args[2] if sampler == "quniform" else None
+            out[name] = od.FloatDistribution(
+                args[0], args[1], log=sampler == "loguniform", step=step
+            )
     return out
 
 
 def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, storage=None):
-    """The search as an Optuna study: one Optuna trial per record, in order, its per-epoch
-    values as intermediate values and its best value as the objective. Failed trials are FAIL;
-    every trial carries ``user_attrs`` ray_trial_id, status, epochs, device and host."""
+    """One Optuna trial per record, in order: per-epoch values as intermediate values, the best
+    value as the objective, failed trials as FAIL, and the record's ids in ``user_attrs``."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     distributions = optuna_distributions(spec)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="maximize" if spec.mode == "max" else "minimize",
-    )
+    direction = "maximize" if spec.mode == "max" else "minimize"
+    study = optuna.create_study(study_name=name, storage=storage, direction=direction)
     trials = []
     for r in records:
         params = {k: r.params.get(k) for k in distributions}
@@ -364,10 +306,7 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
                 intermediate_values=steps,
                 user_attrs={
                     "ray_trial_id": r.trial_id,
-                    "status": r.status,
-                    "epochs": r.epochs,
-                    "device": r.device,
-                    "host": r.host,
+                    **{k: getattr(r, k) for k in ("status", "epochs", "device", "host")},
                 },
             )
         )
@@ -376,8 +315,7 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
 
 
 def export_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path) -> None:
-    """Write the study to SQLite at ``path`` atomically (a new file, then a rename), so
-    ``optuna-dashboard sqlite:///PATH`` never reads a half-written study."""
+    """Write the study to SQLite atomically, so ``optuna-dashboard`` never reads half of one."""
     import optuna
 
     with atomic_path(path) as tmp:
@@ -389,12 +327,11 @@ def export_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, pa
             storage.engine.dispose()  # no open handle on the file once it is renamed
 
 
-# ---------------------------------------------------------------- plots
 def write_plots(
     records: Sequence[TrialRecord], spec: SearchSpec, name: str, layout: Layout
 ) -> list[Path]:
-    """Learning curves, optimization history and, from enough trials, parameter importances,
-    each drawn in its own style context. A plot that is not made says why on stderr."""
+    """Learning curves, optimization history and, from enough trials, parameter importances.
+    A plot that is not made says why on stderr."""
     written = [_learning_curves(records, spec, name, layout.search_plot(name, PLOTS[0]))]
     study = build_study(records, spec, name)
     history = layout.search_plot(name, PLOTS[1])
@@ -414,8 +351,8 @@ def write_plots(
     return written
 
 
-_LINE = {STATUS_COMPLETED: "-", STATUS_STOPPED: "--", STATUS_FAILED: ":"}
-_END = {STATUS_COMPLETED: "o", STATUS_STOPPED: "x", STATUS_FAILED: "x"}
+# Line style and end marker by how a trial ended, explained in the caption.
+_STYLE = {STATUS_COMPLETED: ("-", "o"), STATUS_STOPPED: ("--", "x"), STATUS_FAILED: (":", "x")}
 _KEY = (
     "solid line, o: ran to max_epochs;  dashed, x: stopped early (ASHA or the time budget);  "
     "dotted, x: failed;  thick: the best trial"
@@ -425,8 +362,6 @@ _KEY = (
 def _learning_curves(
     records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path
 ) -> Path:
-    """One line per trial (the search metric per epoch), the best trial drawn thick; the line
-    style and end marker say how the trial ended (the caption says how)."""
     best = pick_best(records, spec)
     drawn = [r for r in records if r.history]
     with figure_style() as plt:
@@ -437,15 +372,12 @@ def _learning_curves(
             epochs = [h["epoch"] for h in r.history]
             values = [h.get(spec.metric, math.nan) for h in r.history]
             is_best = best is not None and r.trial_id == best.trial_id
-            (line,) = ax.plot(
-                epochs,
-                values,
-                _LINE[r.status],
-                lw=2.6 if is_best else 1.2,
-                alpha=0.9,
-                label=f"{r.trial_id} {r.status}" + (", best" if is_best else ""),
+            line, end = _STYLE[r.status]
+            label = f"{r.trial_id} {r.status}" + (", best" if is_best else "")
+            (drawn_line,) = ax.plot(
+                epochs, values, line, lw=2.6 if is_best else 1.2, alpha=0.9, label=label
             )
-            ax.plot(epochs[-1], values[-1], _END[r.status], color=line.get_color())
+            ax.plot(epochs[-1], values[-1], end, color=drawn_line.get_color())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(spec.metric)
@@ -462,14 +394,13 @@ def _learning_curves(
 
 
 def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> bool:
-    """Optuna's matplotlib plot of ``what``, its axis naming the metric ("Objective Value" says
-    nothing). Returns False, with a note, when Optuna cannot draw it."""
+    """Optuna's plot of ``what`` with the metric on its axis ("Objective Value" says nothing);
+    False, with a note, when Optuna cannot draw it."""
+    from matplotlib.ticker import MaxNLocator
     from optuna.visualization import matplotlib as ovm
 
-    plot = {
-        "optimization history": ovm.plot_optimization_history,
-        "parameter importances": ovm.plot_param_importances,
-    }[what]
+    history = what == "optimization history"
+    plot = ovm.plot_optimization_history if history else ovm.plot_param_importances
     with figure_style():
         try:
             with warnings.catch_warnings():
@@ -482,9 +413,7 @@ def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> b
             )
             return False
         ax.set_title(f"{name}: {what}")
-        if what == "optimization history":
-            from matplotlib.ticker import MaxNLocator
-
+        if history:
             ax.set_ylabel(spec.metric)
             ax.set_xlabel("trial (in the order started)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -492,7 +421,6 @@ def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> b
     return True
 
 
-# ---------------------------------------------------------------- small helpers
 def _plain(v: Any) -> Any:
     """numpy/pandas scalars -> Python scalars (for CSV, JSON and Optuna)."""
     return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v

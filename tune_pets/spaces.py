@@ -1,5 +1,7 @@
 """Search spaces: the YAML files in ``search_spaces/`` (shipped inside the package) parsed and
 validated into a ``SearchSpec``. Every error names the file and the key.
+
+    spec = load_search_spec(default_space("cnn"))   # spec.space: {"lr": ("loguniform", [..])}
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from tune_pets.utils import UserError
 
 
 def spaces_dir() -> Path:
-    """The shipped search spaces: ``tune_pets/search_spaces/`` in an installed wheel (setup.cfg
-    maps the top-level ``search_spaces/`` folder there), the source folder in a checkout."""
+    """``tune_pets/search_spaces/`` in an installed wheel (setup.cfg maps the top-level
+    ``search_spaces/`` folder there), the source folder in a checkout."""
     here = Path(__file__).resolve()
     installed = here.parent / "search_spaces"
     return installed if installed.is_dir() else here.parents[1] / "search_spaces"
@@ -28,25 +30,18 @@ def default_space(model: str, smoke: bool = False) -> Path:
 
 UNSEARCHABLE = ("model", "seed", "split_seed", "metric")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "quniform")
-SPEC_KEYS = {
-    "model",
-    "metric",
-    "mode",
-    "num_samples",
-    "max_epochs",
-    "grace_period",
-    "reduction_factor",
-    "max_concurrent",
-    "seed",
-    "split_seed",
-    "resources",
-    "fixed",
-    "space",
-    "time_budget_s",
-    "pick",
-}
 # How the search chooses the trial it hands to reproduce (search_results.pick_best).
 PICK_RULES = ("best_epoch", "final_mean")
+# The integer keys and their least value.
+_INT_KEYS = {
+    "num_samples": 1,
+    "max_epochs": 1,
+    "grace_period": 1,
+    "reduction_factor": 2,
+    "max_concurrent": 1,
+    "seed": 0,
+    "split_seed": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -70,17 +65,18 @@ class SearchSpec:
     space: dict = field(default_factory=dict)
     time_budget_s: float | None = None
     pick: str = "best_epoch"  # PICK_RULES: the trial handed to reproduce
-    source: str = "<spec>"
+    source: str = "<spec>"  # the file it was read from
 
     def replace(self, **changes: Any) -> SearchSpec:
         return dataclasses.replace(self, **changes)
 
 
+SPEC_KEYS = {f.name for f in dataclasses.fields(SearchSpec)} - {"source"}
+
+
 def _as_number(v: Any, where: str) -> float:
     """YAML 1.1 reads ``1e-4`` as a string: accept it, reject anything non-numeric."""
-    if isinstance(v, bool):
-        raise UserError(f"{where}: expected a number, got {v!r}")
-    if isinstance(v, (int, float)):
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
         return v
     if isinstance(v, str):
         try:
@@ -88,6 +84,17 @@ def _as_number(v: Any, where: str) -> float:
         except ValueError:
             pass
     raise UserError(f"{where}: expected a number, got {v!r}")
+
+
+def _coerce_value(name: str, v: Any, where: str) -> Any:
+    if CONFIG_FIELDS[name].type == "float" and isinstance(v, str):
+        return _as_number(v, where)
+    return v
+
+
+def _check_choice(path: Path, raw: dict, key: str, choices: tuple[str, ...]) -> None:
+    if key in raw and raw[key] not in choices:
+        raise UserError(f"{path}: {key} must be one of {', '.join(choices)}, got {raw[key]!r}")
 
 
 def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
@@ -128,7 +135,6 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
 
 
 def load_search_spec(path: str | Path) -> SearchSpec:
-    """Load and validate a search-space YAML. Every error names the file and the key."""
     import yaml
 
     path = Path(path)
@@ -156,43 +162,22 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         model_spec = get_spec(str(raw["model"]))
     except UserError as e:
         raise UserError(f"{path}: model: {e}") from None
-    model = model_spec.name
-    kw: dict[str, Any] = {"model": model, "source": str(path)}
-    if "metric" in raw:
-        if raw["metric"] not in METRICS:
-            raise UserError(
-                f"{path}: metric must be one of {', '.join(METRICS)}, got {raw['metric']!r}"
-            )
-        kw["metric"] = raw["metric"]
-    if "mode" in raw:
-        if raw["mode"] not in ("min", "max"):
-            raise UserError(f"{path}: mode must be min or max, got {raw['mode']!r}")
-        kw["mode"] = raw["mode"]
-    for key, lo in (
-        ("num_samples", 1),
-        ("max_epochs", 1),
-        ("grace_period", 1),
-        ("reduction_factor", 2),
-        ("max_concurrent", 1),
-        ("seed", 0),
-        ("split_seed", 0),
-    ):
-        if key in raw:
-            v = raw[key]
-            if key == "split_seed" and v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise UserError(f"{path}: {key} must be an integer >= {lo}, got {v!r}")
-            kw[key] = v
-    if "time_budget_s" in raw and raw["time_budget_s"] is not None:
+    kw: dict[str, Any] = {"model": model_spec.name, "source": str(path)}
+    _check_choice(path, raw, "metric", METRICS)
+    if raw.get("mode", "max") not in ("min", "max"):
+        raise UserError(f"{path}: mode must be min or max, got {raw['mode']!r}")
+    kw.update({k: raw[k] for k in ("metric", "mode", "pick") if k in raw})
+    for key, lo in _INT_KEYS.items():
+        v = raw.get(key)
+        if key not in raw or (key == "split_seed" and v is None):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise UserError(f"{path}: {key} must be an integer >= {lo}, got {v!r}")
+        kw[key] = v
+    if raw.get("time_budget_s") is not None:
         kw["time_budget_s"] = _as_number(raw["time_budget_s"], f"{path}: time_budget_s")
-    if "pick" in raw:
-        if raw["pick"] not in PICK_RULES:
-            raise UserError(
-                f"{path}: pick must be one of {', '.join(PICK_RULES)}, got {raw['pick']!r}"
-            )
-        kw["pick"] = raw["pick"]
-    if "resources" in raw and raw["resources"] != "auto":
+    _check_choice(path, raw, "pick", PICK_RULES)
+    if raw.get("resources", "auto") != "auto":
         res = raw["resources"]
         if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
             raise UserError(f"{path}: resources must be auto or a mapping with keys cpu and gpu")
@@ -225,9 +210,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     validate_config(base, f"{path}: fixed")
     # Every value the space can produce must make a valid config: check the bounds.
     for name, (sampler, args) in spec.space.items():
-        values = args if sampler == "choice" else args[:2]
-        for v in values:
-            base = model_spec.defaults.replace(**{k: v for k, v in spec.fixed.items()})
+        for v in args if sampler == "choice" else args[:2]:
             try:
                 validate_config(
                     base.replace(**{name: _coerce_value(name, v, "")}), f"{path}: space.{name}"
@@ -235,11 +218,3 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             except TypeError:
                 raise UserError(f"{path}: space.{name}: bad value {v!r}") from None
     return spec
-
-
-def _coerce_value(name: str, v: Any, where: str) -> Any:
-    typ = CONFIG_FIELDS[name].type
-    typ = typ if isinstance(typ, str) else typ.__name__
-    if typ in ("float",) and isinstance(v, str):
-        return _as_number(v, where)
-    return v

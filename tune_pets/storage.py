@@ -1,18 +1,11 @@
 """The filesystem Ray Tune writes ``--storage-path`` through: the local filesystem, except that
-every file is written whole or not at all (to a temporary file beside it, renamed over the old
-one once complete), as tune_pets writes its own files.
+every file is written whole or not at all (a temporary file beside it, renamed over the old one
+once complete). A full disk then leaves the previous ``experiment_state-*.json`` (what
+``--resume`` reads) instead of a truncated one, so ``--resume`` continues once space is freed.
 
-Ray writes its experiment state (``experiment_state-*.json``, the searcher's and callbacks'
-pickles), the trials' result logs and their checkpoints by copying files into the storage
-path. Through a plain ``pyarrow.fs.LocalFileSystem`` a full disk stops such a copy half-way and
-leaves a truncated ``experiment_state-*.json`` (what ``--resume`` reads: it then starts over);
-through this one the previous version stays, so ``--resume`` continues once space is freed.
-
-The files of one experiment snapshot (``SNAPSHOT_KINDS``) are also kept together: each new
-version is held back until all of the same snapshot are written whole, then they are renamed
-into place together. A full disk that stops the small searcher state but not the large
-trial list (or the other way round) would otherwise leave a mix that ``--resume`` reads as a
-search with trials missing.
+The files of one experiment snapshot (``SNAPSHOT_KINDS``) are also renamed into place together,
+once all are written whole: a disk that fills between the small searcher state and the large
+trial list would otherwise leave a mix that ``--resume`` reads as a search with trials missing.
 
     fs = atomic_local_filesystem()     # tune.RunConfig(storage_filesystem=fs), Tuner.restore(...)
 """
@@ -38,16 +31,14 @@ _SNAPSHOT_FILE = re.compile(rf"^({'|'.join(map(re.escape, SNAPSHOT_KINDS))})-(.+
 
 
 class _AtomicWriter:
-    """A write-only file object for ``pa.PythonFile``: writes go to a temporary file in the
-    target's folder, which replaces the target on a clean ``close`` and is deleted when any
-    write, flush or the close failed (a full disk: the old file stays as it was)."""
+    """A write-only file object for ``pa.PythonFile``: writes go to a temporary file beside the
+    target, which a clean ``close`` hands to ``commit`` (default: rename it over the target)
+    and which is deleted when any write, flush or the close fails."""
 
     def __init__(self, path: str, commit: Callable[[_AtomicWriter], None] | None = None):
         self.path = path
-        # What a clean close does with the finished temporary file (default: rename it over
-        # ``path``); ``on_failure`` is called once if the file is given up.
         self.commit = commit or (lambda w: os.replace(w.tmp, w.path))
-        self.on_failure: Callable[[], None] = lambda: None
+        self.on_failure: Callable[[], None] = lambda: None  # called once if the file is given up
         fd, self.tmp = tempfile.mkstemp(
             dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp"
         )
@@ -55,19 +46,18 @@ class _AtomicWriter:
         self.file = os.fdopen(fd, "wb")
         self.failed = False
 
-    def write(self, data) -> int:
+    def _or_discard(self, op: Callable, *args):
         try:
-            return self.file.write(data)
+            return op(*args)
         except BaseException:
             self._discard()
             raise
 
+    def write(self, data) -> int:
+        return self._or_discard(self.file.write, data)
+
     def flush(self) -> None:
-        try:
-            self.file.flush()
-        except BaseException:
-            self._discard()
-            raise
+        self._or_discard(self.file.flush)
 
     def _discard(self) -> None:
         """Delete the temporary file now: after a failed write pyarrow may never close the
@@ -101,14 +91,9 @@ class _AtomicWriter:
         return self.file.closed
 
     def close(self) -> None:
-        if self.file.closed:
-            return
-        try:
-            self.file.close()  # the last buffered bytes: a full disk may show only here
-        except BaseException:
-            self._discard()
-            raise
-        self.commit(self)
+        if not self.file.closed:
+            self._or_discard(self.file.close)  # the last buffered bytes: a full disk shows here
+            self.commit(self)
 
 
 @dataclass
@@ -127,20 +112,18 @@ class _Snapshot:
         self.ready.clear()
 
 
-def _committed(folder: str, kind: str, session: str) -> bool:
-    """Whether ``folder`` holds a ``kind`` file of this session (from an earlier snapshot)."""
+def _has_file(folder: str, prefix: str) -> bool:
     try:
-        return any(n.startswith(f"{kind}-{session}.") for n in os.listdir(folder))
+        return any(n.startswith(prefix) for n in os.listdir(folder))
     except OSError:
         return False
 
 
 class _Snapshots:
-    """Holds back each snapshot file until its round is complete (see the module's doc). A
-    round writes every kind once: a kind opened again starts the next round, and a round with a
-    failed file is dropped whole (the last complete snapshot stays). The callbacks' file is
-    waited for once it exists (Tune writes it only when a callback has state); a session's
-    first one, if it comes after the rest of its round, is renamed on its own."""
+    """Holds back each snapshot file until its round is complete. A round writes every kind
+    once: a kind opened again starts the next round, and a round with a failed file is dropped
+    whole. The callbacks' file is waited for once one exists; a session's first one, if it
+    comes after the rest of its round, is renamed on its own."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # pyarrow copies files on several threads
@@ -170,7 +153,7 @@ class _Snapshots:
                 return
             snap.ready[kind] = writer
             needed = set(SNAPSHOT_KINDS) - {OPTIONAL_KIND}
-            if OPTIONAL_KIND in snap.seen or _committed(key[0], OPTIONAL_KIND, key[1]):
+            if OPTIONAL_KIND in snap.seen or _has_file(key[0], f"{OPTIONAL_KIND}-{key[1]}."):
                 needed.add(OPTIONAL_KIND)
             if needed <= set(snap.ready):
                 # the trial list last: a reader that finds it finds the rest of its snapshot
@@ -186,8 +169,8 @@ class _Snapshots:
 
 
 class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
-    """``pyarrow.fs.LocalFileSystem`` with whole-file writes (``open_output_stream`` and
-    ``copy_file``); everything else is passed through. Appends stay appends."""
+    """``pyarrow.fs.LocalFileSystem`` with whole-file ``open_output_stream`` and ``copy_file``;
+    everything else (appends too) is passed through."""
 
     def __init__(self) -> None:
         self.fs = pafs.LocalFileSystem()
@@ -251,11 +234,8 @@ class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
         return self.fs.open_input_file(path)
 
     def open_output_stream(self, path: str, metadata):
-        snapshot = _SNAPSHOT_FILE.match(os.path.basename(path))
-        if snapshot:
-            writer = self.snapshots.writer(path, snapshot.group(1), snapshot.group(2))
-        else:
-            writer = _AtomicWriter(path)
+        m = _SNAPSHOT_FILE.match(os.path.basename(path))
+        writer = self.snapshots.writer(path, m[1], m[2]) if m else _AtomicWriter(path)
         return pa.PythonFile(writer, mode="w")
 
     def open_append_stream(self, path: str, metadata):
