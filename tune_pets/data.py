@@ -160,13 +160,12 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
         )
     # The held-out split is part of the layout, and its classes must all have training images.
     heldout = data_dir / heldout_split_name(data_dir)
-    names = [d.name for d in _class_dirs(heldout)]
-    _check_heldout_classes(heldout, names, [d.name for d in _class_dirs(data_dir / "train")])
+    _check_heldout_classes(heldout, _class_names(heldout), _class_names(data_dir / "train"))
     return data_dir
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _class_names(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _check_heldout_classes(root: Path, names: Sequence[str], train: Sequence[str]) -> None:
@@ -183,18 +182,17 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
     root = data_dir / split
     if not root.is_dir():
         raise UserError(f"{root} does not exist; expected {root}/<class>/<image files>")
-    class_dirs = _class_dirs(root)
-    if not class_dirs:
+    names = _class_names(root)
+    if not names:
         raise UserError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     if classes is None:
-        classes = [d.name for d in class_dirs]
-    else:
-        _check_heldout_classes(root, [d.name for d in class_dirs], classes)
+        classes = names
+    _check_heldout_classes(root, names, classes)
     index = {c: i for i, c in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
     ignored: list[str] = []
-    for d in class_dirs:
+    for d in (root / name for name in names):
         files = sorted(
             p
             for p in d.rglob("*")
@@ -469,24 +467,17 @@ def random_resized_crop_params(
 
     area = height * width
     s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator) * area
-    logr = torch.empty(n, attempts).uniform_(
-        math.log(ratio[0]), math.log(ratio[1]), generator=generator
-    )
-    r = torch.exp(logr)
-    w = torch.sqrt(s * r).round()
-    h = torch.sqrt(s / r).round()
+    logr = torch.empty(n, attempts).uniform_(*map(math.log, ratio), generator=generator)
+    w, h = torch.sqrt(s * logr.exp()).round(), torch.sqrt(s / logr.exp()).round()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    pick, side = first.clamp(min=0), torch.tensor(float(min(width, height)))
-    cw = torch.where(first >= 0, w[torch.arange(n), pick], side)
-    ch = torch.where(first >= 0, h[torch.arange(n), pick], side)
+    found, first = ok.any(1), ok.float().argmax(1)  # the first attempt that fits
+    side = torch.tensor(float(min(width, height)))
+    cw = torch.where(found, w[torch.arange(n), first], side)
+    ch = torch.where(found, h[torch.arange(n), first], side)
     u = torch.rand(n, 2, generator=generator)
-    fallback = first < 0
-    x0 = torch.where(
-        fallback, torch.floor((width - cw) / 2), torch.floor(u[:, 0] * (width - cw + 1))
-    )
+    x0 = torch.where(found, torch.floor(u[:, 0] * (width - cw + 1)), torch.floor((width - cw) / 2))
     y0 = torch.where(
-        fallback, torch.floor((height - ch) / 2), torch.floor(u[:, 1] * (height - ch + 1))
+        found, torch.floor(u[:, 1] * (height - ch + 1)), torch.floor((height - ch) / 2)
     )
     return x0, y0, cw, ch
 

@@ -5,16 +5,11 @@ from a local copy.
     python -m tune_pets.prepare --output-dir data/oxford_pets --from DIR       # official release
     python -m tune_pets.prepare --output-dir data/oxford_pets --dataset DIR    # hub copy, parquet
 
-Sources: ``--dataset ID`` (default ``timm/oxford-iiit-pet``) from the hub; ``--dataset DIR``, a
-local copy of its parquet files; ``--from DIR``, the official release (``DIR/images/*.jpg`` with
-``DIR/annotations/{trainval,test}.txt``) or torchvision's ``OxfordIIITPet`` root (the same under
-``DIR/oxford-iiit-pet/``). All write ``OUTPUT/{train,test}/<breed>/<image_id>.jpg`` (trainval
-becomes train), breed folders named as the original files name them (``Persian_98`` ->
-``Persian``), JPEG bytes unchanged and anything else (the originals include a GIF and an RGBA PNG
-named .jpg) as an RGB JPEG, quality 95. The tree is built in ``OUTPUT.tmp-XXXX`` under the lock
-``OUTPUT.lock`` and renamed into place with a ``.complete`` marker holding the counts: a second
-run does nothing, and a run after a killed one removes its temp folder. Offline, the download
-fails within seconds with one line saying what to do instead.
+``--from`` also takes torchvision's ``OxfordIIITPet`` root. Every source writes
+``OUTPUT/{train,test}/<breed>/<image_id>.jpg`` with the original breed names (``Persian_98`` ->
+``Persian``), JPEG bytes unchanged, anything else (the originals include a GIF and an RGBA PNG
+named .jpg) as RGB JPEG. The tree is built in ``OUTPUT.tmp-XXXX`` under ``OUTPUT.lock`` and
+renamed into place with a ``.complete`` marker, so a second run does nothing.
 """
 
 from __future__ import annotations
@@ -36,14 +31,8 @@ from PIL import Image, ImageOps
 
 from tune_pets import cli
 from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
-from tune_pets.hub import (
-    first_line,
-    hub_offline,
-    hub_offline_mode,
-    hub_unreachable,
-    is_network_error,
-    is_not_found_error,
-)
+from tune_pets import hub
+from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.utils import UserError, _umask, cli_main
 
@@ -305,12 +294,12 @@ def _columns(features: Any, source: str = "dataset") -> tuple[str, str]:
     return image_col, label_col
 
 
-def _hf_examples(
-    split: Any, image_col: str, label_col: str, names: Mapping[int, str]
-) -> Iterator[Example]:
+def _hf_examples(split: Any, columns: tuple[str, str], breeds: dict[int, str]) -> Iterator[Example]:
     """(undecoded bytes, breed name, stem) per row: JPEG files keep their original bytes."""
     import datasets
 
+    image_col, label_col = columns
+    names = dict(enumerate(split.features[label_col].names)) | breeds
     split = split.cast_column(image_col, datasets.Image(decode=False))
     has_id = "image_id" in split.features
     for i, row in enumerate(split):
@@ -356,13 +345,13 @@ def write_dataset(
         label_col = columns[name][1]
         fallback = fallback or list(ds.features[label_col].names)
         ids = ds["image_id"] if "image_id" in ds.features else [None] * len(ds)
-        rows += [(label, i) for label, i in zip(ds[label_col], ids, strict=True)]
-    stem_names = breed_names(((label, i) for label, i in rows if label is not None), fallback)
-    splits = {}
-    for name, ds in wanted.items():
-        image_col, label_col = columns[name]
-        names = dict(enumerate(ds.features[label_col].names)) | stem_names
-        splits[name] = (_hf_examples(ds, image_col, label_col, names), len(ds))
+        rows += [
+            (label, i) for label, i in zip(ds[label_col], ids, strict=True) if label is not None
+        ]
+    breeds = breed_names(rows, fallback)
+    splits = {
+        name: (_hf_examples(ds, columns[name], breeds), len(ds)) for name, ds in wanted.items()
+    }
     return build_atomically(splits, output_dir, source=source, progress=progress)
 
 
@@ -464,12 +453,13 @@ def load_hf_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
         datasets.disable_progress_bars()
     if Path(name).is_dir():
         return _load_local(Path(name))
-    offline_why = "HF_HUB_OFFLINE is set" if hub_offline(datasets_too=True) else hub_unreachable()
+    offline = hub.hub_offline(datasets_too=True)
+    offline_why = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
     if offline_why is None:
         print(f"downloading {name} from the Hugging Face hub...", flush=True)
         return _load_from_hub(name, offline_why)
     # Unreachable: the datasets cache may still hold it (a copy made while online).
-    with hub_offline_mode():
+    with hub.hub_offline_mode():
         return _load_from_hub(name, offline_why)
 
 
@@ -479,13 +469,13 @@ def _load_from_hub(name: str, offline_why: str | None) -> Any:
     try:
         return datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - each kind of failure gets its own line below
-        if is_network_error(e):  # offline, datasets says so with a ConnectionError too
+        if hub.is_network_error(e):  # offline, datasets says so with a ConnectionError too
             why = offline_why or f"{type(e).__name__}: {first_line(e)}"
             raise UserError(
                 f"cannot download {name!r}: the Hugging Face hub is unreachable ({why}) and "
                 f"the dataset is not in the local cache; {OFFLINE_HELP}"
             ) from None
-        if is_not_found_error(e):
+        if hub.is_not_found_error(e):
             raise UserError(
                 f"--dataset {name}: no such dataset on the Hugging Face hub, or it is private or "
                 f"gated ({first_line(e)}); check the id (default {DEFAULT_DATASET}) or pass a "
