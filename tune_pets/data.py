@@ -1,19 +1,20 @@
-"""Data: ImageFolder scanning/validation, a seeded stratified val split, the decode-once uint8
-cache, and batched tensor augmentation.
+"""Data: ImageFolder scanning, a seeded stratified val split, the decode-once uint8 cache, and
+batched tensor augmentation.
 
-Layout read: ``DATA_DIR/train/<class>/*`` plus a held-out split ``test/`` (or ``val/``, the
-homework's name). Every PIL-readable file is an image whatever its extension; hidden files and
-known non-image files are ignored. Images are decoded once, resized (shorter side) and
-center-cropped to a square of side ``res`` and stored as uint8 ``[N, res, res, 3]`` arrays in a
-cache keyed by the data's fingerprint and ``res``; training never decodes a JPEG.
+    train = load_split("data/oxford_pets", "train", res=cache_res(224, 0.875))
+    x = train_augment(to_device_uint8(train.images, idx, device), 224, mean, std)
 
-Augmentation runs on batches of tensors (on the GPU when there is one): RandomResizedCrop
-(torchvision's sampling rule) + horizontal flip: on CPU each crop is resized on uint8
-(antialiased, as torchvision), on CUDA one batched ``grid_sample``; then one fused normalize.
+Layout: ``DATA_DIR/train/<class>/*`` plus ``test/`` (or ``val/``). Any PIL-readable file is an
+image whatever its extension; hidden and known non-image files are ignored. Images are decoded
+once, resized (shorter side) and center-cropped to ``res x res``, and cached as uint8
+``[N, res, res, 3]`` keyed by the data's fingerprint, so training never decodes a JPEG.
+Augmentation (torchvision's RandomResizedCrop + flip, then normalize) runs on batches of tensors:
+on CPU an antialiased uint8 resize per crop (as torchvision), on CUDA one batched ``grid_sample``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,29 +37,11 @@ if TYPE_CHECKING:  # torch is imported lazily: scanning and caching do not need 
     import torch
 
 HELDOUT_NAMES = ("test", "val")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-NON_IMAGE_EXTS = {
-    ".txt",
-    ".md",
-    ".csv",
-    ".json",
-    ".xml",
-    ".yaml",
-    ".yml",
-    ".db",
-    ".ini",
-    ".py",
-    ".html",
-    ".pdf",
-    ".log",
-    ".mat",
-    ".npy",
-    ".npz",
-    ".pt",
-    ".zip",
-    ".tar",
-    ".gz",
-}
+IMAGE_EXTS = set(".jpg .jpeg .png .gif .bmp .webp .tif .tiff .ppm .pgm".split())
+NON_IMAGE_EXTS = set(
+    ".txt .md .csv .json .xml .yaml .yml .db .ini .py .html .pdf .log .mat .npy .npz .pt .zip "
+    ".tar .gz".split()
+)
 CACHE_VERSION = 2  # bump when the decode/resize rule or the cache metadata changes
 
 
@@ -81,11 +64,10 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             if draft_size and img.format == "JPEG":
-                # Let libjpeg decode at a reduced scale (>= draft_size): several times faster.
+                # libjpeg decodes at a reduced scale (>= draft_size): several times faster.
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(
             f"{path}: image too large, refused as a possible decompression bomb ({e})"
@@ -96,18 +78,17 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
         raise BadImageError(f"{path}: {why}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of a decoded image: 16-bit scaled down, transparency composited over white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0
-        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        scale = 255.0 / 65535.0 if arr.size and arr.max() > 255 else 1.0
         img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
 
 
@@ -124,9 +105,8 @@ def decode_square(path: str, res: int, interpolation: str = "bilinear") -> np.nd
 
 
 def _decode_worker(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | None]:
-    path, res, interp = args
     try:
-        return decode_square(path, res, interp), None
+        return decode_square(*args), None
     except BadImageError as e:
         return None, str(e)
 
@@ -180,12 +160,7 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
         )
     # The held-out split is part of the layout, and its classes must all have training images.
     heldout = data_dir / heldout_split_name(data_dir)
-    extra = sorted(set(_class_names(heldout)) - set(_class_names(data_dir / "train")))
-    if extra:
-        raise UserError(
-            f"{heldout}: class folder(s) {', '.join(map(repr, extra))} are not in "
-            f"{data_dir / 'train'}; every held-out class needs training images"
-        )
+    _check_heldout_classes(heldout, _class_names(heldout), _class_names(data_dir / "train"))
     return data_dir
 
 
@@ -193,29 +168,31 @@ def _class_names(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _check_heldout_classes(root: Path, names: Sequence[str], train: Sequence[str]) -> None:
+    extra = sorted(set(names) - set(train))
+    if extra:
+        raise UserError(
+            f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
+            f"{root.parent / 'train'}; every held-out class needs training images"
+        )
+
+
 def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None) -> SplitIndex:
     """List the images of ``data_dir/split``. ``classes`` (from train) fixes the label order."""
     root = data_dir / split
     if not root.is_dir():
         raise UserError(f"{root} does not exist; expected {root}/<class>/<image files>")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
+    names = _class_names(root)
+    if not names:
         raise UserError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    if classes is None:
+        classes = names
+    _check_heldout_classes(root, names, classes)
+    index = {c: i for i, c in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
     ignored: list[str] = []
-    names = [d.name for d in class_dirs]
-    if classes is None:
-        classes = names
-    else:
-        extra = sorted(set(names) - set(classes))
-        if extra:
-            raise UserError(
-                f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
-                f"{data_dir / 'train'}; every held-out class needs training images"
-            )
-    index = {c: i for i, c in enumerate(classes)}
-    for d in class_dirs:
+    for d in (root / name for name in names):
         files = sorted(
             p
             for p in d.rglob("*")
@@ -261,15 +238,9 @@ class ImageSplit:
 
     def subset(self, idx: np.ndarray, name: str | None = None) -> ImageSplit:
         idx = np.asarray(idx, dtype=np.int64)
-        return ImageSplit(
-            name or self.name,
-            self.images[idx],
-            self.labels[idx],
-            [self.paths[i] for i in idx],
-            self.classes,
-            self.fingerprint,
-            self.skipped,
-        )
+        paths = [self.paths[i] for i in idx]
+        images, labels = self.images[idx], self.labels[idx]
+        return replace(self, name=name or self.name, images=images, labels=labels, paths=paths)
 
 
 def load_split(
@@ -298,60 +269,48 @@ def load_split(
         meta, images = cached
         if meta["skipped"] and not skip_bad:
             _raise_bad(meta["skipped"])
-        return ImageSplit(
-            split,
-            images,
-            np.asarray(meta["labels"], dtype=np.int64),
-            meta["paths"],
-            meta["classes"],
-            fp,
-            meta["skipped"],
-        )
-
-    images = np.empty((len(index.paths), res, res, 3), dtype=np.uint8)
-    keep = np.ones(len(index.paths), dtype=bool)
-    errors: list[str] = []
-    jobs = [(str(data_dir / p), res, interpolation) for p in index.paths]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    bar = _progress(len(jobs), f"decode {split} @{res}px", progress)
-    if workers > 1 and len(jobs) > 64:
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_decode_worker, jobs, chunksize=16)
-            _collect(results, images, keep, errors, bar)
     else:
-        _collect(map(_decode_worker, jobs), images, keep, errors, bar)
-    bar.close()
-    if errors and not skip_bad:
-        _raise_bad(errors)
-    if errors:
-        print(f"warning: skipped {len(errors)} bad image(s) (--skip-bad-images):", file=sys.stderr)
-        for e in errors:
-            print(f"  {e}", file=sys.stderr)
-    out = ImageSplit(
-        split,
-        images[keep],
-        np.asarray(index.labels, dtype=np.int64)[keep],
-        [p for p, k in zip(index.paths, keep, strict=True) if k],
-        index.classes,
-        fp,
-        errors,
-    )
-    with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
-        np.save(f, out.images)
-    atomic_write_json(
-        meta_path,
-        {
-            "labels": out.labels.tolist(),
-            "paths": out.paths,
-            "classes": out.classes,
+        images = np.empty((len(index.paths), res, res, 3), dtype=np.uint8)
+        keep = np.ones(len(index.paths), dtype=bool)
+        errors: list[str] = []
+        jobs = [(str(data_dir / p), res, interpolation) for p in index.paths]
+        workers = workers or min(os.cpu_count() or 1, 8)
+        with contextlib.ExitStack() as stack:
+            results = map(_decode_worker, jobs)
+            if workers > 1 and len(jobs) > 64:
+                pool = stack.enter_context(ProcessPoolExecutor(workers))
+                results = pool.map(_decode_worker, jobs, chunksize=16)
+            bar = progress_bar(
+                results, len(jobs), f"decode {split} @{res}px", progress, leave=False
+            )
+            for i, (arr, err) in enumerate(bar):
+                if err is None:
+                    images[i] = arr
+                else:
+                    keep[i] = False
+                    errors.append(err)
+            bar.close()
+        if errors and not skip_bad:
+            _raise_bad(errors)
+        if errors:
+            lines = [f"warning: skipped {len(errors)} bad image(s) (--skip-bad-images):"]
+            print("\n".join(lines + [f"  {e}" for e in errors]), file=sys.stderr)
+        images = images[keep]
+        meta = {
+            "labels": np.asarray(index.labels, dtype=np.int64)[keep].tolist(),
+            "paths": [p for p, k in zip(index.paths, keep, strict=True) if k],
+            "classes": index.classes,
             "skipped": errors,
             "res": res,
             "interpolation": interpolation,
             "ignored": index.ignored,
-            "crc32": zlib.crc32(out.images.data),
-        },
-    )
-    return out
+            "crc32": zlib.crc32(images.data),
+        }
+        with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+        atomic_write_json(meta_path, meta)
+    labels = np.asarray(meta["labels"], dtype=np.int64)
+    return ImageSplit(split, images, labels, meta["paths"], meta["classes"], fp, meta["skipped"])
 
 
 def _load_cached(meta_path: Path, arr_path: Path, res: int) -> tuple[dict, np.ndarray] | None:
@@ -375,33 +334,20 @@ def _load_cached(meta_path: Path, arr_path: Path, res: int) -> tuple[dict, np.nd
     return None
 
 
-def _collect(results, images, keep, errors, bar) -> None:
-    for i, (arr, err) in enumerate(results):
-        if err is None:
-            images[i] = arr
-        else:
-            keep[i] = False
-            errors.append(err)
-        bar.update(1)
+def progress_bar(items, total: int | None, desc: str, enabled: bool, leave: bool = True):
+    """A tqdm bar over ``items`` on stderr, counting images; silent unless ``enabled``."""
+    from tqdm.auto import tqdm
+
+    off = not enabled or None
+    return tqdm(
+        items, total=total, desc=desc, leave=leave, unit="img", disable=off, file=sys.stderr
+    )
 
 
 def _raise_bad(errors: list[str]) -> None:
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     raise UserError(
         f"{errors[0]}{more}; delete or fix it, or pass --skip-bad-images to skip bad files"
-    )
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="img",
-        disable=not enabled or None,
-        leave=False,
-        file=sys.stderr,
     )
 
 
@@ -416,11 +362,7 @@ def stratified_split(
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        n_val = int(round(len(idx) * val_fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        else:
-            n_val = 0
+        n_val = min(max(int(round(len(idx) * val_fraction)), 1), len(idx) - 1)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
@@ -433,27 +375,20 @@ def load_or_make_val_split(
     they match the same data, fraction and seed) so the split can be audited."""
     split_file = Path(split_file)
     pos = {p: i for i, p in enumerate(train.paths)}
-    if split_file.is_file():
-        try:
-            saved = json.loads(split_file.read_text())
-            same = (
-                saved.get("fingerprint") == train.fingerprint
-                and saved.get("val_fraction") == val_fraction
-                and saved.get("seed") == seed
-            )
-            if same:
-                tr = np.asarray([pos[p] for p in saved["train"]], dtype=np.int64)
-                va = np.asarray([pos[p] for p in saved["val"]], dtype=np.int64)
-                return train.subset(tr, "train"), train.subset(va, "val")
-        except (json.JSONDecodeError, KeyError):
-            pass  # stale or broken: make a fresh one below
+    key = {"fingerprint": train.fingerprint, "val_fraction": val_fraction, "seed": seed}
+    try:
+        saved = json.loads(split_file.read_text()) if split_file.is_file() else {}
+        if saved and all(saved.get(k) == v for k, v in key.items()):
+            tr = np.asarray([pos[p] for p in saved["train"]], dtype=np.int64)
+            va = np.asarray([pos[p] for p in saved["val"]], dtype=np.int64)
+            return train.subset(tr, "train"), train.subset(va, "val")
+    except (json.JSONDecodeError, KeyError):
+        pass  # stale or broken: make a fresh one below
     tr, va = stratified_split(train.labels, val_fraction, seed)
     atomic_write_json(
         split_file,
         {
-            "fingerprint": train.fingerprint,
-            "val_fraction": val_fraction,
-            "seed": seed,
+            **key,
             "classes": train.classes,
             "n_train": len(tr),
             "n_val": len(va),
@@ -491,39 +426,29 @@ def to_device_uint8(images: np.ndarray, idx, device) -> torch.Tensor:
     return batch
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1]."""
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalize a float NCHW batch with per-channel ``mean``/``std``."""
+def _per_channel(values, x: torch.Tensor) -> torch.Tensor:
     import torch
 
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+    return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
 
 
 def eval_transform(x: torch.Tensor, size: int, crop_pct: float, mean, std) -> torch.Tensor:
-    """Resize + center crop + normalize on a cached uint8 NHWC batch.
+    """Resize(floor(size / crop_pct)) + CenterCrop(size) + normalize on a cached uint8 NHWC batch.
 
-    The cache holds the image resized (shorter side) to ``R`` and center-cropped to ``R x R``.
-    The eval transform for ``size`` is Resize(floor(size / crop_pct)) + CenterCrop(size); in
-    cached pixels that is a center crop of ``size * R / floor(size / crop_pct)`` resized to
-    ``size`` (no resize at all when the cache was built for this size).
+    The cache holds the image at side ``R``, so in cached pixels this is a center crop of
+    ``size * R / floor(size / crop_pct)`` resized to ``size`` (no resize when ``R`` fits).
     """
     import torch.nn.functional as F
 
     res = x.shape[1]
     crop = min(res, int(round(size * res / math.floor(size / crop_pct))))
     top = (res - crop) // 2
-    x = to_float(x[:, top : top + crop, top : top + crop])
+    x = x[:, top : top + crop, top : top + crop].permute(0, 3, 1, 2).float().div_(255.0)
     if crop != size:
         x = F.interpolate(
             x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-    return normalize(x, mean, std)
+    return (x - _per_channel(mean, x)) / _per_channel(std, x)
 
 
 def random_resized_crop_params(
@@ -542,27 +467,18 @@ def random_resized_crop_params(
 
     area = height * width
     s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator) * area
-    logr = torch.empty(n, attempts).uniform_(
-        math.log(ratio[0]), math.log(ratio[1]), generator=generator
-    )
-    r = torch.exp(logr)
-    w = torch.sqrt(s * r).round()
-    h = torch.sqrt(s / r).round()
+    logr = torch.empty(n, attempts).uniform_(*map(math.log, ratio), generator=generator)
+    w, h = torch.sqrt(s * logr.exp()).round(), torch.sqrt(s / logr.exp()).round()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    rows = torch.arange(n)
-    cw = torch.where(
-        first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(min(width, height)))
-    )
-    ch = torch.where(
-        first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(min(width, height)))
-    )
+    found, first = ok.any(1), ok.float().argmax(1)  # the first attempt that fits
+    side = torch.tensor(float(min(width, height)))
+    cw = torch.where(found, w[torch.arange(n), first], side)
+    ch = torch.where(found, h[torch.arange(n), first], side)
     u = torch.rand(n, 2, generator=generator)
-    x0 = torch.floor(u[:, 0] * (width - cw + 1))
-    y0 = torch.floor(u[:, 1] * (height - ch + 1))
-    fallback = first < 0
-    x0 = torch.where(fallback, torch.floor((width - cw) / 2), x0)
-    y0 = torch.where(fallback, torch.floor((height - ch) / 2), y0)
+    x0 = torch.where(found, torch.floor(u[:, 0] * (width - cw + 1)), torch.floor((width - cw) / 2))
+    y0 = torch.where(
+        found, torch.floor(u[:, 1] * (height - ch + 1)), torch.floor((height - ch) / 2)
+    )
     return x0, y0, cw, ch
 
 
@@ -577,17 +493,10 @@ def train_augment(
 ) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch.
 
-    The crop boxes and flips are drawn on the CPU ``generator`` (torchvision's sampling rule),
-    so they do not depend on the device. Resampling is device-specific, for speed:
-
-    - CPU: each crop is resized on uint8 with antialiased bilinear interpolation (PyTorch's
-      vectorized uint8 kernel; what torchvision's tensor ``RandomResizedCrop`` runs), then the
-      batch is converted and normalized once. Float temporaries stay small, which matters on
-      CPU (see docs/benchmark-investigation.md). The per-crop resizes run on one thread: the
-      crops are small, and on a machine with a busy core two-thread ops on them stalled
-      (3-12x slower than one thread in the benchmark's busy figure).
-    - CUDA: one batched bilinear ``grid_sample`` over the whole batch (no antialiasing; crops
-      are rarely much larger than the output since the cache is ``img_size / crop_pct``).
+    Boxes and flips are drawn on the CPU ``generator`` (torchvision's rule), so they do not
+    depend on the device. On CPU each crop is resized on uint8, antialiased (what torchvision's
+    tensor transform runs), keeping float temporaries small; on CUDA one batched bilinear
+    ``grid_sample`` (no antialiasing: the cache at ``img_size / crop_pct`` keeps crops small).
     """
     import torch
 
@@ -595,10 +504,12 @@ def train_augment(
     x0, y0, cw, ch = random_resized_crop_params(n, h, w, (scale_min, 1.0), generator=generator)
     flip = torch.rand(n, generator=generator) < hflip
     if x.device.type == "cpu":
-        out = _resized_crops_uint8(x, x0, y0, cw, ch, flip, size)
+        out = _resized_crops_uint8(x, x0, y0, cw, ch, flip, size).float()
     else:
         out = _resized_crops_grid(x, x0, y0, cw, ch, flip, size)
-    return _normalize_255(out, mean, std)
+    # 0..255 values -> normalized, in one fused in-place pass.
+    s, m = _per_channel(std, out), _per_channel(mean, out)
+    return out.mul_(1 / (255 * s)).add_(-m / s)
 
 
 def _resized_crops_uint8(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
@@ -610,6 +521,8 @@ def _resized_crops_uint8(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
         x.shape[0], 3, size, size, dtype=torch.uint8, memory_format=torch.channels_last
     )
     boxes = torch.stack([x0, y0, cw, ch], 1).long().tolist()
+    # One thread: the crops are small, and with a busy core two-thread ops on them stalled
+    # (3-12x slower, docs/benchmark-investigation.md).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -645,13 +558,3 @@ def _resized_crops_grid(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
         padding_mode="reflection",
         align_corners=False,
     )
-
-
-def _normalize_255(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """0..255 values (uint8 or float) -> normalized float, in one fused in-place pass."""
-    import torch
-
-    x = x.float()
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return x.mul_(1 / (255 * s)).add_(-m / s)

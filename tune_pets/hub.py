@@ -1,29 +1,30 @@
-"""Hugging Face hub access shared by ``prepare`` (the dataset) and ``backbone`` (the pretrained
-ViT weights): offline detection, one short reachability probe (huggingface_hub's own retries
-take 25-55 s offline before they give up), and telling network errors from others."""
+"""Hugging Face hub access shared by ``prepare`` (the dataset) and ``backbone`` (the ViT weights):
+offline detection, one short reachability probe and telling network errors from others.
+
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()  # None: online
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-import sys
 import socket
 import ssl
+import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-# A reachable hub answers in well under a second; offline, one short probe decides first.
+# huggingface_hub's own retries take 25-55 s offline; a reachable hub answers well within this.
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def hub_offline(datasets_too: bool = False) -> bool:
-    """Whether offline mode is on (HF_HUB_OFFLINE; with ``datasets_too``, HF_DATASETS_OFFLINE).
+    """Whether offline mode is on (with ``datasets_too``, HF_DATASETS_OFFLINE counts too).
 
-    The environment is read as well as huggingface_hub's constant, which it reads only once,
-    at import."""
+    The environment is read as well: huggingface_hub reads its constant only once, at import."""
     keys = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] * datasets_too)
     if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in keys):
         return True
@@ -31,20 +32,15 @@ def hub_offline(datasets_too: bool = False) -> bool:
     return bool(constants is not None and constants.HF_HUB_OFFLINE)
 
 
-def hub_endpoint() -> str:
+def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be reached (a short phrase), or None when it answers.
+
+    One HEAD request in a thread, since a hanging DNS lookup ignores socket timeouts. Any HTTP
+    answer and a TLS failure (the real client may trust other certificates) count as reachable.
+    """
     from huggingface_hub import constants
 
-    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-
-
-def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
-    """Why the Hugging Face hub cannot be reached (a short phrase), or None when it answers.
-
-    One HEAD request with a hard deadline. It runs in a thread because a hanging DNS lookup
-    ignores socket timeouts. Any HTTP answer, even an error status, and a TLS failure (the real
-    client may trust other certificates) count as reachable; proxy variables apply.
-    """
-    url = hub_endpoint()
+    url = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     answer: list[str | None] = []
 
     def probe() -> None:
@@ -78,9 +74,7 @@ def _reason(e: object) -> str:
 def hub_offline_mode() -> Iterator[None]:
     """For this block, huggingface_hub (and datasets, if imported) use only their local caches.
 
-    Their offline switches are module constants read from the environment once, at import, so
-    setting HF_HUB_OFFLINE now would change nothing: the constants are set and then restored.
-    """
+    Their offline switches are constants read once, at import, so they are set and restored."""
     importlib.import_module("huggingface_hub.constants")
     switches = [
         ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
@@ -100,43 +94,45 @@ def hub_offline_mode() -> Iterator[None]:
             setattr(module, attr, value)
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def _error_types(*names: str) -> tuple[type, ...]:
-    """The named exception classes that exist in the installed libraries."""
-    found = []
+def _in_chain(e: BaseException, *names: str) -> bool:
+    """Whether ``e`` or an exception it was raised from is one of the named classes (those of
+    libraries that are not installed are skipped)."""
+    types = []
     for name in names:
         module, _, attr = name.rpartition(".")
         with contextlib.suppress(ImportError, AttributeError):
-            found.append(getattr(importlib.import_module(module), attr))
-    return tuple(found)
+            types.append(getattr(importlib.import_module(module), attr))
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, tuple(types)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def is_network_error(e: BaseException) -> bool:
     """The failure is the network (unreachable, timed out, offline), not the request itself."""
-    network = (ConnectionError, TimeoutError, socket.gaierror) + _error_types(
+    return _in_chain(
+        e,
+        "builtins.ConnectionError",
+        "builtins.TimeoutError",
+        "socket.gaierror",
         "huggingface_hub.errors.LocalEntryNotFoundError",  # not cached and could not download
         "httpx.TransportError",
         "requests.exceptions.ConnectionError",
         "requests.exceptions.Timeout",
     )
-    return any(isinstance(x, network) for x in _chain(e))
 
 
 def is_not_found_error(e: BaseException) -> bool:
-    """The hub answered: no such repo, revision or file, or no access to it."""
-    not_found = _error_types(
+    """The hub answered: no such repo, revision or file, or no access to it (gated repos too)."""
+    return _in_chain(
+        e,
         "datasets.exceptions.DatasetNotFoundError",
-        "huggingface_hub.errors.RepositoryNotFoundError",  # also gated repos
+        "huggingface_hub.errors.RepositoryNotFoundError",
         "huggingface_hub.errors.RevisionNotFoundError",
     )
-    return any(isinstance(x, not_found) for x in _chain(e))
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:

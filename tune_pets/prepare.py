@@ -5,26 +5,11 @@ from a local copy.
     python -m tune_pets.prepare --output-dir data/oxford_pets --from DIR       # official release
     python -m tune_pets.prepare --output-dir data/oxford_pets --dataset DIR    # hub copy, parquet
 
-Sources, all written by the same code:
-
-- ``--dataset ID`` (default ``timm/oxford-iiit-pet``): downloaded from the Hugging Face hub;
-- ``--dataset DIR``: a local copy of such a dataset (its parquet files, e.g.
-  ``DIR/data/train-*.parquet`` and ``DIR/data/test-*.parquet``);
-- ``--from DIR``: the official release, ``DIR/images/*.jpg`` with
-  ``DIR/annotations/trainval.txt`` and ``DIR/annotations/test.txt``, or torchvision's
-  ``OxfordIIITPet`` root, which holds the same under ``DIR/oxford-iiit-pet/``.
-
-Writes ``OUTPUT/{train,test}/<breed>/<image_id>.jpg`` (the layout every other command reads with
-``--data-dir``; trainval becomes ``train``). Breed folders are named as the original files name
-them (``Persian_98`` -> ``Persian``, ``american_bulldog_12`` -> ``american_bulldog``), not by the
-hub's lowercase label names. JPEG sources are written byte for byte; anything else (the original
-files include a GIF and an RGBA PNG named .jpg) becomes an RGB JPEG, quality 95. The folder is
-built next to the output (``OUTPUT.tmp-XXXX``, under the lock file ``OUTPUT.lock``) and renamed
-into place only when complete, with a ``.complete`` marker holding the counts; a second run finds
-the marker and does nothing, and a run after a killed one removes the dead run's temp folder.
-
-Offline: without network the hub download fails within seconds, with one line saying what to do
-(``--from DIR``, ``--dataset DIR``, or ``--data-dir`` on a folder you copied yourself).
+``--from`` also takes torchvision's ``OxfordIIITPet`` root. Every source writes
+``OUTPUT/{train,test}/<breed>/<image_id>.jpg`` with the original breed names (``Persian_98`` ->
+``Persian``), JPEG bytes unchanged, anything else (the originals include a GIF and an RGBA PNG
+named .jpg) as RGB JPEG. The tree is built in ``OUTPUT.tmp-XXXX`` under ``OUTPUT.lock`` and
+renamed into place with a ``.complete`` marker, so a second run does nothing.
 """
 
 from __future__ import annotations
@@ -44,16 +29,10 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from tune_pets.data import IMAGE_EXTS
 from tune_pets import cli
-from tune_pets.hub import (
-    first_line,
-    hub_offline,
-    hub_offline_mode,
-    hub_unreachable,
-    is_network_error,
-    is_not_found_error,
-)
+from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
+from tune_pets import hub
+from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.utils import UserError, _umask, cli_main
 
@@ -62,11 +41,10 @@ MARKER = ".complete"
 JPEG_QUALITY = 95
 # Hub split name -> ImageFolder split name (tune_pets.data reads train/ plus test/ or val/).
 SPLIT_NAMES = {"train": "train", "test": "test", "validation": "val"}
-# The official release's split lists -> ImageFolder split name.
-RELEASE_SPLITS = {"trainval.txt": "train", "test.txt": "test"}
+RELEASE_SPLITS = {"trainval.txt": "train", "test.txt": "test"}  # the release's split lists
 TORCHVISION_FOLDER = "oxford-iiit-pet"  # torchvision.datasets.OxfordIIITPet(root) reads root/this
 
-# One example for the writer: (image as PIL image or encoded bytes, class name, file stem).
+# One example for the writer: (PIL image or encoded bytes, class name, file stem).
 Example = tuple[Any, str, str]
 # One split for the writer: its examples and how many there are (for the progress bar).
 SplitSource = tuple[Iterable[Example], int]
@@ -75,9 +53,9 @@ SplitSource = tuple[Iterable[Example], int]
 # ---------------------------------------------------------------- writing an ImageFolder
 def safe_name(name: str) -> str:
     """A class or file name usable as one path component: only path separators are replaced."""
-    name = str(name).replace("/", "_").replace(os.sep, "_")
-    if os.altsep:
-        name = name.replace(os.altsep, "_")
+    name = str(name)
+    for sep in {"/", os.sep, os.altsep} - {None}:
+        name = name.replace(sep, "_")
     name = name.strip()
     if name in ("", ".", ".."):
         raise ValueError(f"cannot use {name!r} as a file or folder name")
@@ -86,10 +64,7 @@ def safe_name(name: str) -> str:
 
 def _jpeg_bytes(image: Any) -> tuple[bytes, bool]:
     """Encoded JPEG for ``image`` (PIL image or encoded bytes), and whether it was converted.
-
-    Bytes that already are a JPEG are kept as they are; anything else is decoded, composited
-    over white if it has transparency, EXIF-rotated, and saved as RGB JPEG quality 95.
-    """
+    JPEG bytes are kept as they are; anything else is decoded and saved as RGB JPEG."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         with warnings.catch_warnings():
@@ -102,19 +77,9 @@ def _jpeg_bytes(image: Any) -> tuple[bytes, bool]:
         img = image
     else:
         raise TypeError(f"expected a PIL image or encoded bytes, got {type(image).__name__}")
-    img = _rgb(ImageOps.exif_transpose(img))
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    to_rgb(ImageOps.exif_transpose(img)).save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue(), True
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
 
 
 def write_image_folder(
@@ -124,30 +89,19 @@ def write_image_folder(
     progress: bool = True,
     totals: Mapping[str, int] | None = None,
 ) -> dict:
-    """Write ``{split: [(image, class_name, stem), ...]}`` as ``output_dir/split/class/stem.jpg``.
+    """Write ``{split: [(image, class_name, stem), ...]}`` as ``output_dir/split/class/stem.jpg``,
+    in place (``build_atomically`` makes it atomic).
 
-    ``image`` is a PIL image or encoded bytes (written unchanged when they are a JPEG). A stem
-    seen twice in one class folder gets a numeric suffix. Images that cannot be decoded are
-    skipped and listed in the result. Returns counts: ``{"splits": {split: {class: n}},
-    "converted": n, "skipped": [...]}``. Writes in place; ``build_atomically`` makes it atomic.
+    A stem seen twice in one class folder gets a numeric suffix; undecodable images are skipped.
+    Returns ``{"splits": {split: {class: n}}, "converted": n, "skipped": [...]}``.
     """
-    from tqdm.auto import tqdm
-
     output_dir = Path(output_dir)
     counts: dict[str, dict[str, int]] = {}
     converted, skipped = 0, []
     for split, examples in splits.items():
         split_counts: dict[str, int] = {}
         used: set[tuple[str, str]] = set()
-        total = (totals or {}).get(split)
-        bar = tqdm(
-            examples,
-            total=total,
-            desc=f"write {split}",
-            unit="img",
-            file=sys.stderr,
-            disable=not progress or None,
-        )
+        bar = progress_bar(examples, (totals or {}).get(split), f"write {split}", progress)
         for i, (image, label, stem) in enumerate(bar):
             cls = safe_name(label)
             stem = safe_name(stem) if stem else f"{cls}_{i}"
@@ -177,12 +131,8 @@ def build_atomically(
     source: str,
     progress: bool = True,
 ) -> Path:
-    """Write ``splits`` as an ImageFolder at ``output_dir``: all of it, or nothing.
-
-    Every source ends here. The tree is built in ``OUTPUT.tmp-XXXX`` and renamed into place with
-    its ``.complete`` marker; ``OUTPUT.lock`` keeps two runs apart and lets this one delete the
-    temp folders of runs that were killed. Returns the output dir (unchanged when complete).
-    """
+    """Write ``splits`` as an ImageFolder at ``output_dir``, all of it or nothing: built in a
+    temp folder under the lock, then renamed into place with its marker. Every source ends here."""
     output_dir = Path(output_dir)
     if is_prepared(output_dir):
         return output_dir
@@ -192,7 +142,9 @@ def build_atomically(
         if is_prepared(output_dir):  # another run finished while this one was loading
             return output_dir
         if locked:  # else a temp folder may belong to a live run
-            _remove_stale_temp_dirs(output_dir)
+            for stale in output_dir.parent.glob(f"{output_dir.name}.tmp-*"):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.tmp-", dir=output_dir.parent))
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
@@ -203,7 +155,18 @@ def build_atomically(
                 progress=progress,
                 totals={name: total for name, (_, total) in splits.items()},
             )
-            marker = _marker(result, source, time.perf_counter() - t0)
+            per_class = result["splits"]
+            classes = sorted({c for counts in per_class.values() for c in counts})
+            marker = {
+                "source": source,
+                "counts": {s: sum(c.values()) for s, c in per_class.items()},
+                "num_classes": len(classes),
+                "classes": classes,
+                "per_class": per_class,
+                "converted_to_jpeg": result["converted"],
+                "skipped": result["skipped"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
             if output_dir.is_dir():
                 output_dir.rmdir()  # _check_target allowed only an empty folder
@@ -220,27 +183,10 @@ def build_atomically(
     return output_dir
 
 
-def _marker(result: dict, source: str, seconds: float) -> dict:
-    classes = sorted({c for per_class in result["splits"].values() for c in per_class})
-    return {
-        "source": source,
-        "counts": {s: sum(c.values()) for s, c in result["splits"].items()},
-        "num_classes": len(classes),
-        "classes": classes,
-        "per_class": result["splits"],
-        "converted_to_jpeg": result["converted"],
-        "skipped": result["skipped"],
-        "seconds": round(seconds, 1),
-    }
-
-
 @contextlib.contextmanager
 def _exclusive(output_dir: Path) -> Iterator[bool]:
-    """Hold ``OUTPUT.lock`` for the block; a second run writing the same output is refused.
-
-    An flock dies with its process, so a killed run never leaves a lock that blocks the next.
-    Yields whether the lock is held (False only where there is no flock: not POSIX).
-    """
+    """Hold ``OUTPUT.lock`` for the block, refusing a second run; yields False without flock.
+    An flock dies with its process, so a killed run never leaves a lock that blocks the next."""
     try:
         import fcntl
     except ImportError:
@@ -268,13 +214,6 @@ def _exclusive(output_dir: Path) -> Iterator[bool]:
         lock.close()
 
 
-def _remove_stale_temp_dirs(output_dir: Path) -> None:
-    """Delete ``OUTPUT.tmp-*`` left by a killed run (safe: the caller holds the lock)."""
-    for stale in output_dir.parent.glob(f"{output_dir.name}.tmp-*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def is_prepared(output_dir: str | os.PathLike) -> bool:
     return (Path(output_dir) / MARKER).is_file()
 
@@ -291,14 +230,17 @@ def _check_target(output_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- breed names
+def _strip_ext(stem: str) -> str:
+    """``Abyssinian_1.jpg`` -> ``Abyssinian_1``; other names unchanged."""
+    suffix = Path(stem).suffix
+    return stem[: -len(suffix)] if suffix.lower() in IMAGE_EXTS else stem
+
+
 def breed_from_stem(stem: str | None) -> str | None:
     """The breed an original file name encodes: ``Persian_98`` -> ``Persian``; else None."""
     if not stem:
         return None
-    stem = str(stem)
-    if Path(stem).suffix.lower() in IMAGE_EXTS:
-        stem = stem[: -len(Path(stem).suffix)]
-    breed, _, number = stem.rpartition("_")
+    breed, _, number = _strip_ext(str(stem)).rpartition("_")
     return breed if breed and number.isdigit() else None
 
 
@@ -307,11 +249,9 @@ def breed_names(
 ) -> dict[int, str]:
     """Class id -> folder name, from ``(class id, file stem)`` rows.
 
-    The stems name the breeds as the original release does (cats Capitalized, dogs lower_case:
-    ``British_Shorthair``, ``american_bulldog``); the hub's ClassLabel names (``british_shorthair``)
-    lose that. Stems are trusted only when they name the classes one-to-one; otherwise, and for a
-    class whose rows have no usable stem, the ``fallback`` name (by class id) is used. A class id
-    with neither is left out: the caller decides what that means.
+    The stems keep the release's names (cats Capitalized, dogs lower_case), which the hub's
+    ClassLabel names lose; they are trusted only when they name the classes one-to-one, else
+    the ``fallback`` name by class id is used. A class id with neither is left out.
     """
     found: dict[int, set[str]] = {}
     for label, stem in rows:
@@ -339,71 +279,44 @@ def _columns(features: Any, source: str = "dataset") -> tuple[str, str]:
     """(image column, label column) of a Hugging Face dataset's features."""
     import datasets
 
-    names = list(features)
     images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
     labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
     image_col = "image" if "image" in images else (images[0] if images else None)
     # "label" is the breed; "label_cat_dog" (2 classes) is the species: prefer the breed.
-    label_col = (
-        "label"
-        if "label" in labels
-        else (max(labels, key=lambda k: features[k].num_classes) if labels else None)
-    )
+    label_col = "label" if "label" in labels else None
+    if label_col is None and labels:
+        label_col = max(labels, key=lambda k: features[k].num_classes)
     if image_col is None or label_col is None:
         raise UserError(
             f"{source}: has no image column and class-label column (columns: "
-            f"{', '.join(names)}); expected 'image' and 'label'"
+            f"{', '.join(features)}); expected 'image' and 'label'"
         )
     return image_col, label_col
 
 
-def hf_class_names(dataset: Mapping[str, Any], source: str = "dataset") -> dict[int, str]:
-    """Class id -> folder name for a ``DatasetDict``: breed names from the ``image_id`` stems
-    (``Persian_98`` -> ``Persian``) when they name the classes one-to-one, else the ClassLabel
-    names. Reads the label and id columns only, never the images."""
-    rows: list[tuple[int, str | None]] = []
-    fallback: list[str] = []
-    for split in dataset.values():
-        _, label_col = _columns(split.features, source)
-        fallback = fallback or list(split.features[label_col].names)
-        ids = split["image_id"] if "image_id" in split.features else [None] * len(split)
-        rows += [(label, i) for label, i in zip(split[label_col], ids, strict=True)]
-    return breed_names(((label, i) for label, i in rows if label is not None), fallback)
-
-
-def hf_examples(split: Any, class_names: Mapping[int, str] | None = None) -> Iterable[Example]:
-    """(encoded bytes or PIL image, breed name, stem) for each row of a Hugging Face split.
-
-    Images are read undecoded, so JPEG files keep their original bytes. Breed names come from
-    ``class_names`` (see ``hf_class_names``), else the label's ClassLabel names (not the
-    integers); stems from ``image_id`` when present.
-    """
+def _hf_examples(split: Any, columns: tuple[str, str], breeds: dict[int, str]) -> Iterator[Example]:
+    """(undecoded bytes, breed name, stem) per row: JPEG files keep their original bytes."""
     import datasets
 
-    image_col, label_col = _columns(split.features)
-    names = dict(enumerate(split.features[label_col].names))
-    names.update(class_names or {})
+    image_col, label_col = columns
+    names = dict(enumerate(split.features[label_col].names)) | breeds
     split = split.cast_column(image_col, datasets.Image(decode=False))
     has_id = "image_id" in split.features
     for i, row in enumerate(split):
         label = row[label_col]
         if label not in names:
             raise UserError(f"row {i} of the dataset has no valid label ({label!r})")
-        stem = str(row["image_id"]) if has_id and row["image_id"] not in (None, "") else None
-        if stem and Path(stem).suffix.lower() in IMAGE_EXTS:
-            stem = stem[: -len(Path(stem).suffix)]  # an id like "Abyssinian_1.jpg"
-        yield _undecoded(row[image_col]), names[label], stem or f"{safe_name(names[label])}_{i}"
-
-
-def _undecoded(value: Any) -> Any:
-    """Bytes (or a PIL image) from an undecoded ``datasets.Image`` cell."""
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return value["bytes"]
-        if value.get("path"):
-            return Path(value["path"]).read_bytes()
-        raise ValueError("image cell has neither bytes nor a path")
-    return value
+        image_id = row["image_id"] if has_id else None
+        stem = _strip_ext(str(image_id)) if image_id not in (None, "") else ""
+        image = row[image_col]
+        if isinstance(image, dict):  # an undecoded datasets.Image cell
+            if image.get("bytes") is not None:
+                image = image["bytes"]
+            elif image.get("path"):
+                image = Path(image["path"]).read_bytes()
+            else:
+                raise ValueError("image cell has neither bytes nor a path")
+        yield image, names[label], stem or f"{safe_name(names[label])}_{i}"
 
 
 def write_dataset(
@@ -413,11 +326,8 @@ def write_dataset(
     source: str = DEFAULT_DATASET,
     progress: bool = True,
 ) -> Path:
-    """Write a loaded Hugging Face ``DatasetDict`` atomically as an ImageFolder.
-
-    This is everything ``prepare`` does after the download, so tests can run it on an
-    in-memory dataset. Returns the output dir (unchanged if it is already complete).
-    """
+    """Write a loaded Hugging Face ``DatasetDict`` atomically as an ImageFolder: all that
+    ``prepare`` does after the download. Returns the output dir (untouched if complete)."""
     output_dir = Path(output_dir)
     if is_prepared(output_dir):
         return output_dir
@@ -427,8 +337,21 @@ def write_dataset(
             f"{source}: expected a train split and a test (or validation) split, "
             f"found {', '.join(dataset) or 'none'}"
         )
-    names = hf_class_names(wanted, source)
-    splits = {name: (hf_examples(ds, names), len(ds)) for name, ds in wanted.items()}
+    columns = {name: _columns(ds.features, source) for name, ds in wanted.items()}
+    # Breed names from the image_id stems, else the ClassLabel names: no image is read here.
+    rows: list[tuple[int, str | None]] = []
+    fallback: list[str] = []
+    for name, ds in wanted.items():
+        label_col = columns[name][1]
+        fallback = fallback or list(ds.features[label_col].names)
+        ids = ds["image_id"] if "image_id" in ds.features else [None] * len(ds)
+        rows += [
+            (label, i) for label, i in zip(ds[label_col], ids, strict=True) if label is not None
+        ]
+    breeds = breed_names(rows, fallback)
+    splits = {
+        name: (_hf_examples(ds, columns[name], breeds), len(ds)) for name, ds in wanted.items()
+    }
     return build_atomically(splits, output_dir, source=source, progress=progress)
 
 
@@ -456,11 +379,8 @@ def release_root(folder: str | os.PathLike) -> Path:
 
 
 def read_split_list(path: Path) -> list[tuple[str, int]]:
-    """``(image name, class id)`` per line of ``trainval.txt``/``test.txt``.
-
-    Lines read ``Abyssinian_100 1 1 1`` (image, class id 1-37, species, breed id); blank lines
-    and ``#`` comments are skipped.
-    """
+    """``(image name, class id)`` per line ``Abyssinian_100 1 1 1`` (image, class id 1-37,
+    species, breed id) of ``trainval.txt``/``test.txt``; blank and ``#`` lines are skipped."""
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
@@ -479,11 +399,8 @@ def read_split_list(path: Path) -> list[tuple[str, int]]:
 
 
 def release_splits(root: Path) -> dict[str, SplitSource]:
-    """The release's splits for the writer; fails before writing if a listed image is missing.
-
-    Breed names come from the image names (``Abyssinian_100`` -> ``Abyssinian``), checked
-    against the class ids of the lists.
-    """
+    """The release's splits for the writer, breeds named by the image names; fails before
+    writing if an image is missing, unnamed or in both lists."""
     lists = {
         split: read_split_list(root / "annotations" / f) for f, split in RELEASE_SPLITS.items()
     }
@@ -517,17 +434,6 @@ def release_splits(root: Path) -> dict[str, SplitSource]:
     return {split: (examples(rows), len(rows)) for split, rows in lists.items()}
 
 
-def write_release(
-    folder: str | os.PathLike, output_dir: str | os.PathLike, *, progress: bool = True
-) -> Path:
-    """Write a local copy of the official release (or torchvision's root) as an ImageFolder."""
-    root = release_root(folder)
-    kind = "torchvision OxfordIIITPet root" if root.name == TORCHVISION_FOLDER else "release"
-    return build_atomically(
-        release_splits(root), output_dir, source=f"{kind} {root.resolve()}", progress=progress
-    )
-
-
 # ---------------------------------------------------------------- loading a dataset
 OFFLINE_HELP = (
     "without network, pass --from DIR (the official release: DIR/images and DIR/annotations, or "
@@ -538,24 +444,22 @@ OFFLINE_HELP = (
 
 
 def load_hf_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
-    """The ``DatasetDict`` of a local folder (parquet files) or of a hub dataset id.
-
-    Every failure is one ``UserError`` line that says what went wrong: the hub cannot be
-    reached (only for network errors; within seconds), the dataset does not exist, or it could
-    not be read.
-    """
+    """The ``DatasetDict`` of a local folder (parquet files) or of a hub dataset id. Each
+    failure is one ``UserError`` line: hub unreachable (within seconds), no such dataset, or
+    unreadable."""
     import datasets
 
     if not progress:
         datasets.disable_progress_bars()
     if Path(name).is_dir():
         return _load_local(Path(name))
-    offline_why = "HF_HUB_OFFLINE is set" if hub_offline(datasets_too=True) else hub_unreachable()
+    offline = hub.hub_offline(datasets_too=True)
+    offline_why = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
     if offline_why is None:
         print(f"downloading {name} from the Hugging Face hub...", flush=True)
         return _load_from_hub(name, offline_why)
     # Unreachable: the datasets cache may still hold it (a copy made while online).
-    with hub_offline_mode():
+    with hub.hub_offline_mode():
         return _load_from_hub(name, offline_why)
 
 
@@ -565,13 +469,13 @@ def _load_from_hub(name: str, offline_why: str | None) -> Any:
     try:
         return datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - each kind of failure gets its own line below
-        if is_network_error(e):  # offline, datasets says so with a ConnectionError too
+        if hub.is_network_error(e):  # offline, datasets says so with a ConnectionError too
             why = offline_why or f"{type(e).__name__}: {first_line(e)}"
             raise UserError(
                 f"cannot download {name!r}: the Hugging Face hub is unreachable ({why}) and "
                 f"the dataset is not in the local cache; {OFFLINE_HELP}"
             ) from None
-        if is_not_found_error(e):
+        if hub.is_not_found_error(e):
             raise UserError(
                 f"--dataset {name}: no such dataset on the Hugging Face hub, or it is private or "
                 f"gated ({first_line(e)}); check the id (default {DEFAULT_DATASET}) or pass a "
@@ -615,7 +519,10 @@ def prepare(
         return output_dir
     _check_target(output_dir)  # fail before a long download, not after it
     if from_dir is not None:
-        return write_release(from_dir, output_dir, progress=progress)
+        root = release_root(from_dir)
+        kind = "torchvision OxfordIIITPet root" if root.name == TORCHVISION_FOLDER else "release"
+        source = f"{kind} {root.resolve()}"
+        return build_atomically(release_splits(root), output_dir, source=source, progress=progress)
     source = str(Path(dataset).resolve()) if Path(dataset).is_dir() else dataset
     return write_dataset(
         load_hf_dataset(dataset, progress), output_dir, source=source, progress=progress
@@ -658,17 +565,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{out} is already prepared ({MARKER} found); nothing to do")
         return 0
     prepare(out, args.dataset, progress=not args.no_progress, from_dir=args.from_dir)
-    _print_summary(out)
-    return 0
-
-
-def _print_summary(out: Path) -> None:
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
     counts = ", ".join(f"{n} {s}" for s, n in marker["counts"].items())
     print(
         f"wrote {out}: {counts} images, {marker['num_classes']} classes "
         f"({marker['converted_to_jpeg']} converted to JPEG)"
     )
+    return 0
 
 
 if __name__ == "__main__":

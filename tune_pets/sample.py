@@ -14,18 +14,12 @@ from importlib import resources
 from pathlib import Path
 
 SAMPLE_NAME = "sample"  # the --data-dir value that selects the shipped sample
-_PACKAGE = "tune_pets"
-_FOLDER = "sample_data"
 
 
 def sample_dir() -> Path:
-    """The installed sample folder (``<site-packages>/tune_pets/sample_data`` or the checkout's).
-
-    Found through ``importlib.resources``, so it works from an editable install and from a
-    regular wheel install alike. Raises ``FileNotFoundError`` naming the place when the package
-    was installed without its data files (or from a zip, where no folder exists on disk).
-    """
-    folder = resources.files(_PACKAGE) / _FOLDER
+    """The installed sample folder, found through ``importlib.resources`` (editable or wheel
+    install); ``FileNotFoundError`` when the package lacks its data files or is zipped."""
+    folder = resources.files("tune_pets") / "sample_data"
     if not isinstance(folder, Path) or not (folder / "train").is_dir():
         raise FileNotFoundError(
             f"the shipped data sample is missing: {folder} has no train/ folder; reinstall "
@@ -35,11 +29,8 @@ def sample_dir() -> Path:
 
 
 def resolve_data_dir(value: str | Path) -> Path:
-    """Map the literal ``"sample"`` to :func:`sample_dir`; return any other value as a Path.
-
-    Only the exact string selects the sample (a ``Path("sample")`` or ``./sample`` stays a
-    relative path), so a real folder named ``sample`` is still reachable as ``./sample``.
-    """
+    """The sample for the exact string ``"sample"``; any other value (``./sample`` too) as a
+    Path, so a real folder named ``sample`` stays reachable."""
     if isinstance(value, str) and value == SAMPLE_NAME:
         return sample_dir()
     return Path(value)
