@@ -1,15 +1,18 @@
-"""The training engine: what one run trains on (``FitData``), its batches, and an ``Engine``
-that builds model, optimizer, LR schedule and loss once and runs ``step()`` / ``run_epoch()``.
+"""The training engine: ``FitData`` (what a run trains on), its batches, and ``Engine``, which
+builds model, optimizer, LR schedule and loss once and runs ``step()`` / ``run_epoch()``.
+``train.fit``, the overfit check, profiling and the benchmark all drive the same ``Engine``, so
+what is profiled or benchmarked is exactly the step a search trial runs.
 
-``train.fit``, the overfit check, ``profiling`` and the benchmark all drive the same ``Engine``,
-so what is profiled or benchmarked is exactly the step a search trial runs (minGPT's
-``Trainer``: set up once, one loop).
+    data = load_fit_data(config, "sample", split_file="val_split.json")
+    engine = Engine(config, data)
+    metrics = {**engine.run_epoch(1), **engine.validate()}
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,15 +24,8 @@ import torch
 from torch import nn
 
 from tune_pets.config import RunConfig
-from tune_pets.data import (
-    default_cache_dir,
-    eval_transform,
-    iterate_indices,
-    load_or_make_val_split,
-    load_split,
-    to_device_uint8,
-    train_augment,
-)
+from tune_pets.data import default_cache_dir, eval_transform, iterate_indices, load_split
+from tune_pets.data import load_or_make_val_split, to_device_uint8, train_augment
 from tune_pets.metrics import classification_metrics
 from tune_pets.models import ModelSpec, get_spec, pool_features
 from tune_pets.utils import UserError, seed_everything
@@ -39,11 +35,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf (diverged); the run cannot continue."""
 
 
-# ---------------------------------------------------------------- what a run trains on
 @dataclass
 class FitData:
-    """Arrays one run needs. ``kind="images"``: uint8 ``[N, R, R, 3]``; ``kind="features"``:
-    float32 ``[V, N, 2, D]`` frozen-backbone features (V views of train, 1 of val)."""
+    """``kind="images"``: uint8 ``[N, R, R, 3]``; ``kind="features"``: float32 ``[V, N, 2, D]``
+    frozen-backbone features (V views of train, 1 of val)."""
 
     kind: str
     classes: list[str]
@@ -81,32 +76,23 @@ def load_fit_data(
     progress: bool = True,
     spec: ModelSpec | None = None,
 ) -> FitData:
-    """Decode (or read from cache) the train split, carve the val split (unless
-    ``full_train``), and for a features model turn both into cached features.
-
-    ``img_sizes``: every img_size a search may ask for (the cache is built for the largest).
-    """
+    """Decode (or read from cache) the train split, carve the val split (unless ``full_train``)
+    and, for a features model, turn both into cached features. ``img_sizes``: every img_size a
+    search may ask for (the cache is built for the largest)."""
     spec = spec or get_spec(config.model)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     dc = spec.data_config(config)
-    train_all = load_split(
-        data_dir,
-        "train",
-        spec.cache_res(config, img_sizes),
-        interpolation=dc["interpolation"],
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        progress=progress,
-    )
+    res = spec.cache_res(config, img_sizes)
+    kw = {"cache_dir": cache_dir, "skip_bad": skip_bad, "progress": progress}
+    train_all = load_split(data_dir, "train", res, interpolation=dc["interpolation"], **kw)
     info = {
         "data_dir": str(data_dir),
         "train_fingerprint": train_all.fingerprint,
         "cache_res": int(train_all.images.shape[1]),
         "skipped": train_all.skipped,
     }
-    if full_train:
-        train, val = train_all, None
-    else:
+    train, val = train_all, None
+    if not full_train:
         if split_file is None:
             raise ValueError("split_file is required unless full_train=True")
         seed = config.val_split_seed
@@ -115,49 +101,27 @@ def load_fit_data(
             split_file=str(split_file), val_fraction=val_fraction, split_seed=seed, n_val=len(val)
         )
     info["n_train"] = len(train)
-    if spec.kind == "images":
-        return FitData(
-            "images",
-            train_all.classes,
-            train.images,
-            train.labels,
-            None if val is None else val.images,
-            None if val is None else val.labels,
-            dc,
-            info,
-        )
-    from tune_pets.features import cached_features
+    train_x, val_x = train.images, None if val is None else val.images
+    if spec.kind == "features":
+        from tune_pets.features import cached_features
 
-    # Features are computed for all of train once (then indexed), so any val split reuses them;
-    # the backbone is built at most once, and only on a cache miss.
-    get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
-    device = device or torch.device("cpu")
-    clean = cached_features(config, get_backbone, dc, train_all, cache_dir, device, 0, progress)
-    views = clean
-    if config.feature_views:
-        views = cached_features(
-            config, get_backbone, dc, train_all, cache_dir, device, config.feature_views, progress
-        )
-    pos = {p: i for i, p in enumerate(train_all.paths)}
-    tr_idx = np.asarray([pos[p] for p in train.paths], dtype=np.int64)
-    va = None
-    if val is not None:
-        va = clean[0][np.asarray([pos[p] for p in val.paths], dtype=np.int64)]
-    return FitData(
-        "features",
-        train_all.classes,
-        views[:, tr_idx],
-        train.labels,
-        va,
-        None if val is None else val.labels,
-        dc,
-        info,
-    )
+        # Features are computed for all of train once (then indexed), so any val split reuses
+        # them; the backbone is built at most once, and only on a cache miss.
+        get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
+        args = (config, get_backbone, dc, train_all, cache_dir, device or torch.device("cpu"))
+        clean = views = cached_features(*args, 0, progress)
+        if config.feature_views:
+            views = cached_features(*args, config.feature_views, progress)
+        pos = {p: i for i, p in enumerate(train_all.paths)}
+        train_x = views[:, np.asarray([pos[p] for p in train.paths], dtype=np.int64)]
+        if val is not None:
+            val_x = clean[0][np.asarray([pos[p] for p in val.paths], dtype=np.int64)]
+    val_y = None if val is None else val.labels
+    return FitData(spec.kind, train_all.classes, train_x, train.labels, val_x, val_y, dc, info)
 
 
-# ---------------------------------------------------------------- batches
 def steps_per_epoch(config: RunConfig, n: int) -> int:
-    steps = max(1, n // config.batch_size) if n >= config.batch_size else 1
+    steps = max(1, n // config.batch_size)
     return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
 
 
@@ -170,77 +134,52 @@ class Batches:
         # channels_last speeds up convolutions on CUDA; on CPU it is slower for this CNN.
         self.channels_last = device.type == "cuda" and data.kind == "images"
 
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    def _batch(self, x_all: np.ndarray, y_all: np.ndarray, idx: torch.Tensor, augment: bool):
+        cfg, pre, i = self.config, self.data.preprocess, idx.numpy()
+        y = torch.from_numpy(y_all[i]).to(self.device, non_blocking=True)
+        if self.data.kind == "features":
+            return pool_features(torch.from_numpy(x_all[i]), cfg.pooling).to(self.device), y
+        x = to_device_uint8(x_all, i, self.device)
+        if augment:
+            x = train_augment(
+                x, cfg.img_size, pre["mean"], pre["std"], cfg.aug_scale_min, cfg.hflip, self.gen
+            )
+        else:
+            x = eval_transform(x, cfg.img_size, pre["crop_pct"], pre["mean"], pre["std"])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def train(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        cfg, d = self.config, self.data
+        d, bs = self.data, self.config.batch_size
         n = len(d.train_y)
-        drop_last = n >= cfg.batch_size  # homework: full batches; tiny data keeps its one batch
-        limit = steps_per_epoch(cfg, n)
-        for step, idx in enumerate(iterate_indices(n, cfg.batch_size, True, self.gen, drop_last)):
-            if step >= limit:
-                break
-            i = idx.numpy()
-            y = torch.from_numpy(d.train_y[i]).to(self.device, non_blocking=True)
-            if d.kind == "images":
-                x = to_device_uint8(d.train_x, i, self.device)
-                pre = d.preprocess
-                x = train_augment(
-                    x,
-                    cfg.img_size,
-                    pre["mean"],
-                    pre["std"],
-                    cfg.aug_scale_min,
-                    cfg.hflip,
-                    generator=self.gen,
-                )
-                x = self._images(x)
-            else:
-                view = d.train_x[(epoch - 1) % d.train_x.shape[0]]  # one augmented view per epoch
-                x = pool_features(torch.from_numpy(view[i]), cfg.pooling).to(self.device)
-            yield x, y
+        # a features model trains on one augmented view per epoch
+        x_all = d.train_x if d.kind == "images" else d.train_x[(epoch - 1) % d.train_x.shape[0]]
+        # full batches; tiny data keeps its one batch
+        batches = iterate_indices(n, bs, True, self.gen, drop_last=n >= bs)
+        for idx in itertools.islice(batches, steps_per_epoch(self.config, n)):
+            yield self._batch(x_all, d.train_y, idx, augment=True)
 
     def forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Train batches of epoch 1, 2, ...: profiling may need more steps than an epoch has."""
-        epoch = 1
-        while True:
-            n = 0
-            for batch in self.train(epoch):
-                n += 1
-                yield batch
-            if n == 0:
-                raise UserError("no training batches: the train split is empty")
-            epoch += 1
+        if len(self.data.train_y) == 0:
+            raise UserError("no training batches: the train split is empty")
+        for epoch in itertools.count(1):
+            yield from self.train(epoch)
 
     def eval(self, x_all: np.ndarray, y_all: np.ndarray, batch_size: int = 256):
-        cfg, pre = self.config, self.data.preprocess
         for idx in iterate_indices(len(y_all), batch_size, shuffle=False):
-            i = idx.numpy()
-            y = torch.from_numpy(y_all[i]).to(self.device)
-            if self.data.kind == "images":
-                x = to_device_uint8(x_all, i, self.device)
-                x = eval_transform(x, cfg.img_size, pre["crop_pct"], pre["mean"], pre["std"])
-                x = self._images(x)
-            else:
-                x = pool_features(torch.from_numpy(x_all[i]), cfg.pooling).to(self.device)
-            yield x, y
+            yield self._batch(x_all, y_all, idx, augment=False)
 
 
-# ---------------------------------------------------------------- optimizer, schedule, precision
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    kw = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, **kw)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        params,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.momentum > 0,
-    )
+        return torch.optim.Adam(params, **kw)
+    return torch.optim.SGD(params, momentum=config.momentum, nesterov=config.momentum > 0, **kw)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -254,12 +193,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 def precision(config: RunConfig, device: torch.device) -> str:
-    """``bf16`` autocast only on GPUs with native bf16 (compute capability 8.0+, e.g. A100,
-    H100); older GPUs (T4, V100) emulate it and run slower than fp32, and CPUs use fp32."""
+    """``bf16`` only on GPUs with native bf16 (compute capability 8.0+); older GPUs emulate it
+    and run slower than fp32, and CPUs use fp32."""
     if not config.amp or device.type != "cuda":
         return "fp32"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "bf16" if major >= 8 else "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
 
 
 def autocast(prec: str, device: torch.device):
@@ -282,13 +220,8 @@ def predict(model: nn.Module, batches, prec: str = "fp32", loss_fn: nn.Module | 
     return torch.cat(preds).numpy(), torch.cat(labels).numpy(), float(total) / max(n, 1)
 
 
-# ---------------------------------------------------------------- the engine
 class Engine:
-    """Model, optimizer, LR schedule, loss and batches of one run, built once.
-
-    ``step(x, y)`` is one optimization step plus one schedule step; ``run_epoch(epoch)`` loops
-    it over an epoch of batches and syncs with the device once, at the end.
-    """
+    """Model, optimizer, LR schedule, loss and batches of one run, built once."""
 
     def __init__(
         self,
@@ -302,11 +235,10 @@ class Engine:
         self.spec = spec or get_spec(config.model)
         self.determinism = seed_everything(config.seed, config.deterministic)
         self.batches = Batches(config, data, self.device)
-        model = self.spec.trainable(config, data.num_classes, data.feature_dim).to(self.device)
+        self.model = self.spec.trainable(config, data.num_classes, data.feature_dim).to(self.device)
         if self.batches.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = make_optimizer(config, model.parameters())
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(config, self.model.parameters())
         self.steps_per_epoch = steps_per_epoch(config, len(data.train_y))
         total = self.steps_per_epoch * config.epochs
         warmup = self.steps_per_epoch * config.warmup_epochs
@@ -321,8 +253,8 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimization step and one LR-schedule step; returns (loss, logits), detached.
-        No host sync: the loss stays on the device."""
+        """One optimization and LR-schedule step; returns (loss, logits) detached, on the device
+        (no host sync)."""
         self.model.train()
         with autocast(self.precision, x.device):
             logits = self.model(x)
@@ -334,20 +266,17 @@ class Engine:
         return loss.detach(), logits.detach()
 
     def run_epoch(self, epoch: int, progress: bool = False) -> dict:
-        """Train one epoch; returns ``train_loss``, ``train_acc`` and the ``lr`` at its end.
-        Raises ``NonFiniteLossError`` when the loss diverged during the epoch."""
+        """Train one epoch; ``train_loss``, ``train_acc`` and the ``lr`` at its end. Raises
+        ``NonFiniteLossError`` when the loss diverged during the epoch."""
         from tqdm.auto import tqdm
 
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
+        desc, off = f"epoch {epoch}/{self.config.epochs}", not progress or None
+        train = self.batches.train(epoch)
         bar = tqdm(
-            self.batches.train(epoch),
-            total=self.steps_per_epoch,
-            desc=f"epoch {epoch}/{self.config.epochs}",
-            disable=not progress or None,
-            leave=False,
-            file=sys.stderr,
+            train, total=self.steps_per_epoch, desc=desc, leave=False, disable=off, file=sys.stderr
         )
         for x, y in bar:
             loss, logits = self.step(x, y)
@@ -362,18 +291,11 @@ class Engine:
             )
         return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": self.lr}
 
-    def predict(self, x_all: np.ndarray, y_all: np.ndarray, with_loss: bool = False):
-        return predict(
-            self.model,
-            self.batches.eval(x_all, y_all),
-            self.precision,
-            self.loss_fn if with_loss else None,
-        )
-
     def validate(self) -> dict:
-        """``val_loss``, ``val_acc`` and ``val_macro_f1`` on the val split."""
-        preds, labels, loss = self.predict(self.data.val_x, self.data.val_y, with_loss=True)
-        m = classification_metrics(labels, preds, self.data.num_classes)
+        d = self.data
+        batches = self.batches.eval(d.val_x, d.val_y)
+        preds, labels, loss = predict(self.model, batches, self.precision, self.loss_fn)
+        m = classification_metrics(labels, preds, d.num_classes)
         return {"val_loss": loss, "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
 
     def state_dict(self) -> dict:
@@ -381,9 +303,8 @@ class Engine:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def train_state(self) -> dict:
-        """Everything the next epochs depend on: weights, optimizer and LR-schedule state, the
-        batch generator and torch's own RNG (dropout). ``load_train_state`` of it continues the
-        run exactly as if it had not stopped. Loads with ``torch.load(weights_only=True)``."""
+        """Everything the next epochs depend on (weights, optimizer, schedule, both RNGs):
+        ``load_train_state`` of it continues the run exactly. Loads with weights_only=True."""
         state = {
             "model": self.state_dict(),
             # deep copies: the live optimizer state changes in place at the next step

@@ -3,23 +3,13 @@
     python -m tune_pets.profiling cnn --data-dir data/oxford_pets --steps 50
     python -m tune_pets.profiling vit --data-dir data/oxford_pets --weights vit_tiny.safetensors
 
-What is profiled is ``engine.Engine.step``, built from the homework defaults plus the flags
-given: the same object, batches and step that ``train.fit`` and every search trial run. A
-features model (the ViT probe) trains only its head on cached frozen-backbone features, so that
-head step is what is profiled; the one-time cost of the frozen backbone is reported separately
-as its feature-extraction throughput (``features.extract``).
-
-Writes into ``<artifacts>/profiling/<model>/`` (reproduce profiles into ``profiler/<tag>/``):
-
-    *.pt.trace.json   the trace: ``tensorboard --logdir <artifacts>/profiling`` (torch-tb-profiler)
-                      or drag it into https://ui.perfetto.dev
-    top_ops.txt/.csv  the 25 ops with the largest self CPU time
-    summary.json      images_per_s, step_time_ms (mean; data + compute), device, batch size...
-
-Timings come from a second, unprofiled run of ``--steps`` steps (after one untimed step): the
-profiler's own overhead (shapes, memory) would inflate them. Its wall time per step is recorded
-as ``profiled_step_time_ms``. On CUDA each step is synchronized before and after the train step
-so data and compute time can be told apart.
+What is profiled is ``engine.Engine.step``, the step ``train.fit`` and every search trial run.
+For a features model (the ViT probe) that is its head step on cached features; the frozen
+backbone's one-time cost is reported as its ``features.extract`` throughput. Writes into
+``<artifacts>/profiling/<model>/``: the ``*.pt.trace.json`` trace (``tensorboard --logdir`` with
+torch-tb-profiler, or https://ui.perfetto.dev), ``top_ops.txt/.csv`` (the 25 ops with the largest
+self CPU time) and ``summary.json`` (images_per_s, step_time_ms...). Timings come from a second,
+unprofiled run of ``--steps`` steps, as the profiler's overhead would inflate them.
 """
 
 from __future__ import annotations
@@ -41,29 +31,21 @@ from tune_pets.data import BadImageError, cache_res, check_data_dir, decode_squa
 from tune_pets.engine import Engine, FitData, load_fit_data
 from tune_pets.layout import PROFILE_SUMMARY, TOP_OPS_CSV, TOP_OPS_TXT
 from tune_pets.models import get_spec
-from tune_pets.utils import (
-    UserError,
-    atomic_write_csv,
-    atomic_write_json,
-    atomic_write_text,
-    cli_main,
-    env_info,
-)
+from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, atomic_write_text
+from tune_pets.utils import cli_main, env_info
 
 PROFILE_WAIT, PROFILE_WARMUP = 1, 2  # profiler schedule: skip 1 step, warm up 2, record --steps
-TIMED_WARMUP = 1  # untimed steps before the timed run
+TIMED_WARMUP = 1  # untimed steps before the timed run: the first after the profiler is an outlier
 TOP_OPS = 25
 BACKBONE_BATCH_SIZE = 64  # the batch size features.extract runs the backbone with
 TRACE_GLOB = "*.pt.trace.json*"
 
 
 class StepLoop:
-    """An ``Engine`` fed from its endless batch stream: one ``next_batch`` + ``step`` per
-    profiled or timed step."""
+    """An ``Engine`` fed from its endless batch stream."""
 
     def __init__(self, config: RunConfig, data: FitData, device: torch.device):
-        self.engine = Engine(config, data, device)
-        self.device = device
+        self.engine, self.device = Engine(config, data, device), device
         self.batches = self.engine.batches.forever()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +60,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------- the profiled and timed runs
 def _profiled_run(loop: StepLoop, steps: int, trace_dir: Path, worker: str, memory: bool):
-    from torch.profiler import (
-        ProfilerActivity,
-        profile,
-        record_function,
-        schedule,
-        tensorboard_trace_handler,
-    )
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+    from torch.profiler import tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU]
     if loop.device.type == "cuda":
@@ -113,8 +89,8 @@ def _profiled_run(loop: StepLoop, steps: int, trace_dir: Path, worker: str, memo
 
 
 def _timed_run(loop: StepLoop, steps: int) -> tuple[list[float], list[float], list[int]]:
-    """Unprofiled (data seconds, compute seconds, images) per step, after one untimed step
-    (the first step after the profiler stops is an outlier)."""
+    """Unprofiled (data seconds, compute seconds, images) per step; on CUDA each step syncs
+    before and after the train step so data and compute time can be told apart."""
     data_s, compute_s, images = [], [], []
     for i in range(TIMED_WARMUP + steps):
         t0 = time.perf_counter()
@@ -134,31 +110,25 @@ def top_ops(prof, k: int = TOP_OPS) -> tuple[list[dict], str]:
     """The ``k`` ops with the largest self CPU time: CSV rows and the profiler's own table."""
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    rows = []
-    for rank, e in enumerate(
-        sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k], 1
-    ):
-        rows.append(
-            {
-                "rank": rank,
-                "name": e.key,
-                "calls": e.count,
-                "self_cpu_time_us": round(e.self_cpu_time_total, 3),
-                "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total, 3),
-                "cpu_time_total_us": round(e.cpu_time_total, 3),
-                "self_device_time_us": round(getattr(e, "self_device_time_total", 0.0), 3),
-                "device_time_total_us": round(getattr(e, "device_time_total", 0.0), 3),
-                "self_cpu_memory_mb": round(e.self_cpu_memory_usage / 2**20, 3),
-                "self_device_memory_mb": round(
-                    getattr(e, "self_device_memory_usage", 0) / 2**20, 3
-                ),
-            }
-        )
-    table = events.table(sort_by="self_cpu_time_total", row_limit=k)
-    return rows, table
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
+    rows = [
+        {
+            "rank": rank,
+            "name": e.key,
+            "calls": e.count,
+            "self_cpu_time_us": round(e.self_cpu_time_total, 3),
+            "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total, 3),
+            "cpu_time_total_us": round(e.cpu_time_total, 3),
+            "self_device_time_us": round(getattr(e, "self_device_time_total", 0.0), 3),
+            "device_time_total_us": round(getattr(e, "device_time_total", 0.0), 3),
+            "self_cpu_memory_mb": round(e.self_cpu_memory_usage / 2**20, 3),
+            "self_device_memory_mb": round(getattr(e, "self_device_memory_usage", 0) / 2**20, 3),
+        }
+        for rank, e in enumerate(top, 1)
+    ]
+    return rows, events.table(sort_by="self_cpu_time_total", row_limit=k)
 
 
-# ---------------------------------------------------------------- the frozen ViT backbone
 @torch.no_grad()
 def backbone_throughput(
     config: RunConfig,
@@ -167,10 +137,9 @@ def backbone_throughput(
     images: np.ndarray | None = None,
     batches: int = 3,
 ) -> dict:
-    """Images/s of the frozen backbone in ``features.extract`` (eval transform, same batch size
-    and autocast): the one-time cost of building the feature cache. ``images``: uint8
-    ``[N, R, R, 3]`` at the cache resolution; random pixels when None (a ViT's speed does not
-    depend on pixel values)."""
+    """Images/s of the frozen backbone in ``features.extract``: the one-time cost of the feature
+    cache. ``images``: uint8 ``[N, R, R, 3]`` at the cache resolution, or random pixels (a ViT's
+    speed does not depend on them)."""
     from tune_pets.data import ImageSplit
     from tune_pets.features import extract
 
@@ -181,19 +150,14 @@ def backbone_throughput(
         rng = np.random.default_rng(0)
         images, source = rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8), "random"
     images = images[np.resize(np.arange(len(images)), n)]  # repeat tiny data up to n images
-
-    def split(arr: np.ndarray) -> ImageSplit:
-        return ImageSplit(
-            "profile", arr, np.zeros(len(arr), dtype=np.int64), [""] * len(arr), [], ""
-        )
-
+    labels = np.zeros(n, dtype=np.int64)
+    warm = ImageSplit("profile", images[:8], labels[:8], [""] * 8, [], "")
     backbone = get_spec(config.model).build_backbone(config).to(device)
-    extract(backbone, split(images[:8]), preprocess, device, batch_size=8, progress=False)  # warm
+    extract(backbone, warm, preprocess, device, batch_size=8, progress=False)
     _sync(device)
     t0 = time.perf_counter()
-    extract(
-        backbone, split(images), preprocess, device, batch_size=BACKBONE_BATCH_SIZE, progress=False
-    )
+    split = ImageSplit("profile", images, labels, [""] * n, [], "")
+    extract(backbone, split, preprocess, device, batch_size=BACKBONE_BATCH_SIZE, progress=False)
     _sync(device)
     seconds = time.perf_counter() - t0
     return {
@@ -207,8 +171,8 @@ def backbone_throughput(
 
 
 def sample_images(data_dir: str | os.PathLike, preprocess: dict, n: int) -> np.ndarray:
-    """``n`` train images (evenly spaced over the sorted file list) decoded at the cache
-    resolution, as the feature cache holds them."""
+    """``n`` train images, evenly spaced over the sorted file list, as the feature cache holds
+    them."""
     data_dir = check_data_dir(data_dir)
     paths = scan_split(data_dir, "train").paths
     res = cache_res(preprocess["img_size"], preprocess["crop_pct"])
@@ -222,7 +186,6 @@ def sample_images(data_dir: str | os.PathLike, preprocess: dict, n: int) -> np.n
     return np.stack(out) if out else np.empty((0, res, res, 3), dtype=np.uint8)
 
 
-# ---------------------------------------------------------------- run_profile
 def run_profile(
     config: RunConfig,
     data: FitData,
@@ -234,23 +197,22 @@ def run_profile(
     backbone_batches: int = 3,
     memory: bool = False,
 ) -> dict:
-    """Profile ``steps`` train steps of ``config`` on ``data`` (as ``load_fit_data`` returns it)
-    and time ``steps`` more without the profiler. Writes the trace, ``top_ops.{csv,txt}`` and
-    ``summary.json`` into ``out_dir`` and returns the summary. For the ViT probe also measures
-    the frozen backbone's throughput (on ``backbone_images`` when given)."""
+    """Profile ``steps`` train steps and time ``steps`` more without the profiler; writes the
+    trace, ``top_ops.{csv,txt}`` and ``summary.json`` into ``out_dir`` and returns the summary."""
     if steps < 1:
         raise UserError(f"--steps must be a positive integer, got {steps}")
     device = device or torch.device("cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_name = config.model
-    quiet_profiler()
+    # Kineto logs USDT probe lines and, without a GPU, a GPU-count ERROR on every run; 6 is above
+    # every level. It reads this when the profiler first starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     loop = StepLoop(config, data, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # The trace is written into a temp folder and moved into place when complete, replacing
-    # the previous run's trace (a killed run leaves the old one intact).
+    # The new trace replaces the old one only once complete (a killed run leaves the old one).
     trace_tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=out_dir))
     try:
         prof, prof_s = _profiled_run(loop, steps, trace_tmp, model_name, memory)
@@ -268,7 +230,8 @@ def run_profile(
     data_s, compute_s, n_images = _timed_run(loop, steps)
     step_s = [a + b for a, b in zip(data_s, compute_s, strict=True)]
     mean_s = statistics.fmean(step_s)
-    spe = loop.engine.steps_per_epoch
+    engine = loop.engine
+    spe = engine.steps_per_epoch
     env = env_info()
     summary = {
         "model": model_name,
@@ -278,9 +241,7 @@ def run_profile(
             else "probe head on cached frozen-backbone features"
         ),
         "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
-        ),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"],
         "torch_threads": torch.get_num_threads(),
         "steps": steps,
         "batch_size": config.batch_size,
@@ -296,10 +257,8 @@ def run_profile(
         "n_train": len(data.train_y),
         "steps_per_epoch": spe,
         "epoch_time_est_s": round(spe * mean_s, 3),
-        "trainable_params": sum(
-            p.numel() for p in loop.engine.model.parameters() if p.requires_grad
-        ),
-        "precision": loop.engine.precision,
+        "trainable_params": sum(p.numel() for p in engine.model.parameters() if p.requires_grad),
+        "precision": engine.precision,
         "profile_memory": memory,
         "trace_files": sorted(p.name for p in out_dir.glob(TRACE_GLOB)),
         "top_ops": [r["name"] for r in rows[:5]],
@@ -310,10 +269,8 @@ def run_profile(
         summary["max_rss_mb"] = _max_rss_mb()
     if data.kind == "features":
         bb = backbone_throughput(config, data.preprocess, device, backbone_images, backbone_batches)
-        views = max(1, config.feature_views)
-        bb["feature_extract_train_est_s"] = round(
-            views * len(data.train_y) / bb["backbone_images_per_s"], 2
-        )
+        n_extract = max(1, config.feature_views) * len(data.train_y)
+        bb["feature_extract_train_est_s"] = round(n_extract / bb["backbone_images_per_s"], 2)
         summary.update(bb)
     summary["config"] = config.to_dict()
     summary["env"] = env
@@ -337,14 +294,6 @@ def _max_rss_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def quiet_profiler() -> None:
-    """Kineto (the profiler's C++ side) logs USDT probe lines (level 5) and, without a GPU, a
-    GPU-count ERROR (level 4) on every run; they say nothing about the run. 6 is above every
-    level. Kineto reads it when the profiler first starts, so this must run before that."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-
-
-# ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.profiling")
     cli.add_model_arg(p, "which model's train step to profile")
@@ -377,33 +326,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = cli.resolve_run_args(build_parser().parse_args(argv))
     args, spec, config, device, data_dir = run.args, run.spec, run.config, run.device, run.data_dir
     out = run.layout.standalone_profile(spec.name)
-    data = load_fit_data(
-        config,
-        data_dir,
-        full_train=True,
-        device=device,
-        **cli.data_options(args),
-    )
-    images = None
-    if data.kind == "features":
-        images = sample_images(
-            data_dir, data.preprocess, args.backbone_batches * BACKBONE_BATCH_SIZE
-        )
+    data = load_fit_data(config, data_dir, full_train=True, device=device, **cli.data_options(args))
+    n_images = args.backbone_batches * BACKBONE_BATCH_SIZE
+    images = sample_images(data_dir, data.preprocess, n_images) if data.kind == "features" else None
     print(
         f"profiling {spec.name} ({data.info['n_train']} train images, device "
         f"{device}): {args.steps} steps under torch.profiler, {args.steps} timed",
         flush=True,
     )
-    s = run_profile(
-        config,
-        data,
-        args.steps,
-        out,
-        device,
-        backbone_images=images,
-        backbone_batches=args.backbone_batches,
-        memory=args.profile_memory,
-    )
+    kw = {"backbone_batches": args.backbone_batches, "memory": args.profile_memory}
+    s = run_profile(config, data, args.steps, out, device, backbone_images=images, **kw)
     print(
         f"{s['model']}: {s['images_per_s']:.1f} images/s, step {s['step_time_ms']:.1f} ms "
         f"(data {s['data_time_ms']:.1f} + compute {s['compute_time_ms']:.1f}), batch "

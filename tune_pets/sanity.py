@@ -2,20 +2,13 @@
 
     python -m tune_pets.sanity --data-dir data/oxford_pets --artifacts-dir artifacts
 
-Reads the same files the training code reads (``tune_pets.data.scan_split``, ``load_rgb``) and
-writes into ``<artifacts>/data_sanity/``:
-
-    class_counts.csv   one row per class: images per split and total
-    image_sizes.csv    one row per image: split, path, class, format, mode, width, height
-    odd_files.csv      files that deserve a look: named .jpg but not a JPEG, not RGB (P, RGBA,
-                       L, CMYK...), unreadable, or ignored non-image files
-    grid_<split>.png   a deterministic sample (round-robin over classes, every class at least
-                       once by default) titled by class
-    summary.json       the numbers: counts per split, classes, min/max per class, size
-                       statistics, odd-file counts (``tune_pets.report`` reads this file)
-
-Odd files are reported, not fixed: training decodes GIF/PNG/RGBA/CMYK files to RGB anyway
-(``load_rgb``) and fails on unreadable ones unless given ``--skip-bad-images``.
+Reads the files as training does (``data.scan_split``, ``load_rgb``) and writes into
+``<artifacts>/data_sanity/``: ``class_counts.csv`` (images per class and split),
+``image_sizes.csv`` (split, path, class, format, mode, width, height), ``odd_files.csv`` (named
+.jpg but not a JPEG, not RGB, unreadable, or ignored non-image files), ``grid_<split>.png`` (a
+deterministic round-robin sample, every class at least once by default) and ``summary.json``
+(read by ``tune_pets.report``). Odd files are reported, not fixed: training converts them to RGB
+and fails on unreadable ones unless given ``--skip-bad-images``.
 """
 
 from __future__ import annotations
@@ -32,14 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tune_pets.data import (
-    BadImageError,
-    SplitIndex,
-    check_data_dir,
-    heldout_split_name,
-    load_rgb,
-    scan_split,
-)
+from tune_pets.data import BadImageError, SplitIndex, check_data_dir, heldout_split_name
+from tune_pets.data import load_rgb, scan_split
 from tune_pets import cli
 from tune_pets.figures import figure_style, save
 from tune_pets.utils import atomic_write_csv, atomic_write_json, cli_main
@@ -49,12 +36,12 @@ DRAFT_SIZE = 64  # decode JPEGs at reduced scale: every byte is still read, much
 SMALL_SIDE = 224  # images whose shorter side is below the networks' input size are counted
 GRID_THUMB = 160  # pixels per grid thumbnail
 ISSUES = ("not_jpeg", "not_rgb", "unreadable", "ignored_non_image")
+FACTS = ("format", "mode", "width", "height")  # an image's header facts
 
 
-# ---------------------------------------------------------------- per-file inspection
 def inspect_image(path: str | os.PathLike) -> dict:
     """Header facts of one file (format, mode, width, height) and whether it decodes."""
-    info: dict = {"format": None, "mode": None, "width": None, "height": None, "error": None}
+    info: dict = dict.fromkeys([*FACTS, "error"])
     # An unidentifiable header leaves the facts empty: load_rgb below says why.
     with contextlib.suppress(Exception), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -67,68 +54,42 @@ def inspect_image(path: str | os.PathLike) -> dict:
     return info
 
 
-def issues_of(rel_path: str, info: dict) -> list[str]:
-    """Issue codes for one image file (empty: nothing odd)."""
-    found = []
-    if info["format"] and Path(rel_path).suffix.lower() in JPEG_EXTS and info["format"] != "JPEG":
+def _issues(rel_path: str, info: dict) -> tuple[list[str], str]:
+    """Issue codes of one image file (empty: nothing odd) and what they mean for it."""
+    found, detail = [], []
+    suffix = Path(rel_path).suffix
+    if info["format"] and suffix.lower() in JPEG_EXTS and info["format"] != "JPEG":
         found.append("not_jpeg")
+        detail.append(f"named {suffix} but is {info['format']}")
     if info["mode"] and info["mode"] != "RGB":
         found.append("not_rgb")
+        detail.append(f"mode {info['mode']} (converted to RGB when loaded)")
     if info["error"]:
         found.append("unreadable")
-    return found
-
-
-def _detail(rel_path: str, info: dict, issues: list[str]) -> str:
-    parts = []
-    if "not_jpeg" in issues:
-        parts.append(f"named {Path(rel_path).suffix} but is {info['format']}")
-    if "not_rgb" in issues:
-        parts.append(f"mode {info['mode']} (converted to RGB when loaded)")
-    if "unreadable" in issues:
-        parts.append(info["error"])
-    return "; ".join(parts)
+        detail.append(info["error"])
+    return found, "; ".join(detail)
 
 
 def _inspect_all(data_dir: Path, paths: list[str], workers: int, progress: bool) -> list[dict]:
     from tqdm.auto import tqdm
 
-    full = [data_dir / p for p in paths]
-    bar = tqdm(
-        total=len(full),
-        desc="inspect images",
-        unit="img",
-        file=sys.stderr,
-        leave=False,
-        disable=not progress or None,
-    )
-    out = []
     # Threads: Pillow decodes with the GIL released, and threads need no pickling or fork.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for info in pool.map(inspect_image, full, chunksize=1):
-            out.append(info)
-            bar.update(1)
-    bar.close()
-    return out
+        infos = pool.map(inspect_image, [data_dir / p for p in paths], chunksize=1)
+        off = not progress or None
+        kw = {"desc": "inspect images", "unit": "img", "file": sys.stderr, "leave": False}
+        return list(tqdm(infos, total=len(paths), disable=off, **kw))
 
 
-# ---------------------------------------------------------------- statistics
 def size_stats(widths: Sequence[int], heights: Sequence[int]) -> dict:
     """min/median/max of width, height and aspect ratio (w/h); count of small images."""
     if not widths:
         return {"n": 0}
     w, h = np.asarray(widths, dtype=float), np.asarray(heights, dtype=float)
-    aspect = w / h
     stats: dict = {"n": len(w)}
-    for name, v in (("width", w), ("height", h), ("aspect", aspect)):
-        stats[f"{name}_min"] = float(v.min())
-        stats[f"{name}_median"] = float(np.median(v))
-        stats[f"{name}_max"] = float(v.max())
-    stats["aspect_min"], stats["aspect_median"], stats["aspect_max"] = (
-        round(stats["aspect_min"], 4),
-        round(stats["aspect_median"], 4),
-        round(stats["aspect_max"], 4),
-    )
+    for name, v in (("width", w), ("height", h), ("aspect", w / h)):
+        for stat, f in (("min", np.min), ("median", np.median), ("max", np.max)):
+            stats[f"{name}_{stat}"] = round(float(f(v)), 4) if name == "aspect" else float(f(v))
     stats[f"n_short_side_lt_{SMALL_SIDE}"] = int((np.minimum(w, h) < SMALL_SIDE).sum())
     return stats
 
@@ -151,7 +112,6 @@ def class_balance(counts: dict[str, int]) -> dict:
     }
 
 
-# ---------------------------------------------------------------- the image grid
 def grid_sample(
     index: SplitIndex, n: int, seed: int = 0, exclude: set[str] | frozenset = frozenset()
 ) -> list[tuple[str, str]]:
@@ -181,29 +141,23 @@ def save_grid(
     odd: set[str] | frozenset = frozenset(),
 ) -> None:
     """Thumbnails titled by class name; odd files (not JPEG / not RGB) get a red title."""
+    cols = math.ceil(math.sqrt(max(1, len(sample))))
+    rows = math.ceil(max(1, len(sample)) / cols)
     with figure_style() as plt:
-        _draw_grid(plt, data_dir, sample, path, title, odd)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.85 * rows + 0.4), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (rel, cls) in zip(axes.flat, sample, strict=False):  # more axes than images
+            img = load_rgb(data_dir / rel, draft_size=GRID_THUMB)
+            img.thumbnail((GRID_THUMB, GRID_THUMB))
+            ax.imshow(np.asarray(img))
+            label = cls if len(cls) <= 24 else cls[:23] + "."
+            ax.set_title(label, fontsize=7, color="red" if rel in odd else "black")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        save(fig, path, dpi=100)
 
 
-def _draw_grid(plt, data_dir, sample, path, title, odd) -> None:
-    n = max(1, len(sample))
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.85 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (rel, cls) in zip(axes.flat, sample, strict=False):  # more axes than images
-        img = load_rgb(data_dir / rel, draft_size=GRID_THUMB)
-        img.thumbnail((GRID_THUMB, GRID_THUMB))
-        ax.imshow(np.asarray(img))
-        label = cls if len(cls) <= 24 else cls[:23] + "."
-        ax.set_title(label, fontsize=7, color="red" if rel in odd else "black")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save(fig, path, dpi=100)
-
-
-# ---------------------------------------------------------------- the report
 def run_sanity(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -223,60 +177,32 @@ def run_sanity(
     classes = train.classes
     workers = workers or min(os.cpu_count() or 1, 8)
 
-    size_rows, odd_rows = [], []
-    counts: dict[str, dict[str, int]] = {}
-    sizes: dict[str, dict] = {}
-    all_w: list[int] = []
-    all_h: list[int] = []
-    odd_paths: dict[str, set[str]] = {}
-    bad_paths: dict[str, set[str]] = {}
+    size_rows, odd_rows, all_w, all_h = [], [], [], []
+    counts, sizes, odd_paths, bad_paths = {}, {}, {}, {}
     for index in splits:
+        name = index.name
         infos = _inspect_all(data_dir, index.paths, workers, progress)
-        per_class = {c: 0 for c in classes}
+        counts[name] = per_class = dict.fromkeys(classes, 0)
         ws, hs = [], []
-        odd_paths[index.name], bad_paths[index.name] = set(), set()
+        odd_paths[name], bad_paths[name] = set(), set()
         for rel, y, info in zip(index.paths, index.labels, infos, strict=True):
-            cls = classes[y]
-            per_class[cls] += 1
-            size_rows.append(
-                {
-                    "split": index.name,
-                    "path": rel,
-                    "class": cls,
-                    **{k: info[k] for k in ("format", "mode", "width", "height")},
-                }
-            )
+            per_class[classes[y]] += 1
+            facts = {k: info[k] for k in FACTS}
+            size_rows.append({"split": name, "path": rel, "class": classes[y], **facts})
             if info["width"] and not info["error"]:
                 ws.append(info["width"])
                 hs.append(info["height"])
-            found = issues_of(rel, info)
+            found, detail = _issues(rel, info)
             if found:
-                odd_paths[index.name].add(rel)
+                odd_paths[name].add(rel)
                 if "unreadable" in found:
-                    bad_paths[index.name].add(rel)
-                odd_rows.append(
-                    {
-                        "split": index.name,
-                        "path": rel,
-                        "issues": ";".join(found),
-                        "format": info["format"],
-                        "mode": info["mode"],
-                        "width": info["width"],
-                        "height": info["height"],
-                        "detail": _detail(rel, info, found),
-                    }
-                )
+                    bad_paths[name].add(rel)
+                row = {"split": name, "path": rel, "issues": ";".join(found)}
+                odd_rows.append({**row, **facts, "detail": detail})
         for rel in index.ignored:
-            odd_rows.append(
-                {
-                    "split": index.name,
-                    "path": rel,
-                    "issues": "ignored_non_image",
-                    "detail": "not an image: ignored by training",
-                }
-            )
-        counts[index.name] = per_class
-        sizes[index.name] = size_stats(ws, hs)
+            row = {"split": name, "path": rel, "issues": "ignored_non_image"}
+            odd_rows.append({**row, "detail": "not an image: ignored by training"})
+        sizes[name] = size_stats(ws, hs)
         all_w += ws
         all_h += hs
     sizes["all"] = size_stats(all_w, all_h)
@@ -287,16 +213,9 @@ def run_sanity(
         for c in classes
     ]
     atomic_write_csv(out_dir / "class_counts.csv", count_rows, ["class", *names, "total"])
-    atomic_write_csv(
-        out_dir / "image_sizes.csv",
-        size_rows,
-        ["split", "path", "class", "format", "mode", "width", "height"],
-    )
-    atomic_write_csv(
-        out_dir / "odd_files.csv",
-        odd_rows,
-        ["split", "path", "issues", "format", "mode", "width", "height", "detail"],
-    )
+    atomic_write_csv(out_dir / "image_sizes.csv", size_rows, ["split", "path", "class", *FACTS])
+    odd_fields = ["split", "path", "issues", *FACTS, "detail"]
+    atomic_write_csv(out_dir / "odd_files.csv", odd_rows, odd_fields)
 
     grids = []
     if grid_per_split is None:
@@ -306,14 +225,11 @@ def run_sanity(
             sample = grid_sample(index, grid_per_split, seed, exclude=bad_paths[index.name])
             if sample:
                 path = out_dir / f"grid_{index.name}.png"
-                save_grid(
-                    data_dir,
-                    sample,
-                    path,
+                title = (
                     f"{data_dir.name}/{index.name}: {len(sample)} of {len(index.paths)} "
-                    f"images (seed {seed}; red title = odd file)",
-                    odd_paths[index.name],
+                    f"images (seed {seed}; red title = odd file)"
                 )
+                save_grid(data_dir, sample, path, title, odd_paths[index.name])
                 grids.append(path.name)
 
     by_issue = {k: sum(k in r["issues"].split(";") for r in odd_rows) for k in ISSUES}
@@ -364,13 +280,11 @@ def print_summary(summary: dict, out_dir: Path, max_odd: int = 25) -> None:
     print(f"wrote {out_dir}/ ({', '.join(summary['files'])})")
 
 
-# ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.sanity")
     p.add_argument(
         "--grid-per-split",
         type=cli.nonneg_int,
-        default=None,
         help="images in each split's grid (default: max(36, number of classes), so every "
         "class appears; 0: no grids)",
     )
@@ -378,7 +292,6 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--workers",
         type=cli.positive_int,
-        default=None,
         help="threads inspecting files (default: CPU count, at most 8)",
     )
     cli.add_data_args(p, val_split=False, decode=False)
@@ -389,13 +302,9 @@ def build_parser() -> cli.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = cli.layout_from_args(args).data_sanity
+    kw = {"seed": args.seed, "workers": args.workers, "progress": not args.no_progress}
     summary = run_sanity(
-        cli.data_dir_from_args(args),
-        out,
-        grid_per_split=args.grid_per_split,
-        seed=args.seed,
-        workers=args.workers,
-        progress=not args.no_progress,
+        cli.data_dir_from_args(args), out, grid_per_split=args.grid_per_split, **kw
     )
     print_summary(summary, out)
     return 0

@@ -5,10 +5,9 @@ train command, for exploratory runs.
     python -m tune_pets.train vit --data-dir data/oxford_pets --no-pretrained
     python -m tune_pets.train cnn --data-dir sample --overfit-batches 1
 
-A run trains on the train split minus a seeded, stratified val split (saved as a file list),
-validates every epoch and keeps the best checkpoint by ``config.metric``. Outputs go to the run's
-own folder, ``<artifacts>/train/<run-name>/`` (never to reproduce's results), and TensorBoard
-logs to ``<runs-dir>/train/<run-name>/``.
+Trains on the train split minus a seeded, stratified val split (saved as a file list), keeps the
+best checkpoint by ``config.metric``, and writes to ``<artifacts>/train/<run-name>/`` (TensorBoard:
+``<runs-dir>/train/<run-name>/``).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from tune_pets.models import ModelSpec
 from tune_pets.records import RunInfo
 from tune_pets.utils import atomic_torch_save, atomic_write_json, cli_main, env_info
 
-EpochCallback = Callable[[dict, "dict | None"], None]
-
 
 @dataclass
 class FitResult:
@@ -44,7 +41,7 @@ class FitResult:
 def fit(
     config: RunConfig,
     data: FitData,
-    on_epoch_end: EpochCallback | None = None,
+    on_epoch_end: Callable[[dict, dict | None], None] | None = None,
     *,
     device: torch.device | None = None,
     tb_dir: str | Path | None = None,
@@ -54,17 +51,10 @@ def fit(
     resume: dict | None = None,
     on_state: Callable[[dict], None] | None = None,
 ) -> FitResult:
-    """Train ``config`` on ``data``; validate each epoch; keep the best by ``config.metric``.
-
-    ``on_epoch_end(metrics, checkpoint)`` is called after every epoch; ``checkpoint`` is the
-    checkpoint dict when this epoch is the best so far, else None. Without a val split the last
-    epoch is the best. ``tb_dir``: TensorBoard scalars per epoch (and ``hparams`` for the
-    HParams plugin). Raises ``engine.NonFiniteLossError`` if the loss diverges.
-
-    ``on_state(state)``, when given, is called after every epoch (before ``on_epoch_end``) with
-    the run's whole state at that point; ``fit(..., resume=state)`` continues from the next
-    epoch exactly as if the run had not stopped (a search trial restarted on another node).
-    """
+    """Train ``config`` on ``data``, validating each epoch (without a val split the last epoch is
+    the best). ``on_epoch_end(metrics, checkpoint)``: ``checkpoint`` only when the epoch is the
+    best so far. ``on_state(state)`` gets the run's whole state after every epoch;
+    ``fit(..., resume=state)`` continues from there exactly (a trial restarted on another node)."""
     engine = Engine(config, data, device, spec)
     lower = config.metric in LOWER_IS_BETTER
     tb = _TensorBoard(tb_dir, hparams, config.metric) if tb_dir is not None else None
@@ -82,52 +72,31 @@ def fit(
                 metrics.update(engine.validate())
             metrics["epoch_time_s"] = time.perf_counter() - t0
             score = metrics.get(config.metric) if data.has_val else None
-            # No val split (reproduce's full-train run): the last epoch is the one kept.
-            is_best = score is None or best is None or (score < best if lower else score > best)
             ckpt = None
-            if is_best:
+            if score is None or best is None or (score < best if lower else score > best):
                 best, best_epoch = score, epoch
-                ckpt = best_ckpt = make_checkpoint(
-                    config,
-                    engine.spec,
-                    data.classes,
-                    data.preprocess,
-                    engine.state_dict(),
-                    epoch,
-                    metrics,
-                    data.feature_dim,
-                )
+                meta = (data.classes, data.preprocess, engine.state_dict(), epoch, metrics)
+                ckpt = best_ckpt = make_checkpoint(config, engine.spec, *meta, data.feature_dim)
             history.append(metrics)
             if tb is not None:
                 tb.epoch(metrics)
             if on_state is not None:
-                on_state(
-                    {
-                        "engine": engine.train_state(),
-                        "history": [dict(h) for h in history],
-                        "best": best,
-                        "best_epoch": best_epoch,
-                        "best_ckpt": best_ckpt,
-                    }
-                )
+                state = {"engine": engine.train_state(), "history": [dict(h) for h in history]}
+                on_state(state | {"best": best, "best_epoch": best_epoch, "best_ckpt": best_ckpt})
             if on_epoch_end is not None:
                 on_epoch_end(dict(metrics), ckpt)
     finally:
         if tb is not None:
             tb.close()
+    best_metrics = history[best_epoch - 1]
     return FitResult(
-        history,
-        best_epoch,
-        history[best_epoch - 1],
-        best_ckpt,
-        engine.precision,
-        engine.determinism,
+        history, best_epoch, best_metrics, best_ckpt, engine.precision, engine.determinism
     )
 
 
 class _TensorBoard:
-    """Per-epoch scalars, plus the run's hyperparameters for TensorBoard's HParams tab written
-    at the start (so a running search is comparable live, parallel coordinates included)."""
+    """Per-epoch scalars; the hyperparameters for the HParams tab are written at the start, so a
+    running search is comparable live."""
 
     def __init__(self, log_dir: str | Path, hparams: dict | None, metric: str):
         from torch.utils.tensorboard import SummaryWriter
@@ -141,7 +110,7 @@ class _TensorBoard:
                 k: v if isinstance(v, (int, float, str, bool)) else str(v)
                 for k, v in hparams.items()
             }
-            keys = {k: 0.0 for k in dict.fromkeys([metric, "val_acc", "val_macro_f1", "val_loss"])}
+            keys = dict.fromkeys([metric, "val_acc", "val_macro_f1", "val_loss"], 0.0)
             exp, start, self.session_end = hparams_summary(values, keys)
             for s in (exp, start):
                 self.writer.file_writer.add_summary(s)
@@ -165,8 +134,8 @@ def overfit_check(
     max_steps: int = 300,
     device: torch.device | None = None,
 ) -> tuple[bool, int, float]:
-    """Can the model memorize ``n_batches`` fixed batches (no augmentation, no weight decay, no
-    schedule, no label smoothing)? Returns (passed, steps used, final accuracy on them)."""
+    """Can the model memorize ``n_batches`` fixed batches (no augmentation, weight decay, schedule
+    or label smoothing)? Returns (passed, steps used, final accuracy on them)."""
     config = config.replace(
         weight_decay=0.0, scheduler="none", warmup_epochs=0, label_smoothing=0.0, deterministic=True
     )
@@ -186,7 +155,6 @@ def overfit_check(
     return False, max_steps, acc
 
 
-# ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.train")
     cli.add_model_arg(p, "which model to train")
@@ -195,13 +163,10 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_device_args(p)
     cli.add_hparam_args(p)
     cli.add_output_args(p)
-    p.add_argument(
-        "--run-name", default=None, help="name of this run's folders (default: the model)"
-    )
+    p.add_argument("--run-name", help="name of this run's folders (default: the model)")
     p.add_argument(
         "--overfit-batches",
         type=cli.positive_int,
-        default=None,
         help="overfit check: memorize N batches, print PASS/FAIL, exit 1 on FAIL",
     )
     return p
@@ -212,14 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, spec, config, device, layout = run.args, run.spec, run.config, run.device, run.layout
     run_name = args.run_name or spec.name
     out = layout.train_run(run_name)
-    data = load_fit_data(
-        config,
-        run.data_dir,
-        val_fraction=args.val_fraction,
-        split_file=out / "val_split.json",
-        device=device,
-        **cli.data_options(args),
-    )
+    options = {"val_fraction": args.val_fraction, "device": device, **cli.data_options(args)}
+    data = load_fit_data(config, run.data_dir, split_file=out / "val_split.json", **options)
     print(
         f"{spec.name}: {data.info['n_train']} train / {data.info['n_val']} val images, "
         f"{data.num_classes} classes, device {device}",
@@ -272,7 +231,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def format_epoch(metrics: dict, epochs: int) -> str:
-    """One log line per epoch (also what a redirected log gets)."""
     val = (
         f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
         f"val_macro_f1 {metrics['val_macro_f1']:.4f}"
