@@ -1,14 +1,12 @@
-"""The frozen backbone of the ViT probe: build it (hub, local file or seeded random init), name
-its weights (part of the feature-cache key) and run it to token features.
+"""The frozen backbone of the ViT probe: built from the hub, a local file or a seeded random
+init; its weights tag keys the feature cache.
 
     model = build_backbone(RunConfig(backbone="vit_tiny_patch16_224", pretrained=True))
 
-Weights are checked, not trusted: timm loads them non-strictly (a resnet18 file would load with
-one log line and leave the backbone random), so every backbone tensor must come from the file by
-exact name and shape. Hub weights are read from the local hub cache when there (no network),
-else downloaded; offline without a cached copy this fails in seconds, not after ~55 s of retries.
-Air-gapped: copy a hub cache made online (``models--timm--<model>`` under ``$HF_HUB_CACHE``) or
-pass ``--weights PATH``.
+timm loads weights non-strictly (a resnet18 file loads with one log line, leaving the backbone
+random), so every backbone tensor must come from the file by exact name and shape. Hub weights
+come from the local hub cache when there; offline without them this fails in seconds, not after
+~55 s of retries (air-gapped: copy a hub cache made online, or pass ``--weights PATH``).
 """
 
 from __future__ import annotations
@@ -39,9 +37,18 @@ def build_backbone(config: RunConfig) -> nn.Module:
     name = config.backbone
     if name not in timm.list_models(pretrained=False):
         raise UserError(f"unknown timm backbone {name!r}")
-    if config.weights:
-        return _from_file(name, Path(config.weights))
-    return _from_hub(name) if config.pretrained else _create(name)
+    if not config.weights:
+        return _from_hub(name) if config.pretrained else _create(name)
+    path = Path(config.weights)
+    option = f"--weights {path}"
+    if not path.is_file():
+        raise UserError(f"{option}: file not found")
+    state = read_state_dict(path, option)
+    model = _create(name)
+    check_state_dict(model, state, option, name)
+    wanted = model.state_dict().keys()  # the check allows only the classifier head beyond these
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted})
+    return model
 
 
 def backbone_tag(config: RunConfig) -> str:
@@ -67,18 +74,6 @@ def _create(name: str, pretrained: bool = False) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return timm.create_model(name, pretrained=pretrained, num_classes=0)
-
-
-def _from_file(name: str, path: Path) -> nn.Module:
-    option = f"--weights {path}"
-    if not path.is_file():
-        raise UserError(f"{option}: file not found")
-    state = read_state_dict(path, option)
-    model = _create(name)
-    check_state_dict(model, state, option, name)
-    wanted = model.state_dict().keys()  # the check allows only the classifier head beyond these
-    model.load_state_dict({k: v for k, v in state.items() if k in wanted})
-    return model
 
 
 def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
@@ -116,11 +111,8 @@ def check_state_dict(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str
 ) -> None:
     """One-line ``UserError`` unless ``state`` holds every tensor of ``model`` by name and shape,
-    and nothing else but the pretrained classifier head (which ``num_classes=0`` drops).
-
-    Transformers-format checkpoints are refused, not converted: their names and layout
-    (separate q/k/v) differ, and timm's own files exist for every timm model.
-    """
+    and nothing else but the classifier head (``num_classes=0`` drops it). Transformers-format
+    files are refused, not converted (other names, separate q/k/v; timm has its own files)."""
     expected = model.state_dict()
     head = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
     ignored = {

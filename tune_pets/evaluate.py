@@ -19,18 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tune_pets import cli
+from tune_pets import cli, metrics
 from tune_pets.checkpoint import load_checkpoint, trained_module
 from tune_pets.data import default_cache_dir, load_split
 from tune_pets.engine import Batches, FitData, precision, predict
 from tune_pets.figures import confusion_figure
-from tune_pets.metrics import (
-    classification_metrics,
-    confusion,
-    most_confused,
-    per_class_rows,
-    prediction_spread,
-)
 from tune_pets.records import write_metrics_row
 from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, cli_main
 
@@ -48,22 +41,23 @@ class Evaluation:
 
     @functools.cached_property
     def cm(self) -> np.ndarray:
-        return confusion(self.labels, self.preds, len(self.classes))
+        return metrics.confusion(self.labels, self.preds, len(self.classes))
 
     @functools.cached_property
     def scores(self) -> dict:
-        m = classification_metrics(self.labels, self.preds, len(self.classes))
+        m = metrics.classification_metrics(self.labels, self.preds, len(self.classes))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_images": self.n_images}
 
     def most_confused(self, k: int = 10) -> list[tuple[str, str, int]]:
-        return most_confused(self.cm, self.classes, k)
+        return metrics.most_confused(self.cm, self.classes, k)
 
     def spread(self) -> dict:
-        return prediction_spread(self.cm)
+        return metrics.prediction_spread(self.cm)
 
     def write(self, per_class_csv: Path, confusion_csv: Path, confusion_png: Path, title: str):
         """Per-class CSV, confusion counts CSV and the row-normalised confusion PNG."""
-        atomic_write_csv(per_class_csv, per_class_rows(self.labels, self.preds, self.classes))
+        per_class = metrics.per_class_rows(self.labels, self.preds, self.classes)
+        atomic_write_csv(per_class_csv, per_class)
         rows = [
             {"true\\pred": c, **dict(zip(self.classes, map(int, row), strict=True))}
             for c, row in zip(self.classes, self.cm, strict=True)

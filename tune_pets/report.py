@@ -2,11 +2,10 @@
 
     python -m tune_pets.report --artifacts-dir artifacts
 
-Sections: data summary, baseline vs tuned on the test split (with everything that decides
-whether two rows are comparable: backbone, smoke or full, epochs, image size, seeds), per model
-the search summary and plots, confusion matrices, profiles, environment. A missing artifact is
-reported as missing, never invented; a comparison that could mislead says so in the table.
-Figures are relative links, so the report renders on GitHub next to its images.
+Data summary, baseline vs tuned on the test split (with what decides whether rows compare:
+backbone, smoke or full, epochs, image size, seeds), per model the search, confusion matrices and
+profiles, environment. A missing artifact is reported as missing, a misleading comparison is
+flagged, and figures are relative links so the report renders on GitHub next to its images.
 """
 
 from __future__ import annotations
