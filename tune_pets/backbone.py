@@ -1,24 +1,19 @@
-"""The frozen feature backbone of the ViT probe: build it (hub, local file or seeded random
-init), name its weights (part of the feature-cache key), and run it to token features.
+"""The frozen backbone of the ViT probe: built from the hub, a local file or a seeded random
+init; its weights tag keys the feature cache.
 
-Kept apart from the model registry so that weight loading and its checks live in one place.
-Pretrained weights are checked, not trusted: timm loads them non-strictly (a resnet18 file, or
-ViT weights in the transformers format, would load with one log line and leave the backbone
-random), so every backbone tensor must come from the file with its exact name and shape, or
-building fails with one line saying what is wrong.
+    model = build_backbone(RunConfig(backbone="vit_tiny_patch16_224", pretrained=True))
 
-Hub weights come through timm's own ``create_model(pretrained=True)``, from the local hub cache
-when they are there (no network at all), else downloaded. Offline without a cached copy, this
-fails within seconds instead of after ~55 s of retries. Air-gapped machines: copy a hub cache
-made online (``models--timm--<model>`` under ``$HF_HUB_CACHE``, default
-``~/.cache/huggingface/hub``) or pass ``--weights PATH``.
+timm loads weights non-strictly (a resnet18 file loads with one log line, leaving the backbone
+random), so every backbone tensor must come from the file by exact name and shape. Hub weights
+come from the local hub cache when there; offline without them this fails in seconds, not after
+~55 s of retries (air-gapped: copy a hub cache made online, or pass ``--weights PATH``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +24,31 @@ from tune_pets.config import RunConfig
 from tune_pets.utils import UserError
 
 RANDOM_INIT_SEED = 0  # a random-init backbone is always the same one: features stay cacheable
-# The files a timm hub repo keeps its weights in, in the order timm tries them.
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in the order timm tries them
 # Key prefixes of Hugging Face transformers ViT checkpoints (ViTModel / ViTForImageClassification).
 TRANSFORMERS_PREFIXES = ("vit.", "embeddings.", "encoder.layer.")
 SHOWN = 3  # how many offending keys an error names
 
 
 def build_backbone(config: RunConfig) -> nn.Module:
-    """The frozen timm backbone: pretrained from the hub, from ``config.weights``, or random.
-
-    Loaded weights are checked to cover every backbone tensor (see ``check_state_dict``).
-    Never touches the global RNG.
-    """
+    """The frozen timm backbone, its loaded weights checked; never touches the global RNG."""
     import timm
 
     name = config.backbone
     if name not in timm.list_models(pretrained=False):
         raise UserError(f"unknown timm backbone {name!r}")
-    if config.weights:
-        return _from_file(name, Path(config.weights))
-    if not config.pretrained:
-        with _seeded(RANDOM_INIT_SEED):
-            return timm.create_model(name, pretrained=False, num_classes=0)
-    return _from_hub(name)
+    if not config.weights:
+        return _from_hub(name) if config.pretrained else _create(name)
+    path = Path(config.weights)
+    option = f"--weights {path}"
+    if not path.is_file():
+        raise UserError(f"{option}: file not found")
+    state = read_state_dict(path, option)
+    model = _create(name)
+    check_state_dict(model, state, option, name)
+    wanted = model.state_dict().keys()  # the check allows only the classifier head beyond these
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted})
+    return model
 
 
 def backbone_tag(config: RunConfig) -> str:
@@ -71,31 +67,23 @@ def token_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=1)
 
 
-# ---------------------------------------------------------------- weights from a local file
-def _from_file(name: str, path: Path) -> nn.Module:
+def _create(name: str, pretrained: bool = False) -> nn.Module:
+    """Seeded in a forked RNG: random init is reproducible and the global RNG is spared."""
     import timm
 
-    option = f"--weights {path}"
-    if not path.is_file():
-        raise UserError(f"{option}: file not found")
-    state = read_state_dict(path, option)
-    with _seeded(RANDOM_INIT_SEED):  # every tensor is overwritten; seeded to spare the global RNG
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    check_state_dict(model, state, option, name)
-    wanted = model.state_dict().keys()  # the check allows only the classifier head beyond these
-    model.load_state_dict({k: v for k, v in state.items() if k in wanted})
-    return model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
 
 
 def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file or of a ``torch.save``d state dict.
-
-    Pickles load with ``weights_only=True``: a weights file cannot run code. A checkpoint that
-    wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``) or was saved from
-    DistributedDataParallel (``module.`` prefixes) is unwrapped.
-    """
+    """The tensors of a safetensors file (told by content: 8-byte header length, then JSON) or a
+    ``torch.save``d dict, loaded with ``weights_only=True`` so a file cannot run code; wrappers
+    (``{"state_dict": ...}``, ``{"model": ...}``) and DDP ``module.`` prefixes are removed."""
     try:
-        if _is_safetensors(path):
+        with path.open("rb") as f:
+            head = f.read(9)
+        if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
             from safetensors.torch import load_file
 
             state: Any = load_file(str(path), device="cpu")
@@ -110,11 +98,8 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
-    tensors = (
-        {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        if isinstance(state, Mapping)
-        else {}
-    )
+    items = state.items() if isinstance(state, Mapping) else []
+    tensors = {str(k): v for k, v in items if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"{source}: holds no named tensors; pass a backbone weights file")
     if all(k.startswith("module.") for k in tensors):
@@ -122,33 +107,18 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _is_safetensors(path: Path) -> bool:
-    """By content, not name: 8-byte little-endian header length, then a JSON header."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    return head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
 def check_state_dict(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str
 ) -> None:
-    """Raise a one-line ``UserError`` unless ``state`` holds every tensor of ``model`` by name,
-    with the same shape, and nothing else.
-
-    Only the classifier head of the pretrained model (``head.weight``/``head.bias`` for a ViT),
-    which the ``num_classes=0`` backbone lacks, may be left over. Checkpoints in the Hugging Face
-    transformers format (``vit.embeddings...``) are refused rather than converted: their names
-    and layout (separate q/k/v) differ from timm's, and timm's own files exist for every timm
-    model.
-    """
+    """One-line ``UserError`` unless ``state`` holds every tensor of ``model`` by name and shape,
+    and nothing else but the classifier head (``num_classes=0`` drops it). Transformers-format
+    files are refused, not converted (other names, separate q/k/v; timm has its own files)."""
     expected = model.state_dict()
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    ignored = {f"{c}.{p}" for c in classifier for p in ("weight", "bias")}
-    # BatchNorm's step counters are not weights (and older checkpoints lack them).
-    counter = "num_batches_tracked"
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    ignored = {
+        f"{c}.{p}" for c in ([head] if isinstance(head, str) else head) for p in ("weight", "bias")
+    }
+    counter = "num_batches_tracked"  # BatchNorm step counters: not weights, older files lack them
     missing = [k for k in expected if k not in state and not k.endswith(counter)]
     unexpected = [
         k for k in state if k not in expected and k not in ignored and not k.endswith(counter)
@@ -169,14 +139,16 @@ def check_state_dict(
             f"timm weights of {name} instead (model.safetensors of the hub repo {repo})"
         )
     problems = [
-        f"{len(missing)} of {len(expected)} backbone tensors missing ({_some(missing)})"
-        if missing
-        else "",
-        f"{len(unexpected)} unexpected ({_some(unexpected)})" if unexpected else "",
-        f"{len(reshaped)} with another shape ({_some(reshaped)})" if reshaped else "",
+        f"{len(keys)}{what} (e.g. {', '.join(keys[:SHOWN])}{', ...' if len(keys) > SHOWN else ''})"
+        for keys, what in (
+            (missing, f" of {len(expected)} backbone tensors missing"),
+            (unexpected, " unexpected"),
+            (reshaped, " with another shape"),
+        )
+        if keys
     ]
     raise UserError(
-        f"{source}: not weights of the backbone {name}: {', '.join(p for p in problems if p)}; "
+        f"{source}: not weights of the backbone {name}: {', '.join(problems)}; "
         f"pass the timm weights of {name} (model.safetensors of the hub repo {repo}), or "
         f"choose the backbone these weights belong to"
     )
@@ -186,17 +158,9 @@ def _shape(t: torch.Tensor) -> str:
     return "x".join(map(str, t.shape)) or "scalar"
 
 
-def _some(items: list[str]) -> str:
-    shown = ", ".join(items[:SHOWN])
-    return f"e.g. {shown}" + (", ..." if len(items) > SHOWN else "")
-
-
-# ---------------------------------------------------------------- weights from the hub
 def _from_hub(name: str) -> nn.Module:
-    """``timm.create_model(name, pretrained=True)``, with the cache looked at first, a fast and
-    clear failure offline, and the loaded file checked afterwards."""
-    import timm
-
+    """``timm.create_model(name, pretrained=True)``: cache first, fast clear failure offline,
+    the loaded file checked afterwards."""
     from tune_pets.hub import hub_offline, hub_offline_mode, hub_unreachable, is_network_error
 
     repo = _hub_repo(name)
@@ -210,26 +174,26 @@ def _from_hub(name: str) -> nn.Module:
         why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
         if why:
             raise UserError(_offline_message(name, repo, why))
-    # A cached copy is used as it is, without asking the hub for a newer revision: no network
+    # A cached copy is used as is, without asking the hub for a newer revision: no network
     # means no wait, and the weights of a run do not change under it.
-    offline = hub_offline_mode() if cached else contextlib.nullcontext()
     try:
-        with offline, _seeded(RANDOM_INIT_SEED):
-            model = timm.create_model(name, pretrained=True, num_classes=0)
+        with hub_offline_mode() if cached else contextlib.nullcontext():
+            model = _create(name, pretrained=True)
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+        why = f"{type(e).__name__}: {_first_line(e)}"
         if is_network_error(e):
-            raise UserError(
-                _offline_message(name, repo, f"{type(e).__name__}: {_first_line(e)}")
-            ) from None
+            raise UserError(_offline_message(name, repo, why)) from None
         raise UserError(
             f"could not load the pretrained weights of {name} from the hub repo {repo} "
-            f"({type(e).__name__}: {_first_line(e)}); pass --weights PATH, or --no-pretrained"
+            f"({why}); pass --weights PATH, or --no-pretrained"
         ) from e
     path = cached or _cached_weights(name)
     if path is None:
+        from huggingface_hub import constants
+
         raise UserError(
-            f"timm loaded weights for {name}, but not from the hub cache ({_hub_cache_dir()}), "
-            f"so they cannot be checked; pass --weights PATH"
+            f"timm loaded weights for {name}, but not from the hub cache "
+            f"({constants.HF_HUB_CACHE}), so they cannot be checked; pass --weights PATH"
         )
     source = f"hub weights {path}"
     check_state_dict(model, read_state_dict(path, source), source, name)
@@ -240,8 +204,7 @@ def _hub_repo(name: str) -> str | None:
     """The hub repo of ``name``'s default pretrained weights (``timm/<model>.<tag>``)."""
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
-    return cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else None
+    return getattr(get_pretrained_cfg(name), "hf_hub_id", None) or None
 
 
 def _cached_weights(name: str) -> Path | None:
@@ -251,25 +214,20 @@ def _cached_weights(name: str) -> Path | None:
 
     cfg = get_pretrained_cfg(name)
     repo, _, revision = (cfg.hf_hub_id or "").partition("@")
-    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
-    for file in files:
+    for file in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES:
         found = try_to_load_from_cache(repo, file, revision=revision or None)
         if isinstance(found, str):  # not None, not the "known to be absent" marker
             return Path(found)
     return None
 
 
-def _hub_cache_dir() -> str:
+def _offline_message(name: str, repo: str, why: str) -> str:
     from huggingface_hub import constants
 
-    return constants.HF_HUB_CACHE
-
-
-def _offline_message(name: str, repo: str, why: str) -> str:
     return (
         f"cannot get the pretrained weights of {name}: the Hugging Face hub is unreachable "
-        f"({why}) and {repo} is not in the hub cache ({_hub_cache_dir()}); pass --weights PATH "
-        f"(that repo's model.safetensors), or --no-pretrained (random weights, for tests), or "
+        f"({why}) and {repo} is not in the hub cache ({constants.HF_HUB_CACHE}); pass --weights "
+        f"PATH (that repo's model.safetensors), or --no-pretrained (random weights, for tests), or "
         f"for air-gapped use copy a hub cache made online (its folder "
         f"models--{repo.replace('/', '--')}) and set HF_HUB_CACHE to it"
     )
@@ -278,10 +236,3 @@ def _offline_message(name: str, repo: str, why: str) -> str:
 def _first_line(e: BaseException, limit: int = 160) -> str:
     text = (str(e).strip().splitlines() or [""])[0]
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

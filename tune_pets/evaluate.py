@@ -4,10 +4,9 @@ confusion matrix.
     python -m tune_pets.evaluate cnn --checkpoint artifacts/cnn/checkpoint_best.pt \\
         --data-dir data/oxford_pets --split test
 
-The evaluate command writes ``<artifacts>/evaluate/<name>/<split>_{per_class.csv,
-confusion.csv,confusion.png,metrics.json}`` and one row in ``<artifacts>/metrics.csv``;
-``reproduce`` calls ``evaluate_checkpoint`` and writes its own files. A features model's head
-runs on cached frozen-backbone features: the backbone is built only when they are not cached.
+Writes ``<artifacts>/evaluate/<name>/<split>_{per_class.csv,confusion.csv,confusion.png,
+metrics.json}`` and a row in ``<artifacts>/metrics.csv``. A features model's head runs on cached
+backbone features: the backbone is built only when they are not cached.
 """
 
 from __future__ import annotations
@@ -20,18 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tune_pets import cli
+from tune_pets import cli, metrics
 from tune_pets.checkpoint import load_checkpoint, trained_module
 from tune_pets.data import default_cache_dir, load_split
 from tune_pets.engine import Batches, FitData, precision, predict
 from tune_pets.figures import confusion_figure
-from tune_pets.metrics import (
-    classification_metrics,
-    confusion,
-    most_confused,
-    per_class_rows,
-    prediction_spread,
-)
 from tune_pets.records import write_metrics_row
 from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, cli_main
 
@@ -49,28 +41,26 @@ class Evaluation:
 
     @functools.cached_property
     def cm(self) -> np.ndarray:
-        return confusion(self.labels, self.preds, len(self.classes))
+        return metrics.confusion(self.labels, self.preds, len(self.classes))
 
     @functools.cached_property
     def scores(self) -> dict:
-        m = classification_metrics(self.labels, self.preds, len(self.classes))
+        m = metrics.classification_metrics(self.labels, self.preds, len(self.classes))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_images": self.n_images}
 
     def most_confused(self, k: int = 10) -> list[tuple[str, str, int]]:
-        return most_confused(self.cm, self.classes, k)
+        return metrics.most_confused(self.cm, self.classes, k)
 
     def spread(self) -> dict:
-        return prediction_spread(self.cm)
+        return metrics.prediction_spread(self.cm)
 
     def write(self, per_class_csv: Path, confusion_csv: Path, confusion_png: Path, title: str):
         """Per-class CSV, confusion counts CSV and the row-normalised confusion PNG."""
-        atomic_write_csv(per_class_csv, per_class_rows(self.labels, self.preds, self.classes))
+        per_class = metrics.per_class_rows(self.labels, self.preds, self.classes)
+        atomic_write_csv(per_class_csv, per_class)
         rows = [
-            {
-                "true\\pred": c,
-                **{cc: int(v) for cc, v in zip(self.classes, self.cm[i], strict=True)},
-            }
-            for i, c in enumerate(self.classes)
+            {"true\\pred": c, **dict(zip(self.classes, map(int, row), strict=True))}
+            for c, row in zip(self.classes, self.cm, strict=True)
         ]
         atomic_write_csv(confusion_csv, rows, ["true\\pred", *self.classes])
         s = self.scores
@@ -100,8 +90,8 @@ def evaluate_checkpoint(
     pre = ckpt["preprocess"]
     classes = list(ckpt["classes"])
     split_dir = Path(data_dir) / split
-    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    unknown = sorted(set(found) - set(classes))
+    found = {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    unknown = sorted(found - set(classes))
     if unknown:
         raise UserError(
             f"{split_dir}: class(es) {', '.join(map(repr, unknown[:5]))} are not among "
@@ -119,20 +109,12 @@ def evaluate_checkpoint(
         progress=progress,
     )
     x_all = images.images
-    if spec.kind == "features":
+    if spec.kind == "features":  # one clean view: the backbone is built at most once, on a miss
         from tune_pets.features import cached_features
 
-        get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
-        x_all = cached_features(
-            config,
-            get_backbone,
-            pre,
-            images,
-            cache_dir or default_cache_dir(),
-            device,
-            0,
-            progress,
-        )[0]
+        build = functools.partial(spec.build_backbone, config)
+        cache = cache_dir or default_cache_dir()
+        x_all = cached_features(config, build, pre, images, cache, device, 0, progress)[0]
     data = FitData(spec.kind, classes, x_all, images.labels, preprocess=pre)
     batches = Batches(config, data, device).eval(x_all, images.labels, 64)
     preds, labels, _ = predict(module.to(device), batches, precision(config, device))
@@ -145,9 +127,7 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_model_arg(p, "the model the checkpoint holds")
     p.add_argument("--checkpoint", required=True, help="a checkpoint_best.pt written by tune_pets")
     p.add_argument("--split", default="test", help="split folder to score")
-    p.add_argument(
-        "--name", default=None, help="name of the output folder (default: <model>-<split>)"
-    )
+    p.add_argument("--name", help="name of the output folder (default: <model>-<split>)")
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)
@@ -174,15 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     name = args.name or f"{args.model}-{args.split}"
-    ev.write(
-        layout.evaluation_file(name, args.split, "per_class.csv"),
-        layout.evaluation_file(name, args.split, "confusion.csv"),
-        layout.evaluation_file(name, args.split, "confusion.png"),
-        name,
-    )
+    out = functools.partial(layout.evaluation_file, name, args.split)
+    ev.write(out("per_class.csv"), out("confusion.csv"), out("confusion.png"), name)
     s = ev.scores
     atomic_write_json(
-        layout.evaluation_file(name, args.split, "metrics.json"),
+        out("metrics.json"),
         {
             "checkpoint": str(args.checkpoint),
             "split": args.split,

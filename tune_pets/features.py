@@ -1,11 +1,10 @@
-"""Frozen-backbone feature extraction for the ViT probe, with an on-disk cache.
+"""Frozen-backbone features for the ViT probe, cached on disk.
 
-The backbone is frozen, so its output for an image never changes: run it once per split (and
-per augmented view when ``feature_views > 0``) and let every probe fit train only the head on
-the cached ``[N, 2, D]`` features (CLS token and patch-token mean, so the pooling stays
-searchable). The cache key holds the backbone's weights tag, the preprocessing and the data
-fingerprint. Extraction always runs in fp32, on any device, so a cached entry does not depend
-on where it was made (a GPU in bf16 would give different features than a later CPU run).
+    feats = cached_features(config, get_backbone, dc, split, cache_dir, device)  # [V, N, 2, D]
+
+The backbone is frozen, so it runs once per split (and per augmented view) and every probe fit
+trains only the head on the cached CLS-token and patch-mean features (pooling stays searchable).
+Extraction always runs in fp32, so an entry does not depend on the device that made it.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tune_pets.backbone import backbone_tag, token_features
 from tune_pets.config import RunConfig
 from tune_pets.data import (
     ImageSplit,
@@ -27,7 +27,6 @@ from tune_pets.data import (
     to_device_uint8,
     train_augment,
 )
-from tune_pets.backbone import backbone_tag, token_features
 from tune_pets.utils import atomic_path
 
 
@@ -35,12 +34,8 @@ def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None
     """Cache key: backbone weights, preprocessing, the exact images (fingerprint + paths), view."""
     aug = "clean" if view is None else f"view{view}-s{config.aug_scale_min}-f{config.hflip}"
     paths = hashlib.sha1("\n".join(split.paths).encode()).hexdigest()
-    text = json.dumps(
-        [backbone_tag(config), dc, split.fingerprint, paths, split.images.shape[1], aug],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    key = [backbone_tag(config), dc, split.fingerprint, paths, split.images.shape[1], aug]
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -55,23 +50,16 @@ def extract(
     batch_size: int = 64,
     progress: bool = True,
 ) -> np.ndarray:
-    """Run the frozen backbone over ``split``: clean eval transform, or augmented view ``view``
-    (RandomResizedCrop with scale ``(aug_scale_min, 1)`` + flip, seeded by the view index)."""
+    """Run the frozen backbone over ``split``: the clean eval transform, or augmented view
+    ``view`` (RandomResizedCrop with scale ``(aug_scale_min, 1)`` + flip, seeded by ``view``)."""
     from tqdm.auto import tqdm
 
     backbone = backbone.eval().to(device)
     gen = torch.Generator().manual_seed(10_007 + (view or 0))
-    out = []
-    n_batches = (len(split) + batch_size - 1) // batch_size
+    batches = list(iterate_indices(len(split), batch_size, shuffle=False))
     desc = f"features {split.name}" + ("" if view is None else f" view {view}")
-    for idx in tqdm(
-        iterate_indices(len(split), batch_size, shuffle=False),
-        total=n_batches,
-        desc=desc,
-        disable=not progress or None,
-        leave=False,
-        file=sys.stderr,
-    ):
+    out = []
+    for idx in tqdm(batches, desc=desc, disable=not progress or None, leave=False, file=sys.stderr):
         x = to_device_uint8(split.images, idx, device)
         if view is None:
             x = eval_transform(x, dc["img_size"], dc["crop_pct"], dc["mean"], dc["std"])
@@ -98,37 +86,23 @@ def cached_features(
     ``get_backbone`` is called only on a cache miss, so a fully cached split builds no model
     (and downloads no weights); pass a cached builder to build it at most once per process.
     """
-    wanted = [None] if views == 0 else list(range(views))
     arrays = []
-    for view in wanted:
-        path = (
-            Path(cache_dir)
-            / "features"
-            / f"{split.name}-{feature_key(config, dc, split, view)}.npy"
-        )
-        cached = _load_checked(path, len(split))
-        if cached is not None:
-            arrays.append(cached)
-            continue
-        feats = extract(
-            get_backbone(),
-            split,
-            dc,
-            device,
-            view,
-            config.aug_scale_min,
-            config.hflip,
-            progress=progress,
-        )
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, feats)
+    for view in [None] if views == 0 else range(views):
+        key = feature_key(config, dc, split, view)
+        path = Path(cache_dir) / "features" / f"{split.name}-{key}.npy"
+        feats = _load_checked(path, len(split))
+        if feats is None:
+            aug = (config.aug_scale_min, config.hflip)
+            feats = extract(get_backbone(), split, dc, device, view, *aug, progress=progress)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, feats)
         arrays.append(feats)
     return np.stack(arrays)
 
 
 def _load_checked(path: Path, n: int) -> np.ndarray | None:
-    """A cached ``[n, 2, D]`` float32 array, or None when it is missing or damaged (truncated,
-    overwritten, wrong shape): a damaged entry is reported in one line and rebuilt."""
+    """A cached ``[n, 2, D]`` float32 array, or None when missing or damaged (truncated, wrong
+    shape, non-finite): a damaged entry is reported in one line and rebuilt."""
     if not path.is_file():
         return None
     try:

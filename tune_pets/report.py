@@ -2,11 +2,10 @@
 
     python -m tune_pets.report --artifacts-dir artifacts
 
-Sections: data summary, baseline vs tuned on the test split (with everything that decides
-whether two rows are comparable: backbone, smoke or full, epochs, image size, seeds), per model
-the search summary and plots, confusion matrices, profiles, environment. A missing artifact is
-reported as missing, never invented; a comparison that could mislead says so in the table.
-Figures are relative links, so the report renders on GitHub next to its images.
+Data summary, baseline vs tuned on the test split (with what decides whether rows compare:
+backbone, smoke or full, epochs, image size, seeds), per model the search, confusion matrices and
+profiles, environment. A missing artifact is reported as missing, a misleading comparison is
+flagged, and figures are relative links so the report renders on GitHub next to its images.
 """
 
 from __future__ import annotations
@@ -28,20 +27,13 @@ SEARCH_PLOTS = (
     ("learning_curves", "learning curves"),
 )
 F1_GAP = 0.15  # accuracy - macro-F1 above this: say what the model predicts and the imbalance
+VERSIONS = ("python", "torch", "torchvision", "timm", "ray", "optuna", "sklearn")
 
 
 def _json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _csv(path: Path) -> list[dict] | None:
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except OSError:
         return None
 
 
@@ -86,29 +78,25 @@ def data_section(layout: Layout) -> list[str]:
         out.append(f"| {split} | {s['counts'].get(split)} | {b.get('min')} | {b.get('max')} |")
     sizes = s.get("sizes", {}).get("all", {})
     if sizes:
-        out += [
-            "",
-            "Image sizes (all splits): "
-            + ", ".join(f"{k} {v}" for k, v in sizes.items() if not isinstance(v, (dict, list))),
-        ]
+        shown = (f"{k} {v}" for k, v in sizes.items() if not isinstance(v, (dict, list)))
+        out += ["", "Image sizes (all splits): " + ", ".join(shown)]
     out.append("")
-    out += [
-        _img(layout, layout.sanity_grid(split), f"{split} grid") for split in s.get("splits", [])
-    ]
+    out += [_img(layout, layout.sanity_grid(sp), f"{sp} grid") for sp in s.get("splits", [])]
     return out + [""]
 
 
-def _row_facts(m: ReproduceResult) -> str:
+def _row(model: str, label: str, m: ReproduceResult, homework: str) -> str:
+    """One row of the results table: everything that decides whether two rows compare."""
     backbone = {None: "-", "random": "**random (numbers meaningless)**"}.get(m.backbone, m.backbone)
+    seeds = ", ".join(str(r.get("seed")) for r in m.per_seed) or m.n_seeds
+    scores = [
+        _fmt(getattr(m, key)) + (f" ± {_fmt(getattr(m, key + '_std'))}" if m.n_seeds > 1 else "")
+        for key in ("test_acc", "test_macro_f1")
+    ]
     return (
-        f"{backbone} | {'smoke' if m.smoke else 'full'} | {m.epochs} | {m.img_size} | "
-        f"{', '.join(str(r.get('seed')) for r in m.per_seed) or m.n_seeds}"
+        f"| {model} | {label} | {backbone} | {'smoke' if m.smoke else 'full'} | {m.epochs} | "
+        f"{m.img_size} | {seeds} | {scores[0]} | {scores[1]} | {homework} |"
     )
-
-
-def _pm(m: ReproduceResult, key: str) -> str:
-    mean = getattr(m, key)
-    return _fmt(mean) + (f" ± {_fmt(getattr(m, key + '_std'))}" if m.n_seeds > 1 else "")
 
 
 def results_section(layout: Layout) -> list[str]:
@@ -121,8 +109,7 @@ def results_section(layout: Layout) -> list[str]:
     ]
     notes: list[str] = []
     for model in model_names():
-        spec = get_spec(model)
-        hw = spec.homework
+        hw = get_spec(model).homework
         hw_text = f"{hw[0]:.4f} / {hw[1]:.4f}" if hw else "-"
         pair = {}
         for baseline in (True, False):
@@ -134,21 +121,23 @@ def results_section(layout: Layout) -> list[str]:
                 out.append(f"| {model} | {label} | | | | | | {how} | | |")
                 continue
             pair[baseline] = m
-            out.append(
-                f"| {model} | {label} | {_row_facts(m)} | {_pm(m, 'test_acc')} | "
-                f"{_pm(m, 'test_macro_f1')} | {hw_text} |"
-            )
+            out.append(_row(model, label, m, hw_text))
             notes += _divergence_note(tag, m)
-        if len(pair) == 2 and (
-            pair[True].epochs != pair[False].epochs or pair[True].img_size != pair[False].img_size
-        ):
+        base, tuned = pair.get(True), pair.get(False)
+        if base and tuned and (base.epochs, base.img_size) != (tuned.epochs, tuned.img_size):
             notes.append(
                 f"- **{model}: baseline and tuned were trained under different settings** "
-                f"(baseline {pair[True].epochs} epochs at {pair[True].img_size} px, tuned "
-                f"{pair[False].epochs} epochs at {pair[False].img_size} px): not a fair "
-                f"comparison; rerun both with the same `--epochs`/`--img-size`."
+                f"(baseline {base.epochs} epochs at {base.img_size} px, tuned {tuned.epochs} "
+                f"epochs at {tuned.img_size} px): not a fair comparison; rerun both with the same "
+                "`--epochs`/`--img-size`."
             )
-        notes += _stale_trial_note(layout, model, pair.get(False))
+        best = SearchSummary.read_or_none(layout.best_config(model))
+        if tuned and best and tuned.trial_id not in (None, best.trial_id):
+            notes.append(
+                f"- **{model}: the tuned row was retrained from trial `{tuned.trial_id}`, but the "
+                f"current search's best is trial `{best.trial_id}`**: run "
+                f"`python -m tune_pets.reproduce {model}` again."
+            )
     out += ["", *notes] if notes else []
     return out + [
         "",
@@ -173,35 +162,20 @@ def _divergence_note(tag: str, m: ReproduceResult) -> list[str]:
     ]
 
 
-def _stale_trial_note(layout: Layout, model: str, tuned: ReproduceResult | None) -> list[str]:
-    best = SearchSummary.read_or_none(layout.best_config(model))
-    if tuned is None or best is None or tuned.trial_id in (None, best.trial_id):
-        return []
-    return [
-        f"- **{model}: the tuned row was retrained from trial `{tuned.trial_id}`, but the "
-        f"current search's best is trial `{best.trial_id}`**: run "
-        f"`python -m tune_pets.reproduce {model}` again."
-    ]
-
-
 def search_section(layout: Layout, model: str) -> list[str]:
     best = SearchSummary.read_or_none(layout.best_config(model))
     out = [f"### Search ({model})", ""]
     if best is None:
-        return out + [
-            _missing(f"search results in `search/{model}/`", f"python -m tune_pets.search {model}"),
-            "",
-        ]
+        how = f"python -m tune_pets.search {model}"
+        return out + [_missing(f"search results in `search/{model}/`", how), ""]
     s = best.search
-    smoke = "/smoke/" in str(s.get("spec_file", "")).replace("\\", "/")
-    out += [
-        (
+    if "/smoke/" in str(s.get("spec_file", "")).replace("\\", "/"):  # same paragraph as counts
+        out.append(
             "**Smoke-size search** (tiny space and budget): its choice says nothing about the "
-            "method.\n"
-            if smoke
-            else ""
+            "method."
         )
-        + f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
+    out += [
+        f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
         f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA, "
         f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
         f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation); "
@@ -250,82 +224,60 @@ def profiler_section(layout: Layout, tag: str) -> list[str]:
     if s is None:
         return out + [_missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag)), ""]
     steps = s.get("steps")
+    short = (
+        ": a short sample, easily moved by other load on the machine; use "
+        "`--profile-steps 50` or more for numbers to quote."
+    )
     out.append(
         f"{s.get('step')}: {_fmt(s.get('images_per_s'), 1)} images/s, "
         f"{_fmt(s.get('step_time_ms'), 1)} ms/step (batch {s.get('batch_size')}, "
         f"img {s.get('img_size')}, {s.get('device')}, {s.get('precision', 'fp32')}). "
         f"Timed over {steps} steps after {steps} profiled ones"
-        + (
-            ": a short sample, easily moved by other load on the machine; use "
-            "`--profile-steps 50` or more for numbers to quote."
-            if (steps or 0) < 50
-            else "."
-        )
+        + (short if (steps or 0) < 50 else ".")
     )
     if s.get("backbone_images_per_s") is not None:
         out.append(
             f"Frozen backbone forward (one-time feature extraction): "
             f"{_fmt(s.get('backbone_images_per_s'), 1)} images/s."
         )
-    ops = _csv(layout.profile(tag) / "top_ops.csv") or []
+    try:
+        with (layout.profile(tag) / "top_ops.csv").open(newline="", encoding="utf-8") as f:
+            ops = list(csv.DictReader(f))[:8]
+    except OSError:
+        ops = []
     if ops:
         out += ["", "| op | calls | self CPU % |", "|---|---|---|"]
-        out += [
-            f"| `{r['name']}` | {r['calls']} | {_fmt(r.get('self_cpu_pct'), 1)} |" for r in ops[:8]
-        ]
+        out += [f"| `{r['name']}` | {r['calls']} | {_fmt(r.get('self_cpu_pct'), 1)} |" for r in ops]
     return out + [""]
 
 
 def env_section(layout: Layout) -> list[str]:
-    for model in model_names():
-        for baseline in (False, True):
-            info = RunInfo.read_or_none(layout.result_config(result_tag(model, baseline)))
-            if info and info.env:
-                e = info.env
-                return [
-                    "## Environment",
-                    "",
-                    f"- device: {info.device} ({info.precision}); CPU {e.get('cpu')} "
-                    f"({e.get('cpu_count')} cores); GPU {e.get('gpu') or 'none'}",
-                    "- versions: "
-                    + ", ".join(
-                        f"{k} {e.get(k)}"
-                        for k in (
-                            "python",
-                            "torch",
-                            "torchvision",
-                            "timm",
-                            "ray",
-                            "optuna",
-                            "sklearn",
-                        )
-                    ),
-                    f"- git commit: {e.get('git_commit')}",
-                    "",
-                ]
-    return ["## Environment", "", _missing("a reproduce config.json", _reproduce_cmd("cnn")), ""]
+    tags = [result_tag(model, baseline) for model in model_names() for baseline in (False, True)]
+    infos = (RunInfo.read_or_none(layout.result_config(tag)) for tag in tags)
+    info = next((i for i in infos if i and i.env), None)
+    out = ["## Environment", ""]
+    if info is None:
+        return out + [_missing("a reproduce config.json", _reproduce_cmd("cnn")), ""]
+    e = info.env
+    return out + [
+        f"- device: {info.device} ({info.precision}); CPU {e.get('cpu')} "
+        f"({e.get('cpu_count')} cores); GPU {e.get('gpu') or 'none'}",
+        "- versions: " + ", ".join(f"{k} {e.get(k)}" for k in VERSIONS),
+        f"- git commit: {e.get('git_commit')}",
+        "",
+    ]
 
 
 def build_report(layout: Layout) -> str:
-    lines = [
-        "# tune_pets report",
-        "",
-        "Generated by `python -m tune_pets.report` from the artifacts in this folder.",
-        "",
-    ]
-    lines += data_section(layout)
-    lines += results_section(layout)
+    lines = ["# tune_pets report", ""]
+    lines += ["Generated by `python -m tune_pets.report` from the artifacts in this folder.", ""]
+    lines += data_section(layout) + results_section(layout)
     for model in model_names():
-        tags = [
-            t for t in (result_tag(model), result_tag(model, True)) if layout.result(t).is_dir()
-        ]
-        lines += [f"## {model}", ""]
-        lines += search_section(layout, model)
-        for tag in tags:
-            lines += confusion_section(layout, tag)
-            lines += profiler_section(layout, tag)
-    lines += env_section(layout)
-    return "\n".join(lines)
+        lines += [f"## {model}", "", *search_section(layout, model)]
+        for tag in (result_tag(model), result_tag(model, True)):
+            if layout.result(tag).is_dir():
+                lines += confusion_section(layout, tag) + profiler_section(layout, tag)
+    return "\n".join(lines + env_section(layout))
 
 
 # ---------------------------------------------------------------- CLI

@@ -4,12 +4,11 @@
     python -m tune_pets.reproduce cnn --baseline  # the homework's config, same protocol
     python -m tune_pets.reproduce vit --seeds 0 1 2  # mean +- std over seeds
 
-No Ray. The search's val split is folded back into train (the final model trains on the whole
-official train split); the held-out test split is scored once per seed, never used to choose.
-Outputs (``<tag>`` is the model, or ``<model>_baseline``): ``<artifacts>/<tag>/checkpoint_best.pt``,
-``config.json``, ``metrics.json``, ``per_class_test.csv``, ``<artifacts>/confusion_<tag>.*``,
-``<artifacts>/profiler/<tag>/``, a row in ``<artifacts>/metrics.csv`` and TensorBoard logs under
-``<runs-dir>/<tag>-seed<N>``.
+No Ray. The search's val split is folded back into train; the held-out test split is scored
+once per seed, never used to choose. Outputs (``<tag>``: the model or ``<model>_baseline``):
+``<artifacts>/<tag>/{checkpoint_best.pt,config.json,metrics.json,per_class_test.csv}``,
+``<artifacts>/confusion_<tag>.*``, ``<artifacts>/profiler/<tag>/``, a row in
+``<artifacts>/metrics.csv``, TensorBoard logs under ``<runs-dir>/<tag>-seed<N>``.
 """
 
 from __future__ import annotations
@@ -64,13 +63,6 @@ def resolve_config(
     }
 
 
-def backbone_kind(spec: ModelSpec, config: RunConfig) -> str | None:
-    """pretrained | random | file, for features models (the report flags random ones)."""
-    if spec.kind != "features":
-        return None
-    return "file" if config.weights else ("pretrained" if config.pretrained else "random")
-
-
 def reproduce(
     config: RunConfig,
     data_dir: Path,
@@ -90,32 +82,18 @@ def reproduce(
     spec = get_spec(config.model)
     heldout = heldout_split_name(data_dir)
     first = config.replace(seed=seeds[0], deterministic=True)
-    data = load_fit_data(
-        first,
-        data_dir,
-        full_train=True,
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        device=device,
-        progress=progress,
-    )
+    io = dict(cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
+    data = load_fit_data(first, data_dir, full_train=True, device=device, **io)
     # Read (and cache) the test split now: a bad test image fails before training.
-    load_split(
-        data_dir,
-        heldout,
-        spec.cache_res(first),
-        interpolation=data.preprocess["interpolation"],
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        classes=data.classes,
-        progress=progress,
-    )
+    interpolation = data.preprocess["interpolation"]
+    res = spec.cache_res(first)
+    load_split(data_dir, heldout, res, interpolation=interpolation, classes=data.classes, **io)
     print(
         f"{tag}: retraining on all {data.info['n_train']} train images, {config.epochs} epochs, "
         f"seeds {' '.join(map(str, seeds))}, device {device}, deterministic",
         flush=True,
     )
-    per_seed, first_eval, result = [], None, None
+    per_seed, evals = [], []
     for i, seed in enumerate(seeds):
         cfg = config.replace(seed=seed, deterministic=True)
 
@@ -123,55 +101,44 @@ def reproduce(
             print(f"{tag} seed {seed} " + format_epoch(metrics, config.epochs), flush=True)
 
         result = fit(cfg, data, log, device=device, tb_dir=layout.reproduce_tb(tag, seed))
-        atomic_torch_save(result.checkpoint, layout.checkpoint(tag, None if i == 0 else seed))
-        ev = evaluate_checkpoint(
-            result.checkpoint,
-            data_dir,
-            heldout,
-            cache_dir=cache_dir,
-            skip_bad=skip_bad,
-            device=device,
-            progress=progress,
-        )
-        if i == 0:
-            first_eval = ev
-            ev.write(
-                layout.per_class(tag, heldout),
-                layout.confusion(tag, "csv"),
-                layout.confusion(tag, "png"),
-                tag,
-            )
+        atomic_torch_save(result.checkpoint, layout.checkpoint(tag, seed if i else None))
+        ev = evaluate_checkpoint(result.checkpoint, data_dir, heldout, device=device, **io)
+        if i == 0:  # the first seed's files; the others go into metrics.json only
+            csv, png = layout.confusion(tag, "csv"), layout.confusion(tag, "png")
+            ev.write(layout.per_class(tag, heldout), csv, png, tag)
+        evals.append(ev)
+        acc, f1 = ev.scores["accuracy"], ev.scores["macro_f1"]
         per_seed.append(
             {
                 "seed": seed,
-                "test_acc": ev.scores["accuracy"],
-                "test_macro_f1": ev.scores["macro_f1"],
+                "test_acc": acc,
+                "test_macro_f1": f1,
                 "train_loss": result.history[-1]["train_loss"],
                 "train_time_s": round(sum(h["epoch_time_s"] for h in result.history), 2),
             }
         )
-        print(
-            f"{tag} seed {seed}: test_acc {ev.scores['accuracy']:.4f}, test_macro_f1 "
-            f"{ev.scores['macro_f1']:.4f}",
-            flush=True,
-        )
+        print(f"{tag} seed {seed}: test_acc {acc:.4f}, test_macro_f1 {f1:.4f}", flush=True)
 
-    accs = [r["test_acc"] for r in per_seed]
-    f1s = [r["test_macro_f1"] for r in per_seed]
+    stats = {}  # metrics.csv's names
+    for key, name in (("accuracy", "test_acc"), ("macro_f1", "test_macro_f1")):
+        values = [r[name] for r in per_seed]
+        stats[key] = statistics.fmean(values)
+        stats[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    kind = "file" if config.weights else ("pretrained" if config.pretrained else "random")
     out = ReproduceResult(
         tag=tag,
         split=heldout,
-        test_acc=statistics.fmean(accs),
-        test_macro_f1=statistics.fmean(f1s),
-        test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        test_macro_f1_std=statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+        test_acc=stats["accuracy"],
+        test_macro_f1=stats["macro_f1"],
+        test_acc_std=stats["accuracy_std"],
+        test_macro_f1_std=stats["macro_f1_std"],
         n_seeds=len(seeds),
         per_seed=per_seed,
-        most_confused=[list(t) for t in first_eval.most_confused()],
-        prediction_spread=first_eval.spread(),
+        most_confused=[list(t) for t in evals[0].most_confused()],
+        prediction_spread=evals[0].spread(),
         epochs=config.epochs,
         img_size=int(data.preprocess["img_size"]),
-        backbone=backbone_kind(spec, config),
+        backbone=kind if spec.kind == "features" else None,  # the report flags random ones
         smoke=smoke,
         trial_id=origin.get("trial_id"),
         profile_steps=profile_steps,
@@ -202,19 +169,9 @@ def reproduce(
         env=env_info(),
     ).write(layout.result_config(tag))
     out.write(layout.result_metrics(tag))
-    write_metrics_row(
-        layout.metrics_csv,
-        tag,
-        heldout,
-        {
-            "accuracy": round(out.test_acc, 6),
-            "macro_f1": round(out.test_macro_f1, 6),
-            "accuracy_std": round(out.test_acc_std, 6),
-            "macro_f1_std": round(out.test_macro_f1_std, 6),
-            "n_seeds": out.n_seeds,
-            "n_images": first_eval.n_images,
-        },
-    )
+    row = {k: round(v, 6) for k, v in stats.items()}
+    row |= {"n_seeds": out.n_seeds, "n_images": evals[0].n_images}
+    write_metrics_row(layout.metrics_csv, tag, heldout, row)
     return out
 
 
@@ -222,19 +179,12 @@ def reproduce(
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.reproduce")
     cli.add_model_arg(p, "which model to retrain")
-    p.add_argument(
-        "--best-config",
-        default=None,
-        help="best_config.json (default: <artifacts>/search/<model>/best_config.json)",
-    )
+    default = "<artifacts>/search/<model>/best_config.json"
+    p.add_argument("--best-config", help=f"best_config.json (default: {default})")
     p.add_argument("--baseline", action="store_true", help="retrain the homework's config instead")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument(
-        "--seed", type=cli.nonneg_int, default=None, help="one seed (default: the config's)"
-    )
-    seeds.add_argument(
-        "--seeds", type=cli.nonneg_int, nargs="+", default=None, help="several seeds: mean +- std"
-    )
+    seeds.add_argument("--seed", type=cli.nonneg_int, help="one seed (default: the config's)")
+    seeds.add_argument("--seeds", type=cli.nonneg_int, nargs="+", help="several seeds: mean +- std")
     p.add_argument(
         "--profile-steps",
         type=cli.nonneg_int,
