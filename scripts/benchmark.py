@@ -18,31 +18,16 @@ optuna 5.0.0.
     trial_overhead_s (24 trials, 2 at once)  optuna 0.002 s  Ray + make_tuner 0.16 s        <= 0.5
     cnn_train_images_per_s (CPU, batch 32)                   30 img/s @128, 7.9 @224
 
-Under load from other jobs the ratios moved (ViT 18-59x; 224 px 1.1-4.5x before the CPU
-augmentation was reworked to resize crops on uint8; docs/benchmark-investigation.md says what
-was tried). input_pipeline_speedup_busy (224 px beside a process that keeps one core busy)
-came later and is not in that run.
+input_pipeline_speedup_busy came later and is not in that run. Under load the ratios moved (ViT
+18-59x; 224 px 1.1-4.5x before the CPU augmentation was reworked to resize crops on uint8; see
+docs/benchmark-investigation.md). Two --quick runs on a shared 2-core Intel Xeon VM (2026-11-29,
+570 photos, 64 for the ViT search: 4 trials x 2 epochs, so that ratio tops out near 8; not of
+record) gave ViT 3.9x / 5.8x, 128 px 0.67x / 1.01x, 224 px 5.4x / 0.60x, busy 0.44x / 0.92x,
+trial overhead 0.104 / 0.218 s: under load the 2-thread cached pipeline stalls (issue 10 item
+7); with 1 torch thread the same cached epochs ran 3,642 img/s at 128 px (19-36x faster).
 
-Not a result of record: two --quick runs of this split, 2026-11-29, on an Intel Xeon VM (2
-cores, no GPU) shared with other test suites; 570 real photos (64 for the ViT search: 4 trials x
-2 epochs, so its ratio tops out near 8); same library versions. Run 2 (129 s; load average 0.8
-at the start, 3.6 by the busy figure):
-
-    vit_probe_search_speedup (4 trials x 2)  20.4 s          5.28 s                  3.9x
-    input_pipeline_speedup @128px            150 img/s       101 img/s               0.67x
-    input_pipeline_speedup_224 @224px        260 img/s       1,392 img/s             5.4x
-    input_pipeline_speedup_busy @224px       116 img/s       52 img/s                0.44x
-    trial_overhead_s (24 trials, 2 at once)  optuna 0.0028 s Ray + make_tuner 0.104 s
-    cnn_train_images_per_s (CPU, batch 32)                   20.8 img/s @128, 4.73 @224
-
-Run 1 (207 s, load 1.8 -> 5.7): 5.8x, 1.01x, 0.60x, 0.92x, 0.218 s, 13.2 / 2.64 img/s. Under
-load the 2-thread cached pipeline stalls (issue 10 item 7): the same cached epochs with 1 torch
-thread ran 3,642 img/s at 128 px in run 2 (3,356 in run 1), 19-36x the 2-thread rate.
-
-Figures (one module each in scripts/bench/, whose docstring says what it measures):
-vit_probe_search_speedup, input_pipeline_speedup (+ _224), input_pipeline_speedup_busy,
-trial_overhead_s, optuna_trial_overhead_s, cnn_train_images_per_s. Without photos at --data-dir
-the package's shipped sample is used, else synthetic JPEGs (``data.source`` in the JSON).
+Each figure's module in scripts/bench/ says what it measures. Without photos at --data-dir the
+shipped sample is used, else synthetic JPEGs (``data.source`` in the JSON).
 """
 
 from __future__ import annotations
@@ -75,6 +60,11 @@ MODE_NOTES = {
              "which scales with trials x epochs) are smaller and noisier than the full run's",
     "smoke": "--smoke: tiny sizes to check that every figure runs; the numbers mean nothing",
 }
+LOAD_WARNING = (
+    "load average {} on {} cores at start: other jobs share this machine, so rates are low and "
+    "noisy; multi-threaded torch code (the cached ways) suffers more than multi-process "
+    "DataLoader workers (see loadavg_* per figure, images_per_s_with_1_torch_thread and "
+    "input_pipeline_speedup_busy)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -93,8 +83,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def new_result(args: argparse.Namespace, argv, mode: str, s: dict) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    s = settings(mode)
+    selected = [name for name in FIGURES if name in (args.only or FIGURES)]
     machine, env = machine_record()
+    out_path, t_start = Path(args.out), now()
     result = {
         "benchmark": "scripts/benchmark.py", "created": dt.datetime.now().isoformat("T", "seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick, "mode": mode,
@@ -104,20 +99,7 @@ def new_result(args: argparse.Namespace, argv, mode: str, s: dict) -> dict:
     }
     la, cores = machine["loadavg_at_start"], machine["cpu_count"] or 1
     if la and la[0] > 0.5 * cores:
-        result["load_warning"] = (
-            f"load average {la[0]} on {cores} cores at start: other jobs share this machine, so "
-            "rates are low and noisy; multi-threaded torch code (the cached ways) suffers more "
-            "than multi-process DataLoader workers (see loadavg_* per figure, "
-            "images_per_s_with_1_torch_thread and input_pipeline_speedup_busy)")
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
-    s = settings(mode)
-    selected = [name for name in FIGURES if name in (args.only or FIGURES)]
-    out_path, result, t_start = Path(args.out), new_result(args, argv, mode, s), now()
+        result["load_warning"] = LOAD_WARNING.format(la[0], cores)
     with tempfile.TemporaryDirectory(prefix="tune_pets_bench_") as tmp:
         ctx = Context(s, Path(tmp))
         if any(FIGURES[name][1] for name in selected):
@@ -125,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in selected:
             runner, reads_photos = FIGURES[name]
             for f in (figs := runner(ctx)).values():
-                f["machine"], f["versions"] = result["machine"], result["versions"]
+                f["machine"], f["versions"] = machine, env
                 f["data"] = result["data"] if reads_photos else None
             result["figures"].update(figs)
             result["total_wall_s"] = now() - t_start
@@ -135,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["table"] = [dict(zip(cols, r, strict=True)) for r in rows]
     result["total_wall_s"] = now() - t_start
     atomic_write_json(out_path, result)
-    m, src = result["machine"], (result["data"] or {}).get("source", "n/a")
-    print(f"\n{mode} run, {result['total_wall_s']:.0f} s; {m['cpu']} ({m['cpu_count']} cores), "
-          f"GPU: {m['gpu'] or 'none'}; data: {src}; torch {result['versions']['torch']}")
+    src = (result["data"] or {}).get("source", "n/a")
+    print(f"\n{mode} run, {result['total_wall_s']:.0f} s; {machine['cpu']} "
+          f"({machine['cpu_count']} cores), GPU: {machine['gpu'] or 'none'}; data: {src}; "
+          f"torch {env['torch']}")
     print(format_table(rows))
     print(f"wrote {out_path}")
     return 0

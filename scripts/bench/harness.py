@@ -1,6 +1,5 @@
-"""What every benchmark figure shares: size settings per mode, timing, the load average, the
-machine record, the photos (real ones, the package's shipped sample, or synthetic JPEGs) and the
-goal/ratio table."""
+"""What every figure shares: sizes per mode, timing, the machine record, the photos (real, the
+package's shipped sample, or synthetic JPEGs) and the goal/ratio table."""
 
 from __future__ import annotations
 
@@ -48,16 +47,13 @@ def settings(mode: str) -> dict:
 
 
 @dataclass
-class Context:
-    """What a figure gets: the mode's settings, a scratch dir, the photos (when it reads any)."""
-
+class Context:  # what a figure gets: settings, a scratch dir, the photos (when it reads any)
     s: dict
     tmp: Path
     data_dir: Path | None = None
 
 
-def now() -> float:
-    return time.perf_counter()
+now = time.perf_counter
 
 
 def loadavg() -> list[float] | None:
@@ -77,8 +73,7 @@ def cuda_sync() -> None:
 
 
 def timed(fn: Callable, name: str, record: dict) -> Callable:
-    """``fn`` adding (calls, seconds) into ``record[name]``: a breakdown of the package's time
-    without touching its code."""
+    """``fn`` adding (calls, seconds) into ``record[name]``: timing the package unedited."""
 
     def wrapper(*args, **kwargs):
         t = now()
@@ -93,7 +88,6 @@ def timed(fn: Callable, name: str, record: dict) -> Callable:
 
 @contextlib.contextmanager
 def timed_attrs(targets: list[tuple[object, str]], record: dict) -> Iterator[None]:
-    """``timed`` on ``module.attr`` for each target while the block runs."""
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr in targets]
     for obj, attr, fn in saved:
         setattr(obj, attr, timed(fn, attr, record))
@@ -105,7 +99,6 @@ def timed_attrs(targets: list[tuple[object, str]], record: dict) -> Iterator[Non
 
 
 def figure(name: str, value: float | None, unit: str, la0: list | None, **fields) -> dict:
-    """A figure's record: value, unit, goal and whether it is met, load average, runs."""
     op, thr = GOALS.get(name, (None, None))
     met = None if op is None or value is None else (value >= thr if op == ">=" else value <= thr)
     return {"value": value, "unit": unit, "goal": op and f"{op} {thr:g}", "goal_met": met,
@@ -113,7 +106,6 @@ def figure(name: str, value: float | None, unit: str, la0: list | None, **fields
 
 
 def machine_record() -> tuple[dict, dict]:
-    """(machine, versions): hardware, torch threads and load now; library versions."""
     env = env_info()
     machine = {k: env.get(k) for k in ("cpu", "cpu_count", "gpu", "cuda", "platform")}
     return {**machine, "torch_threads": torch.get_num_threads(), "loadavg_at_start": loadavg()}, env
@@ -121,8 +113,8 @@ def machine_record() -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------- photos
 def resolve_data(data_dir: str, tmp: Path) -> tuple[Path, dict]:
-    """``data_dir`` if it has ``train/`` (``sample``: the package's shipped photos), else the
-    shipped sample, else synthetic JPEGs written under ``tmp``."""
+    """``data_dir`` if it has ``train/`` (``sample``: the shipped photos), else the shipped
+    sample, else synthetic JPEGs under ``tmp``."""
     from tune_pets.sample import SAMPLE_NAME, sample_dir
 
     try:
@@ -173,7 +165,7 @@ def _fmt(v, unit: str = "") -> str:
 
 
 def table_rows(figs: dict) -> list[tuple[str, ...]]:
-    """One row per figure (per device for the CNN): figure, way A, way B, ratio, goal, met?"""
+    """Rows of figure, way A, way B, ratio, goal, met? (one per device for the CNN)."""
     rows = []
     for name, f in figs.items():
         met = "-" if f["goal_met"] is None else ("yes" if f["goal_met"] else "NO")

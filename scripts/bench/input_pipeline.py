@@ -30,7 +30,7 @@ ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_N
 
 
 def naive_epoch_fn(data_dir: Path, size: int) -> tuple:
-    """One epoch of the homework's loader: ImageFolder + PIL transforms in a DataLoader."""
+    """(one epoch of the homework's loader, its record)."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms as T
 
@@ -49,8 +49,8 @@ def naive_epoch_fn(data_dir: Path, size: int) -> tuple:
 
 
 def cached_epoch_fn(data_dir: Path, size: int, cache_dir: Path, device: torch.device) -> tuple:
-    """Build the uint8 cache (timed); one epoch = an ``Engine``'s train batches for the
-    homework CNN at ``size``, batch 64: exactly what ``fit`` iterates."""
+    """(one epoch of the ``Engine`` train batches ``fit`` iterates, homework CNN at ``size``,
+    batch 64; its record), after building the uint8 cache (timed) and reloading it."""
     from tune_pets.data import load_split
     from tune_pets.engine import Engine, FitData
     from tune_pets.models import get_spec
@@ -81,8 +81,8 @@ def rates(times: list[float], counts: list[int], warmup: int) -> dict:
 def pipeline_pair(ctx: Context, size: int, cache_dir: Path) -> tuple[dict, dict]:
     """Both ways' epochs interleaved (ABBA...) so drifting load hits both alike, then the cached
     way once more with 1 torch thread (how much a busy core costs it)."""
-    warmup, epochs, cpu = ctx.s["pipe_warmup_epochs"], ctx.s["pipe_epochs"], torch.device("cpu")
-    ways = {"cached": cached_epoch_fn(ctx.data_dir, size, cache_dir, cpu),
+    warmup, epochs = ctx.s["pipe_warmup_epochs"], ctx.s["pipe_epochs"]
+    ways = {"cached": cached_epoch_fn(ctx.data_dir, size, cache_dir, torch.device("cpu")),
             "naive": naive_epoch_fn(ctx.data_dir, size)}
     t: dict[str, list] = {"naive": [], "cached": []}
     n: dict[str, list] = {"naive": [], "cached": []}
@@ -144,7 +144,7 @@ def run(ctx: Context) -> dict:
 
 def run_busy(ctx: Context) -> dict:
     """The pair while one core spins; the spinner stops at ``busy_max_s`` or when the pair is
-    done (killed by its pid), whichever comes first."""
+    done, whichever comes first."""
     size, limit = ctx.s["busy_size"], ctx.s["busy_max_s"]
     log(f"input pipeline @{size}px beside a busy core (spinner bounded to {limit} s)")
     spinner = subprocess.Popen([sys.executable, "-c", SPINNER, str(limit)],

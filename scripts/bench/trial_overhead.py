@@ -17,8 +17,7 @@ CONCURRENCY = 2
 SPACE = {"lr": ("loguniform", [1e-4, 1e-1])}
 
 
-def score(lr: float, epoch: int) -> float:
-    """Peaks at lr = 1e-2, so ASHA and the pruner have something to cut."""
+def score(lr: float, epoch: int) -> float:  # peaks at lr = 1e-2: ASHA has something to cut
     return 1.0 - abs(math.log10(lr) + 2.0) / 3.0 + 0.01 * epoch
 
 
@@ -44,9 +43,8 @@ def run_ray(ctx: Context) -> dict:
                       resources={"cpu": 1, "gpu": 0}, space=dict(SPACE), source="<benchmark>")
     # Ray's workers cannot import scripts/bench: ship the trainable by value (as __main__'s).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    la0 = loadavg()
+    la0, was_up = loadavg(), ray.is_initialized()
     log(f"trial overhead: local Ray (2 CPUs) + make_tuner, {n} trivial trials")
-    was_up = ray.is_initialized()
     t0 = now()
     connect(None, num_cpus=2)
     ray_start_s = now() - t0

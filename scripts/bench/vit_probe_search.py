@@ -28,7 +28,7 @@ NOTE = ("The ratio is about trials x epochs: the naive way runs the backbone tri
 
 def subset_image_folder(src: Path, dst: Path, n_images: int) -> Path:
     """Copy ``n_images`` of ``src/train`` (round-robin over classes) and one held-out image per
-    class (the layout needs the split; it is never read) to ``dst``."""
+    class (the layout needs that split; it is never read) to ``dst``."""
     from tune_pets.data import heldout_split_name, scan_split
 
     train = scan_split(src, "train")
@@ -44,8 +44,8 @@ def subset_image_folder(src: Path, dst: Path, n_images: int) -> Path:
 
 
 def run_study(objective: Callable[[dict], float], n: int) -> tuple[float, list, list]:
-    """The driver both ways share: an in-process Optuna study of ``n`` enqueued, seeded configs
-    (lr, weight_decay, pooling). Returns (wall seconds, values, configs)."""
+    """Both ways' driver: an Optuna study of ``n`` enqueued seeded configs -> (wall s, values,
+    configs)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -67,9 +67,9 @@ def run_study(objective: Callable[[dict], float], n: int) -> tuple[float, list, 
 
 
 def naive_objective(data_dir: Path, split_file: Path, epochs: int, cfg0, timing: dict):
-    """The homework's probe loop: ImageFolder + PIL transforms (timm's data config) in
-    DataLoaders; every step runs the frozen backbone, then the head step; val every epoch. One
-    backbone for all trials (one per trial would only slow the naive way)."""
+    """The homework's probe: ImageFolder + PIL transforms (timm's data config) in DataLoaders,
+    the frozen backbone every step, val every epoch. One backbone for all trials (one per trial
+    would only slow the naive way)."""
     import timm
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms as T
@@ -122,8 +122,8 @@ def naive_objective(data_dir: Path, split_file: Path, epochs: int, cfg0, timing:
 
 
 def process_warmup(cfg0) -> float:
-    """Pay once-per-process costs (first timm build and ViT forward, the metrics import) before
-    either way is timed; not counted, returned for the record."""
+    """Once-per-process costs (first timm build and ViT forward, the metrics import), paid
+    before either way is timed."""
     from tune_pets.backbone import build_backbone, token_features
     from tune_pets.metrics import classification_metrics
 
@@ -135,7 +135,7 @@ def process_warmup(cfg0) -> float:
 
 
 def cached_way(cfg0, sub: Path, ctx: Context) -> dict:
-    """The project's way: decode + extract once (timed, with a breakdown), ``fit`` per trial."""
+    """Decode + extract once (timed, with a breakdown), then ``fit`` per trial."""
     import tune_pets.engine
     import tune_pets.features
     from tune_pets.engine import load_fit_data
