@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tune_pets.utils import atomic_savefig
+from tune_pets.utils import atomic_path
 
 
 @contextlib.contextmanager
@@ -27,7 +27,9 @@ def figure_style() -> Iterator:
 def save(fig, path: Path, dpi: int = 110, **kwargs) -> None:
     import matplotlib.pyplot as plt
 
-    atomic_savefig(fig, path, dpi=dpi, **kwargs)
+    path = Path(path)
+    with atomic_path(path) as tmp:  # the temp name's suffix is .tmp: name the format
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, **kwargs)
     plt.close(fig)
 
 

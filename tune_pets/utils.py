@@ -105,12 +105,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer, np.floating)):
         return int(o) if isinstance(o, np.integer) else float(o)
