@@ -19,21 +19,19 @@ COMMANDS = {
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        print("usage: python -m tune_pets COMMAND [options]   (or python -m tune_pets.COMMAND)")
-        print("\ncommands:")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<{width}}  {text}")
-        print("\nEach command takes --help.")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
-        return 0
-    module = importlib.import_module(f"tune_pets.{argv[0]}")
-    from tune_pets.utils import cli_main
+    if argv and argv[0] in COMMANDS:
+        from tune_pets.utils import cli_main
 
-    cli_main(module.main, argv[1:], prog=f"python -m tune_pets {argv[0]}")
+        module = importlib.import_module(f"tune_pets.{argv[0]}")
+        cli_main(module.main, argv[1:], prog=f"python -m tune_pets {argv[0]}")  # exits
+    print("usage: python -m tune_pets COMMAND [options]   (or python -m tune_pets.COMMAND)")
+    print("\ncommands:")
+    for name, text in COMMANDS.items():
+        print(f"  {name:<{max(map(len, COMMANDS))}}  {text}")
+    print("\nEach command takes --help.")
+    if argv and argv[0] not in ("-h", "--help"):
+        print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,9 +1,7 @@
-"""The checkpoint format: a plain dict of tensors and metadata that loads with
-``torch.load(path, weights_only=True)``.
-
-``state_dict`` holds the module a run trains: the whole network for an images model, the head
-only for a features model (``scope="head"``; the frozen backbone is rebuilt from ``config``:
-pretrained, a ``weights`` file, or the seeded random init).
+"""The checkpoint format: a plain dict of tensors and metadata, loaded with ``weights_only=True``.
+``state_dict`` is what a run trains: the whole images model, or a features model's head only
+(``scope="head"``; the backbone is rebuilt from ``config``). Usage:
+``module, config, spec = trained_module(load_checkpoint("checkpoint_best.pt", "cnn"))``.
 """
 
 from __future__ import annotations
@@ -46,24 +44,24 @@ def make_checkpoint(
 
 
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
-    """Load a tune_pets checkpoint safely (``weights_only=True``) and check what it is."""
+    """Load a checkpoint and check that it is a complete one (of ``expect_model``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: file not found")
+    retrain = "retrain or pass another file"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupted/truncated/foreign files fail in many ways
         raise UserError(
-            f"--checkpoint {path}: not a readable checkpoint ({type(e).__name__}); "
-            f"retrain or pass another file"
+            f"--checkpoint {path}: not a readable checkpoint ({type(e).__name__}); {retrain}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"--checkpoint {path}: not a tune_pets checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise UserError(
-            f"--checkpoint {path}: incomplete tune_pets checkpoint (missing {', '.join(missing)}); "
-            f"retrain or pass another file"
+            f"--checkpoint {path}: incomplete tune_pets checkpoint (missing "
+            f"{', '.join(missing)}); {retrain}"
         )
     try:
         ckpt["model"] = get_spec(ckpt["model"]).name  # also maps names of earlier versions
@@ -80,20 +78,17 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
 def trained_module(
     ckpt: dict, pretrained: bool | None = None, weights: str | None = None
 ) -> tuple[nn.Module, RunConfig, ModelSpec]:
-    """The module the checkpoint's weights belong to (the whole CNN, or the probe head), in
-    eval mode, with the checkpoint's config (``pretrained``/``weights`` override the
-    backbone's). Builds no backbone: a features model's head runs on cached features."""
+    """The trained module (the whole CNN, or the probe head) in eval mode, with the checkpoint's
+    config (``pretrained``/``weights`` override the backbone's). Builds no backbone."""
     config = RunConfig.from_dict(ckpt["config"], "checkpoint config")
     if pretrained is not None:
         config = config.replace(pretrained=pretrained)
     if weights:
         config = config.replace(weights=weights)
     spec = get_spec(config.model)
-    state = ckpt["state_dict"]
-    n = len(ckpt["classes"])
-    module = spec.trainable(config, n, int(ckpt.get("feature_dim", 0)))
+    module = spec.trainable(config, len(ckpt["classes"]), int(ckpt.get("feature_dim", 0)))
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise UserError(
             f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})"

@@ -1,8 +1,7 @@
-"""Shared command-line pieces: the parser every command uses and the flag groups (data,
-backbone weights, device, outputs, hyperparameters), each defined once with one help text.
-
-Argparse stays at the edge: commands turn flags into a ``RunConfig``, a data dir, a device and a
-``Layout`` with the helpers at the bottom, and pass those on.
+"""Shared command-line pieces: the parser every command uses and the flag groups (data, backbone
+weights, device, outputs, hyperparameters), each defined once with one help text. Argparse stays
+at the edge: a command adds groups to ``command_parser(__doc__, prog)``, then turns its flags
+into a spec, ``RunConfig``, data dir, device and ``Layout`` with ``resolve_run_args(args)``.
 """
 
 from __future__ import annotations
@@ -21,18 +20,13 @@ from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RU
 from tune_pets.utils import UserError
 
 
-# ---------------------------------------------------------------- the parser
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Adds "(default: X)" to every option that has a default worth showing."""
+    """Adds "(default: X)" to every option with a default other than None/False."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if (
-            "%(default)" not in text
-            and not (default is None or default is False or default == argparse.SUPPRESS)
-            and action.option_strings
-        ):
+        text, default = action.help or "", action.default
+        hidden = default is None or default is False or default == argparse.SUPPRESS  # 0 shows
+        if action.option_strings and not hidden and "%(default)" not in text:
             shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
             text += f" (default: {shown})"
         return text
@@ -85,9 +79,8 @@ fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 
 def add_model_arg(p: argparse.ArgumentParser, what: str = "which model") -> None:
     from tune_pets.models import get_spec, model_names
 
-    names = model_names()
-    helps = "; ".join(f"{n}: {get_spec(n).help}" for n in names)
-    p.add_argument("model", choices=names, help=f"{what} ({helps})")
+    helps = "; ".join(f"{n}: {get_spec(n).help}" for n in model_names())
+    p.add_argument("model", choices=model_names(), help=f"{what} ({helps})")
 
 
 def add_data_args(
@@ -108,7 +101,6 @@ def add_data_args(
     if decode:
         g.add_argument(
             "--cache-dir",
-            default=None,
             help="decode and feature cache (default: $TUNE_PETS_CACHE or ~/.cache/tune_pets)",
         )
         g.add_argument(
@@ -126,7 +118,6 @@ def add_data_args(
         g.add_argument(
             "--split-seed",
             type=nonneg_int,
-            default=None,
             help=f"seed of the train/val split (default: {split_default})",
         )
 
@@ -140,7 +131,6 @@ def add_weights_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--weights",
-        default=None,
         help="local backbone weights file (model.safetensors or .pth) instead of the hub",
     )
 
@@ -151,7 +141,6 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads",
         type=positive_int,
-        default=None,
         help="CPU threads for torch (default: the cores this process may use)",
     )
 
@@ -185,10 +174,8 @@ def add_hparam_args(p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(H
     g = p.add_argument_group("hyperparameters (default: the model's homework settings)")
     for name in names:
         typ, text = HPARAMS[name]
-        kw: dict[str, Any] = {"type": typ, "default": None, "help": text}
-        if name == "optimizer":
-            kw["choices"] = ["adamw", "adam", "sgd"]
-        g.add_argument("--" + name.replace("_", "-"), **kw)
+        choices = ["adamw", "adam", "sgd"] if name == "optimizer" else None
+        g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=text)
 
 
 # ---------------------------------------------------------------- flags -> objects
@@ -221,29 +208,22 @@ def data_dir_from_args(args: argparse.Namespace) -> Path:
 
 @dataclass(frozen=True)
 class RunArgs:
-    """What a training command's flags resolve to."""
-
     args: argparse.Namespace
     spec: Any  # models.ModelSpec
-    config: RunConfig
+    config: RunConfig  # the model's homework defaults with the flags applied
     data_dir: Path
     device: Any  # torch.device
     layout: Layout
 
 
 def resolve_run_args(args: argparse.Namespace) -> RunArgs:
-    """Model spec, config (homework defaults + flags), checked data dir, device and layout."""
+    """What a training command's flags resolve to."""
     from tune_pets.models import get_spec
 
     spec = get_spec(args.model)
-    return RunArgs(
-        args,
-        spec,
-        config_from_args(args, spec.defaults),
-        data_dir_from_args(args),
-        device_from_args(args),
-        layout_from_args(args),
-    )
+    config = config_from_args(args, spec.defaults)
+    data_dir = data_dir_from_args(args)
+    return RunArgs(args, spec, config, data_dir, device_from_args(args), layout_from_args(args))
 
 
 def data_options(args: argparse.Namespace) -> dict:
@@ -263,8 +243,9 @@ def device_from_args(args: argparse.Namespace):
     """The torch device, with torch's CPU threads set (``--threads``, else the usable cores)."""
     import torch
 
-    threads = getattr(args, "threads", None) or usable_cores()
-    torch.set_num_threads(threads)
+    # The cores this process may use (its CPU affinity, where the OS has one).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(getattr(args, "threads", None) or max(1, cores or 1))
     name = getattr(args, "device", "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -274,10 +255,3 @@ def device_from_args(args: argparse.Namespace):
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
-
-
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)

@@ -1,8 +1,5 @@
-"""Run configuration: a frozen dataclass with a comment per field, and its validation.
-
-A ``RunConfig`` fully describes one training run; search trials, ``train`` and
-``reproduce`` all build one and write it next to what it produced (``config.json``).
-"""
+"""``RunConfig``: everything one training run needs (search trials, ``train`` and ``reproduce``
+each write theirs as ``config.json``), and ``validate_config``, its type and range checks."""
 
 from __future__ import annotations
 
@@ -47,12 +44,9 @@ class RunConfig:
     feature_views: int = 0  # 0: clean eval-transform features; k>0: k augmented train views
     pretrained: bool = True
     weights: str | None = None  # local weights file for the backbone (offline use)
-    # Bookkeeping.
     metric: str = "val_acc"  # which val metric picks the best epoch
     seed: int = 0  # weight init, batch order, augmentation
-    # Seed of the train/val split; None: the same as ``seed``. Keep it fixed to vary ``seed``
-    # (a robustness check) without changing the validation set.
-    split_seed: int | None = None
+    split_seed: int | None = None  # None: ``seed``; pin it to vary ``seed`` on the same val split
     deterministic: bool = False  # reproduce sets True
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     max_steps_per_epoch: int = 0  # 0 = full epoch; small values make smoke runs fast
@@ -65,12 +59,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(CONFIG_FIELDS))
         if unknown:
             raise UserError(
                 f"{source}: unknown config key(s) {', '.join(unknown)}; "
-                f"valid keys: {', '.join(sorted(known))}"
+                f"valid keys: {', '.join(sorted(CONFIG_FIELDS))}"
             )
         if d.get("model") in LEGACY_MODEL_NAMES:
             d = {**d, "model": LEGACY_MODEL_NAMES[d["model"]]}
@@ -110,18 +103,16 @@ _RANGES = {  # name: (low, high, inclusive-low)
 
 
 def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
-    """Type- and range-check every field; errors name the source and the key (the flag, for
-    ``source="command line"``)."""
+    """Type- and range-check every field, normalising numbers; errors name the source and the
+    key (the flag, for ``source="command line"``)."""
     values = {}
     for key, f in CONFIG_FIELDS.items():
         v = getattr(cfg, key)
         name = f"--{key.replace('_', '-')}" if source == "command line" else key
-        typ = f.type if isinstance(f.type, str) else f.type.__name__
-        if typ.endswith(" | None"):
-            if v is None:
-                values[key] = v
-                continue
-            typ = typ.removesuffix(" | None")
+        typ = f.type.removesuffix(" | None")  # a string: annotations are not evaluated
+        if v is None and typ != f.type:
+            values[key] = v
+            continue
         if typ == "int":
             if isinstance(v, float) and v.is_integer():
                 v = int(v)

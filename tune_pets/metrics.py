@@ -1,5 +1,5 @@
-"""Classification metrics as pure functions: accuracy, macro-F1, confusion matrix, per-class
-precision/recall/F1, the most confused pairs, and how many classes a model ever predicts."""
+"""Classification metrics as pure functions of label arrays or a confusion matrix, e.g.
+``classification_metrics(y_true, y_pred, n)`` -> ``{"accuracy": ..., "macro_f1": ...}``."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ import numpy as np
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
-    """Accuracy and macro-F1. Macro-F1 averages over the classes present in ``y_true`` or
-    ``y_pred`` (sklearn's ``labels`` semantics): a class absent from both does not count."""
-    from sklearn.metrics import f1_score
+    """Accuracy and macro-F1 over the classes present in ``y_true`` or ``y_pred`` (a class
+    absent from both does not count)."""
+    from sklearn.metrics import f1_score  # lazy: sklearn is slow to import
 
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     present = np.unique(np.concatenate([y_true, y_pred]))
-    return {
-        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
-        ),
-    }
+    f1 = f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    acc = float((y_true == y_pred).mean()) if len(y_true) else 0.0
+    return {"accuracy": acc, "macro_f1": float(f1)}
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -54,23 +51,17 @@ def most_confused(
     """The ``k`` largest off-diagonal cells as (true, predicted, count)."""
     off = cm.copy()
     np.fill_diagonal(off, 0)
-    flat = np.argsort(off, axis=None)[::-1][:k]
-    pairs = [np.unravel_index(i, cm.shape) for i in flat]
+    pairs = [np.unravel_index(i, cm.shape) for i in np.argsort(off, axis=None)[::-1][:k]]
     return [(classes[i], classes[j], int(off[i, j])) for i, j in pairs if off[i, j] > 0]
 
 
 def prediction_spread(cm: np.ndarray) -> dict:
     """How many classes the model ever predicts, and how imbalanced the true labels are: the
     two facts that explain a large gap between accuracy and macro-F1."""
-    support = cm.sum(1)
-    order = np.sort(support)[::-1]
-    top3 = float(order[:3].sum() / max(support.sum(), 1))
+    support = np.sort(cm.sum(1))[::-1]
     return {
         "classes_predicted": int((cm.sum(0) > 0).sum()),
         "num_classes": int(cm.shape[0]),
-        "top3_class_share": round(top3, 4),
-        "max_min_support": [
-            int(order[0]) if len(order) else 0,
-            int(order[-1]) if len(order) else 0,
-        ],
+        "top3_class_share": round(float(support[:3].sum() / max(support.sum(), 1)), 4),
+        "max_min_support": [int(support[0]), int(support[-1])] if len(support) else [0, 0],
     }

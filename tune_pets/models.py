@@ -1,17 +1,8 @@
-"""The model registry: one ``ModelSpec`` per model holds everything model-specific.
-
-A spec names the model on the command line, says what it trains on (``images``: the whole
-network on augmented image batches; ``features``: a head on cached frozen-backbone features),
-carries the homework's settings (the baseline and the search's first point), its preprocessing
-and how to build it. Every other module asks the registry instead of comparing model names, so
-adding a model is one ``register(ModelSpec(...))`` call (timm's registry is the model).
-
-- ``cnn``: the homework CNN (conv blocks of Conv-BN-ReLU-MaxPool, adaptive avg pool, dropout,
-  linear); ``depth``/``width``/``dropout`` configurable, defaults 3 blocks of 64/128/256.
-- ``vit``: a linear probe on a frozen timm ``vit_tiny_patch16_224`` (eval mode, no grads) on its
-  CLS token, the mean of its patch tokens, or both. Preprocessing comes from the model
-  (``timm.data.resolve_model_data_config``: mean/std 0.5, bicubic, crop 0.9), not ImageNet
-  constants.
+"""The model registry: one ``ModelSpec`` per model holds everything model-specific, so no other
+module compares model names and adding a model is one ``register(ModelSpec(...))`` call.
+``images`` models (cnn) train the whole network on images; ``features`` models (vit: a linear
+probe) train a head on cached features of a frozen timm backbone. Usage:
+``spec = get_spec("vit"); head = spec.trainable(spec.defaults, num_classes, feature_dim)``.
 """
 
 from __future__ import annotations
@@ -36,10 +27,8 @@ KINDS = ("images", "features")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything the package needs to know about one model."""
-
     name: str  # CLI name and RunConfig.model
-    kind: str  # "images": train the whole net on images; "features": a head on frozen features
+    kind: str  # one of KINDS
     help: str  # one line for --help
     defaults: RunConfig  # the homework's settings: the baseline and the search's first point
     build: Callable[[RunConfig, int], nn.Module]  # (config, num_classes) -> the evaluable model
@@ -57,8 +46,8 @@ class ModelSpec:
         return self.build_head(config, feature_dim, num_classes)
 
     def cache_res(self, config: RunConfig, img_sizes: Sequence[int] = ()) -> int:
-        """Side of the cached uint8 squares: the eval resize size of the largest input size a
-        run (or a search, ``img_sizes``) may ask for."""
+        """Side of the cached squares: the eval resize of the largest input size a run (or a
+        search, ``img_sizes``) may ask for."""
         dc = self.data_config(config)
         size = dc["img_size"] if self.fixed_input_size else max([dc["img_size"], *img_sizes])
         return cache_res(size, dc["crop_pct"])
@@ -68,7 +57,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-    """Add ``spec`` to the registry (replacing one of the same name) and return it."""
+    """Add ``spec`` (replacing one of the same name) and return it."""
     if spec.kind not in KINDS:
         raise ValueError(f"ModelSpec {spec.name!r}: kind must be one of {KINDS}, got {spec.kind!r}")
     if spec.kind == "features" and (spec.build_backbone is None or spec.build_head is None):
@@ -88,18 +77,17 @@ def model_names() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The spec of a registered model; an unknown name lists the valid ones."""
     name = LEGACY_MODEL_NAMES.get(name, name)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UserError(
-            f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}"
-        ) from None
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 # ---------------------------------------------------------------- cnn
 class SmallCNN(nn.Module):
+    """``depth`` blocks of Conv-BN-ReLU-MaxPool (channels ``width * 2**i``, at most 512),
+    global average pooling, dropout, linear."""
+
     def __init__(self, num_classes: int, depth: int = 3, width: int = 64, dropout: float = 0.2):
         super().__init__()
         layers: list[nn.Module] = []
@@ -118,20 +106,9 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Global average pooling as a mean: the same as AdaptiveAvgPool2d(1), whose CUDA
-        # backward has no deterministic implementation (reproduce runs deterministic on CUDA).
+        # A mean, not AdaptiveAvgPool2d(1): its CUDA backward has no deterministic implementation.
         x = self.features(x).mean(dim=(2, 3))
         return self.head(self.dropout(x))
-
-
-def cnn_data_config(config: RunConfig) -> dict:
-    return {
-        "img_size": config.img_size,
-        "crop_pct": CNN_CROP_PCT,
-        "interpolation": "bilinear",
-        "mean": CNN_MEAN,
-        "std": CNN_STD,
-    }
 
 
 register(
@@ -139,11 +116,16 @@ register(
         name="cnn",
         kind="images",
         help="small CNN trained from scratch (conv blocks 64/128/256)",
-        # RunConfig's defaults are the homework CNN's (AdamW lr 1e-3, batch 32, 50 epochs,
-        # cosine, 3 blocks of 64/128/256, dropout 0.2); the homework trained at 224 px.
+        # RunConfig's defaults are the homework CNN's; the homework trained at 224 px.
         defaults=RunConfig(model="cnn", img_size=224),
         build=lambda cfg, n: SmallCNN(n, cfg.depth, cfg.width, cfg.dropout),
-        data_config=cnn_data_config,
+        data_config=lambda cfg: {
+            "img_size": cfg.img_size,
+            "crop_pct": CNN_CROP_PCT,
+            "interpolation": "bilinear",
+            "mean": CNN_MEAN,
+            "std": CNN_STD,
+        },
         homework=(0.2306, 0.2185),
     )
 )
@@ -161,7 +143,7 @@ class ViTProbe(nn.Module):
 
     def train(self, mode: bool = True) -> ViTProbe:
         super().train(mode)
-        self.backbone.eval()  # frozen: dropout/BN-style layers stay in eval mode
+        self.backbone.eval()  # frozen: dropout-style layers stay in eval mode
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,12 +153,10 @@ class ViTProbe(nn.Module):
 
 
 def pool_features(feats: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Select the probe's input from ``[..., 2, D]`` features: cls, mean, or both concatenated."""
-    if pooling == "cls":
-        return feats[..., 0, :]
-    if pooling == "mean":
-        return feats[..., 1, :]
-    return feats.flatten(-2)
+    """The probe's input from ``[..., 2, D]`` (CLS, patch mean) features: cls, mean or both."""
+    if pooling == "both":
+        return feats.flatten(-2)
+    return feats[..., 0 if pooling == "cls" else 1, :]
 
 
 def make_probe_head(embed_dim: int, num_classes: int, pooling: str) -> nn.Linear:
