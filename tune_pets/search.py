@@ -122,10 +122,8 @@ def resource_request(spec: SearchSpec, args: argparse.Namespace | None = None) -
 def choose_resources(
     request: ResourceRequest, cluster: Mapping[str, float], kind: str
 ) -> TrialResources:
-    """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``).
-
-    A GPU share from auto or a flag fills the GPUs (capped by CPUs) unless --max-concurrent is
-    given; without GPUs, or with a share fixed in the YAML, the YAML's max_concurrent applies.
+    """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``). A GPU
+    share from auto or a flag fills the GPUs (capped by CPUs); else the YAML's max_concurrent.
     Asking for more than the cluster has is an error, not a search that waits forever."""
     have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     cpu = 1.0 if request.cpu is None else request.cpu
@@ -271,7 +269,14 @@ def _run_trial(
         "device": trial_device_label(gpu_ids, torch.cuda.is_available()),
     }
     config = RunConfig.from_dict({**setup.base.to_dict(), **params}, "trial config")
-    resume = _load_trial_state(folder / TRAIN_STATE_FILE) if folder else None
+    state_file = folder / TRAIN_STATE_FILE if folder else None
+    resume = None  # a restarted trial's state: fit's resume plus its reports
+    if state_file and state_file.is_file():
+        try:
+            resume = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged state costs the trial its progress only
+            warning = f"warning: {state_file} unreadable ({error_line(e)}); the trial starts over"
+            print(warning, flush=True)
     reports: list[dict] = []
     if resume is not None:
         # Tune's snapshot may know fewer epochs than the state holds: report them all again
@@ -292,7 +297,7 @@ def _run_trial(
         if best is not None:
             _save(best, folder / BEST_CHECKPOINT_FILE)
         # After the report: a trial killed in between repeats this epoch rather than skip it.
-        _save({**state, "best_ckpt": None, "reports": reports}, folder / TRAIN_STATE_FILE)
+        _save({**state, "best_ckpt": None, "reports": reports}, state_file)
 
     fit(
         config,
@@ -319,19 +324,6 @@ def _save(obj: dict, path: Path) -> None:
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
-
-
-def _load_trial_state(path: Path) -> dict | None:
-    """A restarted trial's state (``fit(resume=...)`` plus its ``reports``), or None."""
-    if not path.is_file():
-        return None
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged state costs the trial its progress only
-        print(f"warning: {path} unreadable ({error_line(e)}); the trial starts over", flush=True)
-        return None
 
 
 def trial_device_label(gpu_ids: Sequence[str], cuda_available: bool) -> str:
@@ -470,7 +462,11 @@ def _export_callback_class() -> type:
         def on_trial_error(self, iteration, trials, trial, **info):
             if _stop_if_disk_full(trial, _failures(getattr(trial, "error_file", None))):
                 return  # not finished: --resume runs it again
-            self._finish(trials, trial, _trial_error(trial))
+            try:
+                error = error_line(trial.get_pickled_error() or trial.get_error()) or "error"
+            except OSError:  # the error file is unreadable: the status still says failed
+                error = "error"
+            self._finish(trials, trial, error)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             reports = self.reports.get(trial.trial_id) or [{}]
@@ -498,10 +494,9 @@ def _export_callback_class() -> type:
             if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
                 with contextlib.suppress(OSError):
                     (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
+            failures = _failures(getattr(trial, "error_file", None))
             own = (trial.last_result or {}).get(TRIAL_ERROR)
-            error, restarts, why = trial_outcome(
-                _failures(getattr(trial, "error_file", None)), ray_error, own
-            )
+            error, restarts, why = trial_outcome(failures, ray_error, own)
             record = make_record(
                 trial.trial_id,
                 {k: trial.config.get(k) for k in self.spec.space},
@@ -536,14 +531,6 @@ def _export_callback_class() -> type:
 def export_callback(spec: SearchSpec, name: str, db_path: Path):
     """The callback that prints a line per finished trial and keeps ``optuna.db`` current."""
     return _export_callback_class()(spec, name, db_path)
-
-
-def _trial_error(trial) -> str:
-    """The last line of a failed trial's error, as Tune stored it."""
-    try:
-        return error_line(trial.get_pickled_error() or trial.get_error()) or "error"
-    except OSError:  # the error file is unreadable: the status still says failed
-        return "error"
 
 
 # ---------------------------------------------------------------- failures and restarts
@@ -669,10 +656,8 @@ def startup_trials(num_samples: int) -> int:
 
 
 def make_sampler(spec: SearchSpec, kind: str = "tpe"):
-    """The Optuna sampler of a search (and of the benchmark's Optuna-alone peer): seeded TPE,
-    multivariate (lr and batch size learned together), with a constant liar (parallel trials
-    do not all sample one point), all set explicitly as Optuna's defaults changed; or seeded
-    ``random`` sampling of the same space."""
+    """Seeded TPE, multivariate (lr and batch size learned together) with a constant liar
+    (parallel trials do not all sample one point), set explicitly; or seeded ``random``."""
     import optuna
 
     if kind == "random":
@@ -729,12 +714,9 @@ def make_tuner(
     searcher: str = "tpe",
     scheduler: str = "asha",
 ):
-    """The Tuner of every search: OptunaSearch (``make_sampler``) behind a ConcurrencyLimiter,
-    ASHA on ``epoch``, actor reuse, dead trial processes restarted, failed trials recorded.
-    ``searcher`` and ``scheduler`` (``fifo``: no early stopping) pick the benchmark's reference
-    methods. The study lives in the searcher, which Ray snapshots with the experiment state, so
-    a resumed search continues the study matching the trials Ray knows (one in SQLite would
-    run ahead of the snapshot); ``optuna.db`` is only an export (``export_callback``)."""
+    """OptunaSearch behind a ConcurrencyLimiter, ASHA on ``epoch``, dead trials restarted;
+    ``searcher``/``scheduler`` pick the benchmark's reference methods. The study lives in the
+    searcher, snapshotted with Ray's state, so --resume continues the study that matches it."""
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -1029,7 +1011,6 @@ def build_parser() -> cli.ArgumentParser:
     g = p.add_argument_group("search (each flag overrides the search-space YAML)")
     g.add_argument(
         "--search-space",
-        default=None,
         help="search-space YAML (default: the shipped search_spaces/<model>.yaml)",
     )
     g.add_argument("--num-samples", type=cli.positive_int, help="number of trials")
@@ -1062,7 +1043,7 @@ def build_parser() -> cli.ArgumentParser:
         type=cli.nonneg_int,
         help="cap steps per epoch, for smoke runs (0: no cap)",
     )
-    g.add_argument("--name", default=None, help="experiment name (default: the model)")
+    g.add_argument("--name", help="experiment name (default: the model)")
     g.add_argument(
         "--resume",
         action="store_true",
@@ -1074,12 +1055,10 @@ def build_parser() -> cli.ArgumentParser:
     r = p.add_argument_group("Ray cluster and resources")
     r.add_argument(
         "--address",
-        default=None,
         help="join a running Ray cluster: auto or HOST:PORT (default: start a local Ray)",
     )
     r.add_argument(
         "--storage-path",
-        default=None,
         help="absolute folder for Ray's experiment state and trial checkpoints, writable by "
         "every node (default: <artifacts-dir>/ray_results)",
     )
