@@ -6,12 +6,9 @@
     python -m tune_pets.search cnn --address auto --storage-path /shared/ray_results   # cluster
     python -m tune_pets.search cnn --resume                                            # continue
 
-The search sees only the train split, carved once into train/val by a seeded stratified split
-(``split_seed``) that every trial shares (saved as ``val_split.json``). The data is decoded once
-and reaches the trials through the Ray object store; the ViT probe's frozen backbone runs once
-into a feature cache and trials train only the head. Every trial writes TensorBoard logs under
-``<runs-dir>/search/<name>/<trial_id>/`` as it runs, and ``optuna.db`` is rewritten after every
-finished trial. This is the only module that imports Ray; ``search_results`` writes the files.
+Trials see only the train split, carved once into train/val by ``split_seed`` (saved as
+``val_split.json``); the decoded data (or the ViT probe's feature cache) reaches them through the
+object store. This is the only module that imports Ray; ``search_results`` writes the files.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,21 +59,18 @@ from tune_pets.spaces import PICK_RULES, SearchSpec, default_space, load_search_
 from tune_pets.utils import UserError, atomic_path, cli_main, env_info
 
 PROG = "python -m tune_pets.search"
-# The GPU share of one trial when the cluster has GPUs and nothing else is asked for
-# (``resources: auto``), by model kind. An images trial (the CNN on augmented batches) leaves
-# room for four on one GPU; a features trial (a ViT-probe head) finishes in seconds, so packing
-# more of them buys little and would leave TPE fewer finished trials to learn from: two per GPU.
+# GPU share of one trial with ``resources: auto``: four CNN trials per GPU; a ViT-probe head
+# trains in seconds, so packing more would only leave TPE fewer finished trials to learn from.
 DEFAULT_GPU_FRACTION = {"images": 0.25, "features": 0.5}
 STATUS_EVERY_S = 30  # one status line this often while trials run (with progress on)
-# A trial whose process dies (node lost, OOM-killed, SIGKILL) is restarted from its last
-# checkpoint this many times, then recorded as failed. A trial's own errors are never retried.
+# A trial whose process dies (node lost, OOM, SIGKILL) restarts from its last state this many
+# times, then is recorded as failed. A trial's own errors are never retried.
 MAX_TRIAL_RESTARTS = 2
 # optuna.db is rewritten after each of the first EXPORT_EVERY_TRIAL_UP_TO finished trials; then
 # each rewrite waits EXPORT_SPACING times as long as the last one took (<= ~10 % of the time).
 EXPORT_EVERY_TRIAL_UP_TO, EXPORT_SPACING = 20, 9.0
 TRIAL_ERROR = "trial_error"  # the key of the last result of a trial that failed in its own code
-# Each trial's own files in its folder under --storage-path (<storage>/<name>/trial_<id>/):
-# its best weights, and its whole training state after its last epoch (while it runs).
+# A trial's files in <storage>/<name>/trial_<id>/: its best weights, its state after each epoch.
 BEST_CHECKPOINT_FILE, TRAIN_STATE_FILE = "checkpoint_best.pt", "train_state.pt"
 
 
@@ -88,18 +82,14 @@ class ResourceRequest:
     cpu: float | None = None
     gpu: float | None = None
     max_concurrent: int | None = None  # --max-concurrent
-    yaml_max_concurrent: int = 2  # the YAML's max_concurrent
-    # A GPU share fixed in the YAML keeps the YAML's max_concurrent; from auto or a flag, the
-    # trials fill the GPUs.
-    fill_gpus: bool = True
+    yaml_max_concurrent: int = 2
+    fill_gpus: bool = True  # False: a GPU share fixed in the YAML keeps its max_concurrent
     cpu_option: str = "--cpus-per-trial"  # where each value came from, for messages
     gpu_option: str = "--gpus-per-trial"
 
 
 @dataclass(frozen=True)
 class TrialResources:
-    """What each trial gets and how many run at once."""
-
     cpu: float
     gpu: float
     max_concurrent: int
@@ -114,8 +104,7 @@ class TrialResources:
 
 
 def resource_request(spec: SearchSpec, args: argparse.Namespace | None = None) -> ResourceRequest:
-    """The YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the flags in ``args``
-    (``--cpus-per-trial``, ``--gpus-per-trial``, ``--max-concurrent``) over it."""
+    """The YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the resource flags over it."""
     yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
     cpu, gpu = getattr(args, "cpus_per_trial", None), getattr(args, "gpus_per_trial", None)
     where = f"{spec.source}: resources"
@@ -133,14 +122,9 @@ def resource_request(spec: SearchSpec, args: argparse.Namespace | None = None) -
 def choose_resources(
     request: ResourceRequest, cluster: Mapping[str, float], kind: str
 ) -> TrialResources:
-    """Per-trial CPUs/GPUs and concurrency for a cluster whose resources are ``cluster`` (as
-    ``ray.cluster_resources()`` gives them, e.g. ``{"CPU": 16, "GPU": 2}``).
-
-    With GPUs and no GPU share asked for, a trial gets ``DEFAULT_GPU_FRACTION[kind]``; a share
-    from auto or ``--gpus-per-trial`` fills the GPUs (GPUs / share trials, capped by CPUs /
-    cpu-per-trial) unless ``--max-concurrent`` says otherwise. Without GPUs, or with a share
-    fixed in the YAML, the YAML's ``max_concurrent`` applies. Asking for more than the cluster
-    has is an error, not a search that waits forever."""
+    """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``). A GPU
+    share from auto or a flag fills the GPUs (capped by CPUs); else the YAML's max_concurrent.
+    Asking for more than the cluster has is an error, not a search that waits forever."""
     have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     cpu = 1.0 if request.cpu is None else request.cpu
     if cpu > have_cpu:
@@ -159,22 +143,12 @@ def choose_resources(
     if request.max_concurrent is not None:
         return TrialResources(cpu, gpu, request.max_concurrent, "--max-concurrent")
     if gpu > 0 and request.fill_gpus:
-        # The small epsilon keeps 1 / 0.1 = 9.999... from losing a trial to rounding.
+        # The epsilon keeps 1 / 0.1 = 9.999... from losing a trial to rounding.
         fit_gpu, fit_cpu = math.floor(have_gpu / gpu + 1e-9), math.floor(have_cpu / cpu + 1e-9)
         share = request.gpu_option if request.gpu is not None else f"{kind} default"
         why = f"GPUs / {gpu:g} ({share})" + (", capped by CPUs" if fit_cpu < fit_gpu else "")
         return TrialResources(cpu, gpu, max(1, min(fit_gpu, fit_cpu)), why)
     return TrialResources(cpu, gpu, request.yaml_max_concurrent, "max_concurrent in the YAML")
-
-
-def check_resources(request: ResourceRequest, kind: str) -> TrialResources:
-    """``choose_resources`` for the connected cluster; prints the choice in one line."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    chosen = choose_resources(request, cluster, kind)
-    print(chosen.line(cluster), flush=True)
-    return chosen
 
 
 def asha_warning(spec: SearchSpec) -> str | None:
@@ -189,8 +163,7 @@ def asha_warning(spec: SearchSpec) -> str | None:
 
 # ---------------------------------------------------------------- spec -> trial configs
 def base_config(spec: SearchSpec, model: ModelSpec) -> RunConfig:
-    """The config every trial starts from: the model's homework settings, the YAML's ``fixed``
-    values, then the search's own budget, seeds and metric."""
+    """The model's homework settings, then the YAML's ``fixed`` values, then the search's own."""
     own = {
         "model": model.name,
         "epochs": spec.max_epochs,
@@ -202,8 +175,8 @@ def base_config(spec: SearchSpec, model: ModelSpec) -> RunConfig:
 
 
 def first_point(spec: SearchSpec, model: ModelSpec) -> dict:
-    """The homework's own hyperparameters, snapped into the space: evaluated first, so the
-    search can only match or beat the baseline configuration."""
+    """The homework's hyperparameters snapped into the space: evaluated first, so the search
+    can only match or beat the baseline."""
     import optuna.distributions as od
 
     point = {}
@@ -243,28 +216,19 @@ class TrialSetup:
     model: ModelSpec
     tb_root: str  # absolute <runs-dir>/search/<name>: each trial logs to <tb_root>/<trial_id>
     searched: tuple[str, ...]  # the searched keys: TensorBoard's hyperparameters
-    # absolute <storage-path>/<name>: each trial keeps its checkpoints in trial_<id>/ there
-    # ("": none, and a restarted trial starts over)
+    # absolute <storage-path>/<name>, holding each trial's trial_<id>/ ("": a restart starts over)
     experiment_dir: str = ""
 
 
 class GPUNotVisibleError(RuntimeError):
-    """A trial was assigned a GPU but torch sees none. It fails rather than train on the CPU
-    (hours instead of minutes, with trials.csv saying cpu)."""
+    """A trial was assigned a GPU but torch sees none: fail rather than train for hours on CPU."""
 
 
 def trainable(params: dict, setup: TrialSetup, data: FitData) -> None:
-    """One trial: resolve the config, call ``fit``, forward each epoch to ``tune.report`` with
-    the trial's id, node, host and device. ``data`` arrives from the object store: its numpy
-    arrays are zero-copy, read-only views shared by all trials on a node.
-
-    After every epoch the trial writes its whole training state to its folder under the
-    storage path (``train_state.pt``; ``checkpoint_best.pt``: its best weights). A trial whose
-    process dies (its node is lost, the OOM killer or anyone SIGKILLs it) is restarted by
-    Tune, at most ``MAX_TRIAL_RESTARTS`` times, and goes on here from that state. A trial that
-    fails in its own code (a diverging loss, a bad config, no visible GPU) is not retried: the
-    error is reported as its last result (``TRIAL_ERROR``), the trial ends and is recorded as
-    failed. A full disk is neither: the search stops (``_stop_if_disk_full``) to be resumed."""
+    """One trial: ``fit`` with each epoch forwarded to ``tune.report`` (with trial id, node,
+    host, device). After each epoch it saves its state; restarted after its process died, it
+    goes on from there. An error of its own is reported as its last result (``TRIAL_ERROR``)
+    and never retried; a full disk propagates, to stop the search (``_stop_if_disk_full``)."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -274,7 +238,7 @@ def trainable(params: dict, setup: TrialSetup, data: FitData) -> None:
         _run_trial(params, setup, data, trial_id, folder)
     except Exception as e:  # noqa: BLE001 - the trial's own failure: recorded, never retried
         if is_disk_full(e):
-            raise  # the machine's, not the trial's: the search stops (OptunaExport) to resume
+            raise
         traceback.print_exc()  # the full traceback, in the worker's log
         tune.report(
             {
@@ -305,12 +269,18 @@ def _run_trial(
         "device": trial_device_label(gpu_ids, torch.cuda.is_available()),
     }
     config = RunConfig.from_dict({**setup.base.to_dict(), **params}, "trial config")
-    resume = _load_trial_state(folder / TRAIN_STATE_FILE) if folder else None
+    state_file = folder / TRAIN_STATE_FILE if folder else None
+    resume = None  # a restarted trial's state: fit's resume plus its reports
+    if state_file and state_file.is_file():
+        try:
+            resume = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged state costs the trial its progress only
+            warning = f"warning: {state_file} unreadable ({error_line(e)}); the trial starts over"
+            print(warning, flush=True)
     reports: list[dict] = []
     if resume is not None:
-        # Tune may know fewer epochs than the state holds (its experiment snapshot lags, and a
-        # search killed and resumed restarts from that snapshot): report them all again, so
-        # every epoch is on record. (A repeated epoch replaces the earlier report of it.)
+        # Tune's snapshot may know fewer epochs than the state holds: report them all again
+        # (a repeated epoch replaces the earlier report of it).
         for metrics in resume["reports"]:
             tune.report(metrics)
             reports.append(metrics)
@@ -327,7 +297,7 @@ def _run_trial(
         if best is not None:
             _save(best, folder / BEST_CHECKPOINT_FILE)
         # After the report: a trial killed in between repeats this epoch rather than skip it.
-        _save({**state, "best_ckpt": None, "reports": reports}, folder / TRAIN_STATE_FILE)
+        _save({**state, "best_ckpt": None, "reports": reports}, state_file)
 
     fit(
         config,
@@ -344,8 +314,8 @@ def _run_trial(
 
 
 def _save(obj: dict, path: Path) -> None:
-    """``torch.save`` into memory, then an atomic write: a full disk raises OSError(ENOSPC)
-    (torch's own file writer reports it as a RuntimeError that names no cause)."""
+    """``torch.save`` to memory, then an atomic write: a full disk raises OSError(ENOSPC), not
+    torch's RuntimeError that names no cause."""
     import io
 
     import torch
@@ -354,20 +324,6 @@ def _save(obj: dict, path: Path) -> None:
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
-
-
-def _load_trial_state(path: Path) -> dict | None:
-    """The state a restarted trial goes on from (``fit(resume=...)`` plus the ``reports`` it
-    made), or None: no state yet, or one that cannot be read (the trial starts over)."""
-    if not path.is_file():
-        return None
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged state costs the trial its progress only
-        print(f"warning: {path} unreadable ({error_line(e)}); the trial starts over", flush=True)
-        return None
 
 
 def trial_device_label(gpu_ids: Sequence[str], cuda_available: bool) -> str:
@@ -390,27 +346,32 @@ def _trial_dirname(trial) -> str:
 
 # ---------------------------------------------------------------- ray setup
 def use_cluster_auth(address: str | None) -> None:
-    """`ray start --head` turns on token authentication; a driver joining it must use it too.
-    Ray reads RAY_AUTH_MODE when it is imported, so call this before anything imports ray."""
+    """`ray start --head` turns on token authentication; a joining driver must use it too. Ray
+    reads RAY_AUTH_MODE on import, so call this before anything imports ray."""
     if address and (Path.home() / ".ray" / "auth_token").is_file():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Start a local Ray (dashboard off, bound to 127.0.0.1) or join a cluster at ``address``.
-
-    The local Ray runs its workers (the trials) at the priority of this process. Ray's
-    default renices them to +15, so on a machine shared with other jobs every other process
-    gets the CPUs first: beside two busy processes on 2 cores, a worker's start took 15-64 s
-    instead of 7-10 s and its compute 1.6-2x longer (the search-efficiency benchmark, where
-    Optuna alone in the driver process kept its normal priority). A cluster keeps what its
-    nodes were started with (``RAY_worker_niceness=0 ray start ...`` changes it there)."""
+    Local workers keep this process's priority: Ray's default nice +15 made trials 1.6-2x
+    slower on a shared machine."""
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        _check_reachable(address)
+        # Fail in seconds, not after Ray's ~14 minutes of retries, when nothing listens there.
+        if address != "auto" and not address.startswith("ray://") and ":" in address:
+            host, _, port = address.rpartition(":")
+            try:
+                with socket.create_connection((host, int(port)), timeout=5):
+                    pass
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"--address {address}: no Ray cluster answers there ({e}); start one with "
+                    f"`ray start --head`, check HOST:PORT, or leave out --address for a local run"
+                ) from None
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -430,53 +391,24 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     )
 
 
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not after Ray's ~14 minutes of retries, when HOST:PORT is not listening."""
-    if address == "auto" or address.startswith("ray://") or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"--address {address}: no Ray cluster answers there ({e}); start one with "
-            f"`ray start --head`, check HOST:PORT, or leave out --address for a local run"
-        ) from None
-
-
-def _shutdown() -> None:
-    """Stop the local Ray (or disconnect from a cluster) so later steps get the CPUs back."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-
-
 def _storage_filesystem():
-    """Ray's storage with whole-file writes: a full disk leaves the last experiment state and
-    checkpoints whole, so --resume continues once space is freed (``tune_pets.storage``)."""
+    """Whole-file writes: a full disk leaves the last experiment state whole, for --resume."""
     from tune_pets.storage import atomic_local_filesystem
 
     return atomic_local_filesystem()
 
 
 def _quiet_ray_output() -> None:
-    """Tune reads these when ``fit`` starts, for a new and a restored Tuner alike: the compact
-    output (our status line, not Ray's boxed tables naming its temp session folder), and no
-    TensorBoard files of Ray's own (each trial writes ours under <runs-dir>/search/)."""
+    """Set before ``fit`` (new and restored Tuner): our status line instead of Ray's tables,
+    no TensorBoard files of Ray's own, and one line of ours instead of Tune's tracebacks for a
+    dead trial process or a failed state save."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # A trial whose process died gets one line of ours (restarting, or failed in trials.csv);
-    # Tune's traceback of Ray's internals adds nothing. Neither does its traceback of a failed
-    # save of the experiment state: one warning line instead. A trial that failed in its own
-    # code ends with a NaN metric, which Optuna records as FAIL (it warns about the NaN).
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(_not_trial_task_failed)
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_state_not_saved)
+    # A failed trial's NaN metric (Optuna records FAIL), and a restarted trial's repeated epochs
+    # (Optuna keeps the first value): both expected, so no warning.
     warnings.filterwarnings("ignore", message="The value nan is not acceptable")
-    # A restarted trial reports its earlier epochs again, under new iteration numbers that
-    # Optuna may already hold for it: it keeps the first value, and says so.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this")
 
 
@@ -488,8 +420,7 @@ _WARNED: set[str] = set()
 
 
 def _state_not_saved(record: logging.LogRecord) -> bool:
-    """Tune's "Saving experiment state ... failed" (and traceback) as one warning line, once
-    per reason. Tune goes on, and tries again at its next snapshot."""
+    """Tune's "Saving experiment state ... failed" as one warning line, once per reason."""
     if not str(record.msg).startswith("Saving experiment state"):
         return True
     error = record.exc_info[1] if record.exc_info else None
@@ -509,17 +440,13 @@ def _state_not_saved(record: logging.LogRecord) -> bool:
 # ---------------------------------------------------------------- live outputs
 @functools.cache
 def _export_callback_class() -> type:
-    """``OptunaExport`` (a ``tune.Callback``), made on first use because ray may be imported
-    only after ``use_cluster_auth``. Ray pickles it with the Tuner (by value)."""
+    """``OptunaExport``, made on first use: ray may be imported only after use_cluster_auth."""
     from ray import tune
 
     class OptunaExport(tune.Callback):
-        """After every finished trial: one line on stdout and ``optuna.db`` rewritten from all
-        finished trials (in a long search, less often: ``_export``), so ``optuna-dashboard``
-        follows a running search. The study the search relies on lives in the searcher; this
-        is a derived copy. Its state (each trial's reports, the finished records) is
-        snapshotted by Ray together with the searcher, so after a kill ``--resume`` goes on
-        from the same set of trials."""
+        """Per finished trial: a line on stdout and ``optuna.db`` rewritten (a copy for
+        optuna-dashboard; the search's study lives in the searcher). Its state is snapshotted
+        with the searcher's, so --resume goes on from the same trials."""
 
         def __init__(self, spec: SearchSpec, name: str, db_path: Path):
             self.spec, self.name, self.db_path = spec, name, str(db_path)
@@ -533,14 +460,18 @@ def _export_callback_class() -> type:
             self._finish(trials, trial, None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if _stop_if_disk_full(trial, _trial_failures(trial)):
+            if _stop_if_disk_full(trial, _failures(getattr(trial, "error_file", None))):
                 return  # not finished: --resume runs it again
-            self._finish(trials, trial, _trial_error(trial))
+            try:
+                error = error_line(trial.get_pickled_error() or trial.get_error()) or "error"
+            except OSError:  # the error file is unreadable: the status still says failed
+                error = "error"
+            self._finish(trials, trial, error)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             reports = self.reports.get(trial.trial_id) or [{}]
             at = f"epoch {reports[-1]['epoch']}" if "epoch" in reports[-1] else "the start"
-            failures = _trial_failures(trial)
+            failures = _failures(getattr(trial, "error_file", None))
             if _stop_if_disk_full(trial, failures):
                 return
             why = failure_reason(failures[-1]) if failures else "its process died"
@@ -551,25 +482,25 @@ def _export_callback_class() -> type:
             )
 
         def get_state(self) -> dict:
-            return {
-                "reports": self.reports,
-                "finished": {k: r.to_dict() for k, r in self.finished.items()},
-            }
+            finished = {k: r.to_dict() for k, r in self.finished.items()}
+            return {"reports": self.reports, "finished": finished}
 
         def set_state(self, state: dict) -> None:
             self.reports = state["reports"]
             self.finished = {k: TrialRecord.from_dict(d) for k, d in state["finished"].items()}
 
         def _finish(self, trials, trial, ray_error: str | None) -> None:
-            _drop_train_state(trial)
-            params = {k: trial.config.get(k) for k in self.spec.space}
-            reports = self.reports.pop(trial.trial_id, [])
+            # Nothing goes on from a finished trial: delete its state (its largest file).
+            if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
+                with contextlib.suppress(OSError):
+                    (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
+            failures = _failures(getattr(trial, "error_file", None))
             own = (trial.last_result or {}).get(TRIAL_ERROR)
-            error, restarts, why = trial_outcome(_trial_failures(trial), ray_error, own)
+            error, restarts, why = trial_outcome(failures, ray_error, own)
             record = make_record(
                 trial.trial_id,
-                params,
-                reports,
+                {k: trial.config.get(k) for k in self.spec.space},
+                self.reports.pop(trial.trial_id, []),
                 self.spec,
                 error=error,
                 restarts=restarts,
@@ -582,10 +513,8 @@ def _export_callback_class() -> type:
             print(trial_line(record, self.spec, len(self.finished)), flush=True)
 
         def _export(self, trials) -> None:
-            """Rewrite optuna.db from every finished trial. The rewrite grows with the trials
-            (~0.05 s a trial on 2 busy cores: 10 s at 200) and holds up Tune's loop, so the next
-            one waits EXPORT_SPACING times as long as this one took: never more than ~10 % of
-            the search's time (the final results rewrite it anyway)."""
+            """Rewrite optuna.db from every finished trial. It grows with the trials and holds
+            up Tune's loop, so the next one waits EXPORT_SPACING times as long as this one."""
             order = {t.trial_id: i for i, t in enumerate(trials)}
             records = sorted(self.finished.values(), key=lambda r: order.get(r.trial_id, 1e9))
             start = time.monotonic()
@@ -604,23 +533,14 @@ def export_callback(spec: SearchSpec, name: str, db_path: Path):
     return _export_callback_class()(spec, name, db_path)
 
 
-def _trial_error(trial) -> str:
-    """The last line of a failed trial's error, as Tune stored it."""
-    try:
-        return error_line(trial.get_pickled_error() or trial.get_error()) or "error"
-    except OSError:  # the error file is unreadable: the status still says failed
-        return "error"
-
-
 # ---------------------------------------------------------------- failures and restarts
-# Why the running search was stopped for want of disk space (set by OptunaExport; read by
+# Why the running search stopped for want of disk space (set by OptunaExport, read by
 # run_search after Tune returns). One search runs per process.
 _DISK_FULL: list[str] = []
 
 
 def is_disk_full(error: BaseException | str | None) -> bool:
-    """Whether ``error`` (an exception, its causes, or an error's text) is a full disk or an
-    exhausted quota (ENOSPC, EDQUOT)."""
+    """Whether ``error`` (an exception, its causes, or an error's text) is ENOSPC or EDQUOT."""
     e, seen = error, 0
     while isinstance(e, BaseException) and seen < 10:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -632,9 +552,8 @@ def is_disk_full(error: BaseException | str | None) -> bool:
 
 
 def _stop_if_disk_full(trial, failures: Sequence[str]) -> bool:
-    """A trial that failed because the disk is full would fail again on every node: stop the
-    whole search the way Ctrl-C does (Tune saves its state and ends; unfinished trials stay
-    unfinished), so that --resume finishes it once space is freed. True when stopping."""
+    """A trial failed by a full disk would fail on every node: stop the search as Ctrl-C does
+    (Tune saves its state), so --resume finishes it once space is freed. True when stopping."""
     if not failures or not is_disk_full(failures[-1]):
         return False
     if not _DISK_FULL:
@@ -647,40 +566,19 @@ def _stop_if_disk_full(trial, failures: Sequence[str]) -> bool:
     return True
 
 
-def _drop_train_state(trial) -> None:
-    """A finished trial (done, stopped by ASHA, failed) has nothing to go on from: delete its
-    training state (the largest file it wrote); its best weights stay."""
-    try:
-        folder = trial.path
-    except AttributeError:  # a stub trial: no storage
-        return
-    if folder:
-        with contextlib.suppress(OSError):
-            (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
-
-
-def _trial_failures(trial) -> list[str]:
-    """``_failures`` of a live Tune trial (none for one without storage, e.g. a stub)."""
-    try:
-        return _failures(trial.error_file)
-    except AttributeError:
-        return []
-
-
 def _failures(error_file: str | Path | None) -> list[str]:
-    """Each failure Tune recorded for a trial, oldest first: its ``error.txt`` holds one entry
-    per failure (the trial's process died, or Ray could not run it)."""
+    """Each failure Tune recorded in a trial's ``error.txt``, oldest first: its process died,
+    or Ray could not run it. (A stub trial has no ``error_file``: pass getattr's None.)"""
     try:
-        text = Path(error_file).read_text(encoding="utf-8", errors="replace") if error_file else ""
+        text = Path(error_file).read_text("utf-8", errors="replace") if error_file else ""
     except OSError:
         return []
     return [b.strip() for b in re.split(r"(?m)^Failure # \d+ \(occurred at [^)]*\)$", text)[1:]]
 
 
 def failure_reason(error: object) -> str:
-    """One line saying why a trial's run ended in a Ray error: its process was killed from
-    outside or its node was lost (Ray's ActorDiedError / ActorUnavailableError), or else the
-    error's last line."""
+    """One line on why a trial's run ended in a Ray error: killed from outside, its node lost
+    (ActorDiedError / ActorUnavailableError), or else the error's last line."""
     text = str(error)
     if "its node" in text or "node has died" in text or "NodeDiedError" in text:
         return "its node died"
@@ -696,10 +594,9 @@ def failure_reason(error: object) -> str:
 def trial_outcome(
     failures: Sequence[str], ray_error: str | None, own_error: str | None
 ) -> tuple[str, int, str]:
-    """``(error, restarts, restart_reason)`` of a finished trial. ``failures``: its recorded
-    failures (``_failures``); every one was followed by a restart from the last checkpoint,
-    except the last when the trial ended in a Ray error (``ray_error``: it died more than
-    ``MAX_TRIAL_RESTARTS`` times). ``own_error``: what the trial reported as its own failure."""
+    """``(error, restarts, restart_reason)`` of a finished trial. Each of ``failures`` was
+    followed by a restart, except the last when the trial ended in ``ray_error`` (it died more
+    than MAX_TRIAL_RESTARTS times); ``own_error``: the failure the trial reported itself."""
     if ray_error is not None and not failures:
         failures = [ray_error]
     restarted = list(failures[:-1] if ray_error is not None else failures)
@@ -717,12 +614,12 @@ def trial_outcome(
 
 @functools.cache
 def _status_reporter_class() -> type:
-    """``StatusLine`` (a ``tune.ProgressReporter``), made on first use like OptunaExport."""
+    """``StatusLine``, made on first use like OptunaExport."""
     from ray import tune
 
     class StatusLine(tune.ProgressReporter):
-        """One line every STATUS_EVERY_S seconds while trials run: how many are done and how
-        many are running (each finished trial gets its own line from OptunaExport)."""
+        """Every STATUS_EVERY_S seconds: trials done and running (OptunaExport announces each
+        finished one)."""
 
         def __init__(self, num_samples: int, every_s: float = STATUS_EVERY_S):
             self.num_samples, self.every_s = num_samples, every_s
@@ -753,23 +650,14 @@ SCHEDULERS = ("asha", "fifo")
 
 
 def startup_trials(num_samples: int) -> int:
-    """Random trials before TPE takes over: a fifth of the search, at least 4, at most 10.
-
-    Optuna's default (10) is made for studies of hundreds of trials; in the shipped 24-trial
-    CNN search it would spend 40% of the trials on random draws, and in the search-efficiency
-    benchmark's 90 s searches (5-20 trials) TPE would never start. The homework point,
-    evaluated first, counts as one of these trials."""
+    """Random trials before TPE takes over: a fifth of the search, at least 4, at most 10
+    (Optuna's 10 would be 40 % of a 24-trial search). The homework point counts as one."""
     return max(4, min(10, math.ceil(num_samples / 5)))
 
 
 def make_sampler(spec: SearchSpec, kind: str = "tpe"):
-    """The Optuna sampler of a search (and of the benchmark's Optuna-alone peer).
-
-    ``tpe``: seeded TPE, ``multivariate`` (models the joint density, so lr and batch size are
-    learned together), ``constant_liar`` (running trials count as bad ones, so parallel trials
-    do not all sample the same point), ``startup_trials(num_samples)`` random trials first.
-    Set explicitly: Optuna's defaults for these changed between versions. ``random``: seeded
-    random sampling of the same space (the benchmark's reference)."""
+    """Seeded TPE, multivariate (lr and batch size learned together) with a constant liar
+    (parallel trials do not all sample one point), set explicitly; or seeded ``random``."""
     import optuna
 
     if kind == "random":
@@ -786,20 +674,13 @@ def make_sampler(spec: SearchSpec, kind: str = "tpe"):
 
 @functools.cache
 def _stopped_as_pruned_class() -> type:
-    """``StoppedAsPruned`` (an ``OptunaSearch``), made on first use like OptunaExport."""
+    """``StoppedAsPruned``, made on first use like OptunaExport."""
     from ray.tune.search.optuna import OptunaSearch
 
     class StoppedAsPruned(OptunaSearch):
-        """OptunaSearch that tells Optuna a trial stopped before ``max_epochs`` (by ASHA or the
-        time budget) as PRUNED, with its last epoch's value, instead of COMPLETE with it.
-
-        Ray's OptunaSearch tells every trial that ended without an error as COMPLETE with its
-        last reported value, so an epoch-3 score (taken mid-schedule, at a high learning rate)
-        competes as a final score with the 30-epoch scores of the trials ASHA promoted. As
-        PRUNED, TPE ranks it below every completed trial, the way Optuna's own pruners report
-        it. Done through the public hook: a result without the metric is told as PRUNED by
-        OptunaSearch, and Optuna then takes the trial's last intermediate value (reported
-        every epoch by ``on_trial_result``) as its value."""
+        """Tells Optuna a trial stopped before ``max_epochs`` (by ASHA or the time budget) as
+        PRUNED at its last epoch, not COMPLETE: an epoch-3 score must not compete with the
+        30-epoch ones. A result without the metric is told as PRUNED by OptunaSearch."""
 
         def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
             super().__init__(*args, **kwargs)
@@ -833,22 +714,9 @@ def make_tuner(
     searcher: str = "tpe",
     scheduler: str = "asha",
 ):
-    """The Tuner every search uses: OptunaSearch (``make_sampler``: seeded multivariate TPE
-    with a constant liar) behind a ConcurrencyLimiter (``max_concurrent``, default the spec's),
-    ASHA on the reported ``epoch``, actor reuse, trials whose process died restarted
-    (``trainable`` keeps their checkpoints), failed trials recorded without stopping the
-    search. A trial stopped before ``max_epochs`` is told to Optuna as pruned at its last
-    epoch (``_stopped_as_pruned_class``).
-
-    ``searcher`` (``tpe`` | ``random``) and ``scheduler`` (``asha`` | ``fifo``: every trial runs
-    to ``max_epochs``) exist for the search-efficiency benchmark's reference methods
-    (``scripts/bench/search_efficiency.py``); searches use the defaults.
-
-    The Optuna study lives inside the searcher, which Ray snapshots with the experiment state:
-    a resumed search continues exactly the study that matches the trials Ray knows about. (A
-    study in SQLite would run ahead of the snapshot, and a trial rerun after a crash would then
-    report into an Optuna trial that is already finished.) ``optuna.db`` is an export of the
-    finished trials (``export_callback``, ``search_results.export_study``)."""
+    """OptunaSearch behind a ConcurrencyLimiter, ASHA on ``epoch``, dead trials restarted;
+    ``searcher``/``scheduler`` pick the benchmark's reference methods. The study lives in the
+    searcher, snapshotted with Ray's state, so --resume continues the study that matches it."""
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -906,25 +774,11 @@ def make_tuner(
 
 
 # ---------------------------------------------------------------- the search
-@dataclass(frozen=True)
-class SearchOutcome:
-    """How ``run_search`` ended: finished (``summary`` set) or interrupted (Ctrl-C; Ray saved
-    the experiment state and ``--resume`` continues it)."""
-
-    interrupted: bool
-    name: str
-    records: list[TrialRecord]
-    summary: SearchSummary | None
-    out_dir: Path
-
-
 @contextlib.contextmanager
 def search_lock(path: Path, name: str) -> Iterator[None]:
-    """Hold ``path`` (``Layout.search_lock(name)``) locked while a search of ``name`` runs, so a
-    second search of the same name refuses at once (a one-line UserError naming the running
-    one: pid, host, start time) instead of writing over its files. An ``flock`` is released by
-    the kernel when its process dies: a killed search leaves the file (naming a dead process)
-    but no lock. The holder deletes the file when done (as ``prepare``'s lock does)."""
+    """Hold ``path`` locked while a search of ``name`` runs: a second one refuses at once,
+    naming the running one. The kernel drops an ``flock`` when its process dies, so a killed
+    search leaves a file naming a dead process but no lock; the holder deletes the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by Ray's processes
@@ -953,9 +807,8 @@ def search_lock(path: Path, name: str) -> Iterator[None]:
 
 
 def _read_holder(fd: int, wait_s: float = 3.0) -> str:
-    """The running search's line from its lock file. The holder writes it just after taking the
-    lock, so a search started at the same moment can find the file still empty: wait for the
-    line (a CI run did meet the empty file) rather than name no one."""
+    """The running search's line from its lock file. It is written just after the lock is
+    taken, so a search started at the same moment may find the file empty: wait for it."""
     deadline = time.monotonic() + wait_s
     while True:
         text = os.pread(fd, 1000, 0).decode("utf-8", "replace")
@@ -964,16 +817,6 @@ def _read_holder(fd: int, wait_s: float = 3.0) -> str:
         time.sleep(0.02)
 
 
-def _holding_search_lock(run: Callable[..., SearchOutcome]) -> Callable[..., SearchOutcome]:
-    @functools.wraps(run)
-    def locked(spec, base, data_dir, layout: Layout, name: str, *args, **kwargs):
-        with search_lock(layout.search_lock(name), name):
-            return run(spec, base, data_dir, layout, name, *args, **kwargs)
-
-    return locked
-
-
-@_holding_search_lock
 def run_search(
     spec: SearchSpec,
     base: RunConfig,
@@ -992,30 +835,46 @@ def run_search(
     skip_bad: bool = False,
     num_cpus: int | None = None,
     progress: bool = True,
-) -> SearchOutcome:
+) -> tuple[list[TrialRecord], SearchSummary] | None:
     """Run (or resume) a search; write best_config.json, trials.csv, optuna.db and the plots.
-    The whole run holds ``layout.search_lock(name)``: a second search of the same name refuses.
-
-    Cluster problems (unreachable address, too few CPUs/GPUs) and experiment-name clashes fail
-    before anything is decoded or written. Raises UserError when every trial failed."""
+    Returns None when interrupted (Ctrl-C: Ray saved its state, --resume continues). Cluster
+    problems and name clashes fail before anything is written. UserError: every trial failed."""
+    import ray
+    import torch
     from ray import tune
 
     model = model or get_spec(spec.model)
     storage_path = Path(storage_path or layout.ray_results).resolve()
     exp_dir = storage_path / name
     exists = tune.Tuner.can_restore(str(exp_dir))
-    _check_experiment(exists, resume, overwrite, name, storage_path)
+    if resume and not exists:
+        raise UserError(
+            f"--resume: no experiment named {name!r} under {storage_path}; run without "
+            f"--resume to start it"
+        )
+    if exists and not resume and not overwrite:
+        raise UserError(
+            f"experiment {name!r} already exists under {storage_path}; pass --resume to "
+            f"continue it, --overwrite to start over, or --name NEW"
+        )
     warning = asha_warning(spec)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     connect(address, num_cpus)
-    chosen = check_resources(resources or resource_request(spec), model.kind)
+    cluster = ray.cluster_resources()
+    chosen = choose_resources(resources or resource_request(spec), cluster, model.kind)
+    print(chosen.line(cluster), flush=True)
     spec = spec.replace(
         max_concurrent=chosen.max_concurrent, resources={"cpu": chosen.cpu, "gpu": chosen.gpu}
     )
     tb_root = layout.search_tb(name).resolve()
     if not resume:
-        _start_fresh(exp_dir if exists else None, tb_root, layout.optuna_db(name))
+        # A new search replaces the old one's Ray state, TensorBoard logs and optuna.db, so
+        # neither TensorBoard nor optuna-dashboard mixes two searches.
+        for path in (exp_dir if exists else None, tb_root):
+            if path is not None and path.exists():
+                shutil.rmtree(path)
+        layout.optuna_db(name).unlink(missing_ok=True)
 
     t0 = time.time()
     data = load_fit_data(
@@ -1027,7 +886,8 @@ def run_search(
         skip_bad=skip_bad,
         img_sizes=img_sizes(spec, base),
         progress=progress,
-        device=_driver_device(),
+        # where a features model's frozen backbone runs (once, before the trials)
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         spec=model,
     )
     prep_s = time.time() - t0
@@ -1067,11 +927,23 @@ def run_search(
     search_s = time.time() - t1
     if _DISK_FULL:
         raise OSError(errno.ENOSPC, f"{_DISK_FULL[0]} under {storage_path}")
-    out_dir = layout.search(name)
-    if _interrupted(grid, spec, search_s):
-        return SearchOutcome(True, name, [], None, out_dir)
+    # Ray returns from fit on Ctrl-C too, after saving its state: then some trial is unfinished,
+    # or fewer than num_samples were started (unless the time budget ran out).
+    budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
+    finished = grid.num_terminated + grid.num_errors
+    if not budget_spent and (finished < len(grid) or len(grid) < spec.num_samples):
+        return None
     records = records_from_grid(grid, spec)
     _remove_orphans(grid, records, exp_dir, tb_root)
+
+    write_trials_csv(records, spec, layout.trials_csv(name))
+    export_study(records, spec, name, layout.optuna_db(name))
+    best = pick_best(records, spec)
+    if best is None:
+        errors = "; ".join(sorted({r.error for r in records if r.error}))[:400]
+        raise UserError(
+            f"all {len(records)} trials failed ({errors}); see {layout.trials_csv(name)}"
+        )
     run = {
         "name": name,
         "experiment_dir": str(exp_dir),
@@ -1079,55 +951,19 @@ def run_search(
         "wall_time_s": round(search_s, 1),
         "data_prep_s": round(prep_s, 1),
     }
-    summary = _write_outputs(records, spec, base, layout, name, run, data.info)
-    return SearchOutcome(False, name, records, summary, out_dir)
-
-
-def _check_experiment(
-    exists: bool, resume: bool, overwrite: bool, name: str, storage_path: Path
-) -> None:
-    if resume and not exists:
-        raise UserError(
-            f"--resume: no experiment named {name!r} under {storage_path}; run without "
-            f"--resume to start it"
-        )
-    if exists and not resume and not overwrite:
-        raise UserError(
-            f"experiment {name!r} already exists under {storage_path}; pass --resume to "
-            f"continue it, --overwrite to start over, or --name NEW"
-        )
-
-
-def _start_fresh(old_experiment: Path | None, tb_root: Path, db: Path) -> None:
-    """A new search of this name replaces the old one's Ray state, TensorBoard logs and
-    optuna.db, so neither TensorBoard nor optuna-dashboard mixes two searches."""
-    for path in (old_experiment, tb_root):
-        if path is not None and path.exists():
-            shutil.rmtree(path)
-    db.unlink(missing_ok=True)
-
-
-def _driver_device():
-    """Where the driver runs the frozen backbone of a features model (once, before the trials):
-    its GPU if it has one."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _interrupted(grid, spec: SearchSpec, search_s: float) -> bool:
-    """Ray returns from ``fit`` on Ctrl-C too, after saving the experiment state: then some
-    trial is unfinished, or fewer than num_samples were started (unless the budget ran out)."""
-    budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
-    finished = grid.num_terminated + grid.num_errors
-    return not budget_spent and (finished < len(grid) or len(grid) < spec.num_samples)
+    val_split = layout.search_val_split(name)
+    summary = make_summary(
+        best, records, spec, base, run=run, data=data.info, val_split_file=val_split, env=env_info()
+    )
+    summary.write(layout.best_config(name))
+    write_plots(records, spec, name, layout)
+    return records, summary
 
 
 def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
-    """Ray's ``ResultGrid`` as plain records, in the order the trials were created. The trial
-    id is the one each trial reported (``tune.get_context().get_trial_id()``); a trial that
-    failed before its first report has only Tune's auto-filled result, which carries the same
-    ``trial_id`` (and ``config`` once its actor started); failing that, a counter names it."""
+    """Ray's ``ResultGrid`` as records, in trial order. A trial that failed before its first
+    report has only Tune's auto-filled result (its ``trial_id``, ``config`` once its actor
+    started); failing that, a counter names it."""
     records = []
     for i, result in enumerate(grid):
         df = result.metrics_dataframe
@@ -1137,6 +973,7 @@ def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
             None if result.error is None else error_line(result.error),
             (result.metrics or {}).get(TRIAL_ERROR),
         )
+        best = Path(result.path) / BEST_CHECKPOINT_FILE if result.path else None
         records.append(
             make_record(
                 str((result.metrics or {}).get("trial_id") or f"unreported_{i + 1}"),
@@ -1144,7 +981,7 @@ def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
                 [] if df is None else df.to_dict("records"),
                 spec,
                 error=error,
-                checkpoint=_best_checkpoint(result.path),
+                checkpoint=str(best) if best is not None and best.is_file() else None,
                 restarts=restarts,
                 restart_reason=why,
             )
@@ -1152,15 +989,9 @@ def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
     return records
 
 
-def _best_checkpoint(trial_path: str | None) -> str | None:
-    best = Path(trial_path) / BEST_CHECKPOINT_FILE if trial_path else None
-    return str(best) if best is not None and best.is_file() else None
-
-
 def _remove_orphans(grid, records: list[TrialRecord], exp_dir: Path, tb_root: Path) -> None:
-    """A search killed between two snapshots of Ray's experiment state may leave folders of a
-    trial that started after the last snapshot; on resume Ray reruns that trial under a new
-    id, so the old folders belong to no trial. Remove them so every folder is one trial."""
+    """A search killed between two state snapshots may leave folders of a trial started after
+    the last one, which Ray reruns under a new id: remove them, so every folder is one trial."""
     known_dirs = {Path(r.path).name for r in grid if r.path}
     known_ids = {r.trial_id for r in records}
     for d in list(exp_dir.glob("trial_*")) if known_dirs else []:
@@ -1169,38 +1000,6 @@ def _remove_orphans(grid, records: list[TrialRecord], exp_dir: Path, tb_root: Pa
     for d in list(tb_root.iterdir()) if tb_root.is_dir() else []:
         if d.is_dir() and d.name not in known_ids:
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _write_outputs(
-    records: list[TrialRecord],
-    spec: SearchSpec,
-    base: RunConfig,
-    layout: Layout,
-    name: str,
-    run: dict,
-    data_info: dict,
-) -> SearchSummary:
-    write_trials_csv(records, spec, layout.trials_csv(name))
-    export_study(records, spec, name, layout.optuna_db(name))
-    best = pick_best(records, spec)
-    if best is None:
-        errors = "; ".join(sorted({r.error for r in records if r.error}))[:400]
-        raise UserError(
-            f"all {len(records)} trials failed ({errors}); see {layout.trials_csv(name)}"
-        )
-    summary = make_summary(
-        best,
-        records,
-        spec,
-        base,
-        run=run,
-        data=data_info,
-        val_split_file=layout.search_val_split(name),
-        env=env_info(),
-    )
-    summary.write(layout.best_config(name))
-    write_plots(records, spec, name, layout)
-    return summary
 
 
 # ---------------------------------------------------------------- CLI
@@ -1212,7 +1011,6 @@ def build_parser() -> cli.ArgumentParser:
     g = p.add_argument_group("search (each flag overrides the search-space YAML)")
     g.add_argument(
         "--search-space",
-        default=None,
         help="search-space YAML (default: the shipped search_spaces/<model>.yaml)",
     )
     g.add_argument("--num-samples", type=cli.positive_int, help="number of trials")
@@ -1245,7 +1043,7 @@ def build_parser() -> cli.ArgumentParser:
         type=cli.nonneg_int,
         help="cap steps per epoch, for smoke runs (0: no cap)",
     )
-    g.add_argument("--name", default=None, help="experiment name (default: the model)")
+    g.add_argument("--name", help="experiment name (default: the model)")
     g.add_argument(
         "--resume",
         action="store_true",
@@ -1257,12 +1055,10 @@ def build_parser() -> cli.ArgumentParser:
     r = p.add_argument_group("Ray cluster and resources")
     r.add_argument(
         "--address",
-        default=None,
         help="join a running Ray cluster: auto or HOST:PORT (default: start a local Ray)",
     )
     r.add_argument(
         "--storage-path",
-        default=None,
         help="absolute folder for Ray's experiment state and trial checkpoints, writable by "
         "every node (default: <artifacts-dir>/ray_results)",
     )
@@ -1290,35 +1086,8 @@ def spec_from_args(args: Any, model: ModelSpec) -> SearchSpec:
     spec = load_search_spec(path)
     if spec.model != model.name:
         raise UserError(f"--search-space {path} is for model {spec.model!r}, not {model.name!r}")
-    flags = (
-        "num_samples",
-        "max_epochs",
-        "grace_period",
-        "seed",
-        "split_seed",
-        "time_budget_s",
-        "pick",
-    )
+    flags = "num_samples max_epochs grace_period seed split_seed time_budget_s pick".split()
     return spec.replace(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
-
-
-def _data_dir(args: Any) -> Path:
-    """--data-dir, prepared first when it is the default and missing."""
-    if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
-        from tune_pets.prepare import prepare
-
-        print(f"{args.data_dir} not found: preparing the dataset there first", flush=True)
-        prepare(Path(args.data_dir), progress=not args.no_progress)
-    return cli.data_dir_from_args(args)
-
-
-def _storage_path(args: Any, layout: Layout) -> Path:
-    if args.storage_path is None:
-        return layout.ray_results.resolve()
-    storage = Path(args.storage_path)
-    if not storage.is_absolute():
-        raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
-    return storage
 
 
 def resume_command(argv: Sequence[str], name: str, named: bool) -> str:
@@ -1336,55 +1105,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = spec_from_args(args, model)
     base = cli.config_from_args(args, base_config(spec, model))
     layout = cli.layout_from_args(args)
-    name = args.name or model.name
-    storage = _storage_path(args, layout)
-    data_dir = _data_dir(args)
+    name, named = args.name or model.name, args.name is not None
+    storage = layout.ray_results.resolve()
+    if args.storage_path is not None:
+        storage = Path(args.storage_path)
+        if not storage.is_absolute():
+            raise UserError(
+                f"--storage-path {storage}: must be an absolute path (all nodes use it)"
+            )
+    if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
+        from tune_pets.prepare import prepare
+
+        print(f"{args.data_dir} not found: preparing the dataset there first", flush=True)
+        prepare(Path(args.data_dir), progress=not args.no_progress)
+    data_dir = cli.data_dir_from_args(args)
     use_cluster_auth(args.address)
     try:
-        outcome = run_search(
-            spec,
-            base,
-            data_dir,
-            layout,
-            name,
-            model=model,
-            resources=resource_request(spec, args),
-            storage_path=storage,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            address=args.address,
-            val_fraction=args.val_fraction,
-            cache_dir=args.cache_dir,
-            skip_bad=args.skip_bad_images,
-            num_cpus=args.num_cpus,
-            progress=not args.no_progress,
-        )
+        with search_lock(layout.search_lock(name), name):  # a second search of name refuses
+            result = run_search(
+                spec,
+                base,
+                data_dir,
+                layout,
+                name,
+                model=model,
+                resources=resource_request(spec, args),
+                storage_path=storage,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                address=args.address,
+                val_fraction=args.val_fraction,
+                cache_dir=args.cache_dir,
+                skip_bad=args.skip_bad_images,
+                num_cpus=args.num_cpus,
+                progress=not args.no_progress,
+            )
     except OSError as e:
         if not is_disk_full(e):
             raise
-        named = args.name is not None
         message = disk_full_message(e, storage / name, layout.search(name), argv, name, named)
         raise UserError(message) from None
     finally:
-        _shutdown()
-    if outcome.interrupted:
+        if "ray" in sys.modules:  # stop the local Ray (or leave the cluster): CPUs back
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+    if result is None:
         print(
             f"\n{PROG}: interrupted: search stopped; the experiment state is saved. Resume "
-            f"with: {resume_command(argv, name, args.name is not None)}",
+            f"with: {resume_command(argv, name, named)}",
             file=sys.stderr,
         )
         return 130
-    _print_summary(outcome, spec, layout, model.name)
+    _print_summary(*result, spec, layout, name, model.name)
     return 0
 
 
 def disk_full_message(
-    error: OSError,
-    experiment: Path,
-    out_dir: Path,
-    argv: Sequence[str],
-    name: str,
-    named: bool,
+    error: OSError, experiment: Path, out_dir: Path, argv: Sequence[str], name: str, named: bool
 ) -> str:
     """One line for a search stopped by a full disk: what could not be written, that the files
     written before are whole (every write is atomic), and the command that goes on."""
@@ -1404,11 +1183,17 @@ def disk_full_message(
     )
 
 
-def _print_summary(outcome: SearchOutcome, spec: SearchSpec, layout: Layout, model: str) -> None:
-    s, name = outcome.summary, outcome.name
-    counts = status_counts(outcome.records)
+def _print_summary(
+    records: list[TrialRecord],
+    s: SearchSummary,
+    spec: SearchSpec,
+    layout: Layout,
+    name: str,
+    model: str,
+) -> None:
+    counts = status_counts(records)
     print(
-        f"\nsearch {name!r}: {len(outcome.records)} trials ({counts['completed']} completed, "
+        f"\nsearch {name!r}: {len(records)} trials ({counts['completed']} completed, "
         f"{counts['stopped_early']} stopped early, {counts['failed']} failed) in "
         f"{s.search['wall_time_s']:.0f}s"
     )
@@ -1420,7 +1205,7 @@ def _print_summary(outcome: SearchOutcome, spec: SearchSpec, layout: Layout, mod
     print("  params: " + ", ".join(f"{k}={s.config[k]!r}" for k in spec.space))
     best = layout.best_config(name)
     print(
-        f"wrote {outcome.out_dir}/ (best_config.json, trials.csv, optuna.db, plots) and "
+        f"wrote {layout.search(name)}/ (best_config.json, trials.csv, optuna.db, plots) and "
         f"TensorBoard logs in {layout.search_tb(name)}/; next: python -m tune_pets.reproduce "
         f"{model}" + (f" --best-config {best}" if name != model else "")
     )
