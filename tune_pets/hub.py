@@ -97,14 +97,14 @@ def hub_offline_mode() -> Iterator[None]:
 def _in_chain(e: BaseException, *names: str) -> bool:
     """Whether ``e`` or an exception it was raised from is one of the named classes (those of
     libraries that are not installed are skipped)."""
-    types = []
+    found = []
     for name in names:
         module, _, attr = name.rpartition(".")
         with contextlib.suppress(ImportError, AttributeError):
-            types.append(getattr(importlib.import_module(module), attr))
-    seen = set()
+            found.append(getattr(importlib.import_module(module), attr))
+    types, seen = tuple(found), set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, tuple(types)):
+        if isinstance(e, types):
             return True
         seen.add(id(e))
         e = e.__cause__ or e.__context__

@@ -39,12 +39,11 @@ class Record:
     @classmethod
     def read(cls: type[R], path: str | Path, what: str) -> R:
         d = read_json(path, what)
-        if isinstance(d, dict):
-            try:
-                return cls.from_dict(cls.upgrade(d))
-            except TypeError:  # a key without a default is missing
-                pass
-        raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
+        d = cls.upgrade(d) if isinstance(d, dict) else d
+        required = [f.name for f in dataclasses.fields(cls) if _required(f)]
+        if not isinstance(d, dict) or any(k not in d for k in required):
+            raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
+        return cls.from_dict(d)
 
     @classmethod
     def read_or_none(cls: type[R], path: str | Path) -> R | None:  # the report shows it missing
@@ -52,6 +51,10 @@ class Record:
             return cls.read(path, "file")
         except UserError:
             return None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 @dataclass

@@ -460,7 +460,7 @@ def _export_callback_class() -> type:
             self._finish(trials, trial, None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if _stop_if_disk_full(trial, _failures(getattr(trial, "error_file", None))):
+            if _stop_if_disk_full(trial, _trial_failures(trial)):
                 return  # not finished: --resume runs it again
             try:
                 error = error_line(trial.get_pickled_error() or trial.get_error()) or "error"
@@ -471,7 +471,7 @@ def _export_callback_class() -> type:
         def on_trial_recover(self, iteration, trials, trial, **info):
             reports = self.reports.get(trial.trial_id) or [{}]
             at = f"epoch {reports[-1]['epoch']}" if "epoch" in reports[-1] else "the start"
-            failures = _failures(getattr(trial, "error_file", None))
+            failures = _trial_failures(trial)
             if _stop_if_disk_full(trial, failures):
                 return
             why = failure_reason(failures[-1]) if failures else "its process died"
@@ -494,7 +494,7 @@ def _export_callback_class() -> type:
             if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
                 with contextlib.suppress(OSError):
                     (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
-            failures = _failures(getattr(trial, "error_file", None))
+            failures = _trial_failures(trial)
             own = (trial.last_result or {}).get(TRIAL_ERROR)
             error, restarts, why = trial_outcome(failures, ray_error, own)
             record = make_record(
@@ -568,12 +568,16 @@ def _stop_if_disk_full(trial, failures: Sequence[str]) -> bool:
 
 def _failures(error_file: str | Path | None) -> list[str]:
     """Each failure Tune recorded in a trial's ``error.txt``, oldest first: its process died,
-    or Ray could not run it. (A stub trial has no ``error_file``: pass getattr's None.)"""
+    or Ray could not run it."""
     try:
         text = Path(error_file).read_text("utf-8", errors="replace") if error_file else ""
     except OSError:
         return []
     return [b.strip() for b in re.split(r"(?m)^Failure # \d+ \(occurred at [^)]*\)$", text)[1:]]
+
+
+def _trial_failures(trial) -> list[str]:
+    return _failures(getattr(trial, "error_file", None))  # a stub trial has no error_file
 
 
 def failure_reason(error: object) -> str:

@@ -75,14 +75,29 @@ def fit(
             ckpt = None
             if score is None or best is None or (score < best if lower else score > best):
                 best, best_epoch = score, epoch
-                meta = (data.classes, data.preprocess, engine.state_dict(), epoch, metrics)
-                ckpt = best_ckpt = make_checkpoint(config, engine.spec, *meta, data.feature_dim)
+                ckpt = best_ckpt = make_checkpoint(
+                    config,
+                    engine.spec,
+                    data.classes,
+                    data.preprocess,
+                    engine.state_dict(),
+                    epoch,
+                    metrics,
+                    data.feature_dim,
+                )
             history.append(metrics)
             if tb is not None:
                 tb.epoch(metrics)
             if on_state is not None:
-                state = {"engine": engine.train_state(), "history": [dict(h) for h in history]}
-                on_state(state | {"best": best, "best_epoch": best_epoch, "best_ckpt": best_ckpt})
+                on_state(
+                    {
+                        "engine": engine.train_state(),
+                        "history": [dict(h) for h in history],
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "best_ckpt": best_ckpt,
+                    }
+                )
             if on_epoch_end is not None:
                 on_epoch_end(dict(metrics), ckpt)
     finally:
