@@ -276,6 +276,17 @@ BAD_SPECS = [
         "model: cnn\nspace:\n  depth: {randint: [1, 3.5]}\n",
         ["space.depth", "integers"],
     ),
+    (
+        "continuous sampler on an integer field",  # TPE would sample depth 4.1: trials fail
+        "model: cnn\nspace:\n  depth: {uniform: [3, 5]}\n",
+        ["space.depth", "randint"],
+    ),
+    (
+        "quniform on an integer field with a fractional step",
+        "model: cnn\nspace:\n  depth: {quniform: [2, 6, 0.5]}\n",
+        ["space.depth", "integers"],
+    ),
+    ("time budget not positive", "model: cnn\ntime_budget_s: -5\n", ["time_budget_s"]),
     ("bad metric", "model: cnn\nmetric: test_acc\n", ["metric", "test_acc"]),
     ("bad mode", "model: cnn\nmode: biggest\n", ["mode", "biggest"]),
     ("bad num_samples", "model: cnn\nnum_samples: 0\n", ["num_samples"]),

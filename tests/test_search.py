@@ -45,7 +45,7 @@ from tune_pets.search import (
     trial_device_label,
 )
 from tune_pets.search_results import STATUSES, make_record, pick_best
-from tune_pets.spaces import SearchSpec, load_search_spec
+from tune_pets.spaces import SearchSpec, default_space, load_search_spec
 from tune_pets.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -531,6 +531,37 @@ def test_existing_experiment_needs_resume_or_overwrite(cnn_search, tmp_path):
     tb = sorted(p.name for p in (tmp_path / "runs" / "search" / "cnn").iterdir())
     assert tb == sorted(r["trial_id"] for r in rows)
     assert len(study_trials(out / "optuna.db")) == 2
+
+
+@pytest.mark.slow
+def test_resume_goes_on_with_the_settings_the_search_started_with(cnn_search, tmp_path):
+    """--resume continues the search as it was started (search_spec.json): a search flag or
+    space asking for something else is refused in one line; a plain --resume of the finished
+    search needs none of the original flags and rewrites the same results (it once used the
+    shipped YAML's num_samples and reported the search as interrupted, forever), in the same
+    order (a restored ResultGrid lists the newest result first; ties in the pick follow it)."""
+    ok(cnn_search["proc"])
+    copies = {
+        "exp": "artifacts/ray_results/cnn",
+        "tb": "runs/search/cnn",
+        "out": "artifacts/search/cnn",
+    }
+    for key, dest in copies.items():
+        shutil.copytree(cnn_search[key], tmp_path / dest)
+    args = [*search_args(cnn_search["data"], None, tmp_path, num_cpus=2), "--resume"]
+    line = error_line(run_cli([*args, "--num-samples", SEARCH_SAMPLES + 1], tmp_path))
+    assert f"--num-samples {SEARCH_SAMPLES + 1}" in line and f"with {SEARCH_SAMPLES};" in line
+    assert "--val-fraction 0.3" in error_line(run_cli([*args, "--val-fraction", 0.3], tmp_path))
+    smoke_space = default_space("cnn", smoke=True)
+    line = error_line(run_cli([*args, "--search-space", smoke_space], tmp_path))
+    assert "--search-space" in line and "differs" in line
+
+    before = read_trials(cnn_search["out"])
+    ok(run_cli(args, tmp_path))  # no --search-space, --num-samples or --max-epochs
+    after = read_trials(tmp_path / "artifacts" / "search" / "cnn")
+    assert [(r["trial_id"], r["status"], r["epochs"]) for r in after] == [
+        (r["trial_id"], r["status"], r["epochs"]) for r in before
+    ]
 
 
 def test_resume_without_an_experiment_is_a_usage_error(tiny_data, tmp_path):

@@ -19,6 +19,8 @@ from tune_pets.config import RunConfig, validate_config
 from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
 from tune_pets.utils import UserError
 
+DEFAULT_VAL_FRACTION = 0.2  # share of train held out as the search's validation split
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Adds "(default: X)" to every option with a default other than None/False."""
@@ -112,7 +114,7 @@ def add_data_args(
         g.add_argument(
             "--val-fraction",
             type=fraction,
-            default=0.2,
+            default=DEFAULT_VAL_FRACTION,
             help="share of train held out as the validation split",
         )
         g.add_argument(

@@ -64,6 +64,9 @@ class Layout:
     def search_val_split(self, name: str) -> Path:
         return self.search(name) / "val_split.json"
 
+    def search_spec(self, name: str) -> Path:  # what --resume continues with
+        return self.search(name) / "search_spec.json"
+
     def optuna_db(self, name: str) -> Path:
         return self.search(name) / "optuna.db"
 

@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     art = ["--artifacts-dir", args.artifacts_dir]
     common = ["--data-dir", str(data_dir)]
     common += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+    common += ["--skip-bad-images"] if args.skip_bad_images else []
     common += ["--no-progress"] if args.no_progress else []
     backbone = ["--no-pretrained"] if no_pretrained else []
     backbone += ["--weights", args.weights] if args.weights else []

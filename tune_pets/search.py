@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -38,7 +39,7 @@ from typing import Any
 from tune_pets import cli
 from tune_pets.config import RunConfig, validate_config
 from tune_pets.engine import FitData, load_fit_data
-from tune_pets.layout import DEFAULT_DATA_DIR, Layout
+from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
 from tune_pets.models import ModelSpec, get_spec
 from tune_pets.records import SearchSummary
 from tune_pets.search_results import (
@@ -56,7 +57,7 @@ from tune_pets.search_results import (
     write_trials_csv,
 )
 from tune_pets.spaces import PICK_RULES, SearchSpec, default_space, load_search_spec
-from tune_pets.utils import UserError, atomic_path, cli_main, env_info
+from tune_pets.utils import UserError, atomic_path, atomic_write_json, cli_main, env_info, read_json
 
 PROG = "python -m tune_pets.search"
 # GPU share of one trial with ``resources: auto``: four CNN trials per GPU; a ViT-probe head
@@ -286,6 +287,9 @@ def _run_trial(
             reports.append(metrics)
     # A restarted trial's clock goes on from its state (the time it was down is not its).
     t0 = time.perf_counter() - (reports[-1]["time_s"] if reports else 0.0)
+    # When it first started: the order of trials.csv (and of ties in the best pick), since a
+    # restored ResultGrid lists trials by their last result, newest first.
+    identity["started"] = reports[0].get("started", time.time()) if reports else time.time()
     state: dict = {}
 
     def report(metrics: dict, best: dict | None) -> None:
@@ -868,6 +872,7 @@ def run_search(
     cluster = ray.cluster_resources()
     chosen = choose_resources(resources or resource_request(spec), cluster, model.kind)
     print(chosen.line(cluster), flush=True)
+    asked = spec
     spec = spec.replace(
         max_concurrent=chosen.max_concurrent, resources={"cpu": chosen.cpu, "gpu": chosen.gpu}
     )
@@ -879,6 +884,7 @@ def run_search(
             if path is not None and path.exists():
                 shutil.rmtree(path)
         layout.optuna_db(name).unlink(missing_ok=True)
+        save_spec(asked, val_fraction, layout.search_spec(name))
 
     t0 = time.time()
     data = load_fit_data(
@@ -945,6 +951,11 @@ def run_search(
     best = pick_best(records, spec)
     if best is None:
         errors = "; ".join(sorted({r.error for r in records if r.error}))[:400]
+        if not errors:  # nothing failed: no trial reported an epoch before the budget ran out
+            raise UserError(
+                f"no trial finished an epoch within the time budget ({spec.time_budget_s:g} s); "
+                f"raise --time-budget-s"
+            )
         raise UserError(
             f"all {len(records)} trials failed ({errors}); see {layout.trials_csv(name)}"
         )
@@ -965,11 +976,16 @@ def run_search(
 
 
 def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
-    """Ray's ``ResultGrid`` as records, in trial order. A trial that failed before its first
-    report has only Tune's auto-filled result (its ``trial_id``, ``config`` once its actor
-    started); failing that, a counter names it."""
+    """Ray's ``ResultGrid`` as records, in the order the trials started. A trial that failed
+    before its first report has only Tune's auto-filled result (its ``trial_id``, ``config``
+    once its actor started); failing that, a counter names it."""
+
+    def started(result) -> float:
+        df = result.metrics_dataframe
+        return float(df["started"].min()) if df is not None and "started" in df else math.inf
+
     records = []
-    for i, result in enumerate(grid):
+    for i, result in enumerate(sorted(grid, key=started)):  # stable: unreported ones last
         df = result.metrics_dataframe
         config = result.config or {}
         error, restarts, why = trial_outcome(
@@ -1084,14 +1100,55 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
+SPEC_FLAGS = "num_samples max_epochs grace_period seed split_seed time_budget_s pick".split()
+
+
 def spec_from_args(args: Any, model: ModelSpec) -> SearchSpec:
     """The search-space YAML with the search flags applied."""
     path = Path(args.search_space) if args.search_space else default_space(model.name)
     spec = load_search_spec(path)
     if spec.model != model.name:
         raise UserError(f"--search-space {path} is for model {spec.model!r}, not {model.name!r}")
-    flags = "num_samples max_epochs grace_period seed split_seed time_budget_s pick".split()
-    return spec.replace(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    return spec.replace(**{k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None})
+
+
+def save_spec(spec: SearchSpec, val_fraction: float, path: Path) -> None:
+    """The search as started (before resources are fitted to the cluster), for --resume."""
+    atomic_write_json(path, {"spec": dataclasses.asdict(spec), "val_fraction": val_fraction})
+
+
+def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, float]:
+    """The search as it was started, and its val fraction: --resume goes on with what Ray
+    restores; a search flag that asks for something else is refused, not half-applied."""
+    if not path.is_file():  # an experiment from before search_spec.json: the flags as given
+        return spec, args.val_fraction
+    saved = read_json(path, "search spec")
+    try:
+        space = {k: tuple(v) for k, v in saved["spec"]["space"].items()}
+        was = SearchSpec(**{**saved["spec"], "space": space})
+        val_fraction = float(saved["val_fraction"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UserError(f"{path}: not a search spec written by tune_pets; delete it") from None
+    asked = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None}
+    if args.val_fraction != cli.DEFAULT_VAL_FRACTION:
+        asked["val_fraction"] = args.val_fraction
+    for key, value in asked.items():
+        old = val_fraction if key == "val_fraction" else getattr(was, key)
+        if value != old:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(
+                f"{flag} {value}: search {path.parent.name!r} was started with {old}; resume "
+                f"without {flag}, or start it anew with --overwrite"
+            )
+    shape = [
+        f.name for f in dataclasses.fields(SearchSpec) if f.name not in {*SPEC_FLAGS, "source"}
+    ]
+    if args.search_space and any(getattr(spec, k) != getattr(was, k) for k in shape):
+        raise UserError(
+            f"--search-space {args.search_space}: differs from the space search "
+            f"{path.parent.name!r} was started with; resume without it, or use --overwrite"
+        )
+    return was, val_fraction
 
 
 def resume_command(argv: Sequence[str], name: str, named: bool) -> str:
@@ -1107,9 +1164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = get_spec(args.model)
     spec = spec_from_args(args, model)
-    base = cli.config_from_args(args, base_config(spec, model))
     layout = cli.layout_from_args(args)
     name, named = args.name or model.name, args.name is not None
+    val_fraction = args.val_fraction
+    if args.resume:
+        spec, val_fraction = resumed_spec(args, spec, layout.search_spec(name))
+    base = cli.config_from_args(args, base_config(spec, model))
     storage = layout.ray_results.resolve()
     if args.storage_path is not None:
         storage = Path(args.storage_path)
@@ -1138,7 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 resume=args.resume,
                 overwrite=args.overwrite,
                 address=args.address,
-                val_fraction=args.val_fraction,
+                val_fraction=val_fraction,
                 cache_dir=args.cache_dir,
                 skip_bad=args.skip_bad_images,
                 num_cpus=args.num_cpus,
@@ -1162,7 +1222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    _print_summary(*result, spec, layout, name, model.name)
+    # The same data and folders for the next command, where they are not its defaults.
+    same = {
+        "--data-dir": (args.data_dir, DEFAULT_DATA_DIR),
+        "--artifacts-dir": (args.artifacts_dir, DEFAULT_ARTIFACTS_DIR),
+        "--runs-dir": (args.runs_dir, DEFAULT_RUNS_DIR),
+    }
+    extra = "".join(f" {k} {shlex.quote(v)}" for k, (v, d) in same.items() if v != d)
+    _print_summary(*result, spec, layout, name, model.name, extra)
     return 0
 
 
@@ -1194,6 +1261,7 @@ def _print_summary(
     layout: Layout,
     name: str,
     model: str,
+    extra: str = "",
 ) -> None:
     counts = status_counts(records)
     print(
@@ -1211,7 +1279,7 @@ def _print_summary(
     print(
         f"wrote {layout.search(name)}/ (best_config.json, trials.csv, optuna.db, plots) and "
         f"TensorBoard logs in {layout.search_tb(name)}/; next: python -m tune_pets.reproduce "
-        f"{model}" + (f" --best-config {best}" if name != model else "")
+        f"{model}" + (f" --best-config {best}" if name != model else "") + extra
     )
 
 

@@ -131,6 +131,15 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
         nums = [int(n) for n in nums]
     if sampler == "quniform" and nums[2] <= 0:
         raise UserError(f"{where}: quniform step must be > 0, got {nums[2]}")
+    if CONFIG_FIELDS[name].type == "int":
+        # TPE would sample 4.1 for an integer field: every such trial would fail at its start.
+        if sampler in ("uniform", "loguniform"):
+            raise UserError(
+                f"{where}: {name} is an integer; use randint or quniform with an integer step"
+            )
+        if not all(float(n).is_integer() for n in nums):
+            raise UserError(f"{where}: {name} is an integer: {sampler} takes integers, got {args}")
+        nums = [int(n) for n in nums]
     return sampler, nums
 
 
@@ -176,6 +185,8 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         kw[key] = v
     if raw.get("time_budget_s") is not None:
         kw["time_budget_s"] = _as_number(raw["time_budget_s"], f"{path}: time_budget_s")
+        if not 0 < kw["time_budget_s"] < float("inf"):
+            raise UserError(f"{path}: time_budget_s must be a positive number of seconds")
     _check_choice(path, raw, "pick", PICK_RULES)
     if raw.get("resources", "auto") != "auto":
         res = raw["resources"]
