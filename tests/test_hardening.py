@@ -347,6 +347,32 @@ def test_skip_bad_images_trains_and_lists_every_skipped_file(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_diverging_run_is_one_line_naming_the_learning_rate(tmp_path):
+    """A loss gone NaN is cured by a setting: one line and exit 2, not a traceback."""
+    data = write_folder(tmp_path / "data")
+    args = cli_args("train", data, tmp_path, "--lr", 10, "--optimizer", "sgd",
+                    "--weight-decay", 10, "--epochs", 8)  # fmt: skip
+    error_line(run("train", args, tmp_path), "loss became", "lower the learning rate")
+
+
+@pytest.mark.slow
+def test_pipeline_passes_skip_bad_images_to_every_step(tmp_path):
+    """The pipeline accepted --skip-bad-images and dropped it: the search failed on the file."""
+    data = write_folder(tmp_path / "data")
+    bad = add_bad_image(data, "truncated_jpeg", cls=CLASSES[0])
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "cnn.yaml").write_text(TINY_SPACE.format(n=1, epochs=1))
+    args = [*cli_args("sanity", data, tmp_path), "--runs-dir", tmp_path / "runs", "--cache-dir",
+            tmp_path / "cache", "--smoke", "--models", "cnn", "--search-space-dir", spaces,
+            "--skip-bad-images", "--profile-steps", 0]  # fmt: skip
+    proc = run("pipeline", args, tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr  # each decoding step lists the file it skipped
+    assert (tmp_path / "artifacts" / "REPORT.md").is_file()
+
+
 # ---------------------------------------------------------------- valid but odd images
 def _odd_images(folder: Path) -> list[Path]:
     """Every flavour of valid image the README promises to read, one file each."""

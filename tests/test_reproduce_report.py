@@ -356,6 +356,18 @@ def test_reproduce_baseline_writes_its_own_tag(tiny_data, cache_dir, tmp_path):
     assert [r["model"] for r in rows] == ["cnn_baseline"]
     assert float(rows[0]["accuracy"]) == pytest.approx(m["test_acc"], abs=1e-6)
 
+    # A rerun replaces the whole result: no profile, seed checkpoint or record of the old run
+    # stays beside the new numbers (the report showed the old run's profile as this one's).
+    ok(run("reproduce", [*args, "--seeds", 1, 2, "--profile-steps", 0], tmp_path / "cwd"))
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == [
+        "checkpoint_best.pt",
+        "checkpoint_seed2.pt",
+    ]
+    ok(run("reproduce", [*args, "--profile-steps", 0], tmp_path / "cwd"))
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_best.pt"]
+    assert not (art / "profiler" / "cnn_baseline").exists()
+    assert read_json(out / "metrics.json")["profile_steps"] == 0
+
 
 # ---------------------------------------------------------------- 3. the quick start, plain clone
 def copy_checkout(dest: Path) -> Path:

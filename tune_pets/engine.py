@@ -31,8 +31,9 @@ from tune_pets.models import ModelSpec, get_spec, pool_features
 from tune_pets.utils import UserError, seed_everything
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf (diverged); the run cannot continue."""
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or inf (diverged); the run cannot continue. A UserError:
+    the cure is a setting (a lower learning rate), so the commands say it in one line."""
 
 
 @dataclass

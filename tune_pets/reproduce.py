@@ -13,6 +13,7 @@ once per seed, never used to choose. Outputs (``<tag>``: the model or ``<model>_
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,19 +94,16 @@ def reproduce(
         f"seeds {' '.join(map(str, seeds))}, device {device}, deterministic",
         flush=True,
     )
-    per_seed, evals = [], []
-    for i, seed in enumerate(seeds):
+    per_seed, evals, checkpoints = [], [], []
+    for seed in seeds:
         cfg = config.replace(seed=seed, deterministic=True)
 
         def log(metrics: dict, _ckpt, seed: int = seed) -> None:
             print(f"{tag} seed {seed} " + format_epoch(metrics, config.epochs), flush=True)
 
         result = fit(cfg, data, log, device=device, tb_dir=layout.reproduce_tb(tag, seed))
-        atomic_torch_save(result.checkpoint, layout.checkpoint(tag, seed if i else None))
+        checkpoints.append(result.checkpoint)
         ev = evaluate_checkpoint(result.checkpoint, data_dir, heldout, device=device, **io)
-        if i == 0:  # the first seed's files; the others go into metrics.json only
-            csv, png = layout.confusion(tag, "csv"), layout.confusion(tag, "png")
-            ev.write(layout.per_class(tag, heldout), csv, png, tag)
         evals.append(ev)
         acc, f1 = ev.scores["accuracy"], ev.scores["macro_f1"]
         per_seed.append(
@@ -143,6 +141,18 @@ def reproduce(
         trial_id=origin.get("trial_id"),
         profile_steps=profile_steps,
     )
+    # Every seed trained: only now replace the previous result, whole. Its record goes first,
+    # so an interruption from here on leaves a result without metrics.json (the report says it
+    # is missing), never new files beside the old run's numbers.
+    layout.result_metrics(tag).unlink(missing_ok=True)
+    layout.result_config(tag).unlink(missing_ok=True)
+    for old in layout.result(tag).glob("checkpoint_seed*.pt"):
+        old.unlink()
+    shutil.rmtree(layout.profile(tag), ignore_errors=True)  # no stale profile beside new numbers
+    for i, (seed, ckpt) in enumerate(zip(seeds, checkpoints, strict=True)):
+        atomic_torch_save(ckpt, layout.checkpoint(tag, seed if i else None))
+    csv, png = layout.confusion(tag, "csv"), layout.confusion(tag, "png")
+    evals[0].write(layout.per_class(tag, heldout), csv, png, tag)  # the others: metrics.json
     if profile_steps:
         from tune_pets.profiling import run_profile
 
@@ -158,7 +168,9 @@ def reproduce(
             "torch.use_deterministic_algorithms(True), cuDNN deterministic, "
             "CUBLAS_WORKSPACE_CONFIG set before any CUDA work"
             if device.type == "cuda"
-            else "CPU: bitwise repeatable (torch.use_deterministic_algorithms(True))"
+            # CPU kernels split work by thread: another thread count gives other roundings.
+            else f"CPU: bitwise repeatable at the same thread count (--threads "
+            f"{torch.get_num_threads()}); torch.use_deterministic_algorithms(True)"
         ),
         precision=result.precision,
         origin=origin,

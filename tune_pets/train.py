@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tb_dir = layout.train_tb(run_name)
     ckpt_path = out / "checkpoint_best.pt"
+    for stale in ("config.json", "metrics.json"):  # an earlier run's, not this checkpoint's
+        (out / stale).unlink(missing_ok=True)
 
     def log(metrics: dict, ckpt: dict | None) -> None:
         if ckpt is not None:
