@@ -320,6 +320,10 @@ def test_sanity_lists_bad_images_instead_of_failing(tmp_path):
     assert summary["n_unreadable"] == len(kinds)
     assert summary["counts"]["train"] == len(CLASSES) * N_TRAIN + len(kinds)
     assert (out / "grid_train.png").is_file()
+    # A rerun without grids leaves none of the earlier run's behind (the report embeds them).
+    proc = run("sanity", cli_args("sanity", data, tmp_path, "--grid-per-split", 0), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(out.glob("grid_*.png"))
 
 
 @pytest.mark.slow

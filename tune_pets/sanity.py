@@ -218,6 +218,8 @@ def run_sanity(
     atomic_write_csv(out_dir / "odd_files.csv", odd_rows, odd_fields)
 
     grids = []
+    for old in out_dir.glob("grid_*.png"):  # an earlier run's: the report embeds what is here
+        old.unlink()
     if grid_per_split is None:
         grid_per_split = max(36, len(classes))  # every class appears at least once
     if grid_per_split > 0:
