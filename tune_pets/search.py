@@ -884,7 +884,6 @@ def run_search(
             if path is not None and path.exists():
                 shutil.rmtree(path)
         layout.optuna_db(name).unlink(missing_ok=True)
-        save_spec(asked, val_fraction, layout.search_spec(name))
 
     t0 = time.time()
     data = load_fit_data(
@@ -921,6 +920,7 @@ def run_search(
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
+        save_spec(asked, val_fraction, layout.search_spec(name))  # once the data is known good
         tuner = make_tuner(
             fn,
             spec,
