@@ -951,7 +951,7 @@ def run_search(
     best = pick_best(records, spec)
     if best is None:
         errors = "; ".join(sorted({r.error for r in records if r.error}))[:400]
-        if not errors:  # nothing failed: no trial reported an epoch before the budget ran out
+        if not errors and spec.time_budget_s is not None:  # the budget ran out first
             raise UserError(
                 f"no trial finished an epoch within the time budget ({spec.time_budget_s:g} s); "
                 f"raise --time-budget-s"

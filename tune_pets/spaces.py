@@ -125,20 +125,17 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
         raise UserError(f"{where}: low ({lo}) must be < high ({hi})")
     if sampler == "loguniform" and lo <= 0:
         raise UserError(f"{where}: loguniform bounds must be > 0, got {lo}")
-    if sampler == "randint":
-        if not all(float(n).is_integer() for n in nums):
-            raise UserError(f"{where}: randint bounds must be integers, got {args}")
-        nums = [int(n) for n in nums]
     if sampler == "quniform" and nums[2] <= 0:
         raise UserError(f"{where}: quniform step must be > 0, got {nums[2]}")
-    if CONFIG_FIELDS[name].type == "int":
+    is_int = CONFIG_FIELDS[name].type == "int"
+    if is_int and sampler in ("uniform", "loguniform"):
         # TPE would sample 4.1 for an integer field: every such trial would fail at its start.
-        if sampler in ("uniform", "loguniform"):
-            raise UserError(
-                f"{where}: {name} is an integer; use randint or quniform with an integer step"
-            )
+        raise UserError(
+            f"{where}: {name} is an integer; use randint or quniform with an integer step"
+        )
+    if sampler == "randint" or is_int:
         if not all(float(n).is_integer() for n in nums):
-            raise UserError(f"{where}: {name} is an integer: {sampler} takes integers, got {args}")
+            raise UserError(f"{where}: {sampler} bounds and step must be integers, got {args}")
         nums = [int(n) for n in nums]
     return sampler, nums
 
