@@ -185,33 +185,18 @@ def build_atomically(
 
 @contextlib.contextmanager
 def _exclusive(output_dir: Path) -> Iterator[bool]:
-    """Hold ``OUTPUT.lock`` for the block, refusing a second run; yields False without flock.
-    An flock dies with its process, so a killed run never leaves a lock that blocks the next."""
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
+    """Hold ``OUTPUT.lock`` for the block, refusing a second run; yields False without flock."""
+    from tune_pets.utils import LockHeld, exclusive_lock
+
     lock_path = output_dir.with_name(f"{output_dir.name}.lock")
-    while True:
-        lock = open(lock_path, "a")  # closed below, after the block
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise UserError(
-                f"--output-dir {output_dir}: another prepare is writing it ({lock_path} is "
-                f"locked); wait for it to finish or pick another --output-dir"
-            ) from None
-        # The previous holder deletes the file when done: a lock on its deleted file is no lock.
-        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
-            break
-        lock.close()
     try:
-        yield True
-    finally:
-        lock_path.unlink(missing_ok=True)  # still locked here: no other run is inside
-        lock.close()
+        with exclusive_lock(lock_path) as locked:
+            yield locked
+    except LockHeld:
+        raise UserError(
+            f"--output-dir {output_dir}: another prepare is writing it ({lock_path} is "
+            f"locked); wait for it to finish or pick another --output-dir"
+        ) from None
 
 
 def is_prepared(output_dir: str | os.PathLike) -> bool:

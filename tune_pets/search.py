@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import logging
 import math
@@ -57,7 +56,16 @@ from tune_pets.search_results import (
     write_trials_csv,
 )
 from tune_pets.spaces import PICK_RULES, SearchSpec, default_space, load_search_spec
-from tune_pets.utils import UserError, atomic_path, atomic_write_json, cli_main, env_info, read_json
+from tune_pets.utils import (
+    LockHeld,
+    UserError,
+    atomic_path,
+    atomic_write_json,
+    cli_main,
+    env_info,
+    exclusive_lock,
+    read_json,
+)
 
 PROG = "python -m tune_pets.search"
 # GPU share of one trial with ``resources: auto``: four CNN trials per GPU; a ViT-probe head
@@ -785,44 +793,16 @@ def make_tuner(
 @contextlib.contextmanager
 def search_lock(path: Path, name: str) -> Iterator[None]:
     """Hold ``path`` locked while a search of ``name`` runs: a second one refuses at once,
-    naming the running one. The kernel drops an ``flock`` when its process dies, so a killed
-    search leaves a file naming a dead process but no lock; the holder deletes the file."""
+    naming the running one (``exclusive_lock``: a killed search leaves no lock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by Ray's processes
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise UserError(
-                f"search {name!r} is already running ({holder}; lock {path}); wait for it to "
-                f"finish, or pass --name NEW to run another search beside it"
-            ) from None
-        # The previous holder deletes the file when done: a lock on its deleted file is no lock.
-        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
-        os.close(fd)
     try:
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%F %T')}"
-        with contextlib.suppress(OSError):  # the lock holds without its text (a full disk)
-            os.ftruncate(fd, 0)  # a killed search's line
-            os.pwrite(fd, (holder + "\n").encode(), 0)
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still locked here: no other search is inside
-        os.close(fd)
-
-
-def _read_holder(fd: int, wait_s: float = 3.0) -> str:
-    """The running search's line from its lock file. It is written just after the lock is
-    taken, so a search started at the same moment may find the file empty: wait for it."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        text = os.pread(fd, 1000, 0).decode("utf-8", "replace")
-        if text.endswith("\n") or time.monotonic() > deadline:
-            return text.strip() or "starting up"
-        time.sleep(0.02)
+        with exclusive_lock(path):
+            yield
+    except LockHeld as held:
+        raise UserError(
+            f"search {name!r} is already running ({held}; lock {path}); wait for it to "
+            f"finish, or pass --name NEW to run another search beside it"
+        ) from None
 
 
 def run_search(

@@ -13,11 +13,13 @@ import json
 import os
 import platform
 import random
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +210,53 @@ def env_info() -> dict:
         except metadata.PackageNotFoundError:
             info[key] = None
     return info
+
+
+# ---------------------------------------------------------------- one process at a time
+class LockHeld(Exception):
+    """``exclusive_lock``'s file is locked by another process; the text: its holder's line."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """Hold an ``flock`` on ``path`` for the block, the file naming this process (pid, host,
+    start time); if another process holds it, raise LockHeld naming that one. The kernel drops
+    an flock when its process dies, so a killed holder leaves a file naming a dead process but
+    no lock; the holder deletes the file. Yields False (no lock) where there is no fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LockHeld(holder) from None
+        # The previous holder deletes the file when done: a lock on its deleted file is no lock.
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%F %T')}"
+        with contextlib.suppress(OSError):  # the lock holds without its text (a full disk)
+            os.ftruncate(fd, 0)  # a killed holder's line
+            os.pwrite(fd, (holder + "\n").encode(), 0)
+        yield True
+    finally:
+        path.unlink(missing_ok=True)  # still locked here: no other process is inside
+        os.close(fd)
+
+
+def _read_holder(fd: int, wait_s: float = 3.0) -> str:
+    """The holder's line from its lock file. It is written just after the lock is taken, so a
+    process started at the same moment may find the file empty: wait for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 1000, 0).decode("utf-8", "replace")
+        if text.endswith("\n") or time.monotonic() > deadline:
+            return text.strip() or "starting up"
+        time.sleep(0.02)
