@@ -41,7 +41,6 @@ from tune_pets.search import (
     build_parser,
     choose_resources,
     export_callback,
-    resource_request,
     trial_device_label,
 )
 from tune_pets.search_results import STATUSES, make_record, pick_best
@@ -189,7 +188,7 @@ def _spec(**kw) -> SearchSpec:
 
 def _choose(flags: str, cluster: dict, kind: str = "images", resources="auto"):
     args = build_parser().parse_args(["cnn", *flags.split()])
-    return choose_resources(resource_request(_spec(resources=resources), args), cluster, kind)
+    return choose_resources(_spec(resources=resources), cluster, kind, args)
 
 
 NO_GPU, ONE_GPU, TWO_GPUS = {"CPU": 16}, {"CPU": 16, "GPU": 1}, {"CPU": 16, "GPU": 2}

@@ -165,11 +165,11 @@ def test_a_stopped_trial_is_told_to_optuna_as_pruned_at_its_last_epoch():
     import optuna
     from optuna.trial import TrialState
 
-    from tune_pets.search import _stopped_as_pruned_class
+    from tune_pets.search import _ray_classes
     from tune_pets.search_results import optuna_distributions
 
     spec = _spec(max_epochs=4)
-    searcher = _stopped_as_pruned_class()(
+    searcher = _ray_classes().StoppedAsPruned(
         space=optuna_distributions(spec), metric="val_acc", mode="max",
         sampler=optuna.samplers.RandomSampler(seed=0), max_epochs=4)  # fmt: skip
     for tid, epochs in (("stopped", 2), ("done", 4)):

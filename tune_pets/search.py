@@ -13,7 +13,6 @@ object store. This is the only module that imports Ray; ``search_results`` write
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import errno
@@ -33,6 +32,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tune_pets import cli
@@ -85,19 +85,6 @@ BEST_CHECKPOINT_FILE, TRAIN_STATE_FILE = "checkpoint_best.pt", "train_state.pt"
 
 # ---------------------------------------------------------------- resources
 @dataclass(frozen=True)
-class ResourceRequest:
-    """Per-trial resources as asked for; None: not asked (``resources: auto``, no flag)."""
-
-    cpu: float | None = None
-    gpu: float | None = None
-    max_concurrent: int | None = None  # --max-concurrent
-    yaml_max_concurrent: int = 2
-    fill_gpus: bool = True  # False: a GPU share fixed in the YAML keeps its max_concurrent
-    cpu_option: str = "--cpus-per-trial"  # where each value came from, for messages
-    gpu_option: str = "--gpus-per-trial"
-
-
-@dataclass(frozen=True)
 class TrialResources:
     cpu: float
     gpu: float
@@ -112,52 +99,48 @@ class TrialResources:
         )
 
 
-def resource_request(spec: SearchSpec, args: argparse.Namespace | None = None) -> ResourceRequest:
-    """The YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the resource flags over it."""
-    yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
-    cpu, gpu = getattr(args, "cpus_per_trial", None), getattr(args, "gpus_per_trial", None)
-    where = f"{spec.source}: resources"
-    return ResourceRequest(
-        cpu=float(yaml["cpu"]) if cpu is None and "cpu" in yaml else cpu,
-        gpu=float(yaml["gpu"]) if gpu is None and "gpu" in yaml else gpu,
-        max_concurrent=getattr(args, "max_concurrent", None),
-        yaml_max_concurrent=spec.max_concurrent,
-        fill_gpus=gpu is not None or "gpu" not in yaml,
-        cpu_option="--cpus-per-trial" if cpu is not None or "cpu" not in yaml else f"{where}.cpu",
-        gpu_option="--gpus-per-trial" if gpu is not None or "gpu" not in yaml else f"{where}.gpu",
-    )
-
-
 def choose_resources(
-    request: ResourceRequest, cluster: Mapping[str, float], kind: str
+    spec: SearchSpec, cluster: Mapping[str, float], kind: str, flags: Any = None
 ) -> TrialResources:
-    """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``). A GPU
-    share from auto or a flag fills the GPUs (capped by CPUs); else the YAML's max_concurrent.
-    Asking for more than the cluster has is an error, not a search that waits forever."""
+    """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``): the
+    YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the resource flags of ``flags`` (the
+    parsed arguments) over it. A GPU share from auto or a flag fills the GPUs (capped by CPUs);
+    else the YAML's max_concurrent. Asking for more than the cluster has is an error, not a
+    search that waits forever."""
+    yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
+
+    def asked(key: str, flag: str, value: float | None) -> tuple[float | None, str]:
+        """The flag's value, else the YAML's (None: neither), and where it came from."""
+        if value is None and key in yaml:
+            return float(yaml[key]), f"{spec.source}: resources.{key}"
+        return value, flag
+
     have_cpu, have_gpu = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    cpu = 1.0 if request.cpu is None else request.cpu
+    cpu, cpu_option = asked("cpu", "--cpus-per-trial", getattr(flags, "cpus_per_trial", None))
+    cpu = 1.0 if cpu is None else cpu
     if cpu > have_cpu:
         raise UserError(
-            f"{request.cpu_option} {cpu:g}: the Ray cluster has only {have_cpu:g} CPU(s); "
+            f"{cpu_option} {cpu:g}: the Ray cluster has only {have_cpu:g} CPU(s); "
             f"lower --cpus-per-trial"
         )
-    gpu = request.gpu
+    gpu, gpu_option = asked("gpu", "--gpus-per-trial", getattr(flags, "gpus_per_trial", None))
+    share = gpu_option if gpu is not None else f"{kind} default"
     if gpu is None:
         gpu = DEFAULT_GPU_FRACTION.get(kind, 0.5) if have_gpu > 0 else 0.0
     if gpu > have_gpu:
         raise UserError(
-            f"{request.gpu_option} {gpu:g}: the Ray cluster has {have_gpu:g} GPU(s); use "
+            f"{gpu_option} {gpu:g}: the Ray cluster has {have_gpu:g} GPU(s); use "
             f"--gpus-per-trial 0 or add GPU nodes"
         )
-    if request.max_concurrent is not None:
-        return TrialResources(cpu, gpu, request.max_concurrent, "--max-concurrent")
-    if gpu > 0 and request.fill_gpus:
+    if getattr(flags, "max_concurrent", None) is not None:
+        return TrialResources(cpu, gpu, flags.max_concurrent, "--max-concurrent")
+    # A GPU share fixed in the YAML keeps the YAML's max_concurrent.
+    if gpu > 0 and gpu_option == "--gpus-per-trial":
         # The epsilon keeps 1 / 0.1 = 9.999... from losing a trial to rounding.
         fit_gpu, fit_cpu = math.floor(have_gpu / gpu + 1e-9), math.floor(have_cpu / cpu + 1e-9)
-        share = request.gpu_option if request.gpu is not None else f"{kind} default"
         why = f"GPUs / {gpu:g} ({share})" + (", capped by CPUs" if fit_cpu < fit_gpu else "")
         return TrialResources(cpu, gpu, max(1, min(fit_gpu, fit_cpu)), why)
-    return TrialResources(cpu, gpu, request.yaml_max_concurrent, "max_concurrent in the YAML")
+    return TrialResources(cpu, gpu, spec.max_concurrent, "max_concurrent in the YAML")
 
 
 def asha_warning(spec: SearchSpec) -> str | None:
@@ -286,13 +269,11 @@ def _run_trial(
         except Exception as e:  # noqa: BLE001 - a damaged state costs the trial its progress only
             warning = f"warning: {state_file} unreadable ({error_line(e)}); the trial starts over"
             print(warning, flush=True)
-    reports: list[dict] = []
-    if resume is not None:
-        # Tune's snapshot may know fewer epochs than the state holds: report them all again
-        # (a repeated epoch replaces the earlier report of it).
-        for metrics in resume["reports"]:
-            tune.report(metrics)
-            reports.append(metrics)
+    # Tune's snapshot may know fewer epochs than the state holds: report them all again (a
+    # repeated epoch replaces the earlier report of it).
+    reports: list[dict] = [] if resume is None else list(resume["reports"])
+    for metrics in reports:
+        tune.report(metrics)
     # A restarted trial's clock goes on from its state (the time it was down is not its).
     t0 = time.perf_counter() - (reports[-1]["time_s"] if reports else 0.0)
     # When it first started: the order of trials.csv (and of ties in the best pick), since a
@@ -377,8 +358,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         if address != "auto" and not address.startswith("ray://") and ":" in address:
             host, _, port = address.rpartition(":")
             try:
-                with socket.create_connection((host, int(port)), timeout=5):
-                    pass
+                socket.create_connection((host, int(port)), timeout=5).close()
             except (OSError, ValueError) as e:
                 raise UserError(
                     f"--address {address}: no Ray cluster answers there ({e}); start one with "
@@ -447,102 +427,6 @@ def _state_not_saved(record: logging.LogRecord) -> bool:
             flush=True,
         )
     return False
-
-
-# ---------------------------------------------------------------- live outputs
-@functools.cache
-def _export_callback_class() -> type:
-    """``OptunaExport``, made on first use: ray may be imported only after use_cluster_auth."""
-    from ray import tune
-
-    class OptunaExport(tune.Callback):
-        """Per finished trial: a line on stdout and ``optuna.db`` rewritten (a copy for
-        optuna-dashboard; the search's study lives in the searcher). Its state is snapshotted
-        with the searcher's, so --resume goes on from the same trials."""
-
-        def __init__(self, spec: SearchSpec, name: str, db_path: Path):
-            self.spec, self.name, self.db_path = spec, name, str(db_path)
-            self.reports: dict[str, list[dict]] = {}
-            self.finished: dict[str, TrialRecord] = {}
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            add_report(self.reports.setdefault(trial.trial_id, []), result)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._finish(trials, trial, None)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            if _stop_if_disk_full(trial, _trial_failures(trial)):
-                return  # not finished: --resume runs it again
-            try:
-                error = error_line(trial.get_pickled_error() or trial.get_error()) or "error"
-            except OSError:  # the error file is unreadable: the status still says failed
-                error = "error"
-            self._finish(trials, trial, error)
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            reports = self.reports.get(trial.trial_id) or [{}]
-            at = f"epoch {reports[-1]['epoch']}" if "epoch" in reports[-1] else "the start"
-            failures = _trial_failures(trial)
-            if _stop_if_disk_full(trial, failures):
-                return
-            why = failure_reason(failures[-1]) if failures else "its process died"
-            print(
-                f"trial {trial.trial_id}: {why}; restarting it from {at} (restart "
-                f"{trial.num_failures} of at most {MAX_TRIAL_RESTARTS})",
-                flush=True,
-            )
-
-        def get_state(self) -> dict:
-            finished = {k: r.to_dict() for k, r in self.finished.items()}
-            return {"reports": self.reports, "finished": finished}
-
-        def set_state(self, state: dict) -> None:
-            self.reports = state["reports"]
-            self.finished = {k: TrialRecord.from_dict(d) for k, d in state["finished"].items()}
-
-        def _finish(self, trials, trial, ray_error: str | None) -> None:
-            # Nothing goes on from a finished trial: delete its state (its largest file).
-            if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
-                with contextlib.suppress(OSError):
-                    (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
-            failures = _trial_failures(trial)
-            own = (trial.last_result or {}).get(TRIAL_ERROR)
-            error, restarts, why = trial_outcome(failures, ray_error, own)
-            record = make_record(
-                trial.trial_id,
-                {k: trial.config.get(k) for k in self.spec.space},
-                self.reports.pop(trial.trial_id, []),
-                self.spec,
-                error=error,
-                restarts=restarts,
-                restart_reason=why,
-            )
-            self.finished[trial.trial_id] = record
-            due = time.monotonic() >= getattr(self, "next_export", 0.0)
-            if due or len(self.finished) <= EXPORT_EVERY_TRIAL_UP_TO:
-                self._export(trials)  # the db first: a trial announced in the log is in the db
-            print(trial_line(record, self.spec, len(self.finished)), flush=True)
-
-        def _export(self, trials) -> None:
-            """Rewrite optuna.db from every finished trial. It grows with the trials and holds
-            up Tune's loop, so the next one waits EXPORT_SPACING times as long as this one."""
-            order = {t.trial_id: i for i, t in enumerate(trials)}
-            records = sorted(self.finished.values(), key=lambda r: order.get(r.trial_id, 1e9))
-            start = time.monotonic()
-            try:
-                export_study(records, self.spec, self.name, Path(self.db_path))
-            except Exception as e:  # noqa: BLE001 - a derived file must never stop the search
-                why = "no space left on device" if is_disk_full(e) else error_line(e)
-                print(f"warning: {self.db_path} not updated ({why})", file=sys.stderr)
-            self.next_export = time.monotonic() + EXPORT_SPACING * (time.monotonic() - start)
-
-    return OptunaExport
-
-
-def export_callback(spec: SearchSpec, name: str, db_path: Path):
-    """The callback that prints a line per finished trial and keeps ``optuna.db`` current."""
-    return _export_callback_class()(spec, name, db_path)
 
 
 # ---------------------------------------------------------------- failures and restarts
@@ -628,10 +512,95 @@ def trial_outcome(
     return error, len(restarted), why
 
 
+# ---------------------------------------------------------------- Ray's classes
 @functools.cache
-def _status_reporter_class() -> type:
-    """``StatusLine``, made on first use like OptunaExport."""
+def _ray_classes() -> SimpleNamespace:
+    """Our Tune callback, progress reporter and searcher, made on first use: ray may be imported
+    only after use_cluster_auth."""
     from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    class OptunaExport(tune.Callback):
+        """Per finished trial: a line on stdout and ``optuna.db`` rewritten (a copy for
+        optuna-dashboard; the search's study lives in the searcher). Its state is snapshotted
+        with the searcher's, so --resume goes on from the same trials."""
+
+        def __init__(self, spec: SearchSpec, name: str, db_path: Path):
+            self.spec, self.name, self.db_path = spec, name, str(db_path)
+            self.reports: dict[str, list[dict]] = {}
+            self.finished: dict[str, TrialRecord] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            add_report(self.reports.setdefault(trial.trial_id, []), result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finish(trials, trial, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if _stop_if_disk_full(trial, _trial_failures(trial)):
+                return  # not finished: --resume runs it again
+            try:
+                error = error_line(trial.get_pickled_error() or trial.get_error()) or "error"
+            except OSError:  # the error file is unreadable: the status still says failed
+                error = "error"
+            self._finish(trials, trial, error)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            reports = self.reports.get(trial.trial_id) or [{}]
+            at = f"epoch {reports[-1]['epoch']}" if "epoch" in reports[-1] else "the start"
+            failures = _trial_failures(trial)
+            if _stop_if_disk_full(trial, failures):
+                return
+            why = failure_reason(failures[-1]) if failures else "its process died"
+            print(
+                f"trial {trial.trial_id}: {why}; restarting it from {at} (restart "
+                f"{trial.num_failures} of at most {MAX_TRIAL_RESTARTS})",
+                flush=True,
+            )
+
+        def get_state(self) -> dict:
+            finished = {k: r.to_dict() for k, r in self.finished.items()}
+            return {"reports": self.reports, "finished": finished}
+
+        def set_state(self, state: dict) -> None:
+            self.reports = state["reports"]
+            self.finished = {k: TrialRecord.from_dict(d) for k, d in state["finished"].items()}
+
+        def _finish(self, trials, trial, ray_error: str | None) -> None:
+            # Nothing goes on from a finished trial: delete its state (its largest file).
+            if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
+                with contextlib.suppress(OSError):
+                    (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
+            failures = _trial_failures(trial)
+            own = (trial.last_result or {}).get(TRIAL_ERROR)
+            error, restarts, why = trial_outcome(failures, ray_error, own)
+            record = make_record(
+                trial.trial_id,
+                {k: trial.config.get(k) for k in self.spec.space},
+                self.reports.pop(trial.trial_id, []),
+                self.spec,
+                error=error,
+                restarts=restarts,
+                restart_reason=why,
+            )
+            self.finished[trial.trial_id] = record
+            due = time.monotonic() >= getattr(self, "next_export", 0.0)
+            if due or len(self.finished) <= EXPORT_EVERY_TRIAL_UP_TO:
+                self._export(trials)  # the db first: a trial announced in the log is in the db
+            print(trial_line(record, self.spec, len(self.finished)), flush=True)
+
+        def _export(self, trials) -> None:
+            """Rewrite optuna.db from every finished trial. It grows with the trials and holds
+            up Tune's loop, so the next one waits EXPORT_SPACING times as long as this one."""
+            order = {t.trial_id: i for i, t in enumerate(trials)}
+            records = sorted(self.finished.values(), key=lambda r: order.get(r.trial_id, 1e9))
+            start = time.monotonic()
+            try:
+                export_study(records, self.spec, self.name, Path(self.db_path))
+            except Exception as e:  # noqa: BLE001 - a derived file must never stop the search
+                why = "no space left on device" if is_disk_full(e) else error_line(e)
+                print(f"warning: {self.db_path} not updated ({why})", file=sys.stderr)
+            self.next_export = time.monotonic() + EXPORT_SPACING * (time.monotonic() - start)
 
     class StatusLine(tune.ProgressReporter):
         """Every STATUS_EVERY_S seconds: trials done and running (OptunaExport announces each
@@ -657,7 +626,35 @@ def _status_reporter_class() -> type:
                 flush=True,
             )
 
-    return StatusLine
+    class StoppedAsPruned(OptunaSearch):
+        """Tells Optuna a trial stopped before ``max_epochs`` (by ASHA or the time budget) as
+        PRUNED at its last epoch, not COMPLETE: an epoch-3 score must not compete with the
+        30-epoch ones. A result without the metric is told as PRUNED by OptunaSearch."""
+
+        def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.max_epochs = max_epochs
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False):
+            value = (result or {}).get(self.metric)
+            stopped = (
+                not error
+                and isinstance(value, (int, float))
+                and math.isfinite(value)
+                and int(result.get("epoch", self.max_epochs)) < self.max_epochs
+            )
+            if stopped:
+                result = {k: v for k, v in result.items() if k != self.metric}
+            super().on_trial_complete(trial_id, result, error)
+
+    return SimpleNamespace(
+        OptunaExport=OptunaExport, StatusLine=StatusLine, StoppedAsPruned=StoppedAsPruned
+    )
+
+
+def export_callback(spec: SearchSpec, name: str, db_path: Path):
+    """The callback that prints a line per finished trial and keeps ``optuna.db`` current."""
+    return _ray_classes().OptunaExport(spec, name, db_path)
 
 
 # ---------------------------------------------------------------- the tuner
@@ -686,35 +683,6 @@ def make_sampler(spec: SearchSpec, kind: str = "tpe"):
         constant_liar=True,
         n_startup_trials=startup_trials(spec.num_samples),
     )
-
-
-@functools.cache
-def _stopped_as_pruned_class() -> type:
-    """``StoppedAsPruned``, made on first use like OptunaExport."""
-    from ray.tune.search.optuna import OptunaSearch
-
-    class StoppedAsPruned(OptunaSearch):
-        """Tells Optuna a trial stopped before ``max_epochs`` (by ASHA or the time budget) as
-        PRUNED at its last epoch, not COMPLETE: an epoch-3 score must not compete with the
-        30-epoch ones. A result without the metric is told as PRUNED by OptunaSearch."""
-
-        def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.max_epochs = max_epochs
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False):
-            value = (result or {}).get(self.metric)
-            stopped = (
-                not error
-                and isinstance(value, (int, float))
-                and math.isfinite(value)
-                and int(result.get("epoch", self.max_epochs)) < self.max_epochs
-            )
-            if stopped:
-                result = {k: v for k, v in result.items() if k != self.metric}
-            super().on_trial_complete(trial_id, result, error)
-
-    return StoppedAsPruned
 
 
 def make_tuner(
@@ -747,13 +715,13 @@ def make_tuner(
         name=name,
         storage_path=str(storage_path),
         storage_filesystem=_storage_filesystem(),
-        progress_reporter=_status_reporter_class()(spec.num_samples),
+        progress_reporter=_ray_classes().StatusLine(spec.num_samples),
         verbose=1 if progress else 0,
         # result.json and progress.csv per trial (what Result.metrics_dataframe reads).
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
         failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_RESTARTS, fail_fast=False),
     )
-    search_alg = _stopped_as_pruned_class()(
+    search_alg = _ray_classes().StoppedAsPruned(
         space=optuna_distributions(spec),
         metric=spec.metric,
         mode=spec.mode,
@@ -813,7 +781,7 @@ def run_search(
     name: str,
     *,
     model: ModelSpec | None = None,
-    resources: ResourceRequest | None = None,
+    resource_flags: Any = None,  # parsed arguments with the resource flags (None: none)
     storage_path: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -845,12 +813,11 @@ def run_search(
             f"experiment {name!r} already exists under {storage_path}; pass --resume to "
             f"continue it, --overwrite to start over, or --name NEW"
         )
-    warning = asha_warning(spec)
-    if warning:
+    if warning := asha_warning(spec):
         print(warning, file=sys.stderr, flush=True)
     connect(address, num_cpus)
     cluster = ray.cluster_resources()
-    chosen = choose_resources(resources or resource_request(spec), cluster, model.kind)
+    chosen = choose_resources(spec, cluster, model.kind, resource_flags)
     print(chosen.line(cluster), flush=True)
     asked = spec
     spec = spec.replace(
@@ -1010,8 +977,7 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_weights_args(p)
     g = p.add_argument_group("search (each flag overrides the search-space YAML)")
     g.add_argument(
-        "--search-space",
-        help="search-space YAML (default: the shipped search_spaces/<model>.yaml)",
+        "--search-space", help="search-space YAML (default: the shipped search_spaces/<model>.yaml)"
     )
     g.add_argument("--num-samples", type=cli.positive_int, help="number of trials")
     g.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial (ASHA's max_t)")
@@ -1098,9 +1064,9 @@ def save_spec(spec: SearchSpec, val_fraction: float, path: Path) -> None:
 
 
 def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, float]:
-    """The search as it was started, and its val fraction: --resume goes on with what Ray
-    restores; a search flag that asks for something else is refused, not half-applied."""
-    if not path.is_file():  # an experiment from before search_spec.json: the flags as given
+    """With --resume, the search as it was started, and its val fraction: it goes on with what
+    Ray restores; a search flag that asks for something else is refused, not half-applied."""
+    if not args.resume or not path.is_file():  # new, or from before search_spec.json: the flags
         return spec, args.val_fraction
     saved = read_json(path, "search spec")
     try:
@@ -1146,17 +1112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = spec_from_args(args, model)
     layout = cli.layout_from_args(args)
     name, named = args.name or model.name, args.name is not None
-    val_fraction = args.val_fraction
-    if args.resume:
-        spec, val_fraction = resumed_spec(args, spec, layout.search_spec(name))
+    spec, val_fraction = resumed_spec(args, spec, layout.search_spec(name))
     base = cli.config_from_args(args, base_config(spec, model))
-    storage = layout.ray_results.resolve()
-    if args.storage_path is not None:
-        storage = Path(args.storage_path)
-        if not storage.is_absolute():
-            raise UserError(
-                f"--storage-path {storage}: must be an absolute path (all nodes use it)"
-            )
+    storage = layout.ray_results.resolve() if args.storage_path is None else Path(args.storage_path)
+    if not storage.is_absolute():
+        raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
     if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
         from tune_pets.prepare import prepare
 
@@ -1173,7 +1133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layout,
                 name,
                 model=model,
-                resources=resource_request(spec, args),
+                resource_flags=args,
                 storage_path=storage,
                 resume=args.resume,
                 overwrite=args.overwrite,
@@ -1189,12 +1149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = disk_full_message(e, storage / name, layout.search(name), argv, name, named)
         raise UserError(message) from None
-    finally:
-        if "ray" in sys.modules:  # stop the local Ray (or leave the cluster): CPUs back
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
+    finally:  # stop the local Ray (or leave the cluster): CPUs back
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
     if result is None:
         print(
             f"\n{PROG}: interrupted: search stopped; the experiment state is saved. Resume "
