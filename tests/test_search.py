@@ -40,8 +40,8 @@ from tune_pets.search import (
     asha_warning,
     build_parser,
     choose_resources,
-    export_callback,
     trial_device_label,
+    _ray_classes,
 )
 from tune_pets.search_results import STATUSES, make_record, pick_best
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
@@ -287,7 +287,7 @@ def test_export_callback_writes_optuna_db_after_each_finished_trial(tmp_path, ca
     params = {"lr": 1e-3, "dropout": 0.2, "batch_size": 16}
     a = Trial("trainable", config=params, trial_id="aaaa0001", stub=True)
     b = Trial("trainable", config={**params, "lr": 2e-3}, trial_id="bbbb0002", stub=True)
-    callback = export_callback(spec, "cnn", db)
+    callback = _ray_classes().OptunaExport(spec, "cnn", db)
     for epoch, acc in ((1, 0.25), (2, 0.5)):
         result = {
             "epoch": epoch,
@@ -312,7 +312,7 @@ def test_export_callback_writes_optuna_db_after_each_finished_trial(tmp_path, ca
     out = capsys.readouterr().out
     assert "trial aaaa0001 completed after 2 epochs: val_acc 0.5000" in out and "[1/2" in out
 
-    restored = export_callback(spec, "cnn", db)
+    restored = _ray_classes().OptunaExport(spec, "cnn", db)
     restored.set_state(pickle.loads(pickle.dumps(callback.get_state())))
     restored.on_trial_error(iteration=5, trials=[a, b], trial=b)
     trials = study_trials(db)

@@ -50,7 +50,6 @@ from tune_pets.search_results import (
     make_summary,
     optuna_distributions,
     pick_best,
-    status_counts,
     trial_line,
     write_plots,
     write_trials_csv,
@@ -103,10 +102,10 @@ def choose_resources(
     spec: SearchSpec, cluster: Mapping[str, float], kind: str, flags: Any = None
 ) -> TrialResources:
     """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``): the
-    YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the resource flags of ``flags`` (the
-    parsed arguments) over it. A GPU share from auto or a flag fills the GPUs (capped by CPUs);
-    else the YAML's max_concurrent. Asking for more than the cluster has is an error, not a
-    search that waits forever."""
+    YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the parsed resource ``flags`` over it.
+    A GPU share from auto or a flag fills the GPUs (capped by CPUs); else the YAML's
+    max_concurrent. Asking for more than the cluster has is an error, not a search that waits
+    forever."""
     yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
 
     def asked(key: str, flag: str, value: float | None) -> tuple[float | None, str]:
@@ -175,11 +174,10 @@ def first_point(spec: SearchSpec, model: ModelSpec) -> dict:
     for name, dist in optuna_distributions(spec).items():
         v = getattr(model.defaults, name)
         if isinstance(dist, od.CategoricalDistribution):
-            choices = list(dist.choices)
-            numeric = [c for c in choices if isinstance(c, (int, float))]
-            if v not in choices:
+            numeric = [c for c in dist.choices if isinstance(c, (int, float))]
+            if v not in dist.choices:
                 near = numeric and isinstance(v, (int, float))
-                v = min(numeric, key=lambda c: abs(c - v)) if near else choices[0]
+                v = min(numeric, key=lambda c: abs(c - v)) if near else dist.choices[0]
         else:
             v = min(max(v, dist.low), dist.high)
             if isinstance(dist, od.IntDistribution):
@@ -571,9 +569,8 @@ def _ray_classes() -> SimpleNamespace:
             if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
                 with contextlib.suppress(OSError):
                     (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
-            failures = _trial_failures(trial)
             own = (trial.last_result or {}).get(TRIAL_ERROR)
-            error, restarts, why = trial_outcome(failures, ray_error, own)
+            error, restarts, why = trial_outcome(_trial_failures(trial), ray_error, own)
             record = make_record(
                 trial.trial_id,
                 {k: trial.config.get(k) for k in self.spec.space},
@@ -650,11 +647,6 @@ def _ray_classes() -> SimpleNamespace:
     return SimpleNamespace(
         OptunaExport=OptunaExport, StatusLine=StatusLine, StoppedAsPruned=StoppedAsPruned
     )
-
-
-def export_callback(spec: SearchSpec, name: str, db_path: Path):
-    """The callback that prints a line per finished trial and keeps ``optuna.db`` current."""
-    return _ray_classes().OptunaExport(spec, name, db_path)
 
 
 # ---------------------------------------------------------------- the tuner
@@ -860,10 +852,7 @@ def run_search(
     if resume:
         _quiet_ray_output()
         tuner = tune.Tuner.restore(
-            str(exp_dir),
-            trainable=fn,
-            resume_unfinished=True,
-            storage_filesystem=_storage_filesystem(),
+            str(exp_dir), trainable=fn, storage_filesystem=_storage_filesystem()
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
@@ -876,7 +865,7 @@ def run_search(
             first_point(spec, model),
             progress,
             max_concurrent=chosen.max_concurrent,
-            callbacks=[export_callback(spec, name, layout.optuna_db(name))],
+            callbacks=[_ray_classes().OptunaExport(spec, name, layout.optuna_db(name))],
         )
     t1 = time.time()
     _DISK_FULL.clear()
@@ -1086,9 +1075,7 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
                 f"{flag} {value}: search {path.parent.name!r} was started with {old}; resume "
                 f"without {flag}, or start it anew with --overwrite"
             )
-    shape = [
-        f.name for f in dataclasses.fields(SearchSpec) if f.name not in {*SPEC_FLAGS, "source"}
-    ]
+    shape = {f.name for f in dataclasses.fields(SearchSpec)} - {*SPEC_FLAGS, "source"}
     if args.search_space and any(getattr(spec, k) != getattr(was, k) for k in shape):
         raise UserError(
             f"--search-space {args.search_space}: differs from the space search "
@@ -1147,8 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if not is_disk_full(e):
             raise
-        message = disk_full_message(e, storage / name, layout.search(name), argv, name, named)
-        raise UserError(message) from None
+        resume = resume_command(argv, name, named)
+        raise UserError(disk_full_message(e, storage / name, layout.search(name), resume)) from None
     finally:  # stop the local Ray (or leave the cluster): CPUs back
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
@@ -1167,13 +1154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runs-dir": (args.runs_dir, DEFAULT_RUNS_DIR),
     }
     extra = "".join(f" {k} {shlex.quote(v)}" for k, (v, d) in same.items() if v != d)
-    _print_summary(*result, spec, layout, name, model.name, extra)
+    _print_summary(result[1], layout, name, extra)
     return 0
 
 
-def disk_full_message(
-    error: OSError, experiment: Path, out_dir: Path, argv: Sequence[str], name: str, named: bool
-) -> str:
+def disk_full_message(error: OSError, experiment: Path, out_dir: Path, resume: str) -> str:
     """One line for a search stopped by a full disk: what could not be written, that the files
     written before are whole (every write is atomic), and the command that goes on."""
     if error.filename:
@@ -1183,7 +1168,7 @@ def disk_full_message(
     else:
         what = str(error.strerror)
     if any(experiment.glob("experiment_state-*.json")):
-        then = f"free space, then resume with: {resume_command(argv, name, named)}"
+        then = f"free space, then resume with: {resume}"
     else:
         then = "free space, then run the same command again"
     return (
@@ -1192,32 +1177,25 @@ def disk_full_message(
     )
 
 
-def _print_summary(
-    records: list[TrialRecord],
-    s: SearchSummary,
-    spec: SearchSpec,
-    layout: Layout,
-    name: str,
-    model: str,
-    extra: str = "",
-) -> None:
-    counts = status_counts(records)
+def _print_summary(s: SearchSummary, layout: Layout, name: str, extra: str) -> None:
+    """The search's outcome as best_config.json has it, and the command that goes on."""
+    run = s.search
     print(
-        f"\nsearch {name!r}: {len(records)} trials ({counts['completed']} completed, "
-        f"{counts['stopped_early']} stopped early, {counts['failed']} failed) in "
-        f"{s.search['wall_time_s']:.0f}s"
+        f"\nsearch {name!r}: {run['num_trials']} trials ({run['completed']} completed, "
+        f"{run['stopped_early']} stopped early, {run['failed']} failed) in "
+        f"{run['wall_time_s']:.0f}s"
     )
     f1 = "n/a" if s.val_macro_f1 is None else f"{s.val_macro_f1:.4f}"
     print(
         f"best trial {s.trial_id} (epoch {s.epoch}): {s.metric} {s.best_value:.4f}, "
         f"val_macro_f1 {f1}"
     )
-    print("  params: " + ", ".join(f"{k}={s.config[k]!r}" for k in spec.space))
+    print("  params: " + ", ".join(f"{k}={s.config[k]!r}" for k in run["search_space"]))
     best = layout.best_config(name)
     print(
         f"wrote {layout.search(name)}/ (best_config.json, trials.csv, optuna.db, plots) and "
         f"TensorBoard logs in {layout.search_tb(name)}/; next: python -m tune_pets.reproduce "
-        f"{model}" + (f" --best-config {best}" if name != model else "") + extra
+        f"{s.model}" + (f" --best-config {best}" if name != s.model else "") + extra
     )
 
 
