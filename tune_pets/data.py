@@ -353,8 +353,7 @@ def stratified_split(
     labels = np.asarray(labels)
     train_idx, val_idx = [], []
     for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
+        idx = rng.permutation(np.flatnonzero(labels == c))
         n_val = min(max(int(round(len(idx) * val_fraction)), 1), len(idx) - 1)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
