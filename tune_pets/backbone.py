@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tune_pets.config import RunConfig
+from tune_pets import hub
 from tune_pets.utils import UserError
 
 RANDOM_INIT_SEED = 0  # a random-init backbone is always the same one: features stay cacheable
@@ -92,7 +93,7 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any failure to read is the file's
         raise UserError(
             f"{source}: cannot read it as safetensors or as a PyTorch state dict (loaded with "
-            f"weights_only=True: {type(e).__name__}: {_first_line(e)}); pass a .safetensors "
+            f"weights_only=True: {type(e).__name__}: {hub.first_line(e)}); pass a .safetensors "
             f"file or a torch.save'd dict of tensors"
         ) from None
     for wrapper in ("state_dict", "model"):
@@ -115,14 +116,12 @@ def check_state_dict(
     files are refused, not converted (other names, separate q/k/v; timm has its own files)."""
     expected = model.state_dict()
     head = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    ignored = {
-        f"{c}.{p}" for c in ([head] if isinstance(head, str) else head) for p in ("weight", "bias")
-    }
+    heads = [head] if isinstance(head, str) else head
+    ignored = {f"{c}.{p}" for c in heads for p in ("weight", "bias")}
     counter = "num_batches_tracked"  # BatchNorm step counters: not weights, older files lack them
     missing = [k for k in expected if k not in state and not k.endswith(counter)]
-    unexpected = [
-        k for k in state if k not in expected and k not in ignored and not k.endswith(counter)
-    ]
+    known = expected.keys() | ignored
+    unexpected = [k for k in state if k not in known and not k.endswith(counter)]
     reshaped = [
         f"{k}: file {_shape(state[k])}, model {_shape(expected[k])}"
         for k in expected
@@ -161,8 +160,6 @@ def _shape(t: torch.Tensor) -> str:
 def _from_hub(name: str) -> nn.Module:
     """``timm.create_model(name, pretrained=True)``: cache first, fast clear failure offline,
     the loaded file checked afterwards."""
-    from tune_pets.hub import hub_offline, hub_offline_mode, hub_unreachable, is_network_error
-
     repo = _hub_repo(name)
     if repo is None:  # timm keeps (almost) all weights on the hub; the rest cannot be checked
         raise UserError(
@@ -171,17 +168,17 @@ def _from_hub(name: str) -> nn.Module:
         )
     cached = _cached_weights(name)
     if cached is None:
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+        why = "HF_HUB_OFFLINE is set" if hub.hub_offline() else hub.hub_unreachable()
         if why:
             raise UserError(_offline_message(name, repo, why))
     # A cached copy is used as is, without asking the hub for a newer revision: no network
     # means no wait, and the weights of a run do not change under it.
     try:
-        with hub_offline_mode() if cached else contextlib.nullcontext():
+        with hub.hub_offline_mode() if cached else contextlib.nullcontext():
             model = _create(name, pretrained=True)
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-        why = f"{type(e).__name__}: {_first_line(e)}"
-        if is_network_error(e):
+        why = f"{type(e).__name__}: {hub.first_line(e)}"
+        if hub.is_network_error(e):
             raise UserError(_offline_message(name, repo, why)) from None
         raise UserError(
             f"could not load the pretrained weights of {name} from the hub repo {repo} "
@@ -231,8 +228,3 @@ def _offline_message(name: str, repo: str, why: str) -> str:
         f"for air-gapped use copy a hub cache made online (its folder "
         f"models--{repo.replace('/', '--')}) and set HF_HUB_CACHE to it"
     )
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
-    return text if len(text) <= limit else text[:limit] + "..."

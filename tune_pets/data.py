@@ -84,9 +84,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 / 65535.0 if arr.size and arr.max() > 255 else 1.0
         img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
@@ -189,9 +187,7 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
         classes = names
     _check_heldout_classes(root, names, classes)
     index = {c: i for i, c in enumerate(classes)}
-    paths: list[str] = []
-    labels: list[int] = []
-    ignored: list[str] = []
+    paths, labels, ignored = [], [], []
     for d in (root / name for name in names):
         files = sorted(
             p
@@ -280,16 +276,13 @@ def load_split(
             if workers > 1 and len(jobs) > 64:
                 pool = stack.enter_context(ProcessPoolExecutor(workers))
                 results = pool.map(_decode_worker, jobs, chunksize=16)
-            bar = progress_bar(
-                results, len(jobs), f"decode {split} @{res}px", progress, leave=False
-            )
-            for i, (arr, err) in enumerate(bar):
+            desc = f"decode {split} @{res}px"
+            for i, (arr, err) in enumerate(progress_bar(results, len(jobs), desc, progress, False)):
                 if err is None:
                     images[i] = arr
                 else:
                     keep[i] = False
                     errors.append(err)
-            bar.close()
         if errors and not skip_bad:
             _raise_bad(errors)
         if errors:
@@ -360,8 +353,7 @@ def stratified_split(
     labels = np.asarray(labels)
     train_idx, val_idx = [], []
     for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
+        idx = rng.permutation(np.flatnonzero(labels == c))
         n_val = min(max(int(round(len(idx) * val_fraction)), 1), len(idx) - 1)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
@@ -385,17 +377,9 @@ def load_or_make_val_split(
     except (json.JSONDecodeError, KeyError):
         pass  # stale or broken: make a fresh one below
     tr, va = stratified_split(train.labels, val_fraction, seed)
-    atomic_write_json(
-        split_file,
-        {
-            **key,
-            "classes": train.classes,
-            "n_train": len(tr),
-            "n_val": len(va),
-            "train": [train.paths[i] for i in tr],
-            "val": [train.paths[i] for i in va],
-        },
-    )
+    lists = {"train": [train.paths[i] for i in tr], "val": [train.paths[i] for i in va]}
+    counts = {"n_train": len(tr), "n_val": len(va)}
+    atomic_write_json(split_file, {**key, "classes": train.classes, **counts, **lists})
     return train.subset(tr, "train"), train.subset(va, "val")
 
 
@@ -451,45 +435,29 @@ def eval_transform(x: torch.Tensor, size: int, crop_pct: float, mean, std) -> to
     return (x - _per_channel(mean, x)) / _per_channel(std, x)
 
 
-def random_resized_crop_params(
-    n: int,
-    height: int,
-    width: int,
-    scale=(0.08, 1.0),
-    ratio=(3 / 4, 4 / 3),
-    generator=None,
-    attempts: int = 10,
-):
-    """Vectorized torchvision ``RandomResizedCrop.get_params``: crop boxes (x0, y0, w, h) per
-    sample; 10 attempts each, then a center crop (torchvision falls back to the whole image when
-    its aspect ratio is within ``ratio``; the cache is always square, where the two agree)."""
+def random_resized_crop_params(n: int, height: int, width: int, scale=(0.08, 1.0), generator=None):
+    """Vectorized torchvision ``RandomResizedCrop.get_params`` (default ratio 3/4..4/3): boxes
+    (x0, y0, w, h) per sample; 10 attempts each, then a center crop (torchvision falls back to
+    the whole image when its aspect is within the ratio; the cache is square, where they agree)."""
     import torch
 
     area = height * width
-    s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator) * area
-    logr = torch.empty(n, attempts).uniform_(*map(math.log, ratio), generator=generator)
+    s = torch.empty(n, 10).uniform_(scale[0], scale[1], generator=generator) * area
+    logr = torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
     w, h = torch.sqrt(s * logr.exp()).round(), torch.sqrt(s / logr.exp()).round()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     found, first = ok.any(1), ok.float().argmax(1)  # the first attempt that fits
     side = torch.tensor(float(min(width, height)))
     cw = torch.where(found, w[torch.arange(n), first], side)
     ch = torch.where(found, h[torch.arange(n), first], side)
-    u = torch.rand(n, 2, generator=generator)
-    x0 = torch.where(found, torch.floor(u[:, 0] * (width - cw + 1)), torch.floor((width - cw) / 2))
-    y0 = torch.where(
-        found, torch.floor(u[:, 1] * (height - ch + 1)), torch.floor((height - ch) / 2)
-    )
+    ux, uy = torch.rand(n, 2, generator=generator).unbind(1)
+    x0 = torch.where(found, torch.floor(ux * (width - cw + 1)), torch.floor((width - cw) / 2))
+    y0 = torch.where(found, torch.floor(uy * (height - ch + 1)), torch.floor((height - ch) / 2))
     return x0, y0, cw, ch
 
 
 def train_augment(
-    x: torch.Tensor,
-    size: int,
-    mean,
-    std,
-    scale_min: float = 0.08,
-    hflip: float = 0.5,
-    generator=None,
+    x: torch.Tensor, size: int, mean, std, scale_min=0.08, hflip=0.5, generator=None
 ) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip + normalize on a uint8 NHWC batch.
 
@@ -551,10 +519,5 @@ def _resized_crops_grid(x, x0, y0, cw, ch, flip, size: int) -> torch.Tensor:
     gx, gy = gx.to(x.device), gy.to(x.device)
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     # Sample 0..255 values (bilinear sampling is linear; /255 is folded into the normalize).
-    return F.grid_sample(
-        x.permute(0, 3, 1, 2).float(),
-        grid,
-        mode="bilinear",
-        padding_mode="reflection",
-        align_corners=False,
-    )
+    src = x.permute(0, 3, 1, 2).float()
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -20,13 +20,8 @@ import torch
 
 from tune_pets.backbone import backbone_tag, token_features
 from tune_pets.config import RunConfig
-from tune_pets.data import (
-    ImageSplit,
-    eval_transform,
-    iterate_indices,
-    to_device_uint8,
-    train_augment,
-)
+from tune_pets.data import ImageSplit, eval_transform, iterate_indices
+from tune_pets.data import to_device_uint8, train_augment
 from tune_pets.utils import atomic_path
 
 

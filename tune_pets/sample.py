@@ -31,6 +31,4 @@ def sample_dir() -> Path:
 def resolve_data_dir(value: str | Path) -> Path:
     """The sample for the exact string ``"sample"``; any other value (``./sample`` too) as a
     Path, so a real folder named ``sample`` stays reachable."""
-    if isinstance(value, str) and value == SAMPLE_NAME:
-        return sample_dir()
-    return Path(value)
+    return sample_dir() if value == SAMPLE_NAME else Path(value)
