@@ -130,14 +130,11 @@ class _TensorBoard:
 
 
 def overfit_check(
-    config: RunConfig,
-    data: FitData,
-    n_batches: int = 1,
-    max_steps: int = 300,
-    device: torch.device | None = None,
+    config: RunConfig, data: FitData, n_batches: int = 1, device: torch.device | None = None
 ) -> tuple[bool, int, float]:
     """Can the model memorize ``n_batches`` fixed batches (no augmentation, weight decay, schedule
     or label smoothing)? Returns (passed, steps used, final accuracy on them)."""
+    max_steps = 300  # passes over the fixed batches before it fails
     config = config.replace(
         weight_decay=0.0, scheduler="none", warmup_epochs=0, label_smoothing=0.0, deterministic=True
     )
