@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tune_pets
-from tune_pets import train
+from tune_pets import profiling, train
 from tune_pets.engine import (
     Engine,
     FitData,
@@ -28,7 +28,6 @@ from tune_pets.engine import (
     steps_per_epoch,
 )
 from tune_pets.models import get_spec
-from tune_pets.profiling import StepLoop
 
 CNN = get_spec("cnn").defaults.replace(img_size=32, epochs=2, batch_size=8, width=16)
 DEVICES = [
@@ -137,14 +136,17 @@ def _hyperparameters(opt: torch.optim.Optimizer) -> list[dict]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_profiling_times_the_step_fit_runs(cnn_data, monkeypatch, device):
-    """profiling's ``StepLoop`` and ``fit`` must train the same way: same optimizer and
-    hyperparameters, same LR after k steps, same memory format, same loss, and from the same
-    seed the same weights after k steps (so profiled numbers describe a real trial)."""
+def test_profiling_times_the_step_fit_runs(cnn_data, monkeypatch, tmp_path, device):
+    """``run_profile`` and ``fit`` must train the same way: same optimizer and hyperparameters,
+    same LR after k steps, same memory format, same loss, and from the same seed the same
+    weights after k steps (so profiled numbers describe a real trial)."""
     device = torch.device(device)
-    k = 3
-    # 3 epochs of k steps, cosine: after k steps the LR is lr * (1 + cos(pi/3)) / 2 = 0.75 lr.
-    cfg = CNN.replace(epochs=3, max_steps_per_epoch=k, label_smoothing=0.1, deterministic=True)
+    # run_profile(steps=1): the profiler's wait + warmup + 1 recorded, then warmup + 1 timed
+    k = profiling.PROFILE_WAIT + profiling.PROFILE_WARMUP + 1 + profiling.TIMED_WARMUP + 1
+    # 3 epochs of k steps (32 images: batch 4 has enough), cosine: after k steps the LR is
+    # lr * (1 + cos(pi/3)) / 2 = 0.75 lr.
+    cfg = CNN.replace(batch_size=4, epochs=3, max_steps_per_epoch=k, label_smoothing=0.1)
+    cfg = cfg.replace(deterministic=True)
 
     built: list[Engine] = []
 
@@ -160,15 +162,15 @@ def test_profiling_times_the_step_fit_runs(cnn_data, monkeypatch, device):
         raise StopAfterFirstEpoch
 
     monkeypatch.setattr(train, "Engine", RecordingEngine)
+    monkeypatch.setattr(profiling, "Engine", RecordingEngine)
     with pytest.raises(StopAfterFirstEpoch):
         train.fit(cfg, cnn_data, stop, device=device)
     (fitted,) = built
     assert fitted.scheduler.last_epoch == k, "fit's first epoch should be k steps"
 
-    loop = StepLoop(cfg, cnn_data, device)  # built after fit ran: seeds are its own
-    for _ in range(k):
-        loop.step(*loop.next_batch())
-    profiled = loop.engine
+    profiling.run_profile(cfg, cnn_data, 1, tmp_path, device)  # after fit: seeds are its own
+    fitted, profiled = built
+    assert profiled.scheduler.last_epoch == k
 
     assert type(profiled.optimizer) is type(fitted.optimizer) is torch.optim.AdamW
     assert _hyperparameters(profiled.optimizer) == _hyperparameters(fitted.optimizer)

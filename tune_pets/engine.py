@@ -140,13 +140,11 @@ class Batches:
         y = torch.from_numpy(y_all[i]).to(self.device, non_blocking=True)
         if self.data.kind == "features":
             return pool_features(torch.from_numpy(x_all[i]), cfg.pooling).to(self.device), y
-        x = to_device_uint8(x_all, i, self.device)
+        x, mean, std = to_device_uint8(x_all, i, self.device), pre["mean"], pre["std"]
         if augment:
-            x = train_augment(
-                x, cfg.img_size, pre["mean"], pre["std"], cfg.aug_scale_min, cfg.hflip, self.gen
-            )
+            x = train_augment(x, cfg.img_size, mean, std, cfg.aug_scale_min, cfg.hflip, self.gen)
         else:
-            x = eval_transform(x, cfg.img_size, pre["crop_pct"], pre["mean"], pre["std"])
+            x = eval_transform(x, cfg.img_size, pre["crop_pct"], mean, std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -176,11 +174,9 @@ class Batches:
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     kw = {"lr": config.lr, "weight_decay": config.weight_decay}
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kw)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, **kw)
-    return torch.optim.SGD(params, momentum=config.momentum, nesterov=config.momentum > 0, **kw)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=config.momentum, nesterov=config.momentum > 0, **kw)
+    return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.optimizer](params, **kw)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -274,22 +270,17 @@ class Engine:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
-        desc, off = f"epoch {epoch}/{self.config.epochs}", not progress or None
-        train = self.batches.train(epoch)
-        bar = tqdm(
-            train, total=self.steps_per_epoch, desc=desc, leave=False, disable=off, file=sys.stderr
-        )
-        for x, y in bar:
+        desc = f"epoch {epoch}/{self.config.epochs}"
+        kw = {"total": self.steps_per_epoch, "desc": desc, "leave": False, "file": sys.stderr}
+        for x, y in tqdm(self.batches.train(epoch), disable=not progress or None, **kw):
             loss, logits = self.step(x, y)
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         train_loss = loss_sum.item() / seen  # the epoch's one host sync
         if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"loss became {train_loss} in epoch {epoch} (lr={self.config.lr:g}); lower the "
-                f"learning rate"
-            )
+            msg = f"loss became {train_loss} in epoch {epoch} (lr={self.config.lr:g})"
+            raise NonFiniteLossError(msg + "; lower the learning rate")
         return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": self.lr}
 
     def validate(self) -> dict:

@@ -64,12 +64,8 @@ class Evaluation:
         ]
         atomic_write_csv(confusion_csv, rows, ["true\\pred", *self.classes])
         s = self.scores
-        confusion_figure(
-            self.cm,
-            self.classes,
-            f"{title} on {self.split}: acc {s['accuracy']:.3f}, macro-F1 {s['macro_f1']:.3f}",
-            confusion_png,
-        )
+        title = f"{title} on {self.split}: acc {s['accuracy']:.3f}, macro-F1 {s['macro_f1']:.3f}"
+        confusion_figure(self.cm, self.classes, title, confusion_png)
 
 
 def evaluate_checkpoint(
@@ -98,16 +94,9 @@ def evaluate_checkpoint(
             f"the {len(classes)} classes the checkpoint was trained on; evaluate a "
             f"checkpoint trained on this dataset"
         )
-    images = load_split(
-        data_dir,
-        split,
-        spec.cache_res(config),
-        interpolation=pre["interpolation"],
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        classes=classes,
-        progress=progress,
-    )
+    kw = {"cache_dir": cache_dir, "skip_bad": skip_bad, "classes": classes, "progress": progress}
+    res, interpolation = spec.cache_res(config), pre["interpolation"]
+    images = load_split(data_dir, split, res, interpolation=interpolation, **kw)
     x_all = images.images
     if spec.kind == "features":  # one clean view: the backbone is built at most once, on a miss
         from tune_pets.features import cached_features
@@ -146,27 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt,
         data_dir,
         args.split,
-        cache_dir=args.cache_dir,
-        skip_bad=args.skip_bad_images,
         device=cli.device_from_args(args),
         pretrained=False if args.no_pretrained else None,
         weights=args.weights,
-        progress=not args.no_progress,
+        **cli.data_options(args),
     )
     name = args.name or f"{args.model}-{args.split}"
     out = functools.partial(layout.evaluation_file, name, args.split)
     ev.write(out("per_class.csv"), out("confusion.csv"), out("confusion.png"), name)
     s = ev.scores
-    atomic_write_json(
-        out("metrics.json"),
-        {
-            "checkpoint": str(args.checkpoint),
-            "split": args.split,
-            **s,
-            "prediction_spread": ev.spread(),
-            "most_confused": ev.most_confused(),
-        },
-    )
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, **s}
+    report.update(prediction_spread=ev.spread(), most_confused=ev.most_confused())
+    atomic_write_json(out("metrics.json"), report)
     write_metrics_row(layout.metrics_csv, name, args.split, {**s, "n_seeds": 1})
     print(
         f"{args.model} on {args.split} ({s['n_images']} images): accuracy {s['accuracy']:.4f}, "

@@ -19,7 +19,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,31 +41,17 @@ BACKBONE_BATCH_SIZE = 64  # the batch size features.extract runs the backbone wi
 TRACE_GLOB = "*.pt.trace.json*"
 
 
-class StepLoop:
-    """An ``Engine`` fed from its endless batch stream."""
-
-    def __init__(self, config: RunConfig, data: FitData, device: torch.device):
-        self.engine, self.device = Engine(config, data, device), device
-        self.batches = self.engine.batches.forever()
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self.batches)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.engine.step(x, y)[0]
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _profiled_run(loop: StepLoop, steps: int, trace_dir: Path, worker: str, memory: bool):
+def _profiled_run(engine: Engine, batches: Iterator, steps: int, trace_dir: Path, memory: bool):
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
     from torch.profiler import tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU]
-    if loop.device.type == "cuda":
+    if engine.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     times = []
     with profile(
@@ -74,36 +60,33 @@ def _profiled_run(loop: StepLoop, steps: int, trace_dir: Path, worker: str, memo
         record_shapes=True,
         # Memory profiling multiplies the trace size and the run's peak memory: opt-in.
         profile_memory=memory,
-        on_trace_ready=tensorboard_trace_handler(str(trace_dir), worker_name=worker),
+        on_trace_ready=tensorboard_trace_handler(str(trace_dir), worker_name=engine.config.model),
     ) as prof:
         for _ in range(PROFILE_WAIT + PROFILE_WARMUP + steps):
             t0 = time.perf_counter()
             with record_function("batch"):
-                x, y = loop.next_batch()
+                x, y = next(batches)
             with record_function("train_step"):
-                loop.step(x, y)
-            _sync(loop.device)
+                engine.step(x, y)
+            _sync(engine.device)
             times.append(time.perf_counter() - t0)
             prof.step()
     return prof, times[PROFILE_WAIT + PROFILE_WARMUP :]
 
 
-def _timed_run(loop: StepLoop, steps: int) -> tuple[list[float], list[float], list[int]]:
+def _timed_run(engine: Engine, batches: Iterator, steps: int) -> list[tuple[float, float, int]]:
     """Unprofiled (data seconds, compute seconds, images) per step; on CUDA each step syncs
     before and after the train step so data and compute time can be told apart."""
-    data_s, compute_s, images = [], [], []
-    for i in range(TIMED_WARMUP + steps):
+    times = []
+    for _ in range(TIMED_WARMUP + steps):
         t0 = time.perf_counter()
-        x, y = loop.next_batch()
-        _sync(loop.device)
+        x, y = next(batches)
+        _sync(engine.device)
         t1 = time.perf_counter()
-        loop.step(x, y)
-        _sync(loop.device)
-        if i >= TIMED_WARMUP:
-            data_s.append(t1 - t0)
-            compute_s.append(time.perf_counter() - t1)
-            images.append(len(y))
-    return data_s, compute_s, images
+        engine.step(x, y)
+        _sync(engine.device)
+        times.append((t1 - t0, time.perf_counter() - t1, len(y)))
+    return times[TIMED_WARMUP:]
 
 
 def top_ops(prof, k: int = TOP_OPS) -> tuple[list[dict], str]:
@@ -208,14 +191,16 @@ def run_profile(
     # Kineto logs USDT probe lines and, without a GPU, a GPU-count ERROR on every run; 6 is above
     # every level. It reads this when the profiler first starts.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    loop = StepLoop(config, data, device)
+    # what fit runs: Engine.step on the train batches of epoch 1, 2, ...
+    engine = Engine(config, data, device)
+    batches = engine.batches.forever()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     # The new trace replaces the old one only once complete (a killed run leaves the old one).
     trace_tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=out_dir))
     try:
-        prof, prof_s = _profiled_run(loop, steps, trace_tmp, model_name, memory)
+        prof, prof_s = _profiled_run(engine, batches, steps, trace_tmp, memory)
         traces = sorted(trace_tmp.glob(TRACE_GLOB))
         if traces:
             for old in out_dir.glob(TRACE_GLOB):
@@ -227,10 +212,9 @@ def run_profile(
     rows, table = top_ops(prof)
     del prof
 
-    data_s, compute_s, n_images = _timed_run(loop, steps)
+    data_s, compute_s, n_images = zip(*_timed_run(engine, batches, steps), strict=True)
     step_s = [a + b for a, b in zip(data_s, compute_s, strict=True)]
     mean_s = statistics.fmean(step_s)
-    engine = loop.engine
     spe = engine.steps_per_epoch
     env = env_info()
     summary = {
@@ -277,9 +261,8 @@ def run_profile(
 
     atomic_write_csv(out_dir / TOP_OPS_CSV, rows)
     header = (
-        f"# {model_name}: {summary['step']}; {steps} profiled steps, batch "
-        f"{config.batch_size}, img {summary['img_size']}px, device {device}; sorted by self "
-        f"CPU time\n"
+        f"# {model_name}: {summary['step']}; {steps} profiled steps, batch {config.batch_size}, "
+        f"img {summary['img_size']}px, device {device}; sorted by self CPU time\n"
     )
     atomic_write_text(out_dir / TOP_OPS_TXT, header + table + "\n")
     atomic_write_json(out_dir / PROFILE_SUMMARY, summary)

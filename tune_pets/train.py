@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,6 +59,8 @@ def fit(
     engine = Engine(config, data, device, spec)
     lower = config.metric in LOWER_IS_BETTER
     tb = _TensorBoard(tb_dir, hparams, config.metric) if tb_dir is not None else None
+    # the checkpoint fields that stay the same all run
+    checkpoint = partial(make_checkpoint, config, engine.spec, data.classes, data.preprocess)
     history: list[dict] = []
     best, best_epoch, best_ckpt = None, 0, None
     if resume is not None:
@@ -75,29 +78,13 @@ def fit(
             ckpt = None
             if score is None or best is None or (score < best if lower else score > best):
                 best, best_epoch = score, epoch
-                ckpt = best_ckpt = make_checkpoint(
-                    config,
-                    engine.spec,
-                    data.classes,
-                    data.preprocess,
-                    engine.state_dict(),
-                    epoch,
-                    metrics,
-                    data.feature_dim,
-                )
+                ckpt = best_ckpt = checkpoint(engine.state_dict(), epoch, metrics, data.feature_dim)
             history.append(metrics)
             if tb is not None:
                 tb.epoch(metrics)
             if on_state is not None:
-                on_state(
-                    {
-                        "engine": engine.train_state(),
-                        "history": [dict(h) for h in history],
-                        "best": best,
-                        "best_epoch": best_epoch,
-                        "best_ckpt": best_ckpt,
-                    }
-                )
+                state = {"engine": engine.train_state(), "history": [dict(h) for h in history]}
+                on_state({**state, "best": best, "best_epoch": best_epoch, "best_ckpt": best_ckpt})
             if on_epoch_end is not None:
                 on_epoch_end(dict(metrics), ckpt)
     finally:
@@ -143,14 +130,11 @@ class _TensorBoard:
 
 
 def overfit_check(
-    config: RunConfig,
-    data: FitData,
-    n_batches: int = 1,
-    max_steps: int = 300,
-    device: torch.device | None = None,
+    config: RunConfig, data: FitData, n_batches: int = 1, device: torch.device | None = None
 ) -> tuple[bool, int, float]:
     """Can the model memorize ``n_batches`` fixed batches (no augmentation, weight decay, schedule
     or label smoothing)? Returns (passed, steps used, final accuracy on them)."""
+    max_steps = 300  # passes over the fixed batches before it fails
     config = config.replace(
         weight_decay=0.0, scheduler="none", warmup_epochs=0, label_smoothing=0.0, deterministic=True
     )
@@ -248,16 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def format_epoch(metrics: dict, epochs: int) -> str:
-    val = (
-        f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
-        f"val_macro_f1 {metrics['val_macro_f1']:.4f}"
-        if "val_acc" in metrics
-        else ""
-    )
-    return (
-        f"epoch {metrics['epoch']:3d}/{epochs} train_loss {metrics['train_loss']:.4f} "
-        f"train_acc {metrics['train_acc']:.4f}{val} ({metrics['epoch_time_s']:.1f}s)"
-    )
+    # val_*: only with a val split
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1")
+    scores = "".join(f" {k} {metrics[k]:.4f}" for k in keys if k in metrics)
+    return f"epoch {metrics['epoch']:3d}/{epochs}{scores} ({metrics['epoch_time_s']:.1f}s)"
 
 
 if __name__ == "__main__":
