@@ -116,14 +116,9 @@ def grid_sample(
         if p not in exclude:
             per_class.setdefault(y, []).append(p)
     queues = {y: [ps[i] for i in rng.permutation(len(ps))] for y, ps in sorted(per_class.items())}
-    out: list[tuple[str, str]] = []
-    depth = 0
-    while len(out) < n and any(len(q) > depth for q in queues.values()):
-        for y, q in queues.items():
-            if depth < len(q) and len(out) < n:
-                out.append((q[depth], index.classes[y]))
-        depth += 1
-    return out
+    # Round-robin: every class's first pick in class order, then every class's second, ...
+    picks = sorted((depth, y, p) for y, q in queues.items() for depth, p in enumerate(q))
+    return [(p, index.classes[y]) for _, y, p in picks[:n]]
 
 
 def save_grid(
