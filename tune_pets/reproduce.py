@@ -29,24 +29,19 @@ from tune_pets.layout import Layout, result_tag
 from tune_pets.models import ModelSpec, get_spec
 from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, write_metrics_row
 from tune_pets.train import fit, format_epoch
-from tune_pets.utils import (
-    UserError,
-    atomic_torch_save,
-    cli_main,
-    enable_cuda_determinism,
-    env_info,
-)
+from tune_pets.utils import UserError, atomic_torch_save, cli_main
+from tune_pets.utils import enable_cuda_determinism, env_info
 
 DEFAULT_PROFILE_STEPS = 10  # light by default (seconds, a few MB of trace); more with the flag
 
 
 def resolve_config(
-    spec: ModelSpec, best_config: Path | None, layout: Layout, baseline: bool
+    spec: ModelSpec, best_config: str | Path | None, layout: Layout, baseline: bool
 ) -> tuple[RunConfig, dict]:
     """The config to retrain and where it came from."""
     if baseline:
         return spec.defaults, {"source": "homework defaults (--baseline)"}
-    path = best_config or layout.best_config(spec.name)
+    path = Path(best_config) if best_config else layout.best_config(spec.name)
     if not path.is_file():
         raise UserError(
             f"no search result at {path}: run `python -m tune_pets.search {spec.name}` "
@@ -219,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     spec = get_spec(args.model)
     layout = cli.layout_from_args(args)
-    config, origin = resolve_config(
-        spec, Path(args.best_config) if args.best_config else None, layout, args.baseline
-    )
+    config, origin = resolve_config(spec, args.best_config, layout, args.baseline)
     data_dir = cli.data_dir_from_args(args)
     # A search may cap steps per epoch to save budget (the smoke spaces do); that is not a
     # hyperparameter, so the retrain runs full epochs unless the flag asks otherwise.
