@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,7 @@ def write_image_folder(
     counts: dict[str, dict[str, int]] = {}
     converted, skipped = 0, []
     for split, (examples, total) in splits.items():
-        split_counts: dict[str, int] = {}
-        used: set[tuple[str, str]] = set()
+        used: set[tuple[str, str]] = set()  # (class, name) of each file written
         bar = progress_bar(examples, total, f"write {split}", progress)
         for i, (image, label, stem) in enumerate(bar):
             cls = safe_name(label)
@@ -114,9 +114,8 @@ def write_image_folder(
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.jpg").write_bytes(data)
             converted += was_converted
-            split_counts[cls] = split_counts.get(cls, 0) + 1
         bar.close()
-        counts[split] = dict(sorted(split_counts.items()))
+        counts[split] = dict(sorted(Counter(cls for cls, _ in used).items()))
     return {"splits": counts, "converted": converted, "skipped": skipped}
 
 
@@ -310,9 +309,8 @@ def write_dataset(
 ) -> Path:
     """Write a loaded Hugging Face ``DatasetDict`` atomically as an ImageFolder: all that
     ``prepare`` does after the download. Returns the output dir (untouched if complete)."""
-    output_dir = Path(output_dir)
     if is_prepared(output_dir):
-        return output_dir
+        return Path(output_dir)
     wanted = {SPLIT_NAMES[s]: dataset[s] for s in SPLIT_NAMES if s in dataset}
     if "train" not in wanted or len(wanted) < 2:
         raise UserError(
