@@ -160,8 +160,7 @@ def run_sanity(
     data_dir = check_data_dir(data_dir)
     out_dir = Path(out_dir)
     train = scan_split(data_dir, "train")
-    held = scan_split(data_dir, heldout_split_name(data_dir), train.classes)
-    splits = [train, held]
+    splits = [train, scan_split(data_dir, heldout_split_name(data_dir), train.classes)]
     classes = train.classes
     workers = workers or min(os.cpu_count() or 1, 8)
 
