@@ -93,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def step(title: str, module, argv: list[str]) -> None:
         print(f"\n=== {title}: python -m {module.__name__} {' '.join(argv)}", flush=True)
-        rc = module.main(argv)
-        if rc:
+        if rc := module.main(argv):
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
     if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
