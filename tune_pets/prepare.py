@@ -30,9 +30,8 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from tune_pets import cli
+from tune_pets import cli, hub
 from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
-from tune_pets import hub
 from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.utils import UserError, _umask, cli_main
