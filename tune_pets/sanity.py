@@ -74,8 +74,7 @@ def _inspect_all(data_dir: Path, paths: list[str], workers: int, progress: bool)
 
 
 def size_stats(sizes: Sequence[tuple[int, int]]) -> dict:
-    """min/median/max of width, height and aspect ratio (w/h) of ``(width, height)`` pairs;
-    count of small images."""
+    """min/median/max of width, height and aspect (w/h) of (w, h) pairs; count of small images."""
     if not sizes:
         return {"n": 0}
     w, h = np.asarray(sizes, dtype=float).T
