@@ -51,11 +51,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--models", nargs="+", choices=model_names(), default=model_names(), help="models to run"
     )
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny search spaces on the shipped sample, short retrains: minutes on CPU",
-    )
+    smoke_help = "tiny search spaces on the shipped sample, short retrains: minutes on CPU"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
     p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
     _forward_flags(p, search, SEARCH_FLAGS)

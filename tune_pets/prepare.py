@@ -504,12 +504,8 @@ def prepare(
 # ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.prepare")
-    p.add_argument(
-        "--output-dir",
-        default=DEFAULT_DATA_DIR,
-        metavar="OUTPUT",
-        help="the ImageFolder to create; pass it to the other commands as --data-dir",
-    )
+    out_help = "the ImageFolder to create; pass it to the other commands as --data-dir"
+    p.add_argument("--output-dir", default=DEFAULT_DATA_DIR, metavar="OUTPUT", help=out_help)
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--dataset",

@@ -197,9 +197,8 @@ def build_parser() -> cli.ArgumentParser:
         default=DEFAULT_PROFILE_STEPS,
         help="train steps to profile after the retrain (0: no profile)",
     )
-    p.add_argument(
-        "--smoke", action="store_true", help="mark the results as a smoke-size run in the report"
-    )
+    smoke_help = "mark the results as a smoke-size run in the report"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)
