@@ -284,9 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = cli.layout_from_args(args).data_sanity
     kw = {"seed": args.seed, "workers": args.workers, "progress": not args.no_progress}
-    summary = run_sanity(
-        cli.data_dir_from_args(args), out, grid_per_split=args.grid_per_split, **kw
-    )
+    data_dir = cli.data_dir_from_args(args)
+    summary = run_sanity(data_dir, out, grid_per_split=args.grid_per_split, **kw)
     print_summary(summary, out)
     return 0
 
