@@ -337,18 +337,8 @@ def test_non_empty_folder_without_marker_is_refused(tmp_path):
 
 def test_write_image_folder_duplicates_and_undecodable_bytes(tmp_path):
     jpeg = _encode(_noise(), "JPEG")
-    result = prep.write_image_folder(
-        {
-            "train": [
-                (jpeg, "a", "x"),
-                (jpeg, "a", "x"),
-                (b"not an image", "a", "y"),
-                (jpeg, "b", ""),
-            ]
-        },
-        tmp_path,
-        progress=False,
-    )
+    examples = [(jpeg, "a", "x"), (jpeg, "a", "x"), (b"not an image", "a", "y"), (jpeg, "b", "")]
+    result = prep.write_image_folder({"train": (examples, 4)}, tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "train/a").iterdir()) == ["x.jpg", "x_1.jpg"]
     assert [p.name for p in (tmp_path / "train/b").iterdir()] == ["b_3.jpg"]
     assert result["splits"] == {"train": {"a": 2, "b": 1}}

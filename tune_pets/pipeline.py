@@ -26,14 +26,9 @@ from tune_pets.utils import UserError, cli_main
 
 SMOKE = {"epochs": 3, "img_size": 64, "profile_steps": 5}  # the retrains of a smoke run
 SEARCH_FLAGS = (
-    "num_samples",
-    "max_epochs",
-    "max_concurrent",
-    "cpus_per_trial",
-    "gpus_per_trial",
-    "num_cpus",
+    "num_samples", "max_epochs", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "num_cpus",
     "pick",
-)
+)  # fmt: skip
 
 
 def _forward_flags(p, command, dests: tuple[str, ...], note: str = ""):
@@ -56,11 +51,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--models", nargs="+", choices=model_names(), default=model_names(), help="models to run"
     )
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny search spaces on the shipped sample, short retrains: minutes on CPU",
-    )
+    smoke_help = "tiny search spaces on the shipped sample, short retrains: minutes on CPU"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
     p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
     _forward_flags(p, search, SEARCH_FLAGS)
@@ -91,25 +83,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = ["--data-dir", str(data_dir)]
     common += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     common += ["--skip-bad-images"] if args.skip_bad_images else []
-    common += ["--no-progress"] if args.no_progress else []
+    quiet = ["--no-progress"] if args.no_progress else []
+    common += quiet
     backbone = ["--no-pretrained"] if no_pretrained else []
     backbone += ["--weights", args.weights] if args.weights else []
 
     def step(title: str, module, argv: list[str]) -> None:
         print(f"\n=== {title}: python -m {module.__name__} {' '.join(argv)}", flush=True)
-        rc = module.main(argv)
-        if rc:
+        if rc := module.main(argv):
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
     if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
         from tune_pets.prepare import prepare
 
         prepare(Path(data_dir), progress=not args.no_progress)
-    step(
-        "sanity",
-        sanity,
-        ["--data-dir", str(data_dir), *art] + (["--no-progress"] if args.no_progress else []),
-    )
+    step("sanity", sanity, ["--data-dir", str(data_dir), *art, *quiet])
     epochs = args.epochs or (SMOKE["epochs"] if args.smoke else None)
     img = args.img_size or (SMOKE["img_size"] if args.smoke else None)
     profile = args.profile_steps

@@ -23,15 +23,15 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from tune_pets import cli
+from tune_pets import cli, hub
 from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
-from tune_pets import hub
 from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.utils import UserError, _umask, cli_main
@@ -83,14 +83,10 @@ def _jpeg_bytes(image: Any) -> tuple[bytes, bool]:
 
 
 def write_image_folder(
-    splits: Mapping[str, Iterable[Example]],
-    output_dir: str | os.PathLike,
-    *,
-    progress: bool = True,
-    totals: Mapping[str, int] | None = None,
+    splits: Mapping[str, SplitSource], output_dir: str | os.PathLike, *, progress: bool = True
 ) -> dict:
-    """Write ``{split: [(image, class_name, stem), ...]}`` as ``output_dir/split/class/stem.jpg``,
-    in place (``build_atomically`` makes it atomic).
+    """Write ``{split: ([(image, class_name, stem), ...], total)}`` as
+    ``output_dir/split/class/stem.jpg``, in place (``build_atomically`` makes it atomic).
 
     A stem seen twice in one class folder gets a numeric suffix; undecodable images are skipped.
     Returns ``{"splits": {split: {class: n}}, "converted": n, "skipped": [...]}``.
@@ -98,10 +94,9 @@ def write_image_folder(
     output_dir = Path(output_dir)
     counts: dict[str, dict[str, int]] = {}
     converted, skipped = 0, []
-    for split, examples in splits.items():
-        split_counts: dict[str, int] = {}
-        used: set[tuple[str, str]] = set()
-        bar = progress_bar(examples, (totals or {}).get(split), f"write {split}", progress)
+    for split, (examples, total) in splits.items():
+        used: set[tuple[str, str]] = set()  # (class, name) of each file written
+        bar = progress_bar(examples, total, f"write {split}", progress)
         for i, (image, label, stem) in enumerate(bar):
             cls = safe_name(label)
             stem = safe_name(stem) if stem else f"{cls}_{i}"
@@ -118,9 +113,8 @@ def write_image_folder(
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.jpg").write_bytes(data)
             converted += was_converted
-            split_counts[cls] = split_counts.get(cls, 0) + 1
         bar.close()
-        counts[split] = dict(sorted(split_counts.items()))
+        counts[split] = dict(sorted(Counter(cls for cls, _ in used).items()))
     return {"splits": counts, "converted": converted, "skipped": skipped}
 
 
@@ -149,12 +143,7 @@ def build_atomically(
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
             t0 = time.perf_counter()
-            result = write_image_folder(
-                {name: examples for name, (examples, _) in splits.items()},
-                tmp,
-                progress=progress,
-                totals={name: total for name, (_, total) in splits.items()},
-            )
+            result = write_image_folder(splits, tmp, progress=progress)
             per_class = result["splits"]
             classes = sorted({c for counts in per_class.values() for c in counts})
             marker = {
@@ -208,9 +197,8 @@ def _check_target(output_dir: Path) -> None:
         raise UserError(f"--output-dir {output_dir} is a file; pass a folder path")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise UserError(
-            f"--output-dir {output_dir} exists, is not empty and has no {MARKER} "
-            f"marker (an interrupted or foreign folder); delete it or pick another "
-            f"--output-dir"
+            f"--output-dir {output_dir} exists, is not empty and has no {MARKER} marker (an "
+            f"interrupted or foreign folder); delete it or pick another --output-dir"
         )
 
 
@@ -247,16 +235,10 @@ def breed_names(
     from_stems = {label: next(iter(b)) for label, b in found.items() if len(b) == 1}
     distinct = len(set(from_stems.values())) == len(from_stems)
     one_to_one = distinct and all(len(b) <= 1 for b in found.values())
-    names = {}
-    for label in sorted(found):
-        name = from_stems.get(label) if one_to_one else None
-        if name is None and 0 <= label < len(fallback):
-            name = str(fallback[label])
-        if name is not None:
-            names[label] = name
-    if len(set(names.values())) < len(names):  # stem names and fallback names collide
-        names = {label: str(fallback[label]) for label in found if 0 <= label < len(fallback)}
-    return names
+    by_label = {label: str(fallback[label]) for label in found if 0 <= label < len(fallback)}
+    names = by_label | from_stems if one_to_one else by_label
+    # Stem names and fallback names may collide: then the fallback names alone.
+    return names if len(set(names.values())) == len(names) else by_label
 
 
 # ---------------------------------------------------------------- from a Hugging Face dataset
@@ -266,11 +248,10 @@ def _columns(features: Any, source: str = "dataset") -> tuple[str, str]:
 
     images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
     labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    image_col = "image" if "image" in images else (images[0] if images else None)
-    # "label" is the breed; "label_cat_dog" (2 classes) is the species: prefer the breed.
-    label_col = "label" if "label" in labels else None
-    if label_col is None and labels:
-        label_col = max(labels, key=lambda k: features[k].num_classes)
+    image_col = "image" if "image" in images else next(iter(images), None)
+    # "label" is the breed; "label_cat_dog" (2 classes) is the species: prefer the breed, else
+    # the column with the most classes.
+    label_col = max(labels, key=lambda k: (k == "label", features[k].num_classes), default=None)
     if image_col is None or label_col is None:
         raise UserError(
             f"{source}: has no image column and class-label column (columns: "
@@ -286,12 +267,11 @@ def _hf_examples(split: Any, columns: tuple[str, str], breeds: dict[int, str]) -
     image_col, label_col = columns
     names = dict(enumerate(split.features[label_col].names)) | breeds
     split = split.cast_column(image_col, datasets.Image(decode=False))
-    has_id = "image_id" in split.features
     for i, row in enumerate(split):
         label = row[label_col]
         if label not in names:
             raise UserError(f"row {i} of the dataset has no valid label ({label!r})")
-        image_id = row["image_id"] if has_id else None
+        image_id = row.get("image_id")
         stem = _strip_ext(str(image_id)) if image_id not in (None, "") else ""
         image = row[image_col]
         if isinstance(image, dict):  # an undecoded datasets.Image cell
@@ -313,9 +293,8 @@ def write_dataset(
 ) -> Path:
     """Write a loaded Hugging Face ``DatasetDict`` atomically as an ImageFolder: all that
     ``prepare`` does after the download. Returns the output dir (untouched if complete)."""
-    output_dir = Path(output_dir)
     if is_prepared(output_dir):
-        return output_dir
+        return Path(output_dir)
     wanted = {SPLIT_NAMES[s]: dataset[s] for s in SPLIT_NAMES if s in dataset}
     if "train" not in wanted or len(wanted) < 2:
         raise UserError(
@@ -324,15 +303,12 @@ def write_dataset(
         )
     columns = {name: _columns(ds.features, source) for name, ds in wanted.items()}
     # Breed names from the image_id stems, else the ClassLabel names: no image is read here.
-    rows: list[tuple[int, str | None]] = []
-    fallback: list[str] = []
+    rows, fallback = [], []
     for name, ds in wanted.items():
         label_col = columns[name][1]
         fallback = fallback or list(ds.features[label_col].names)
         ids = ds["image_id"] if "image_id" in ds.features else [None] * len(ds)
-        rows += [
-            (label, i) for label, i in zip(ds[label_col], ids, strict=True) if label is not None
-        ]
+        rows += [(y, i) for y, i in zip(ds[label_col], ids, strict=True) if y is not None]
     breeds = breed_names(rows, fallback)
     splits = {
         name: (_hf_examples(ds, columns[name], breeds), len(ds)) for name, ds in wanted.items()
@@ -351,15 +327,12 @@ def release_root(folder: str | os.PathLike) -> Path:
         lists = [root / "annotations" / name for name in RELEASE_SPLITS]
         if (root / "images").is_dir() and all(p.is_file() for p in lists):
             return root
-    hint = (
-        "; it looks like an ImageFolder already: pass it as --data-dir to the other commands"
-        if (folder / "train").is_dir()
-        else ""
-    )
+    hint = "; it looks like an ImageFolder already: pass it as --data-dir to the other commands"
     raise UserError(
         f"--from {folder}: neither the official Oxford-IIIT Pet release (DIR/images/*.jpg with "
         f"DIR/annotations/trainval.txt and test.txt) nor torchvision's OxfordIIITPet root "
-        f"(DIR/{TORCHVISION_FOLDER}/images, DIR/{TORCHVISION_FOLDER}/annotations){hint}"
+        f"(DIR/{TORCHVISION_FOLDER}/images, DIR/{TORCHVISION_FOLDER}/annotations)"
+        + (hint if (folder / "train").is_dir() else "")
     )
 
 
@@ -478,8 +451,7 @@ def _load_local(folder: Path) -> Any:
     if not any(folder.rglob("*.parquet")):
         raise UserError(
             f"--dataset {folder}: no parquet files in it; pass a copy of the hub dataset (e.g. "
-            f"data/train-*.parquet and data/test-*.parquet), or use --from for the official "
-            f"release"
+            f"data/train-*.parquet and data/test-*.parquet), or use --from for the official release"
         )
     try:
         return datasets.load_dataset(str(folder))
@@ -517,12 +489,8 @@ def prepare(
 # ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.prepare")
-    p.add_argument(
-        "--output-dir",
-        default=DEFAULT_DATA_DIR,
-        metavar="OUTPUT",
-        help="the ImageFolder to create; pass it to the other commands as --data-dir",
-    )
+    out_help = "the ImageFolder to create; pass it to the other commands as --data-dir"
+    p.add_argument("--output-dir", default=DEFAULT_DATA_DIR, metavar="OUTPUT", help=out_help)
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--dataset",

@@ -112,9 +112,8 @@ def results_section(layout: Layout) -> list[str]:
         hw = get_spec(model).homework
         hw_text = f"{hw[0]:.4f} / {hw[1]:.4f}" if hw else "-"
         pair = {}
-        for baseline in (True, False):
+        for baseline, label in ((True, "baseline (homework config)"), (False, "tuned")):
             tag = result_tag(model, baseline)
-            label = "baseline (homework config)" if baseline else "tuned"
             m = ReproduceResult.read_or_none(layout.result_metrics(tag))
             if m is None:
                 how = _missing("metrics.json", _reproduce_cmd(tag))

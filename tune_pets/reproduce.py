@@ -29,24 +29,19 @@ from tune_pets.layout import Layout, result_tag
 from tune_pets.models import ModelSpec, get_spec
 from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, write_metrics_row
 from tune_pets.train import fit, format_epoch
-from tune_pets.utils import (
-    UserError,
-    atomic_torch_save,
-    cli_main,
-    enable_cuda_determinism,
-    env_info,
-)
+from tune_pets.utils import UserError, atomic_torch_save, cli_main
+from tune_pets.utils import enable_cuda_determinism, env_info
 
 DEFAULT_PROFILE_STEPS = 10  # light by default (seconds, a few MB of trace); more with the flag
 
 
 def resolve_config(
-    spec: ModelSpec, best_config: Path | None, layout: Layout, baseline: bool
+    spec: ModelSpec, best_config: str | Path | None, layout: Layout, baseline: bool
 ) -> tuple[RunConfig, dict]:
     """The config to retrain and where it came from."""
     if baseline:
         return spec.defaults, {"source": "homework defaults (--baseline)"}
-    path = best_config or layout.best_config(spec.name)
+    path = Path(best_config) if best_config else layout.best_config(spec.name)
     if not path.is_file():
         raise UserError(
             f"no search result at {path}: run `python -m tune_pets.search {spec.name}` "
@@ -86,8 +81,7 @@ def reproduce(
     io = dict(cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
     data = load_fit_data(first, data_dir, full_train=True, device=device, **io)
     # Read (and cache) the test split now: a bad test image fails before training.
-    interpolation = data.preprocess["interpolation"]
-    res = spec.cache_res(first)
+    res, interpolation = spec.cache_res(first), data.preprocess["interpolation"]
     load_split(data_dir, heldout, res, interpolation=interpolation, classes=data.classes, **io)
     print(
         f"{tag}: retraining on all {data.info['n_train']} train images, {config.epochs} epochs, "
@@ -203,9 +197,8 @@ def build_parser() -> cli.ArgumentParser:
         default=DEFAULT_PROFILE_STEPS,
         help="train steps to profile after the retrain (0: no profile)",
     )
-    p.add_argument(
-        "--smoke", action="store_true", help="mark the results as a smoke-size run in the report"
-    )
+    smoke_help = "mark the results as a smoke-size run in the report"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)
@@ -219,9 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     spec = get_spec(args.model)
     layout = cli.layout_from_args(args)
-    config, origin = resolve_config(
-        spec, Path(args.best_config) if args.best_config else None, layout, args.baseline
-    )
+    config, origin = resolve_config(spec, args.best_config, layout, args.baseline)
     data_dir = cli.data_dir_from_args(args)
     # A search may cap steps per epoch to save budget (the smoke spaces do); that is not a
     # hyperparameter, so the retrain runs full epochs unless the flag asks otherwise.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from tune_pets.data import BadImageError, SplitIndex, check_data_dir, heldout_split_name
-from tune_pets.data import load_rgb, scan_split
+from tune_pets.data import load_rgb, progress_bar, scan_split
 from tune_pets import cli
 from tune_pets.figures import figure_style, save
 from tune_pets.utils import atomic_write_csv, atomic_write_json, cli_main
@@ -54,38 +53,31 @@ def inspect_image(path: str | os.PathLike) -> dict:
     return info
 
 
-def _issues(rel_path: str, info: dict) -> tuple[list[str], str]:
-    """Issue codes of one image file (empty: nothing odd) and what they mean for it."""
-    found, detail = [], []
+def _issues(rel_path: str, info: dict) -> dict[str, str]:
+    """Issue code -> what it means for this image file (empty: nothing odd)."""
+    issues = {}
     suffix = Path(rel_path).suffix
     if info["format"] and suffix.lower() in JPEG_EXTS and info["format"] != "JPEG":
-        found.append("not_jpeg")
-        detail.append(f"named {suffix} but is {info['format']}")
+        issues["not_jpeg"] = f"named {suffix} but is {info['format']}"
     if info["mode"] and info["mode"] != "RGB":
-        found.append("not_rgb")
-        detail.append(f"mode {info['mode']} (converted to RGB when loaded)")
+        issues["not_rgb"] = f"mode {info['mode']} (converted to RGB when loaded)"
     if info["error"]:
-        found.append("unreadable")
-        detail.append(info["error"])
-    return found, "; ".join(detail)
+        issues["unreadable"] = info["error"]
+    return issues
 
 
 def _inspect_all(data_dir: Path, paths: list[str], workers: int, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
     # Threads: Pillow decodes with the GIL released, and threads need no pickling or fork.
     with ThreadPoolExecutor(max(1, workers)) as pool:
         infos = pool.map(inspect_image, [data_dir / p for p in paths], chunksize=1)
-        off = not progress or None
-        kw = {"desc": "inspect images", "unit": "img", "file": sys.stderr, "leave": False}
-        return list(tqdm(infos, total=len(paths), disable=off, **kw))
+        return list(progress_bar(infos, len(paths), "inspect images", progress, leave=False))
 
 
-def size_stats(widths: Sequence[int], heights: Sequence[int]) -> dict:
-    """min/median/max of width, height and aspect ratio (w/h); count of small images."""
-    if not widths:
+def size_stats(sizes: Sequence[tuple[int, int]]) -> dict:
+    """min/median/max of width, height and aspect (w/h) of (w, h) pairs; count of small images."""
+    if not sizes:
         return {"n": 0}
-    w, h = np.asarray(widths, dtype=float), np.asarray(heights, dtype=float)
+    w, h = np.asarray(sizes, dtype=float).T
     stats: dict = {"n": len(w)}
     for name, v in (("width", w), ("height", h), ("aspect", w / h)):
         for stat, f in (("min", np.min), ("median", np.median), ("max", np.max)):
@@ -123,14 +115,9 @@ def grid_sample(
         if p not in exclude:
             per_class.setdefault(y, []).append(p)
     queues = {y: [ps[i] for i in rng.permutation(len(ps))] for y, ps in sorted(per_class.items())}
-    out: list[tuple[str, str]] = []
-    depth = 0
-    while len(out) < n and any(len(q) > depth for q in queues.values()):
-        for y, q in queues.items():
-            if depth < len(q) and len(out) < n:
-                out.append((q[depth], index.classes[y]))
-        depth += 1
-    return out
+    # Round-robin: every class's first pick in class order, then every class's second, ...
+    picks = sorted((depth, y, p) for y, q in queues.items() for depth, p in enumerate(q))
+    return [(p, index.classes[y]) for _, y, p in picks[:n]]
 
 
 def save_grid(
@@ -172,40 +159,36 @@ def run_sanity(
     data_dir = check_data_dir(data_dir)
     out_dir = Path(out_dir)
     train = scan_split(data_dir, "train")
-    held = scan_split(data_dir, heldout_split_name(data_dir), train.classes)
-    splits = [train, held]
+    splits = [train, scan_split(data_dir, heldout_split_name(data_dir), train.classes)]
     classes = train.classes
     workers = workers or min(os.cpu_count() or 1, 8)
 
-    size_rows, odd_rows, all_w, all_h = [], [], [], []
-    counts, sizes, odd_paths, bad_paths = {}, {}, {}, {}
+    size_rows, odd_rows = [], []
+    counts, dims = {}, {}  # dims: (width, height) of each readable image, per split
+    odd_paths, bad_paths = set(), set()  # paths relative to data_dir: unique across splits
     for index in splits:
         name = index.name
         infos = _inspect_all(data_dir, index.paths, workers, progress)
         counts[name] = per_class = dict.fromkeys(classes, 0)
-        ws, hs = [], []
-        odd_paths[name], bad_paths[name] = set(), set()
+        dims[name] = []
         for rel, y, info in zip(index.paths, index.labels, infos, strict=True):
             per_class[classes[y]] += 1
             facts = {k: info[k] for k in FACTS}
             size_rows.append({"split": name, "path": rel, "class": classes[y], **facts})
             if info["width"] and not info["error"]:
-                ws.append(info["width"])
-                hs.append(info["height"])
-            found, detail = _issues(rel, info)
-            if found:
-                odd_paths[name].add(rel)
-                if "unreadable" in found:
-                    bad_paths[name].add(rel)
-                row = {"split": name, "path": rel, "issues": ";".join(found)}
-                odd_rows.append({**row, **facts, "detail": detail})
+                dims[name].append((info["width"], info["height"]))
+            issues = _issues(rel, info)
+            if issues:
+                odd_paths.add(rel)
+                if "unreadable" in issues:
+                    bad_paths.add(rel)
+                row = {"split": name, "path": rel, "issues": ";".join(issues)}
+                odd_rows.append({**row, **facts, "detail": "; ".join(issues.values())})
         for rel in index.ignored:
             row = {"split": name, "path": rel, "issues": "ignored_non_image"}
             odd_rows.append({**row, "detail": "not an image: ignored by training"})
-        sizes[name] = size_stats(ws, hs)
-        all_w += ws
-        all_h += hs
-    sizes["all"] = size_stats(all_w, all_h)
+    sizes = {name: size_stats(d) for name, d in dims.items()}
+    sizes["all"] = size_stats([wh for d in dims.values() for wh in d])
 
     names = [s.name for s in splits]
     count_rows = [
@@ -222,17 +205,16 @@ def run_sanity(
         old.unlink()
     if grid_per_split is None:
         grid_per_split = max(36, len(classes))  # every class appears at least once
-    if grid_per_split > 0:
-        for index in splits:
-            sample = grid_sample(index, grid_per_split, seed, exclude=bad_paths[index.name])
-            if sample:
-                path = out_dir / f"grid_{index.name}.png"
-                title = (
-                    f"{data_dir.name}/{index.name}: {len(sample)} of {len(index.paths)} "
-                    f"images (seed {seed}; red title = odd file)"
-                )
-                save_grid(data_dir, sample, path, title, odd_paths[index.name])
-                grids.append(path.name)
+    for index in splits:  # --grid-per-split 0: every sample is empty, no grid
+        sample = grid_sample(index, grid_per_split, seed, exclude=bad_paths)
+        if sample:
+            path = out_dir / f"grid_{index.name}.png"
+            title = (
+                f"{data_dir.name}/{index.name}: {len(sample)} of {len(index.paths)} "
+                f"images (seed {seed}; red title = odd file)"
+            )
+            save_grid(data_dir, sample, path, title, odd_paths)
+            grids.append(path.name)
 
     by_issue = {k: sum(k in r["issues"].split(";") for r in odd_rows) for k in ISSUES}
     summary = {
@@ -291,11 +273,8 @@ def build_parser() -> cli.ArgumentParser:
         "class appears; 0: no grids)",
     )
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the grid sample")
-    p.add_argument(
-        "--workers",
-        type=cli.positive_int,
-        help="threads inspecting files (default: CPU count, at most 8)",
-    )
+    workers_help = "threads inspecting files (default: CPU count, at most 8)"
+    p.add_argument("--workers", type=cli.positive_int, help=workers_help)
     cli.add_data_args(p, val_split=False, decode=False)
     cli.add_output_args(p, runs=False)
     return p
@@ -305,9 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = cli.layout_from_args(args).data_sanity
     kw = {"seed": args.seed, "workers": args.workers, "progress": not args.no_progress}
-    summary = run_sanity(
-        cli.data_dir_from_args(args), out, grid_per_split=args.grid_per_split, **kw
-    )
+    data_dir = cli.data_dir_from_args(args)
+    summary = run_sanity(data_dir, out, grid_per_split=args.grid_per_split, **kw)
     print_summary(summary, out)
     return 0
 
