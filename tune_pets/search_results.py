@@ -105,10 +105,8 @@ def make_record(
     for metrics in reports:
         add_report(history, metrics)
     epochs = history[-1]["epoch"] if history else 0
-    if error:
-        status = STATUS_FAILED
-    else:
-        status = STATUS_COMPLETED if epochs >= spec.max_epochs else STATUS_STOPPED
+    ran_all = epochs >= spec.max_epochs
+    status = STATUS_FAILED if error else STATUS_COMPLETED if ran_all else STATUS_STOPPED
     scored = [h for h in history if _finite(h.get(spec.metric))]
     better = max if spec.mode == "max" else min
     # the first of equals wins: the earliest epoch
@@ -260,22 +258,19 @@ def make_summary(
 
 def optuna_distributions(spec: SearchSpec) -> dict:
     """YAML samplers -> Optuna distributions (the searcher's space and the export's); the
-    [low, high] bounds are inclusive."""
+    [low, high] bounds are inclusive, and integer fields (randint or quniform) stay integers."""
     import optuna.distributions as od
 
     out = {}
     for name, (sampler, args) in spec.space.items():
         if sampler == "choice":
             out[name] = od.CategoricalDistribution(args)
-        elif sampler == "randint":
-            out[name] = od.IntDistribution(args[0], args[1])
-        elif sampler == "quniform" and CONFIG_FIELDS[name].type == "int":
-            out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=int(args[2]))
+        elif sampler == "randint" or CONFIG_FIELDS[name].type == "int":
+            step = int(args[2]) if sampler == "quniform" else 1
+            out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=step)
         else:
             step = args[2] if sampler == "quniform" else None
-            out[name] = od.FloatDistribution(
-                args[0], args[1], log=sampler == "loguniform", step=step
-            )
+            out[name] = od.FloatDistribution(*args[:2], log=sampler == "loguniform", step=step)
     return out
 
 
@@ -379,8 +374,7 @@ def _learning_curves(
             )
             ax.plot(epochs[-1], values[-1], end, color=drawn_line.get_color())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(spec.metric)
+        ax.set(xlabel="epoch", ylabel=spec.metric)
         ax.set_title(f"{name}: learning curves of {len(drawn)} trials")
         if drawn:
             ncol = 1 if len(drawn) <= 20 else 2
@@ -414,8 +408,7 @@ def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> b
             return False
         ax.set_title(f"{name}: {what}")
         if history:
-            ax.set_ylabel(spec.metric)
-            ax.set_xlabel("trial (in the order started)")
+            ax.set(ylabel=spec.metric, xlabel="trial (in the order started)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         save(ax.figure, path, bbox_inches="tight")
     return True
