@@ -11,7 +11,6 @@ search runs) into records, so the files are the same from a running search or it
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import warnings
@@ -23,7 +22,7 @@ from typing import Any
 from tune_pets.config import CONFIG_FIELDS, RunConfig
 from tune_pets.figures import figure_style, save
 from tune_pets.layout import Layout
-from tune_pets.records import SearchSummary
+from tune_pets.records import Record, SearchSummary
 from tune_pets.spaces import PICK_RULES, SearchSpec
 from tune_pets.utils import atomic_path, atomic_write_csv
 
@@ -42,8 +41,8 @@ _SPEC_FIELDS = ("num_samples", "max_epochs", "grace_period", "reduction_factor",
 
 
 @dataclass(frozen=True)
-class TrialRecord:
-    """One trial as the result files see it."""
+class TrialRecord(Record):
+    """One trial as the result files see it (``to_dict``/``from_dict``: search's saved state)."""
 
     trial_id: str
     status: str  # completed | stopped early | failed
@@ -63,13 +62,6 @@ class TrialRecord:
     restarts: int = 0
     restart_reason: str = ""
     history: list[dict] = field(default_factory=list)  # one dict per epoch
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrialRecord:
-        return cls(**d)
 
 
 def add_report(history: list[dict], metrics: dict) -> None:

@@ -106,10 +106,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return int(o) if isinstance(o, np.integer) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
+    if isinstance(o, (np.integer, np.floating, np.ndarray)):
+        return o.tolist()  # Python ints, floats or lists
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
