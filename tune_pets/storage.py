@@ -77,15 +77,6 @@ class _AtomicWriter:
     def tell(self) -> int:
         return self.file.tell()
 
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
     @property
     def closed(self) -> bool:
         return self.file.closed
