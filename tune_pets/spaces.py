@@ -211,18 +211,10 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if both:
         raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
     spec = SearchSpec(**kw)
-    try:
-        base = model_spec.defaults.replace(**spec.fixed)
-    except TypeError as e:
-        raise UserError(f"{path}: fixed: {e}") from None
+    base = model_spec.defaults.replace(**spec.fixed)  # known fields (checked above): no TypeError
     validate_config(base, f"{path}: fixed")
     # Every value the space can produce must make a valid config: check the bounds.
     for name, (sampler, args) in spec.space.items():
         for v in args if sampler == "choice" else args[:2]:
-            try:
-                validate_config(
-                    base.replace(**{name: _coerce_value(name, v, "")}), f"{path}: space.{name}"
-                )
-            except TypeError:
-                raise UserError(f"{path}: space.{name}: bad value {v!r}") from None
+            validate_config(base.replace(**{name: v}), f"{path}: space.{name}")
     return spec
