@@ -185,9 +185,8 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     """``base`` with the explicit hyperparameter, split-seed and weights flags applied."""
     from tune_pets.models import get_spec
 
-    changes = {k: getattr(args, k) for k in HPARAMS if getattr(args, k, None) is not None}
-    if getattr(args, "split_seed", None) is not None:
-        changes["split_seed"] = args.split_seed
+    flags = (*HPARAMS, "split_seed")
+    changes = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
@@ -230,11 +229,9 @@ def resolve_run_args(args: argparse.Namespace) -> RunArgs:
 
 def data_options(args: argparse.Namespace) -> dict:
     """The decode-cache keyword arguments of ``engine.load_fit_data`` from the data flags."""
-    return {
-        "cache_dir": args.cache_dir,
-        "skip_bad": args.skip_bad_images,
-        "progress": not args.no_progress,
-    }
+    return dict(
+        cache_dir=args.cache_dir, skip_bad=args.skip_bad_images, progress=not args.no_progress
+    )
 
 
 def layout_from_args(args: argparse.Namespace) -> Layout:

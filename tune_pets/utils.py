@@ -151,14 +151,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> dict:
         torch.cuda.manual_seed_all(seed)
     if deterministic:
         enable_cuda_determinism()
-        torch.use_deterministic_algorithms(True)
         # Nothing here reads uninitialised memory; filling it cost up to 31 % of reproduce's CPU.
         torch.utils.deterministic.fill_uninitialized_memory = False
-        torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    else:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
     return {"seed": seed, "deterministic": deterministic}
 
 
