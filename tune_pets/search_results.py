@@ -183,10 +183,8 @@ def pick_best(
         scores = {id(r): final_mean(r, spec.metric) for r in ok}
         most = max((r.epochs for r in ok), default=0)
         ok = [r for r in ok if r.epochs == most and scores[id(r)] is not None]
-    if not ok:
-        return None
     better = max if spec.mode == "max" else min
-    return better(ok, key=lambda r: scores[id(r)])
+    return better(ok, key=lambda r: scores[id(r)], default=None)
 
 
 def final_mean(record: TrialRecord, metric: str, k: int | None = None) -> float | None:
