@@ -6,6 +6,7 @@ validated into a ``SearchSpec``. Every error names the file and the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,20 +77,16 @@ SPEC_KEYS = {f.name for f in dataclasses.fields(SearchSpec)} - {"source"}
 
 def _as_number(v: Any, where: str) -> float:
     """YAML 1.1 reads ``1e-4`` as a string: accept it, reject anything non-numeric."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return v
     if isinstance(v, str):
-        try:
+        with contextlib.suppress(ValueError):
             return float(v)
-        except ValueError:
-            pass
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v
     raise UserError(f"{where}: expected a number, got {v!r}")
 
 
 def _coerce_value(name: str, v: Any, where: str) -> Any:
-    if CONFIG_FIELDS[name].type == "float" and isinstance(v, str):
-        return _as_number(v, where)
-    return v
+    return _as_number(v, where) if CONFIG_FIELDS[name].type == "float" and isinstance(v, str) else v
 
 
 def _check_choice(path: Path, raw: dict, key: str, choices: tuple[str, ...]) -> None:
