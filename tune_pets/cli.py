@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_pets.config import RunConfig, validate_config
+from tune_pets.config import CHOICES, RunConfig, validate_config
 from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
 from tune_pets.utils import UserError
 
@@ -176,7 +176,7 @@ def add_hparam_args(p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(H
     g = p.add_argument_group("hyperparameters (default: the model's homework settings)")
     for name in names:
         typ, text = HPARAMS[name]
-        choices = ["adamw", "adam", "sgd"] if name == "optimizer" else None
+        choices = CHOICES.get(name)  # only --optimizer has them
         g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=text)
 
 
