@@ -273,7 +273,6 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
     distributions = optuna_distributions(spec)
     direction = "maximize" if spec.mode == "max" else "minimize"
     study = optuna.create_study(study_name=name, storage=storage, direction=direction)
-    trials = []
     for r in records:
         params = {k: r.params.get(k) for k in distributions}
         if any(v is None for v in params.values()):
@@ -282,7 +281,7 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
             h["epoch"]: float(h[spec.metric]) for h in r.history if _finite(h.get(spec.metric))
         }
         failed = r.status == STATUS_FAILED or r.best_value is None
-        trials.append(
+        study.add_trial(
             optuna.trial.create_trial(
                 params=params,
                 distributions=distributions,
@@ -295,7 +294,6 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
                 },
             )
         )
-    study.add_trials(trials)
     return study
 
 
