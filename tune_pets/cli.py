@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_pets.config import RunConfig, validate_config
+from tune_pets.config import CHOICES, RunConfig, validate_config
 from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
 from tune_pets.utils import UserError
 
@@ -176,7 +176,7 @@ def add_hparam_args(p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(H
     g = p.add_argument_group("hyperparameters (default: the model's homework settings)")
     for name in names:
         typ, text = HPARAMS[name]
-        choices = ["adamw", "adam", "sgd"] if name == "optimizer" else None
+        choices = CHOICES.get(name)  # only --optimizer has them
         g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=text)
 
 
@@ -185,9 +185,8 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     """``base`` with the explicit hyperparameter, split-seed and weights flags applied."""
     from tune_pets.models import get_spec
 
-    changes = {k: getattr(args, k) for k in HPARAMS if getattr(args, k, None) is not None}
-    if getattr(args, "split_seed", None) is not None:
-        changes["split_seed"] = args.split_seed
+    flags = (*HPARAMS, "split_seed")
+    changes = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
@@ -230,11 +229,9 @@ def resolve_run_args(args: argparse.Namespace) -> RunArgs:
 
 def data_options(args: argparse.Namespace) -> dict:
     """The decode-cache keyword arguments of ``engine.load_fit_data`` from the data flags."""
-    return {
-        "cache_dir": args.cache_dir,
-        "skip_bad": args.skip_bad_images,
-        "progress": not args.no_progress,
-    }
+    return dict(
+        cache_dir=args.cache_dir, skip_bad=args.skip_bad_images, progress=not args.no_progress
+    )
 
 
 def layout_from_args(args: argparse.Namespace) -> Layout:

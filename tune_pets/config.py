@@ -75,7 +75,7 @@ class RunConfig:
 
 
 CONFIG_FIELDS = {f.name: f for f in fields(RunConfig)}
-_CHOICES = {
+CHOICES = {
     "optimizer": ("adamw", "adam", "sgd"),
     "scheduler": ("cosine", "none"),
     "pooling": ("cls", "mean", "both"),
@@ -128,10 +128,8 @@ def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
             raise UserError(f"{source}: {name} must be a string, got {v!r}")
         if key == "model" and not v:
             raise UserError(f"{source}: {name} must name a registered model")
-        if key in _CHOICES and v not in _CHOICES[key]:
-            raise UserError(
-                f"{source}: {name} must be one of {', '.join(_CHOICES[key])}, got {v!r}"
-            )
+        if key in CHOICES and v not in CHOICES[key]:
+            raise UserError(f"{source}: {name} must be one of {', '.join(CHOICES[key])}, got {v!r}")
         if key in _RANGES:
             lo, hi, inclusive = _RANGES[key]
             if not ((v >= lo if inclusive else v > lo) and v <= hi):

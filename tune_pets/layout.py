@@ -37,10 +37,6 @@ class Layout:
     artifacts: Path = Path(DEFAULT_ARTIFACTS_DIR)
     runs: Path = Path(DEFAULT_RUNS_DIR)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "artifacts", Path(self.artifacts))
-        object.__setattr__(self, "runs", Path(self.runs))
-
     @property
     def data_sanity(self) -> Path:
         return self.artifacts / "data_sanity"

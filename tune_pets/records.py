@@ -8,6 +8,7 @@ produced a result) and ``ReproduceResult`` (<tag>/metrics.json: a retrain's test
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ class Record:
     def read(cls: type[R], path: str | Path, what: str) -> R:
         d = read_json(path, what)
         d = cls.upgrade(d) if isinstance(d, dict) else d
-        required = [f.name for f in dataclasses.fields(cls) if _required(f)]
+        required = [n for n, p in inspect.signature(cls).parameters.items() if p.default is p.empty]
         if not isinstance(d, dict) or any(k not in d for k in required):
             raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
         return cls.from_dict(d)
@@ -51,10 +52,6 @@ class Record:
             return cls.read(path, "file")
         except UserError:
             return None
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 @dataclass

@@ -11,7 +11,6 @@ search runs) into records, so the files are the same from a running search or it
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import warnings
@@ -23,7 +22,7 @@ from typing import Any
 from tune_pets.config import CONFIG_FIELDS, RunConfig
 from tune_pets.figures import figure_style, save
 from tune_pets.layout import Layout
-from tune_pets.records import SearchSummary
+from tune_pets.records import Record, SearchSummary
 from tune_pets.spaces import PICK_RULES, SearchSpec
 from tune_pets.utils import atomic_path, atomic_write_csv
 
@@ -42,8 +41,8 @@ _SPEC_FIELDS = ("num_samples", "max_epochs", "grace_period", "reduction_factor",
 
 
 @dataclass(frozen=True)
-class TrialRecord:
-    """One trial as the result files see it."""
+class TrialRecord(Record):
+    """One trial as the result files see it (``to_dict``/``from_dict``: search's saved state)."""
 
     trial_id: str
     status: str  # completed | stopped early | failed
@@ -63,13 +62,6 @@ class TrialRecord:
     restarts: int = 0
     restart_reason: str = ""
     history: list[dict] = field(default_factory=list)  # one dict per epoch
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrialRecord:
-        return cls(**d)
 
 
 def add_report(history: list[dict], metrics: dict) -> None:
@@ -105,10 +97,8 @@ def make_record(
     for metrics in reports:
         add_report(history, metrics)
     epochs = history[-1]["epoch"] if history else 0
-    if error:
-        status = STATUS_FAILED
-    else:
-        status = STATUS_COMPLETED if epochs >= spec.max_epochs else STATUS_STOPPED
+    ran_all = epochs >= spec.max_epochs
+    status = STATUS_FAILED if error else STATUS_COMPLETED if ran_all else STATUS_STOPPED
     scored = [h for h in history if _finite(h.get(spec.metric))]
     better = max if spec.mode == "max" else min
     # the first of equals wins: the earliest epoch
@@ -193,10 +183,8 @@ def pick_best(
         scores = {id(r): final_mean(r, spec.metric) for r in ok}
         most = max((r.epochs for r in ok), default=0)
         ok = [r for r in ok if r.epochs == most and scores[id(r)] is not None]
-    if not ok:
-        return None
     better = max if spec.mode == "max" else min
-    return better(ok, key=lambda r: scores[id(r)])
+    return better(ok, key=lambda r: scores[id(r)], default=None)
 
 
 def final_mean(record: TrialRecord, metric: str, k: int | None = None) -> float | None:
@@ -260,22 +248,19 @@ def make_summary(
 
 def optuna_distributions(spec: SearchSpec) -> dict:
     """YAML samplers -> Optuna distributions (the searcher's space and the export's); the
-    [low, high] bounds are inclusive."""
+    [low, high] bounds are inclusive, and integer fields (randint or quniform) stay integers."""
     import optuna.distributions as od
 
     out = {}
     for name, (sampler, args) in spec.space.items():
         if sampler == "choice":
             out[name] = od.CategoricalDistribution(args)
-        elif sampler == "randint":
-            out[name] = od.IntDistribution(args[0], args[1])
-        elif sampler == "quniform" and CONFIG_FIELDS[name].type == "int":
-            out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=int(args[2]))
+        elif sampler == "randint" or CONFIG_FIELDS[name].type == "int":
+            step = int(args[2]) if sampler == "quniform" else 1
+            out[name] = od.IntDistribution(int(args[0]), int(args[1]), step=step)
         else:
             step = args[2] if sampler == "quniform" else None
-            out[name] = od.FloatDistribution(
-                args[0], args[1], log=sampler == "loguniform", step=step
-            )
+            out[name] = od.FloatDistribution(*args[:2], log=sampler == "loguniform", step=step)
     return out
 
 
@@ -288,7 +273,6 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
     distributions = optuna_distributions(spec)
     direction = "maximize" if spec.mode == "max" else "minimize"
     study = optuna.create_study(study_name=name, storage=storage, direction=direction)
-    trials = []
     for r in records:
         params = {k: r.params.get(k) for k in distributions}
         if any(v is None for v in params.values()):
@@ -297,7 +281,7 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
             h["epoch"]: float(h[spec.metric]) for h in r.history if _finite(h.get(spec.metric))
         }
         failed = r.status == STATUS_FAILED or r.best_value is None
-        trials.append(
+        study.add_trial(
             optuna.trial.create_trial(
                 params=params,
                 distributions=distributions,
@@ -310,7 +294,6 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
                 },
             )
         )
-    study.add_trials(trials)
     return study
 
 
@@ -379,8 +362,7 @@ def _learning_curves(
             )
             ax.plot(epochs[-1], values[-1], end, color=drawn_line.get_color())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(spec.metric)
+        ax.set(xlabel="epoch", ylabel=spec.metric)
         ax.set_title(f"{name}: learning curves of {len(drawn)} trials")
         if drawn:
             ncol = 1 if len(drawn) <= 20 else 2
@@ -414,8 +396,7 @@ def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> b
             return False
         ax.set_title(f"{name}: {what}")
         if history:
-            ax.set_ylabel(spec.metric)
-            ax.set_xlabel("trial (in the order started)")
+            ax.set(ylabel=spec.metric, xlabel="trial (in the order started)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         save(ax.figure, path, bbox_inches="tight")
     return True

@@ -6,6 +6,7 @@ validated into a ``SearchSpec``. Every error names the file and the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,20 +77,16 @@ SPEC_KEYS = {f.name for f in dataclasses.fields(SearchSpec)} - {"source"}
 
 def _as_number(v: Any, where: str) -> float:
     """YAML 1.1 reads ``1e-4`` as a string: accept it, reject anything non-numeric."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return v
     if isinstance(v, str):
-        try:
+        with contextlib.suppress(ValueError):
             return float(v)
-        except ValueError:
-            pass
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v
     raise UserError(f"{where}: expected a number, got {v!r}")
 
 
 def _coerce_value(name: str, v: Any, where: str) -> Any:
-    if CONFIG_FIELDS[name].type == "float" and isinstance(v, str):
-        return _as_number(v, where)
-    return v
+    return _as_number(v, where) if CONFIG_FIELDS[name].type == "float" and isinstance(v, str) else v
 
 
 def _check_choice(path: Path, raw: dict, key: str, choices: tuple[str, ...]) -> None:
@@ -211,18 +208,10 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if both:
         raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
     spec = SearchSpec(**kw)
-    try:
-        base = model_spec.defaults.replace(**spec.fixed)
-    except TypeError as e:
-        raise UserError(f"{path}: fixed: {e}") from None
+    base = model_spec.defaults.replace(**spec.fixed)  # known fields (checked above): no TypeError
     validate_config(base, f"{path}: fixed")
     # Every value the space can produce must make a valid config: check the bounds.
     for name, (sampler, args) in spec.space.items():
         for v in args if sampler == "choice" else args[:2]:
-            try:
-                validate_config(
-                    base.replace(**{name: _coerce_value(name, v, "")}), f"{path}: space.{name}"
-                )
-            except TypeError:
-                raise UserError(f"{path}: space.{name}: bad value {v!r}") from None
+            validate_config(base.replace(**{name: v}), f"{path}: space.{name}")
     return spec

@@ -77,15 +77,6 @@ class _AtomicWriter:
     def tell(self) -> int:
         return self.file.tell()
 
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
     @property
     def closed(self) -> bool:
         return self.file.closed
@@ -168,6 +159,11 @@ class _Snapshots:
             snap.drop()
 
 
+def _local(name: str) -> Callable:
+    """A handler method that is ``pyarrow.fs.LocalFileSystem``'s own ``name``."""
+    return lambda self, *args: getattr(self.fs, name)(*args)
+
+
 class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
     """``pyarrow.fs.LocalFileSystem`` with whole-file ``open_output_stream`` and ``copy_file``;
     everything else (appends too) is passed through."""
@@ -188,32 +184,27 @@ class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
     def get_type_name(self) -> str:
         return "tune_pets-atomic-local"
 
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
+    normalize_path = _local("normalize_path")
+    get_file_info = _local("get_file_info")
+    get_file_info_selector = _local("get_file_info")
+    delete_dir = _local("delete_dir")
+    delete_file = _local("delete_file")
+    move = _local("move")
+    open_input_stream = _local("open_input_stream")
+    open_input_file = _local("open_input_file")
 
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
-
+    # These three pass by keyword: LocalFileSystem's own signatures differ after the path.
     def create_dir(self, path: str, recursive: bool) -> None:
         self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
+    def open_append_stream(self, path: str, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
     def delete_root_dir_contents(self) -> None:
         raise OSError("refusing to delete the contents of the root folder")
-
-    def delete_file(self, path: str) -> None:
-        self.fs.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.fs.move(src, dest)
 
     def copy_file(self, src: str, dest: str) -> None:
         writer = _AtomicWriter(dest)
@@ -227,19 +218,10 @@ class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
         finally:
             writer.close()
 
-    def open_input_stream(self, path: str):
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path: str):
-        return self.fs.open_input_file(path)
-
     def open_output_stream(self, path: str, metadata):
         m = _SNAPSHOT_FILE.match(os.path.basename(path))
         writer = self.snapshots.writer(path, m[1], m[2]) if m else _AtomicWriter(path)
         return pa.PythonFile(writer, mode="w")
-
-    def open_append_stream(self, path: str, metadata):
-        return self.fs.open_append_stream(path, metadata=metadata)
 
 
 def atomic_local_filesystem() -> pafs.PyFileSystem:

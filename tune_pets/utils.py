@@ -108,10 +108,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return int(o) if isinstance(o, np.integer) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
+    if isinstance(o, (np.integer, np.floating, np.ndarray)):
+        return o.tolist()  # Python ints, floats or lists
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
@@ -155,14 +153,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> dict:
         torch.cuda.manual_seed_all(seed)
     if deterministic:
         enable_cuda_determinism()
-        torch.use_deterministic_algorithms(True)
         # Nothing here reads uninitialised memory; filling it cost up to 31 % of reproduce's CPU.
         torch.utils.deterministic.fill_uninitialized_memory = False
-        torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    else:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
     return {"seed": seed, "deterministic": deterministic}
 
 
