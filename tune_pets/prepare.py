@@ -34,7 +34,7 @@ from tune_pets import cli, hub
 from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
 from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
-from tune_pets.utils import UserError, _umask, cli_main
+from tune_pets.utils import LockHeld, UserError, _umask, cli_main, exclusive_lock
 
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
 MARKER = ".complete"
@@ -175,8 +175,6 @@ def build_atomically(
 @contextlib.contextmanager
 def _exclusive(output_dir: Path) -> Iterator[bool]:
     """Hold ``OUTPUT.lock`` for the block, refusing a second run; yields False without flock."""
-    from tune_pets.utils import LockHeld, exclusive_lock
-
     lock_path = output_dir.with_name(f"{output_dir.name}.lock")
     try:
         with exclusive_lock(lock_path) as locked:
