@@ -851,8 +851,12 @@ def run_search(
     )
     if resume:
         _quiet_ray_output()
+        # Unfinished trials continue (said outright: --resume must not depend on Ray's default).
         tuner = tune.Tuner.restore(
-            str(exp_dir), trainable=fn, storage_filesystem=_storage_filesystem()
+            str(exp_dir),
+            trainable=fn,
+            resume_unfinished=True,
+            storage_filesystem=_storage_filesystem(),
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
