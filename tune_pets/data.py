@@ -277,7 +277,9 @@ def load_split(
                 pool = stack.enter_context(ProcessPoolExecutor(workers))
                 results = pool.map(_decode_worker, jobs, chunksize=16)
             desc = f"decode {split} @{res}px"
-            for i, (arr, err) in enumerate(progress_bar(results, len(jobs), desc, progress, False)):
+            for i, (arr, err) in enumerate(
+                progress_bar(results, len(jobs), desc, progress, leave=False)
+            ):
                 if err is None:
                     images[i] = arr
                 else:

@@ -94,9 +94,16 @@ def evaluate_checkpoint(
             f"the {len(classes)} classes the checkpoint was trained on; evaluate a "
             f"checkpoint trained on this dataset"
         )
-    kw = {"cache_dir": cache_dir, "skip_bad": skip_bad, "classes": classes, "progress": progress}
-    res, interpolation = spec.cache_res(config), pre["interpolation"]
-    images = load_split(data_dir, split, res, interpolation=interpolation, **kw)
+    images = load_split(
+        data_dir,
+        split,
+        spec.cache_res(config),
+        interpolation=pre["interpolation"],
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        classes=classes,
+        progress=progress,
+    )
     x_all = images.images
     if spec.kind == "features":  # one clean view: the backbone is built at most once, on a miss
         from tune_pets.features import cached_features
@@ -144,9 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = functools.partial(layout.evaluation_file, name, args.split)
     ev.write(out("per_class.csv"), out("confusion.csv"), out("confusion.png"), name)
     s = ev.scores
-    report = {"checkpoint": str(args.checkpoint), "split": args.split, **s}
-    report.update(prediction_spread=ev.spread(), most_confused=ev.most_confused())
-    atomic_write_json(out("metrics.json"), report)
+    atomic_write_json(
+        out("metrics.json"),
+        {
+            "checkpoint": str(args.checkpoint),
+            "split": args.split,
+            **s,
+            "prediction_spread": ev.spread(),
+            "most_confused": ev.most_confused(),
+        },
+    )
     write_metrics_row(layout.metrics_csv, name, args.split, {**s, "n_seeds": 1})
     print(
         f"{args.model} on {args.split} ({s['n_images']} images): accuracy {s['accuracy']:.4f}, "

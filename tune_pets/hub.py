@@ -75,16 +75,23 @@ def hub_offline_mode() -> Iterator[None]:
     """For this block, huggingface_hub (and datasets, if imported) use only their local caches.
 
     Their offline switches are constants read once, at import, so they are set and restored."""
-    from unittest import mock
-
-    hub_constants = importlib.import_module("huggingface_hub.constants")
-    datasets_config = sys.modules.get("datasets.config")  # None unless datasets is imported
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True))
-        for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-            if hasattr(datasets_config, attr):
-                stack.enter_context(mock.patch.object(datasets_config, attr, True))
+    importlib.import_module("huggingface_hub.constants")
+    switches = [
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+    ]
+    saved = []
+    for module_name, attr in switches:
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, attr):
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, True)
+    try:
         yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def _in_chain(e: BaseException, *names: str) -> bool:

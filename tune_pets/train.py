@@ -83,8 +83,15 @@ def fit(
             if tb is not None:
                 tb.epoch(metrics)
             if on_state is not None:
-                state = {"engine": engine.train_state(), "history": [dict(h) for h in history]}
-                on_state({**state, "best": best, "best_epoch": best_epoch, "best_ckpt": best_ckpt})
+                on_state(
+                    {
+                        "engine": engine.train_state(),
+                        "history": [dict(h) for h in history],
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "best_ckpt": best_ckpt,
+                    }
+                )
             if on_epoch_end is not None:
                 on_epoch_end(dict(metrics), ckpt)
     finally:
