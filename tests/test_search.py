@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -33,6 +34,7 @@ from helpers import kill_session, session_pids
 from PIL import Image
 
 from tune_pets.config import RunConfig
+from tune_pets.layout import Layout
 from tune_pets.records import SearchSummary
 from tune_pets.search import (
     DEFAULT_GPU_FRACTION,
@@ -43,7 +45,7 @@ from tune_pets.search import (
     trial_device_label,
     _ray_classes,
 )
-from tune_pets.search_results import STATUSES, make_record, pick_best
+from tune_pets.search_results import STATUSES, make_record, pick_best, write_plots
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
 from tune_pets.utils import UserError
 
@@ -272,6 +274,29 @@ def test_failed_trials_are_never_the_best():
     assert (good.status, broke.status) == ("stopped early", "failed")
     assert pick_best([broke, good], spec) is good
     assert pick_best([broke], spec) is None
+
+
+def test_parameter_importances_are_the_same_for_the_same_trials(tmp_path):
+    """Two plots of the same trials are the same file. Before Optuna 5 the default evaluator
+    was fANOVA, an unseeded random forest: on Optuna 4.5 this failed (a different ranking of
+    pure noise each time) until the plot named PED-ANOVA, the default from Optuna 5 on."""
+    spec = _spec(
+        max_epochs=2, space={"lr": ("loguniform", [1e-4, 1e-1]), "dropout": ("uniform", [0.0, 0.5])}
+    )
+    rng = random.Random(0)
+    records = []
+    for i in range(12):
+        params = {"lr": 10 ** rng.uniform(-4, -1), "dropout": rng.uniform(0, 0.5)}
+        acc = rng.random()  # no signal: an unseeded forest ranks noise differently each run
+        reports = [{"epoch": e, "val_acc": acc * e / 2} for e in (1, 2)]
+        records.append(make_record(f"t{i:02d}", params, reports, spec))
+    plots = []
+    for run in ("a", "b"):
+        layout = Layout(tmp_path / run)
+        layout.search("cnn").mkdir(parents=True)
+        write_plots(records, spec, "cnn", layout)
+        plots.append(layout.search_plot("cnn", "param_importances").read_bytes())
+    assert plots[0] == plots[1]
 
 
 # ---------------------------------------------------------------- the live optuna.db

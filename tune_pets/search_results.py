@@ -30,7 +30,7 @@ STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", 
 STATUSES = (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)
 # What a trial reports besides fit's train_*/val_* metrics: its clock and where it ran.
 HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", "trial_id", "node", "host", "device")
-# fANOVA importances from a handful of trials are noise presented as a ranking.
+# Importances from a handful of trials are noise presented as a ranking.
 MIN_TRIALS_FOR_IMPORTANCES = 8
 PLOTS = ("learning_curves", "optimization_history", "param_importances")
 FINAL_MEAN_EPOCHS = 3  # pick_best's final_mean averages this many last epochs
@@ -379,15 +379,21 @@ def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> b
     """Optuna's plot of ``what`` with the metric on its axis ("Objective Value" says nothing);
     False, with a note, when Optuna cannot draw it."""
     from matplotlib.ticker import MaxNLocator
+    from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
 
     history = what == "optimization history"
-    plot = ovm.plot_optimization_history if history else ovm.plot_param_importances
     with figure_style():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning: the matplotlib backend
-                ax = plot(study, target_name=spec.metric)
+                if history:
+                    ax = ovm.plot_optimization_history(study, target_name=spec.metric)
+                else:
+                    # PED-ANOVA by name: before Optuna 5 the default was fANOVA, an unseeded
+                    # random forest that ranked the same trials differently on each run
+                    evaluator = PedAnovaImportanceEvaluator()
+                    ax = ovm.plot_param_importances(study, evaluator, target_name=spec.metric)
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             # e.g. importances when every trial scored the same
             print(
