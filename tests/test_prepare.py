@@ -114,8 +114,9 @@ def online_mode(monkeypatch, hf_cache):
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if hasattr(datasets.config, attr):  # datasets 2.18 has only HF_DATASETS_OFFLINE
+            monkeypatch.setattr(datasets.config, attr, False)
 
 
 def _hf_dataset():
