@@ -669,12 +669,15 @@ def make_sampler(spec: SearchSpec, kind: str = "tpe"):
         return optuna.samplers.RandomSampler(seed=spec.seed)
     if kind != "tpe":
         raise ValueError(f"searcher must be one of {SEARCHERS}, got {kind!r}")
-    return optuna.samplers.TPESampler(
-        seed=spec.seed,
-        multivariate=True,
-        constant_liar=True,
-        n_startup_trials=startup_trials(spec.num_samples),
-    )
+    with warnings.catch_warnings():
+        # Optuna < 5 calls both options experimental, in two lines on every search's stderr
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=spec.seed,
+            multivariate=True,
+            constant_liar=True,
+            n_startup_trials=startup_trials(spec.num_samples),
+        )
 
 
 def make_tuner(
