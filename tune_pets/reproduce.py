@@ -81,7 +81,8 @@ def reproduce(
     io = dict(cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
     data = load_fit_data(first, data_dir, full_train=True, device=device, **io)
     # Read (and cache) the test split now: a bad test image fails before training.
-    res, interpolation = spec.cache_res(first), data.preprocess["interpolation"]
+    res = spec.cache_res(first)
+    interpolation = data.preprocess["interpolation"]
     load_split(data_dir, heldout, res, interpolation=interpolation, classes=data.classes, **io)
     print(
         f"{tag}: retraining on all {data.info['n_train']} train images, {config.epochs} epochs, "
