@@ -185,7 +185,8 @@ def cnn_args(data_dir, work, runs: str) -> list:
 
 @pytest.fixture(scope="module")
 def cnn_cli(tiny_data, tmp_path_factory):
-    """The CNN trained twice by the CLI with the same flags (second run: warm caches)."""
+    """The CNN trained twice by the CLI with the same flags (second run: warm caches, and the
+    first run's TensorBoard folder, which it must start afresh)."""
     work = tmp_path_factory.mktemp("cnn_cli")
     out = Layout(work / "artifacts").train_run("cnn")
     first = run("train", cnn_args(tiny_data, work, "runs1"), work)
@@ -196,7 +197,7 @@ def cnn_cli(tiny_data, tmp_path_factory):
             "split": (out / "val_split.json").read_text(encoding="utf-8"),
             "ckpt": torch.load(out / "checkpoint_best.pt", weights_only=True),
         }
-    second = run("train", cnn_args(tiny_data, work, "runs2"), work)
+    second = run("train", cnn_args(tiny_data, work, "runs1"), work)
     return SimpleNamespace(work=work, out=out, first=first, second=second, **snap)
 
 
@@ -238,7 +239,8 @@ def test_cli_train_writes_tensorboard_scalars(cnn_cli):
     ok(cnn_cli.first)
     run_dir = Layout(cnn_cli.work / "artifacts", cnn_cli.work / "runs1").train_tb("cnn")
     assert run_dir == cnn_cli.work / "runs1" / "train" / "cnn"
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    # One event file: the rerun deleted the first run's, so its curves are not drawn twice.
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -330,6 +332,7 @@ def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
     assert e.value.code == 0, out
     assert "overfit check (1 batch(es)): PASS" in out
     assert not list((tmp_path / "artifacts").rglob("checkpoint_best.pt"))
+    assert not list((tmp_path / "artifacts").rglob("val_split.json"))  # it needs no val split
     assert not (tmp_path / "runs").exists()
 
 

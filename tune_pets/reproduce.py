@@ -28,7 +28,7 @@ from tune_pets.evaluate import evaluate_checkpoint
 from tune_pets.layout import Layout, result_tag
 from tune_pets.models import ModelSpec, get_spec
 from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, write_metrics_row
-from tune_pets.train import fit, format_epoch
+from tune_pets.train import clear_tb_events, fit, format_epoch
 from tune_pets.utils import UserError, atomic_torch_save, cli_main
 from tune_pets.utils import enable_cuda_determinism, env_info
 
@@ -96,6 +96,7 @@ def reproduce(
         def log(metrics: dict, _ckpt, seed: int = seed) -> None:
             print(f"{tag} seed {seed} " + format_epoch(metrics, config.epochs), flush=True)
 
+        clear_tb_events(layout.reproduce_tb(tag, seed))
         result = fit(cfg, data, log, device=device, tb_dir=layout.reproduce_tb(tag, seed))
         checkpoints.append(result.checkpoint)
         ev = evaluate_checkpoint(result.checkpoint, data_dir, heldout, device=device, **io)

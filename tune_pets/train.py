@@ -184,9 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_name = args.run_name or spec.name
     out = layout.train_run(run_name)
     options = {"val_fraction": args.val_fraction, "device": device, **cli.data_options(args)}
-    data = load_fit_data(config, run.data_dir, split_file=out / "val_split.json", **options)
+    # The overfit check memorizes train batches and needs no val split: it must not rewrite
+    # the run folder's val_split.json, which describes that folder's last training run.
+    split = {"full_train": True} if args.overfit_batches else {"split_file": out / "val_split.json"}
+    data = load_fit_data(config, run.data_dir, **split, **options)
     print(
-        f"{spec.name}: {data.info['n_train']} train / {data.info['n_val']} val images, "
+        f"{spec.name}: {data.info['n_train']} train / {data.info.get('n_val', 0)} val images, "
         f"{data.num_classes} classes, device {device}",
         flush=True,
     )
@@ -200,8 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tb_dir = layout.train_tb(run_name)
     ckpt_path = out / "checkpoint_best.pt"
-    for stale in ("config.json", "metrics.json"):  # an earlier run's, not this checkpoint's
+    # An earlier run's files: an interrupted run must not leave them beside its own, nor point
+    # to their checkpoint as its best so far.
+    for stale in ("checkpoint_best.pt", "config.json", "metrics.json"):
         (out / stale).unlink(missing_ok=True)
+    clear_tb_events(tb_dir)
 
     def log(metrics: dict, ckpt: dict | None) -> None:
         if ckpt is not None:
@@ -236,6 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{result.best_metrics.get(config.metric, float('nan')):.4f}; wrote {out}/ and {tb_dir}/"
     )
     return 0
+
+
+def clear_tb_events(tb_dir: Path) -> None:
+    """Delete an earlier run's TensorBoard event files, so a rerun's curves are not drawn over
+    the old ones (a search trial keeps its own: a restarted trial goes on with them)."""
+    for f in Path(tb_dir).glob("events.out.tfevents.*"):
+        f.unlink(missing_ok=True)
 
 
 def format_epoch(metrics: dict, epochs: int) -> str:
