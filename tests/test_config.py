@@ -112,6 +112,12 @@ def test_from_dict_unknown_key_names_it_and_the_source():
         RunConfig.from_dict({"lr": 0.1, "lr_max": 1, "zzz": 2}, "ckpt.json")
 
 
+@pytest.mark.parametrize("d", [[1, 2], None, "cnn"])
+def test_from_dict_refuses_a_config_that_is_not_a_mapping(d):
+    with pytest.raises(UserError, match=r"best\.json: the config is a \w+, not a JSON object"):
+        RunConfig.from_dict(d, "best.json")
+
+
 def test_from_dict_validates():
     with pytest.raises(UserError, match="lr"):
         RunConfig.from_dict({"lr": -1.0})

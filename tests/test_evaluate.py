@@ -330,6 +330,18 @@ def test_evaluate_cli_cnn(trained, tiny_data, monkeypatch, capsys):
     assert rows.count((name, "test")) == 1
 
 
+def test_evaluate_refuses_a_reproduce_tag_as_its_name(trained, tiny_data, tmp_path, capsys):
+    """--name cnn would replace reproduce's (cnn, test) row in metrics.csv."""
+    argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--name", "cnn_baseline")
+    argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, argv, prog="python -m tune_pets.evaluate")
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "--name cnn_baseline" in err, err
+    assert not (tmp_path / "a").exists()
+
+
 def test_evaluate_missing_split_folder(trained, tiny_data, tmp_path, capsys):
     argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "holdout")
     argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")

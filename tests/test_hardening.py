@@ -572,6 +572,7 @@ BEST_CONFIGS = {
     "other_model": (_summary({"model": "vit_probe"}), ["'vit'", "'cnn'"]),
     "bad_value": (_summary({"model": "cnn", "lr": "fast"}), ["lr", "fast"]),
     "unknown_key": (_summary({"model": "cnn", "learning_rate": 0.1}), ["learning_rate"]),
+    "config_not_a_dict": (_summary([1, 2]), ["list", "not a JSON object"]),
     "binary": (b"\x80\x81\xfe\xff" * 8, ["not valid JSON"]),
 }
 

@@ -59,6 +59,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> RunConfig:
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: the config is a {type(d).__name__}, not a JSON object")
         unknown = sorted(set(d) - set(CONFIG_FIELDS))
         if unknown:
             raise UserError(

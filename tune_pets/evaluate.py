@@ -24,6 +24,8 @@ from tune_pets.checkpoint import load_checkpoint, trained_module
 from tune_pets.data import default_cache_dir, load_split
 from tune_pets.engine import Batches, FitData, precision, predict
 from tune_pets.figures import confusion_figure
+from tune_pets.layout import result_tag
+from tune_pets.models import model_names
 from tune_pets.records import write_metrics_row
 from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, cli_main
 
@@ -138,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (data_dir / args.split).is_dir():
         raise UserError(f"--split {args.split}: {data_dir / args.split} does not exist")
     layout = cli.layout_from_args(args)
+    name = args.name or f"{args.model}-{args.split}"
+    if name in {result_tag(m, b) for m in model_names() for b in (False, True)}:
+        raise UserError(
+            f"--name {name}: that is a reproduce result's tag (its row in {layout.metrics_csv} "
+            "would be replaced); choose another name"
+        )
     ev = evaluate_checkpoint(
         ckpt,
         data_dir,
@@ -147,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights=args.weights,
         **cli.data_options(args),
     )
-    name = args.name or f"{args.model}-{args.split}"
     out = functools.partial(layout.evaluation_file, name, args.split)
     ev.write(out("per_class.csv"), out("confusion.csv"), out("confusion.png"), name)
     s = ev.scores
