@@ -5,7 +5,8 @@
 
 For each model: a search (Ray Tune, Optuna TPE + ASHA) on the train split, then the tuned config
 and the homework baseline retrained deterministically on all of train and scored once on the
-test split (same seeds, same epochs and image size for both), then ``REPORT.md``.
+test split (same seeds for both; each at its own config's epochs and image size unless
+``--epochs``/``--img-size`` set both; the report notes when the two differ), then ``REPORT.md``.
 
 ``--smoke`` runs the tiny search spaces on the photos shipped with the package (``--data-dir
 sample``) with short retrains; it needs no network: unless ``--weights`` is given, the ViT
@@ -58,7 +59,7 @@ def build_parser() -> cli.ArgumentParser:
     _forward_flags(p, search, SEARCH_FLAGS)
     g = _forward_flags(
         p, reproduce, ("seeds", "profile_steps"),
-        f"for baseline and tuned alike (defaults: seed 0, the homework's epochs and size, "
+        f"for baseline and tuned alike (defaults: seed 0, each config's own epochs and size, "
         f"{reproduce.DEFAULT_PROFILE_STEPS} profile steps; --smoke: {SMOKE['epochs']} epochs, "
         f"{SMOKE['img_size']} px, {SMOKE['profile_steps']} steps)",
     )  # fmt: skip
