@@ -528,12 +528,13 @@ def test_asha_stops_some_trials_at_a_rung(cnn_search):
 
 @pytest.mark.slow
 def test_existing_experiment_needs_resume_or_overwrite(cnn_search, tmp_path):
-    """Re-running a finished search refuses (exit 2, names --overwrite); --overwrite replaces
-    the old trials, their TensorBoard logs and optuna.db. Works on a copy so the shared search
-    stays intact."""
+    """Re-running a finished search refuses (exit 2, names --overwrite), also with its Ray
+    state elsewhere (--storage-path); --overwrite replaces the old trials, their TensorBoard
+    logs and optuna.db. Works on a copy so the shared search stays intact."""
     ok(cnn_search["proc"])
     shutil.copytree(cnn_search["exp"], tmp_path / "artifacts" / "ray_results" / "cnn")
     shutil.copytree(cnn_search["tb"], tmp_path / "runs" / "search" / "cnn")
+    shutil.copytree(cnn_search["out"], tmp_path / "artifacts" / "search" / "cnn")
     space = cnn_search["root"] / "space.yaml"
     args = search_args(
         cnn_search["data"],
@@ -546,6 +547,9 @@ def test_existing_experiment_needs_resume_or_overwrite(cnn_search, tmp_path):
     )
     line = error_line(run_cli(args, tmp_path))
     assert "--overwrite" in line and "--resume" in line and "cnn" in line
+    line = error_line(run_cli([*args, "--storage-path", tmp_path / "elsewhere"], tmp_path))
+    assert "already has results" in line and "--overwrite" in line
+    assert not (tmp_path / "elsewhere").exists()
 
     ok(run_cli([*args, "--overwrite"], tmp_path))
     out = tmp_path / "artifacts" / "search" / "cnn"
@@ -579,6 +583,15 @@ def test_resume_goes_on_with_the_settings_the_search_started_with(cnn_search, tm
     smoke_space = default_space("cnn", smoke=True)
     line = error_line(run_cli([*args, "--search-space", smoke_space], tmp_path))
     assert "--search-space" in line and "differs" in line
+    # Nor a flag that changes the remaining trials' config, their data or trials at once.
+    line = error_line(run_cli([*args, "--max-steps-per-epoch", 1], tmp_path))
+    assert "max_steps_per_epoch would be 1" in line and "started with 0" in line
+    line = error_line(run_cli([*args, "--max-concurrent", 2], tmp_path))
+    assert "--max-concurrent 2" in line and "runs 1 trial(s) at once" in line
+    other = tmp_path / "other_data"
+    shutil.copytree(cnn_search["data"], other)
+    moved = [other if a == cnn_search["data"] else a for a in args]
+    assert "--data-dir" in error_line(run_cli(moved, tmp_path))
 
     before = read_trials(cnn_search["out"])
     ok(run_cli(args, tmp_path))  # no --search-space, --num-samples or --max-epochs
@@ -650,10 +663,16 @@ def test_all_trials_failing_is_an_error(tiny_data, tmp_path, batch_size):
         max_concurrent=2,
         num_cpus=2,
     )
+    out = tmp_path / "artifacts" / "search" / "cnn"
+    if batch_size == 8:  # over an earlier search's results: reproduce must not find them after
+        out.mkdir(parents=True)
+        for name in ("best_config.json", "learning_curves.png"):
+            (out / name).write_text("the earlier search's")
+        args.append("--overwrite")
     line = error_line(run_cli(args, tmp_path))
     assert "all 2 trials failed" in line and "NonFiniteLossError" in line
-    out = tmp_path / "artifacts" / "search" / "cnn"
     assert not (out / "best_config.json").exists()
+    assert not (out / "learning_curves.png").exists()
     rows = read_trials(out)
     assert [r["status"] for r in rows] == ["failed", "failed"]
     # Trials that never reported are still named by their Ray trial id, with their params.

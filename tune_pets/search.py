@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import json
 import logging
 import math
 import os
@@ -808,6 +809,11 @@ def run_search(
             f"experiment {name!r} already exists under {storage_path}; pass --resume to "
             f"continue it, --overwrite to start over, or --name NEW"
         )
+    if layout.best_config(name).is_file() and not resume and not overwrite:  # another storage
+        raise UserError(
+            f"search {name!r} already has results in {layout.search(name)}; pass --overwrite "
+            f"to replace them, or --name NEW"
+        )
     if warning := asha_warning(spec):
         print(warning, file=sys.stderr, flush=True)
     connect(address, num_cpus)
@@ -820,12 +826,16 @@ def run_search(
     )
     tb_root = layout.search_tb(name).resolve()
     if not resume:
-        # A new search replaces the old one's Ray state, TensorBoard logs and optuna.db, so
-        # neither TensorBoard nor optuna-dashboard mixes two searches.
+        # A new search replaces the old one's Ray state, TensorBoard logs and results, so
+        # neither TensorBoard nor optuna-dashboard mixes two searches, and a new search that
+        # fails leaves no old best_config.json for reproduce to retrain.
         for path in (exp_dir if exists else None, tb_root):
             if path is not None and path.exists():
                 shutil.rmtree(path)
-        layout.optuna_db(name).unlink(missing_ok=True)
+        old = [layout.best_config(name), layout.trials_csv(name), layout.search_spec(name)]
+        old += [layout.optuna_db(name), *layout.search(name).glob("*.png")]
+        for path in old:
+            path.unlink(missing_ok=True)
 
     t0 = time.time()
     data = load_fit_data(
@@ -863,7 +873,10 @@ def run_search(
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
-        save_spec(asked, val_fraction, layout.search_spec(name))  # once the data is known good
+        # once the data is known good
+        save_spec(
+            asked, val_fraction, base, data_dir, chosen.max_concurrent, layout.search_spec(name)
+        )
         tuner = make_tuner(
             fn,
             spec,
@@ -1005,7 +1018,7 @@ def build_parser() -> cli.ArgumentParser:
         type=cli.nonneg_int,
         help="cap steps per epoch, for smoke runs (0: no cap)",
     )
-    g.add_argument("--name", help="experiment name (default: the model)")
+    g.add_argument("--name", type=cli.plain_name, help="experiment name (default: the model)")
     g.add_argument(
         "--resume",
         action="store_true",
@@ -1054,9 +1067,54 @@ def spec_from_args(args: Any, model: ModelSpec) -> SearchSpec:
     return spec.replace(**{k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None})
 
 
-def save_spec(spec: SearchSpec, val_fraction: float, path: Path) -> None:
+def save_spec(
+    spec: SearchSpec,
+    val_fraction: float,
+    base: RunConfig,
+    data_dir: Path,
+    max_concurrent: int,
+    path: Path,
+) -> None:
     """The search as started (before resources are fitted to the cluster), for --resume."""
-    atomic_write_json(path, {"spec": dataclasses.asdict(spec), "val_fraction": val_fraction})
+    atomic_write_json(
+        path,
+        {
+            "spec": dataclasses.asdict(spec),
+            "val_fraction": val_fraction,
+            "base": base.to_dict(),  # every trial's config but the searched keys
+            "data_dir": str(Path(data_dir).resolve()),
+            "max_concurrent": max_concurrent,  # Ray restores its limiter with this limit
+        },
+    )
+
+
+def check_resumed_run(args: Any, base: RunConfig, data_dir: Path, path: Path) -> int | None:
+    """--resume trains the remaining trials as the first ones were trained: a flag that changes
+    their config (weights, step cap, ...), their data or the trials at once is refused. Returns
+    the trials-at-once limit the search was started with (None: a search_spec.json from before
+    tune_pets saved it, the config and the data; nothing to check)."""
+    saved = read_json(path, "search spec") if path.is_file() else {}
+    started = saved.get("max_concurrent", args.max_concurrent)
+    if args.max_concurrent not in (None, started):  # Ray restores the limit it started with
+        raise UserError(
+            f"--max-concurrent {args.max_concurrent}: search {path.parent.name!r} runs "
+            f"{started} trial(s) at once, as it was started; resume without --max-concurrent, "
+            "or start it anew with --overwrite"
+        )
+    now = json.loads(json.dumps(base.to_dict()))  # tuples as the file has them: lists
+    was = saved.get("base") if isinstance(saved.get("base"), dict) else now
+    if diff := [k for k in now if now[k] != was.get(k)]:
+        raise UserError(
+            f"--resume: {diff[0]} would be {now[diff[0]]!r}, but search {path.parent.name!r} "
+            f"was started with {was.get(diff[0])!r}; resume with the flags it was started "
+            "with, or start it anew with --overwrite"
+        )
+    if saved.get("data_dir", str(data_dir.resolve())) != str(data_dir.resolve()):
+        raise UserError(
+            f"--data-dir {args.data_dir}: search {path.parent.name!r} was started on "
+            f"{saved['data_dir']}; resume with that data, or start it anew with --overwrite"
+        )
+    return started
 
 
 def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, float]:
@@ -1117,6 +1175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.data_dir} not found: preparing the dataset there first", flush=True)
         prepare(Path(args.data_dir), progress=not args.no_progress)
     data_dir = cli.data_dir_from_args(args)
+    if args.resume:  # the resources line then shows the limit Ray restores
+        args.max_concurrent = check_resumed_run(args, base, data_dir, layout.search_spec(name))
     use_cluster_auth(args.address)
     try:
         with search_lock(layout.search_lock(name), name):  # a second search of name refuses
