@@ -360,10 +360,30 @@ def test_invalid_fixed_value_is_rejected_without_a_space(tmp_path, fixed):
 def test_fixed_value_checked_against_the_space_bounds(tmp_path):
     text = """\
         model: cnn
-        fixed: {epochs: 5}
+        max_epochs: 5
         space:
           warmup_epochs: {choice: [0, 5]}
     """
     path = write(tmp_path, text)
     with pytest.raises(UserError, match="warmup_epochs"):
         load_search_spec(path)
+
+
+@pytest.mark.parametrize(
+    "model, body, words",
+    [
+        ("cnn", "space: {epochs: {randint: [1, 2]}}", ["space.epochs", "max_epochs instead"]),
+        ("cnn", "fixed: {epochs: 4}", ["fixed.epochs", "max_epochs instead"]),
+        ("vit", "space: {img_size: {choice: [32, 96]}}", ["space.img_size", "own input size"]),
+        ("vit", "fixed: {img_size: 96}", ["fixed.img_size", "own input size"]),
+        ("cnn", "resources: {cpu: .nan}", ["resources.cpu must be > 0"]),
+        ("cnn", "resources: {cpu: 1, gpu: .nan}", ["resources.gpu >= 0"]),
+    ],
+)
+def test_keys_a_trial_would_ignore_are_refused(tmp_path, model, body, words):
+    """A searched epochs ran max_epochs anyway (and every trial read as stopped early), a vit
+    img_size changed nothing, a NaN resource made a search that waited forever."""
+    path = write(tmp_path, f"model: {model}\n{body}\n")
+    with pytest.raises(UserError) as e:
+        load_search_spec(path)
+    assert str(path) in str(e.value) and all(w in str(e.value) for w in words), e.value

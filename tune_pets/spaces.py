@@ -187,7 +187,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
             raise UserError(f"{path}: resources must be auto or a mapping with keys cpu and gpu")
         res = {k: _as_number(v, f"{path}: resources.{k}") for k, v in res.items()}
-        if res.get("cpu", 1) <= 0 or res.get("gpu", 0) < 0:
+        if not (res.get("cpu", 1) > 0 and res.get("gpu", 0) >= 0):  # NaN fails both
             raise UserError(f"{path}: resources.cpu must be > 0 and resources.gpu >= 0")
         kw["resources"] = {"cpu": res.get("cpu", 1), "gpu": res.get("gpu", 0)}
     fixed = raw.get("fixed") or {}
@@ -204,11 +204,18 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if not isinstance(space, dict):
         raise UserError(f"{path}: space must be a mapping of run-config keys to samplers")
     kw["space"] = {k: _parse_param(k, v, f"{path}: space.{k}") for k, v in space.items()}
+    for k in {*kw["space"], *kw["fixed"]} & {"epochs", "img_size"}:
+        where = f"{path}: {'space' if k in kw['space'] else 'fixed'}.{k}"
+        if k == "epochs":  # a trial runs max_epochs epochs (ASHA's max_t and the lr schedule)
+            raise UserError(f"{where}: a trial's epochs are max_epochs; set max_epochs instead")
+        if model_spec.fixed_input_size:
+            raise UserError(f"{where}: {model_spec.name} has its own input size; remove {k}")
     both = sorted(set(kw["space"]) & set(kw["fixed"]))
     if both:
         raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
     spec = SearchSpec(**kw)
-    base = model_spec.defaults.replace(**spec.fixed)  # known fields (checked above): no TypeError
+    # Known fields (checked above): no TypeError. A trial runs max_epochs epochs (base_config).
+    base = model_spec.defaults.replace(**spec.fixed, epochs=spec.max_epochs)
     validate_config(base, f"{path}: fixed")
     # Every value the space can produce must make a valid config: check the bounds.
     for name, (sampler, args) in spec.space.items():
