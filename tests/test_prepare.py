@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,6 +335,16 @@ def test_non_empty_folder_without_marker_is_refused(tmp_path):
     # An empty folder is fine: it is replaced by the prepared one.
     (out / "train").rmdir()
     assert prep.is_prepared(prep.write_dataset(dd, out, progress=False))
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_output_dir_without_a_name_is_refused(tmp_path, monkeypatch, name):
+    """The finished folder is renamed into place: '.' once crashed in Path.with_name."""
+    monkeypatch.chdir(tmp_path)
+    dd, _ = _hf_dataset()
+    with pytest.raises(UserError, match=rf"^--output-dir {re.escape(name)}: name a folder"):
+        prep.write_dataset(dd, Path(name), progress=False)
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_write_image_folder_duplicates_and_undecodable_bytes(tmp_path):

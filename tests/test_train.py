@@ -349,6 +349,8 @@ def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
         (["cnn", "--split-seed", "-1"], "--split-seed"),
         (["vit", "--img-size", "32", "--no-pretrained"], "--img-size"),
         (["cnn", "--label-smoothing", "1.5"], "--label-smoothing"),
+        (["cnn", "--run-name", ".."], "--run-name"),  # would reach outside artifacts/train/
+        (["vit", "--weights", "nofile.pt"], "--weights nofile.pt: file not found"),
     ],
 )
 def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, expect):
@@ -361,3 +363,14 @@ def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, e
     assert len(err.strip().splitlines()) == 1, err
     assert expect in err and "Traceback" not in err
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_a_path_option_naming_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """--cache-dir (or $TUNE_PETS_CACHE) naming a file: one line naming the path, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, ["cnn", "--data-dir", "sample", "--cache-dir", "afile", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "afile" in err and "--cache-dir" in err, err

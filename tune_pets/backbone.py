@@ -56,6 +56,8 @@ def backbone_tag(config: RunConfig) -> str:
     """Identifies the backbone's weights (part of the feature-cache key)."""
     if config.weights:
         p = Path(config.weights)
+        if not p.is_file():  # before stat(): a checkpoint may name a file that has gone since
+            raise UserError(f"--weights {p}: file not found")
         digest = hashlib.sha1(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
         return f"{config.backbone}-file{digest.hexdigest()[:10]}"
     return f"{config.backbone}-{'pretrained' if config.pretrained else f'random{RANDOM_INIT_SEED}'}"

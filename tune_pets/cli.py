@@ -77,6 +77,19 @@ nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a finite n
 fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
 
 
+def plain_name(text: str) -> str:
+    """An argparse type for names that become folders: one plain path component, so a name can
+    never reach outside its folder (``--name ..`` would have replaced the folder above)."""
+    if text in ("", ".", "..") or "/" in text or os.sep in text or "\0" in text:
+        raise argparse.ArgumentTypeError(
+            f"must be a plain folder name (no '/', not '.' or '..'), got {text!r}"
+        )
+    return text
+
+
+plain_name.__name__ = "a folder name"
+
+
 # ---------------------------------------------------------------- flag groups
 def add_model_arg(p: argparse.ArgumentParser, what: str = "which model") -> None:
     from tune_pets.models import get_spec, model_names
@@ -190,7 +203,10 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
-        changes["weights"] = args.weights
+        # Absolute: checkpoints and best_config.json are read from other working folders.
+        changes["weights"] = str(Path(args.weights).resolve())
+        if not Path(args.weights).is_file():  # now, not after the train split is decoded
+            raise UserError(f"--weights {args.weights}: file not found")
     spec = get_spec(base.model)
     if spec.fixed_input_size and "img_size" in changes:
         size = spec.data_config(base)["img_size"]

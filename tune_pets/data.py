@@ -140,7 +140,7 @@ def heldout_split_name(data_dir: Path) -> str:
             return name
     raise UserError(
         f"{data_dir}: no held-out split: expected a {' or '.join(HELDOUT_NAMES)}/ folder "
-        f"next to train/ (see README, 'Data layout')"
+        f"next to train/ (see README, 'Data')"
     )
 
 

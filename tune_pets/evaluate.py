@@ -125,7 +125,9 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_model_arg(p, "the model the checkpoint holds")
     p.add_argument("--checkpoint", required=True, help="a checkpoint_best.pt written by tune_pets")
     p.add_argument("--split", default="test", help="split folder to score")
-    p.add_argument("--name", help="name of the output folder (default: <model>-<split>)")
+    p.add_argument(
+        "--name", type=cli.plain_name, help="name of the output folder (default: <model>-<split>)"
+    )
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)

@@ -191,6 +191,8 @@ def is_prepared(output_dir: str | os.PathLike) -> bool:
 
 
 def _check_target(output_dir: Path) -> None:
+    if output_dir.name in ("", ".."):  # the finished folder is renamed into place: it needs a name
+        raise UserError(f"--output-dir {output_dir}: name a folder, e.g. data/oxford_pets")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file; pass a folder path")
     if output_dir.is_dir() and any(output_dir.iterdir()):

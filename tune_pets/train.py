@@ -169,7 +169,9 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_device_args(p)
     cli.add_hparam_args(p)
     cli.add_output_args(p)
-    p.add_argument("--run-name", help="name of this run's folders (default: the model)")
+    p.add_argument(
+        "--run-name", type=cli.plain_name, help="name of this run's folders (default: the model)"
+    )
     p.add_argument(
         "--overfit-batches",
         type=cli.positive_int,

@@ -46,6 +46,16 @@ def cli_main(
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (NotADirectoryError, FileExistsError, PermissionError) as e:
+        if debug or not e.filename:
+            raise
+        # A path option that names a file where a folder is due, or a folder it may not write.
+        print(
+            f"{prog}: error: {e.filename}: {e.strerror} (check the path options: --data-dir, "
+            "--artifacts-dir, --runs-dir, --cache-dir or $TUNE_PETS_CACHE)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except KeyboardInterrupt as e:
         # Commands may say what to do next (e.g. the resume command) in the exception's text.
         what = str(e) or (
