@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from tune_pets import hub
 from tune_pets import prepare as prep
-from tune_pets.backbone import build_backbone, token_features
+from tune_pets.backbone import backbone_tag, build_backbone, token_features
 from tune_pets.config import RunConfig
 from tune_pets.utils import UserError
 
@@ -130,6 +130,22 @@ def test_pretrained_backbone_from_hub_cache_offline(hub_cache, hub_weights, use_
     assert torch.equal(torch.get_rng_state(), rng), "building the backbone consumed global RNG"
     _assert_same(model, hub_weights)
     assert torch.equal(_features(model), _reference_features(hub_weights))
+
+
+def test_feature_cache_key_follows_the_hub_weights(tmp_path, hub_cache, hub_weights, use_hub):
+    """Features are cached by weights: other weights in the hub cache must not reuse them."""
+    config = RunConfig(backbone=BACKBONE, pretrained=True)
+    use_hub(hub_cache, offline=True)
+    first = backbone_tag(config)
+    assert first.startswith(f"{BACKBONE}-pretrained-"), first
+    other = tmp_path / "other_hub"
+    _write_hub_cache(other, _model(seed=7).state_dict())
+    use_hub(other, offline=True)
+    assert backbone_tag(config) not in (first, f"{BACKBONE}-pretrained")
+    use_hub(hub_cache, offline=True)
+    assert backbone_tag(config) == first
+    use_hub(tmp_path / "empty_hub", offline=True)  # not downloaded yet
+    assert backbone_tag(config) == f"{BACKBONE}-pretrained"
 
 
 def test_cached_weights_need_no_network(hub_cache, hub_weights, use_hub, monkeypatch):

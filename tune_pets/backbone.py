@@ -60,7 +60,12 @@ def backbone_tag(config: RunConfig) -> str:
             raise UserError(f"--weights {p}: file not found")
         digest = hashlib.sha1(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
         return f"{config.backbone}-file{digest.hexdigest()[:10]}"
-    return f"{config.backbone}-{'pretrained' if config.pretrained else f'random{RANDOM_INIT_SEED}'}"
+    if not config.pretrained:
+        return f"{config.backbone}-random{RANDOM_INIT_SEED}"
+    # The hub cache names a file by its content's hash: other hub weights, another key. Not yet
+    # downloaded: plain "pretrained" (features made then are recomputed once, keyed by the file).
+    found = _cached_weights(config.backbone) if _hub_repo(config.backbone) else None
+    return f"{config.backbone}-pretrained" + (f"-{found.resolve().name[:16]}" if found else "")
 
 
 def token_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
