@@ -365,12 +365,19 @@ def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, e
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_a_path_option_naming_a_file_is_one_line(tmp_path, monkeypatch, capsys):
-    """--cache-dir (or $TUNE_PETS_CACHE) naming a file: one line naming the path, exit 2."""
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--data-dir", "sample", "--cache-dir", "afile"], "--cache-dir"),
+        (["--data-dir", "afile"], "--data-dir afile is a file"),
+    ],
+)
+def test_a_path_option_naming_a_file_is_one_line(tmp_path, monkeypatch, capsys, flags, expect):
+    """--cache-dir (or $TUNE_PETS_CACHE) or --data-dir naming a file: one line, exit 2."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit) as e:
-        cli_main(main, ["cnn", "--data-dir", "sample", "--cache-dir", "afile", "--no-progress"])
+        cli_main(main, ["cnn", *flags, "--no-progress"])
     err = capsys.readouterr().err
     assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "afile" in err and "--cache-dir" in err, err
+    assert len(err.strip().splitlines()) == 1 and "afile" in err and expect in err, err

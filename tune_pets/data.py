@@ -146,6 +146,8 @@ def heldout_split_name(data_dir: Path) -> str:
 
 def check_data_dir(data_dir: str | os.PathLike) -> Path:
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file; point it at an ImageFolder root")
     if not data_dir.is_dir():
         raise UserError(
             f"--data-dir {data_dir} does not exist; run `python -m tune_pets.prepare "

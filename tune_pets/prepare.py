@@ -394,8 +394,9 @@ def release_splits(root: Path) -> dict[str, SplitSource]:
 
 # ---------------------------------------------------------------- loading a dataset
 OFFLINE_HELP = (
-    "without network, pass --from DIR (the official release: DIR/images and DIR/annotations, or "
-    "torchvision's OxfordIIITPet root), --dataset DIR (a copy of the hub dataset's parquet files), "
+    "without network, run python -m tune_pets.prepare with --from DIR (the official release: "
+    "DIR/images and DIR/annotations, or torchvision's OxfordIIITPet root) or --dataset DIR (a "
+    "copy of the hub dataset's parquet files), "
     "or copy an ImageFolder to DIR/train/<breed>/*.jpg and DIR/test/<breed>/*.jpg and pass "
     "--data-dir DIR to the other commands"
 )
