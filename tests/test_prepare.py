@@ -474,6 +474,13 @@ def test_release_without_comment_lines_or_torchvision_layout_detected(tmp_path):
         (
             lambda d: (
                 _noise_release(d),
+                _append(d / "annotations" / "trainval.txt", "Persian_0 24 1 1"),
+            ),
+            "Persian_0 is listed again (first on line",
+        ),
+        (
+            lambda d: (
+                _noise_release(d),
                 (d / "annotations" / "test.txt").write_text("Persian_0\n"),
             ),
             "test.txt:1: expected 'IMAGE CLASS_ID SPECIES BREED_ID'",
@@ -483,7 +490,16 @@ def test_release_without_comment_lines_or_torchvision_layout_detected(tmp_path):
             "test.txt: lists no images",
         ),
     ],
-    ids=["empty", "imagefolder", "absent", "missing-image", "in-both", "bad-line", "empty-list"],
+    ids=[
+        "empty",
+        "imagefolder",
+        "absent",
+        "missing-image",
+        "in-both",
+        "twice",
+        "bad-line",
+        "empty-list",
+    ],  # fmt: skip
 )
 def test_bad_from_dir_is_one_line(tmp_path, capsys, make, expect):
     src = tmp_path / "src"

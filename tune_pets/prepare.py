@@ -339,7 +339,7 @@ def release_root(folder: str | os.PathLike) -> Path:
 def read_split_list(path: Path) -> list[tuple[str, int]]:
     """``(image name, class id)`` per line ``Abyssinian_100 1 1 1`` (image, class id 1-37,
     species, breed id) of ``trainval.txt``/``test.txt``; blank and ``#`` lines are skipped."""
-    rows = []
+    rows, seen = [], {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -351,6 +351,9 @@ def read_split_list(path: Path) -> list[tuple[str, int]]:
             raise UserError(
                 f"{path}:{n}: expected 'IMAGE CLASS_ID SPECIES BREED_ID', got {line!r}"
             ) from None
+        # Written twice, an image could fall on both sides of the val split.
+        if (first := seen.setdefault(parts[0], n)) != n:
+            raise UserError(f"{path}:{n}: {parts[0]} is listed again (first on line {first})")
     if not rows:
         raise UserError(f"{path}: lists no images")
     return rows
