@@ -16,10 +16,11 @@ import pytest
 import torch
 from helpers import ok, run
 
+from tune_pets import cli
 from tune_pets.engine import FitData, NonFiniteLossError, load_fit_data
 from tune_pets.layout import Layout
 from tune_pets.models import get_spec
-from tune_pets.train import fit, main
+from tune_pets.train import build_parser, fit, main
 from tune_pets.utils import atomic_torch_save, cli_main
 
 METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "epoch_time_s")
@@ -381,3 +382,13 @@ def test_a_path_option_naming_a_file_is_one_line(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and "afile" in err and expect in err, err
+
+
+def test_weights_path_is_stored_absolute(tmp_path, monkeypatch):
+    """Checkpoints and best_config.json are read from other working folders: a relative
+    --weights once crashed evaluate there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    args = build_parser().parse_args(["vit", "--weights", "w.safetensors"])
+    config = cli.config_from_args(args, get_spec("vit").defaults)
+    assert config.weights == str(tmp_path / "w.safetensors")
