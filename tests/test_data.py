@@ -411,6 +411,15 @@ def test_val_split_file_written_and_reused(tiny_data, cache_dir, tmp_path):
     assert json.loads(split_file.read_text(encoding="utf-8"))["seed"] == 1
     assert va3.paths != va.paths and len(va3) == 8
 
+    # A resumed search (reuse_only) goes on with the saved split or stops; never a new one.
+    before = split_file.read_text(encoding="utf-8")
+    assert load_or_make_val_split(train, split_file, 0.2, seed=1, reuse_only=True)[1].paths == (
+        va3.paths
+    )
+    with pytest.raises(UserError, match="does not match the train images"):
+        load_or_make_val_split(train, split_file, 0.2, seed=0, reuse_only=True)
+    assert split_file.read_text(encoding="utf-8") == before
+
 
 def test_broken_val_split_file_is_replaced(tiny_data, cache_dir, tmp_path):
     train = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)

@@ -365,10 +365,15 @@ def stratified_split(
 
 
 def load_or_make_val_split(
-    train: ImageSplit, split_file: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+    train: ImageSplit,
+    split_file: str | os.PathLike,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    reuse_only: bool = False,
 ) -> tuple[ImageSplit, ImageSplit]:
     """Carve the search's val split out of ``train``; the file lists are saved (and reused when
-    they match the same data, fraction and seed) so the split can be audited."""
+    they match the same data, fraction and seed) so the split can be audited. ``reuse_only``
+    (a resumed search): a saved split for other data is an error, not replaced."""
     split_file = Path(split_file)
     pos = {p: i for i, p in enumerate(train.paths)}
     key = {"fingerprint": train.fingerprint, "val_fraction": val_fraction, "seed": seed}
@@ -380,6 +385,11 @@ def load_or_make_val_split(
             return train.subset(tr, "train"), train.subset(va, "val")
     except (json.JSONDecodeError, KeyError):
         pass  # stale or broken: make a fresh one below
+    if reuse_only and split_file.is_file():  # its trials were scored on the saved split
+        raise UserError(
+            f"{split_file}: does not match the train images now (added, removed or changed "
+            "since it was made, or the file was edited); go on with that data, or start anew"
+        )
     tr, va = stratified_split(train.labels, val_fraction, seed)
     lists = {"train": [train.paths[i] for i in tr], "val": [train.paths[i] for i in va]}
     counts = {"n_train": len(tr), "n_val": len(va)}

@@ -70,6 +70,7 @@ def load_fit_data(
     val_fraction: float = 0.2,
     split_file: str | Path | None = None,
     full_train: bool = False,
+    reuse_split: bool = False,
     cache_dir: str | Path | None = None,
     skip_bad: bool = False,
     device: torch.device | None = None,
@@ -79,7 +80,8 @@ def load_fit_data(
 ) -> FitData:
     """Decode (or read from cache) the train split, carve the val split (unless ``full_train``)
     and, for a features model, turn both into cached features. ``img_sizes``: every img_size a
-    search may ask for (the cache is built for the largest)."""
+    search may ask for (the cache is built for the largest). ``reuse_split``: the saved split
+    must fit the data (a resumed search), see ``load_or_make_val_split``."""
     spec = spec or get_spec(config.model)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     dc = spec.data_config(config)
@@ -97,7 +99,9 @@ def load_fit_data(
         if split_file is None:
             raise ValueError("split_file is required unless full_train=True")
         seed = config.val_split_seed
-        train, val = load_or_make_val_split(train_all, split_file, val_fraction, seed)
+        train, val = load_or_make_val_split(
+            train_all, split_file, val_fraction, seed, reuse_only=reuse_split
+        )
         info.update(
             split_file=str(split_file), val_fraction=val_fraction, split_seed=seed, n_val=len(val)
         )

@@ -843,6 +843,7 @@ def run_search(
         data_dir,
         val_fraction=val_fraction,
         split_file=layout.search_val_split(name),
+        reuse_split=resume,
         cache_dir=cache_dir,
         skip_bad=skip_bad,
         img_sizes=img_sizes(spec, base),
