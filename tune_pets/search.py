@@ -874,10 +874,8 @@ def run_search(
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
-        # once the data is known good
-        save_spec(
-            asked, val_fraction, base, data_dir, chosen.max_concurrent, layout.search_spec(name)
-        )
+        limit = chosen.max_concurrent
+        save_spec(asked, val_fraction, base, data_dir, limit, layout.search_spec(name))  # data ok
         tuner = make_tuner(
             fn,
             spec,
@@ -1076,7 +1074,8 @@ def save_spec(
     max_concurrent: int,
     path: Path,
 ) -> None:
-    """The search as started (before resources are fitted to the cluster), for --resume."""
+    """For --resume: the search as asked (before resources are fitted to the cluster), the
+    trials' base config, the data dir and the trials-at-once limit it was started with."""
     atomic_write_json(
         path,
         {
