@@ -330,25 +330,21 @@ def test_evaluate_cli_cnn(trained, tiny_data, monkeypatch, capsys):
     assert rows.count((name, "test")) == 1
 
 
-def test_evaluate_refuses_a_reproduce_tag_as_its_name(trained, tiny_data, tmp_path, capsys):
-    """--name cnn would replace reproduce's (cnn, test) row in metrics.csv."""
-    argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--name", "cnn_baseline")
-    argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
-    with pytest.raises(SystemExit) as e:
-        cli_main(main, argv, prog="python -m tune_pets.evaluate")
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "--name cnn_baseline" in err, err
-    assert not (tmp_path / "a").exists()
-
-
-def test_evaluate_missing_split_folder(trained, tiny_data, tmp_path, capsys):
-    argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, "--split", "holdout")
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--split", "holdout"], ["--split holdout", "{data}/holdout"]),
+        # --name cnn_baseline would replace reproduce's (cnn_baseline, test) row in metrics.csv.
+        (["--name", "cnn_baseline"], ["--name cnn_baseline", "reproduce result's tag"]),
+    ],
+)
+def test_evaluate_bad_flag_is_one_line(trained, tiny_data, tmp_path, capsys, flags, words):
+    argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, *flags)
     argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
     with pytest.raises(SystemExit) as e:
         cli_main(main, argv, prog="python -m tune_pets.evaluate")
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "--split holdout" in err and str(tiny_data / "holdout") in err
+    assert all(w.format(data=tiny_data) in err for w in words), err
     assert not (tmp_path / "a").exists()

@@ -40,10 +40,8 @@ def build_backbone(config: RunConfig) -> nn.Module:
         raise UserError(f"unknown timm backbone {name!r}")
     if not config.weights:
         return _from_hub(name) if config.pretrained else _create(name)
-    path = Path(config.weights)
+    path = _weights_file(config)
     option = f"--weights {path}"
-    if not path.is_file():
-        raise UserError(f"{option}: file not found")
     state = read_state_dict(path, option)
     model = _create(name)
     check_state_dict(model, state, option, name)
@@ -55,9 +53,7 @@ def build_backbone(config: RunConfig) -> nn.Module:
 def backbone_tag(config: RunConfig) -> str:
     """Identifies the backbone's weights (part of the feature-cache key)."""
     if config.weights:
-        p = Path(config.weights)
-        if not p.is_file():  # before stat(): a checkpoint may name a file that has gone since
-            raise UserError(f"--weights {p}: file not found")
+        p = _weights_file(config)  # before stat(): a checkpoint may name a file gone since
         digest = hashlib.sha1(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
         return f"{config.backbone}-file{digest.hexdigest()[:10]}"
     if not config.pretrained:
@@ -66,6 +62,13 @@ def backbone_tag(config: RunConfig) -> str:
     # downloaded: plain "pretrained" (features made then are recomputed once, keyed by the file).
     found = _cached_weights(config.backbone) if _hub_repo(config.backbone) else None
     return f"{config.backbone}-pretrained" + (f"-{found.resolve().name[:16]}" if found else "")
+
+
+def _weights_file(config: RunConfig) -> Path:
+    path = Path(config.weights)
+    if not path.is_file():
+        raise UserError(f"--weights {path}: file not found")
+    return path
 
 
 def token_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -203,10 +203,10 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
-        # Absolute: checkpoints and best_config.json are read from other working folders.
-        changes["weights"] = str(Path(args.weights).resolve())
         if not Path(args.weights).is_file():  # now, not after the train split is decoded
             raise UserError(f"--weights {args.weights}: file not found")
+        # Absolute: checkpoints and best_config.json are read from other working folders.
+        changes["weights"] = str(Path(args.weights).resolve())
     spec = get_spec(base.model)
     if spec.fixed_input_size and "img_size" in changes:
         size = spec.data_config(base)["img_size"]

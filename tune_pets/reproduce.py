@@ -96,8 +96,9 @@ def reproduce(
         def log(metrics: dict, _ckpt, seed: int = seed) -> None:
             print(f"{tag} seed {seed} " + format_epoch(metrics, config.epochs), flush=True)
 
-        clear_tb_events(layout.reproduce_tb(tag, seed))
-        result = fit(cfg, data, log, device=device, tb_dir=layout.reproduce_tb(tag, seed))
+        tb_dir = layout.reproduce_tb(tag, seed)
+        clear_tb_events(tb_dir)
+        result = fit(cfg, data, log, device=device, tb_dir=tb_dir)
         checkpoints.append(result.checkpoint)
         ev = evaluate_checkpoint(result.checkpoint, data_dir, heldout, device=device, **io)
         evals.append(ev)

@@ -874,8 +874,9 @@ def run_search(
         )
         print(f"resuming {name!r} from {exp_dir}", flush=True)
     else:
+        # Saved once the data is known good: --resume continues from it.
         limit = chosen.max_concurrent
-        save_spec(asked, val_fraction, base, data_dir, limit, layout.search_spec(name))  # data ok
+        save_spec(asked, val_fraction, base, data_dir, limit, layout.search_spec(name))
         tuner = make_tuner(
             fn,
             spec,
