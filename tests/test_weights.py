@@ -175,6 +175,19 @@ def test_hub_cache_with_other_weights_is_refused(tmp_path, use_hub):
     assert "missing" in msg and "cls_token" in msg and "unexpected" in msg
 
 
+def test_corrupt_hub_cache_file_is_named(tmp_path, hub_weights, use_hub):
+    """A truncated download in the hub cache: the error names the cached file (timm's own
+    error names neither it nor the cache) and says how to get it again."""
+    path = _write_hub_cache(tmp_path / "hub", hub_weights)
+    blob = path.resolve()
+    blob.write_bytes(blob.read_bytes()[:1000])
+    use_hub(tmp_path / "hub", offline=True)
+    with pytest.raises(UserError) as e:
+        build_backbone(RunConfig(backbone=BACKBONE, pretrained=True))
+    msg = str(e.value)
+    assert str(path) in msg and "delete that file" in msg and "\n" not in msg
+
+
 def test_offline_flag_without_cache_fails_at_once(tmp_path, use_hub):
     use_hub(tmp_path / "empty", offline=True)
     t0 = time.perf_counter()

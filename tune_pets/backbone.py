@@ -190,9 +190,11 @@ def _from_hub(name: str) -> nn.Module:
         why = f"{type(e).__name__}: {hub.first_line(e)}"
         if hub.is_network_error(e):
             raise UserError(_offline_message(name, repo, why)) from None
+        where = f"the hub cache file {cached}" if cached else f"the hub repo {repo}"
+        fix = "delete that file to download it again, " if cached else ""
         raise UserError(
-            f"could not load the pretrained weights of {name} from the hub repo {repo} "
-            f"({why}); pass --weights PATH, or --no-pretrained"
+            f"could not load the pretrained weights of {name} from {where} ({why}); "
+            f"{fix}pass --weights PATH, or --no-pretrained"
         ) from e
     path = cached or _cached_weights(name)
     if path is None:
