@@ -455,6 +455,8 @@ OPTION_CASES = [  # (command, extra args, words the error line must contain)
                                                       "absolute"]),
     ("reproduce", ["--seeds", "1", "1"], ["--seeds 1 1", "distinct"]),
     ("reproduce", ["--seed", "-1"], ["--seed", "-1"]),
+    # The search's seed was checked only in the config, whose error named the YAML file.
+    ("search", ["--seed", str(2**32)], ["--seed", str(2**32)]),
 ]  # fmt: skip
 _SEED = (
     "--seed had type=int in train.py/profiling.py and validate_config had no range for seed; "

@@ -42,6 +42,8 @@ from tune_pets.search import (
     asha_warning,
     build_parser,
     choose_resources,
+    resumed_spec,
+    save_spec,
     trial_device_label,
     _ray_classes,
 )
@@ -608,6 +610,19 @@ def test_resume_without_an_experiment_is_a_usage_error(tiny_data, tmp_path):
     line = error_line(proc)
     assert "--resume" in line and "never_ran" in line
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts").exists()  # the lock's folders are not left behind
+
+
+def test_resume_refuses_an_explicit_val_fraction_equal_to_the_default(tmp_path):
+    """0.2 given on the command line is a request like any other: refused when the search was
+    started with 0.3 (it was taken for "not given" while it was the flag's default)."""
+    spec = load_search_spec(default_space("cnn", smoke=True))
+    save_spec(spec, 0.3, RunConfig(), tmp_path, 1, tmp_path / "search_spec.json")
+    argv = ["cnn", "--resume", "--val-fraction", "0.2"]
+    with pytest.raises(UserError, match=r"--val-fraction 0.2: .* started with 0.3"):
+        resumed_spec(build_parser().parse_args(argv), spec, tmp_path / "search_spec.json")
+    args = build_parser().parse_args(["cnn", "--resume"])  # not given: the saved fraction
+    assert resumed_spec(args, spec, tmp_path / "search_spec.json")[1] == 0.3
 
 
 # ---------------------------------------------------------------- failing trials

@@ -72,6 +72,7 @@ def _number(parse: Callable[[str], float], ok: Callable[[float], bool], what: st
 
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 4294967295]")  # numpy's
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
 nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
@@ -126,13 +127,13 @@ def add_data_args(
     if val_split:
         g.add_argument(
             "--val-fraction",
-            type=fraction,
-            default=DEFAULT_VAL_FRACTION,
-            help="share of train held out as the validation split",
+            type=fraction,  # None when not given: --resume refuses only an explicit other value
+            help="share of train held out as the validation split "
+            f"(default: {DEFAULT_VAL_FRACTION})",
         )
         g.add_argument(
             "--split-seed",
-            type=nonneg_int,
+            type=seed_int,
             help=f"seed of the train/val split (default: {split_default})",
         )
 
@@ -181,7 +182,7 @@ HPARAMS = {  # flag -> (type, help)
     "weight_decay": (float, "weight decay"),
     "label_smoothing": (float, "label smoothing of the cross-entropy loss"),
     "max_steps_per_epoch": (nonneg_int, "cap steps per epoch, for smoke runs (0: no cap)"),
-    "seed": (nonneg_int, "seed of weights, batch order and augmentation"),
+    "seed": (seed_int, "seed of weights, batch order and augmentation"),
 }
 
 

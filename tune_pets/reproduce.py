@@ -192,8 +192,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--best-config", help=f"best_config.json (default: {default})")
     p.add_argument("--baseline", action="store_true", help="retrain the homework's config instead")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=cli.nonneg_int, help="one seed (default: the config's)")
-    seeds.add_argument("--seeds", type=cli.nonneg_int, nargs="+", help="several seeds: mean +- std")
+    seeds.add_argument("--seed", type=cli.seed_int, help="one seed (default: the config's)")
+    seeds.add_argument("--seeds", type=cli.seed_int, nargs="+", help="several seeds: mean +- std")
     p.add_argument(
         "--profile-steps",
         type=cli.nonneg_int,

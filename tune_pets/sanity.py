@@ -272,7 +272,7 @@ def build_parser() -> cli.ArgumentParser:
         help="images in each split's grid (default: max(36, number of classes), so every "
         "class appears; 0: no grids)",
     )
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the grid sample")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the grid sample")
     workers_help = "threads inspecting files (default: CPU count, at most 8)"
     p.add_argument("--workers", type=cli.positive_int, help=workers_help)
     cli.add_data_args(p, val_split=False, decode=False)

@@ -757,7 +757,9 @@ def make_tuner(
 @contextlib.contextmanager
 def search_lock(path: Path, name: str) -> Iterator[None]:
     """Hold ``path`` locked while a search of ``name`` runs: a second one refuses at once,
-    naming the running one (``exclusive_lock``: a killed search leaves no lock)."""
+    naming the running one (``exclusive_lock``: a killed search leaves no lock). Folders it
+    made stay only if the search wrote into them (a refused --resume leaves nothing)."""
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive_lock(path):
@@ -767,6 +769,10 @@ def search_lock(path: Path, name: str) -> Iterator[None]:
             f"search {name!r} is already running ({held}; lock {path}); wait for it to "
             f"finish, or pass --name NEW to run another search beside it"
         ) from None
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: the search's results are in it
+                folder.rmdir()
 
 
 def run_search(
@@ -1010,7 +1016,7 @@ def build_parser() -> cli.ArgumentParser:
     )
     g.add_argument(
         "--seed",
-        type=cli.nonneg_int,
+        type=cli.seed_int,
         help="seed of the TPE sampler and of every trial (weights, batch order, augmentation)",
     )
     g.add_argument(
@@ -1122,7 +1128,7 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
     """With --resume, the search as it was started, and its val fraction: it goes on with what
     Ray restores; a search flag that asks for something else is refused, not half-applied."""
     if not args.resume or not path.is_file():  # new, or from before search_spec.json: the flags
-        return spec, args.val_fraction
+        return spec, args.val_fraction or cli.DEFAULT_VAL_FRACTION
     saved = read_json(path, "search spec")
     try:
         space = {k: tuple(v) for k, v in saved["spec"]["space"].items()}
@@ -1131,7 +1137,7 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
     except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{path}: not a search spec written by tune_pets; delete it") from None
     asked = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None}
-    if args.val_fraction != cli.DEFAULT_VAL_FRACTION:
+    if args.val_fraction is not None:
         asked["val_fraction"] = args.val_fraction
     for key, value in asked.items():
         old = val_fraction if key == "val_fraction" else getattr(was, key)

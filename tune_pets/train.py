@@ -185,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, spec, config, device, layout = run.args, run.spec, run.config, run.device, run.layout
     run_name = args.run_name or spec.name
     out = layout.train_run(run_name)
-    options = {"val_fraction": args.val_fraction, "device": device, **cli.data_options(args)}
+    options = {
+        "val_fraction": args.val_fraction or cli.DEFAULT_VAL_FRACTION,
+        "device": device,
+        **cli.data_options(args),
+    }
     # The overfit check memorizes train batches and needs no val split: it must not rewrite
     # the run folder's val_split.json, which describes that folder's last training run.
     split = {"full_train": True} if args.overfit_batches else {"split_file": out / "val_split.json"}
