@@ -116,6 +116,14 @@ def test_load_rgb_16bit_png_keeps_its_range(tmp_path):
     assert 80 < arr.mean() < 160
 
 
+def test_load_rgb_float_tiff_in_0_1_is_not_black(tmp_path):
+    """A mode-F TIFF with values in [0, 1] (the float convention) once loaded all black."""
+    p = tmp_path / "float.tif"
+    Image.fromarray(np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40), "F").save(p)
+    arr = np.asarray(load_rgb(p)).astype(int)
+    assert arr.min() == 0 and arr.max() == 255 and 100 < arr.mean() < 155
+
+
 def test_load_rgb_applies_exif_orientation(tmp_path):
     p = tmp_path / "rotated.jpg"
     img = Image.fromarray(_noise(20, 40))

@@ -79,10 +79,12 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB of a decoded image: 16-bit scaled down, transparency composited over white."""
+    """8-bit RGB of a decoded image: 16-bit scaled down, float in [0, 1] (a float TIFF) scaled
+    up, transparency composited over white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if arr.size and arr.max() > 255 else 1.0
+        top = arr.max() if arr.size else 0.0
+        scale = 255.0 / 65535.0 if top > 255 else 255.0 if img.mode == "F" and top <= 1 else 1.0
         img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
