@@ -358,6 +358,17 @@ def test_skip_bad_images(tmp_path, make_image_folder, cache_dir):
     assert again.paths == s.paths and again.skipped == s.skipped
 
 
+def test_a_broken_symlink_is_a_bad_image(tmp_path, make_image_folder, cache_dir):
+    """A dangling link was skipped silently (``is_file()`` is False for it), so the data ran
+    short without a word; now it is a bad image like any unreadable file."""
+    root = make_image_folder(tmp_path / "d", {"a": (3, 1), "b": (3, 1)})
+    (root / "train" / "b" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(UserError, match=r"gone.jpg: a broken symlink \(to .*nowhere.jpg\)"):
+        load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
+    s = load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
+    assert len(s) == 6 and "gone.jpg" in s.skipped[0]
+
+
 def test_several_bad_images_are_counted(tmp_path, make_image_folder, cache_dir):
     root = make_image_folder(tmp_path / "d", {"a": (2, 1)})
     (root / "train" / "a" / "bad1.jpg").write_bytes(b"")

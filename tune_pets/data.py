@@ -75,6 +75,8 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         size = os.path.getsize(path) if os.path.exists(path) else -1
         why = "empty file (0 bytes)" if size == 0 else f"unreadable or truncated image ({e})"
+        if os.path.islink(path) and size < 0:
+            why = f"a broken symlink (to {os.readlink(path)})"
         raise BadImageError(f"{path}: {why}") from None
 
 
@@ -196,7 +198,9 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
         files = sorted(
             p
             for p in d.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1])
+            # A broken symlink is listed: it fails to load like any unreadable image.
+            if (p.is_file() or p.is_symlink() and not p.exists())
+            and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1])
         )
         n_before = len(paths)
         for p in files:
@@ -215,7 +219,8 @@ def fingerprint(data_dir: Path, index: SplitIndex) -> str:
     """Content key of a split: paths, sizes and mtimes (cheap; changes when any file does)."""
     h = hashlib.sha1(f"v{CACHE_VERSION}|{index.name}|{'|'.join(index.classes)}".encode())
     for rel, label in zip(index.paths, index.labels, strict=True):
-        st = (data_dir / rel).stat()
+        path = data_dir / rel
+        st = path.stat() if path.exists() else path.lstat()  # a broken symlink: the link
         h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
