@@ -835,6 +835,27 @@ def test_ctrl_c_during_search_prints_a_resume_command_that_works(tmp_path, good_
     assert len(rows) == n and len({r["trial_id"] for r in rows}) == n
 
 
+@pytest.mark.slow
+def test_ctrl_c_after_the_last_trial_started_is_still_an_interrupt(tmp_path, good_data):
+    """Tune's own Ctrl-C handler marks running trials TERMINATED: a one-trial search stopped
+    mid-trial exited 0 with the trial recorded as "stopped early", and pipeline went on."""
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=1, epochs=400))
+    proc = start("search", cli_args("search", good_data, tmp_path), tmp_path)
+    try:
+        deadline = time.monotonic() + 150
+        states = tmp_path / "artifacts" / "ray_results" / "cnn"
+        while not any(states.glob("trial_*/train_state.pt")):  # an epoch done: it runs
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch in 150 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 130, f"exit {proc.returncode}: {out[-1500:]}"
+    assert "interrupted" in err.strip().splitlines()[-1] and "--resume" in err, err[-2000:]
+    assert not (tmp_path / "artifacts" / "search" / "cnn" / "best_config.json").exists()
+
+
 # ---------------------------------------------------------------- two experiments, one storage
 @pytest.mark.slow
 def test_two_named_searches_share_a_storage_path_without_interfering(tmp_path, good_data):

@@ -461,6 +461,31 @@ def _stop_if_disk_full(trial, failures: Sequence[str]) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops_tune(seen: list[bool]) -> Iterator[None]:
+    """Ctrl-C during ``tuner.fit()`` stops Tune as its SIGUSR1 does (state saved, trials
+    ended) and is noted in ``seen``. Tune's own SIGINT handler is switched off: it marks the
+    running trials TERMINATED, so a search stopped after its last trial had started looked
+    finished and exited 0. A second Ctrl-C raises KeyboardInterrupt."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when tuner.fit() starts
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum, frame) -> None:
+        seen.append(True)
+        stop = signal.getsignal(signal.SIGUSR1)
+        signal.signal(signal.SIGINT, previous)
+        if not callable(stop):  # Tune is not running yet
+            raise KeyboardInterrupt
+        stop(signal.SIGUSR1, frame)  # Tune's handler; it sets SIGINT back to its original
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _failures(error_file: str | Path | None) -> list[str]:
     """Each failure Tune recorded in a trial's ``error.txt``, oldest first: its process died,
     or Ray could not run it."""
@@ -895,15 +920,17 @@ def run_search(
         )
     t1 = time.time()
     _DISK_FULL.clear()
-    grid = tuner.fit()
+    ctrl_c: list[bool] = []
+    with _ctrl_c_stops_tune(ctrl_c):
+        grid = tuner.fit()
     search_s = time.time() - t1
     if _DISK_FULL:
         raise OSError(errno.ENOSPC, f"{_DISK_FULL[0]} under {storage_path}")
-    # Ray returns from fit on Ctrl-C too, after saving its state: then some trial is unfinished,
-    # or fewer than num_samples were started (unless the time budget ran out).
+    # Ray returns from fit when stopped too, after saving its state: by Ctrl-C, or by a SIGUSR1
+    # from outside (then some trial is unfinished, or fewer than num_samples were started).
     budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
     finished = grid.num_terminated + grid.num_errors
-    if not budget_spent and (finished < len(grid) or len(grid) < spec.num_samples):
+    if ctrl_c or not budget_spent and (finished < len(grid) or len(grid) < spec.num_samples):
         return None
     records = records_from_grid(grid, spec)
     _remove_orphans(grid, records, exp_dir, tb_root)
