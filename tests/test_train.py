@@ -337,6 +337,26 @@ def test_cli_overfit_check(tiny_data, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_rerun_that_cannot_start_leaves_the_earlier_run_whole(tiny_data, tmp_path, capsys):
+    """A rerun of a run name whose --runs-dir is a file: it once deleted the earlier run's
+    checkpoint, config.json and metrics.json before failing on the TensorBoard folder."""
+    argv = cnn_args(tiny_data, tmp_path, "runs")
+    argv[argv.index("--epochs") + 1] = 1
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, list(map(str, argv)))
+    assert e.value.code == 0
+    out = Layout(tmp_path / "artifacts").train_run("cnn")
+    before = {
+        f: (out / f).read_bytes() for f in ("checkpoint_best.pt", "config.json", "metrics.json")
+    }
+    (tmp_path / "not_a_dir").write_text("")
+    argv[argv.index("--runs-dir") + 1] = tmp_path / "not_a_dir"
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, list(map(str, argv)))
+    assert e.value.code == 2 and "not_a_dir" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in before} == before
+
+
 # Bad flags in process (fast). The same contract through a real process, for every command, and
 # the flags these cases do not cover (unknown model, --batch-size 0, a missing or train-less
 # data dir): test_hardening.py.

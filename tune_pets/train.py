@@ -208,14 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if ok else 1
 
     tb_dir = layout.train_tb(run_name)
-    ckpt_path = out / "checkpoint_best.pt"
-    # An earlier run's files: an interrupted run must not leave them beside its own, nor point
-    # to their checkpoint as its best so far.
-    for stale in ("checkpoint_best.pt", "config.json", "metrics.json"):
-        (out / stale).unlink(missing_ok=True)
+    tb_dir.mkdir(parents=True, exist_ok=True)  # a bad --runs-dir fails before anything is gone
     clear_tb_events(tb_dir)
+    ckpt_path = out / "checkpoint_best.pt"
+    epochs_done: list[int] = []
 
     def log(metrics: dict, ckpt: dict | None) -> None:
+        if not epochs_done:
+            # An earlier run's results go with this run's first epoch, not before: a start that
+            # fails or is interrupted leaves them whole; one that trains never mixes the two.
+            for stale in ("checkpoint_best.pt", "config.json", "metrics.json"):
+                (out / stale).unlink(missing_ok=True)
+        epochs_done.append(metrics["epoch"])
         if ckpt is not None:
             atomic_torch_save(ckpt, ckpt_path)
         print(format_epoch(metrics, config.epochs) + (" *" if ckpt else ""), flush=True)
@@ -223,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = fit(config, data, log, device=device, tb_dir=tb_dir, progress=not args.no_progress)
     except KeyboardInterrupt:
+        if not epochs_done:
+            raise KeyboardInterrupt(f"no epoch finished; {out} is as it was") from None
         raise KeyboardInterrupt(
             (f"the best checkpoint so far is {ckpt_path}; " if ckpt_path.is_file() else "")
             + "config.json and metrics.json were not written; run the same command again to "
