@@ -525,11 +525,11 @@ def test_two_searches_of_one_name_and_a_stale_lock(tiny_data, tmp_path):
 
 # ---------------------------------------------------------------- 5. disk full
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size_kb: int):
+def small_tmpfs(path: Path, size_kb: int, options: str = ""):
     """A tmpfs of ``size_kb`` at ``path`` (root only; the test skips elsewhere)."""
     path.mkdir(parents=True, exist_ok=True)
     mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", f"{options}size={size_kb}k", "tmpfs", str(path)],
         capture_output=True,
         text=True,
     )
@@ -565,6 +565,30 @@ def ray_state_is_whole(exp: Path) -> int:
     """The newest experiment_state-*.json parses (what --resume reads); its trial count."""
     newest = max(exp.glob("experiment_state-*.json"))  # by name: the session's start time
     return len(json.loads(newest.read_text())["trial_data"])
+
+
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(tiny_data, tmp_path, capsys):
+    """Outside the search too: train's checkpoint on a full disk was torch's RuntimeError
+    ("unexpected pos ..."), a read-only --artifacts-dir an OSError traceback; exit 1 both."""
+    from tune_pets import sanity, train
+    from tune_pets.utils import cli_main
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    argv = ["cnn", "--data-dir", tiny_data, "--epochs", 1, "--img-size", 32, "--no-progress"]
+    argv += ["--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs"]
+    with small_tmpfs(tmp_path / "full", 512) as full:  # room for val_split.json, not the CNN
+        with pytest.raises(SystemExit) as e:
+            cli_main(train.main, list(map(str, [*argv, "--artifacts-dir", full])))
+        line = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in line, line
+        assert "checkpoint_best.pt: No space left on device" in line and "free space" in line
+        assert not list(full.rglob("*.tmp"))
+    with small_tmpfs(tmp_path / "ro", 64, "ro,") as ro:
+        with pytest.raises(SystemExit) as e:
+            cli_main(sanity.main, ["--data-dir", str(tiny_data), "--artifacts-dir", str(ro)])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{ro}/data_sanity: Read-only file system" in line, line
 
 
 def test_storage_keeps_the_last_whole_snapshot_when_the_disk_fills(tmp_path):

@@ -59,7 +59,7 @@ from tune_pets.spaces import PICK_RULES, SearchSpec, default_space, load_search_
 from tune_pets.utils import (
     LockHeld,
     UserError,
-    atomic_path,
+    atomic_torch_save,
     atomic_write_json,
     cli_main,
     env_info,
@@ -287,9 +287,9 @@ def _run_trial(
         if folder is None:
             return
         if best is not None:
-            _save(best, folder / BEST_CHECKPOINT_FILE)
+            atomic_torch_save(best, folder / BEST_CHECKPOINT_FILE)
         # After the report: a trial killed in between repeats this epoch rather than skip it.
-        _save({**state, "best_ckpt": None, "reports": reports}, state_file)
+        atomic_torch_save({**state, "best_ckpt": None, "reports": reports}, state_file)
 
     fit(
         config,
@@ -303,19 +303,6 @@ def _run_trial(
         resume=resume,
         on_state=state.update if folder else None,  # no folder: nothing to restart from
     )
-
-
-def _save(obj: dict, path: Path) -> None:
-    """``torch.save`` to memory, then an atomic write: a full disk raises OSError(ENOSPC), not
-    torch's RuntimeError that names no cause."""
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
 
 
 def trial_device_label(gpu_ids: Sequence[str], cuda_available: bool) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -30,6 +31,9 @@ class UserError(Exception):
     """An expected failure caused by input: printed as one line, exit code 2."""
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk, not the code
+
+
 def cli_main(
     main: Callable[[Sequence[str] | None], int | None],
     argv: Sequence[str] | None = None,
@@ -46,15 +50,19 @@ def cli_main(
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (NotADirectoryError, FileExistsError, PermissionError) as e:
-        if debug or not e.filename:
+    except OSError as e:
+        # A path option that names a file where a folder is due, a folder it may not write, a
+        # read-only or a full disk: one line naming the file.
+        path_error = isinstance(e, (NotADirectoryError, FileExistsError, PermissionError))
+        if debug or not e.filename or not (path_error or e.errno in _DISK_ERRNOS):
             raise
-        # A path option that names a file where a folder is due, or a folder it may not write.
-        print(
-            f"{prog}: error: {e.filename}: {e.strerror} (check the path options: --data-dir, "
-            "--artifacts-dir, --runs-dir, --cache-dir or $TUNE_PETS_CACHE)",
-            file=sys.stderr,
+        fix = (
+            "free space, then run the same command again; files written before are whole"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the path options: --data-dir, --artifacts-dir, --runs-dir, "
+            "--cache-dir or $TUNE_PETS_CACHE"
         )
+        print(f"{prog}: error: {e.filename}: {e.strerror} ({fix})", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         # Commands may say what to do next (e.g. the resume command) in the exception's text.
@@ -79,6 +87,10 @@ def atomic_path(path: str | os.PathLike) -> Iterable[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write names no file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -111,10 +123,14 @@ def atomic_write_csv(
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to memory, then an atomic write: a full disk raises OSError(ENOSPC)
+    naming ``path``, not torch's RuntimeError that names no cause."""
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def _json_default(o: Any) -> Any:
