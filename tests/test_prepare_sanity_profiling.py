@@ -225,6 +225,36 @@ def test_profile_cnn_cli(odd_data, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temp files left"
 
 
+@pytest.mark.slow
+def test_interrupted_profiling_leaves_the_previous_profile_whole(odd_data, tmp_path):
+    """Ctrl-C in the timed steps, after the new trace is written: the folder once held the new
+    trace beside the old summary.json, whose trace_files named a deleted file."""
+    import signal
+    import time
+
+    from helpers import kill_session, start
+
+    args = _profile_args("cnn", odd_data, tmp_path, "--img-size", 64, "--batch-size", 8)
+    assert _run_cli(profiling.main, [*args, "--steps", "2"]) == 0
+    out = tmp_path / "art/profiling/cnn"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = start("profiling", [*args, "--steps", 100], tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        # A new trace, wherever it waits, is written: the timed steps are running.
+        while not {p.name for p in out.glob("**/*.pt.trace.json")} - set(before):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert all((out / name).is_file() for name in summary["trace_files"])
+
+
 def test_profile_vit_cli(odd_data, tmp_path):
     args = _profile_args("vit", odd_data, tmp_path, "--no-pretrained", "--steps", 3,
                          "--backbone-batches", 1)  # fmt: skip

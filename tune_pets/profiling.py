@@ -15,7 +15,6 @@ unprofiled run of ``--steps`` steps, as the profiler's overhead would inflate th
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -187,28 +186,51 @@ def run_profile(
     device = device or torch.device("cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_name = config.model
     # Kineto logs USDT probe lines and, without a GPU, a GPU-count ERROR on every run; 6 is above
     # every level. It reads this when the profiler first starts.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     # what fit runs: Engine.step on the train batches of epoch 1, 2, ...
     engine = Engine(config, data, device)
-    batches = engine.batches.forever()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # The new trace replaces the old one only once complete (a killed run leaves the old one).
-    trace_tmp = Path(tempfile.mkdtemp(prefix=".trace-", dir=out_dir))
-    try:
-        prof, prof_s = _profiled_run(engine, batches, steps, trace_tmp, memory)
-        traces = sorted(trace_tmp.glob(TRACE_GLOB))
-        if traces:
-            for old in out_dir.glob(TRACE_GLOB):
-                old.unlink()
-            for t in traces:
-                os.replace(t, out_dir / t.name)
-    finally:
-        shutil.rmtree(trace_tmp, ignore_errors=True)
+    # The new trace waits in a temp folder until every number is measured, then replaces the
+    # old one with the files that describe it: a run stopped before leaves the old set whole.
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=out_dir) as tmp:
+        summary, rows, table = _measure(
+            config, data, engine, steps, Path(tmp), memory, backbone_images, backbone_batches
+        )
+        traces = sorted(Path(tmp).glob(TRACE_GLOB))
+        for old in out_dir.glob(TRACE_GLOB) if traces else ():
+            old.unlink()
+        for t in traces:
+            os.replace(t, out_dir / t.name)
+    summary["trace_files"] = sorted(p.name for p in out_dir.glob(TRACE_GLOB))
+    atomic_write_csv(out_dir / TOP_OPS_CSV, rows)
+    header = (
+        f"# {config.model}: {summary['step']}; {steps} profiled steps, batch {config.batch_size}, "
+        f"img {summary['img_size']}px, device {engine.device}; sorted by self CPU time\n"
+    )
+    atomic_write_text(out_dir / TOP_OPS_TXT, header + table + "\n")
+    atomic_write_json(out_dir / PROFILE_SUMMARY, summary)
+    return summary
+
+
+def _measure(
+    config: RunConfig,
+    data: FitData,
+    engine: Engine,
+    steps: int,
+    trace_dir: Path,
+    memory: bool,
+    backbone_images: np.ndarray | None,
+    backbone_batches: int,
+) -> tuple[dict, list[dict], str]:
+    """The profiled steps (trace into ``trace_dir``), then the timed ones: the summary, and the
+    top ops as CSV rows and as the profiler's table."""
+    device = engine.device
+    batches = engine.batches.forever()
+    prof, prof_s = _profiled_run(engine, batches, steps, trace_dir, memory)
     rows, table = top_ops(prof)
     del prof
 
@@ -218,7 +240,7 @@ def run_profile(
     spe = engine.steps_per_epoch
     env = env_info()
     summary = {
-        "model": model_name,
+        "model": config.model,
         "step": (
             "full CNN on augmented image batches"
             if data.kind == "images"
@@ -244,7 +266,6 @@ def run_profile(
         "trainable_params": sum(p.numel() for p in engine.model.parameters() if p.requires_grad),
         "precision": engine.precision,
         "profile_memory": memory,
-        "trace_files": sorted(p.name for p in out_dir.glob(TRACE_GLOB)),
         "top_ops": [r["name"] for r in rows[:5]],
     }
     if device.type == "cuda":
@@ -258,15 +279,7 @@ def run_profile(
         summary.update(bb)
     summary["config"] = config.to_dict()
     summary["env"] = env
-
-    atomic_write_csv(out_dir / TOP_OPS_CSV, rows)
-    header = (
-        f"# {model_name}: {summary['step']}; {steps} profiled steps, batch {config.batch_size}, "
-        f"img {summary['img_size']}px, device {device}; sorted by self CPU time\n"
-    )
-    atomic_write_text(out_dir / TOP_OPS_TXT, header + table + "\n")
-    atomic_write_json(out_dir / PROFILE_SUMMARY, summary)
-    return summary
+    return summary, rows, table
 
 
 def _max_rss_mb() -> float | None:
