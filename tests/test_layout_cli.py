@@ -333,3 +333,36 @@ def test_report_says_how_many_steps_a_profile_rests_on(flagged_report):
     assert "5 steps" in short and "short sample" in short and "--profile-steps" in short, short
     enough = flagged_report.split("### Profile (cnn_baseline)\n")[1].split("###")[0]
     assert "50 steps" in enough and "short sample" not in enough, enough
+
+
+# ---------------------------------------------------------------- metrics.csv, its one writer
+def test_metrics_csv_rows_from_concurrent_writers_are_all_kept(tmp_path):
+    """An evaluate during a reproduce into one --artifacts-dir: each read-change-replace of
+    metrics.csv once raced the other (2 x 100 rows ended as 149)."""
+    code = (
+        "import sys; from pathlib import Path; from tune_pets.records import write_metrics_row\n"
+        "for i in range(100):\n"
+        "    write_metrics_row(Path(sys.argv[1]), f'{sys.argv[2]}{i}', 'test', {'accuracy': i})\n"
+    )
+    path = tmp_path / "metrics.csv"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), tag], env=env())
+        for tag in ("a", "b")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    rows = path.read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1 + 200 and len(set(rows)) == 201
+
+
+@pytest.mark.parametrize(
+    "content", [bytes(range(256)), b"a,b\n1,2\n"], ids=["not-text", "other-columns"]
+)
+def test_metrics_csv_that_is_not_the_table_is_refused_not_overwritten(tmp_path, content):
+    from tune_pets.records import write_metrics_row
+    from tune_pets.utils import UserError
+
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"metrics.csv: not a table with the columns model, split"):
+        write_metrics_row(path, "cnn", "test", {"accuracy": 0.5})
+    assert path.read_bytes() == content

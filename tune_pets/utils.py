@@ -156,14 +156,44 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 def upsert_csv_row(
     path: str | os.PathLike, row: dict, key: Sequence[str], fieldnames: Sequence[str]
 ) -> None:
-    """Insert ``row`` into the CSV at ``path``, replacing a row with the same ``key`` values."""
+    """Insert ``row`` into the CSV at ``path``, replacing a row with the same ``key`` values.
+    Writers in other processes wait their turn (read, change, replace: two at once lost rows);
+    a file that is not such a table is an error, never overwritten."""
     path = Path(path)
-    rows: list[dict] = []
-    if path.is_file():
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    rows = [r for r in rows if any(str(r.get(k)) != str(row[k]) for k in key)]
-    atomic_write_csv(path, [*rows, dict(row)], fieldnames)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        rows: list[dict] = []
+        if path.is_file():
+            try:
+                with path.open(newline="", encoding="utf-8") as f:
+                    reader = csv.DictReader(f)
+                    rows = list(reader)
+                table = set(key) <= set(reader.fieldnames or key)  # an empty file is one
+            except (UnicodeDecodeError, csv.Error):
+                table = False
+            if not table:
+                raise UserError(
+                    f"{path}: not a table with the columns {', '.join(fieldnames)}; move it "
+                    "away (it is left as it is) and run again"
+                )
+        rows = [r for r in rows if any(str(r.get(k)) != str(row[k]) for k in key)]
+        atomic_write_csv(path, [*rows, dict(row)], fieldnames)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """A blocking ``flock`` on ``folder`` itself (no lock file left behind), where there is one."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- seeding and environment
