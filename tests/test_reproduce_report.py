@@ -611,6 +611,23 @@ def _bash(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)  # fmt: skip
 
 
+def test_pipeline_refuses_to_replace_an_earlier_search_unasked(tmp_path, capsys):
+    """It passed --overwrite to every search: a smoke pipeline into the default artifacts/
+    deleted a real search's results and Ray state without a word."""
+    from tune_pets import pipeline
+    from tune_pets.utils import cli_main
+
+    best = write_best_config(tmp_path / "A" / "search" / "cnn" / "best_config.json")
+    argv = ["--smoke", "--models", "cnn", "--artifacts-dir", str(tmp_path / "A")]
+    with pytest.raises(SystemExit) as e:
+        cli_main(pipeline.main, argv)
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "search 'cnn' already has results" in line
+    assert "--overwrite" in line and "--resume" in line and "--skip-search" in line
+    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == ["search"]  # nothing ran
+    assert best.is_file()
+
+
 def test_run_pipeline_sh_help(tmp_path):
     proc = _bash(REPO / "scripts" / "run_pipeline.sh", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

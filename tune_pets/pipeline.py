@@ -55,7 +55,12 @@ def build_parser() -> cli.ArgumentParser:
     smoke_help = "tiny search spaces on the shipped sample, short retrains: minutes on CPU"
     p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
-    p.add_argument("--skip-search", action="store_true", help="reuse existing search results")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--skip-search", action="store_true", help="reuse existing search results")
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace a model's earlier search (else refused)"
+    )
+    again.add_argument("--resume", action="store_true", help="continue each model's search")
     _forward_flags(p, search, SEARCH_FLAGS)
     g = _forward_flags(
         p, reproduce, ("seeds", "profile_steps"),
@@ -94,6 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rc := module.main(argv):
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
+    if not (args.skip_search or args.overwrite or args.resume):  # before any step runs
+        layout = cli.layout_from_args(args)
+        for model in args.models:
+            ray_state = layout.ray_results / model
+            if layout.best_config(model).is_file() or any(ray_state.glob("experiment_state-*")):
+                raise UserError(
+                    f"search {model!r} already has results in {args.artifacts_dir}; pass "
+                    f"--overwrite to run it anew, --resume to continue it, --skip-search to "
+                    f"reuse it, or another --artifacts-dir"
+                )
     if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
         from tune_pets.prepare import prepare
 
@@ -113,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.search_space_dir
                 else default_space(model, smoke=args.smoke)
             )
-            s = [model, "--search-space", str(space), "--overwrite", *common, *art, *extra]
+            again = ["--overwrite"] if args.overwrite else ["--resume"] if args.resume else []
+            s = [model, "--search-space", str(space), *again, *common, *art, *extra]
             s += ["--runs-dir", args.runs_dir]
             for flag in SEARCH_FLAGS:
                 if getattr(args, flag) is not None:
