@@ -366,3 +366,31 @@ def test_metrics_csv_that_is_not_the_table_is_refused_not_overwritten(tmp_path, 
     with pytest.raises(UserError, match=r"metrics.csv: not a table with the columns model, split"):
         write_metrics_row(path, "cnn", "test", {"accuracy": 0.5})
     assert path.read_bytes() == content
+
+
+# ---------------------------------------------------------------- report on damaged artifacts
+def test_report_shows_damaged_artifacts_as_damaged_and_still_writes(tmp_path, capsys):
+    """Valid JSON of the wrong shape crashed the report (AttributeError), a non-UTF-8
+    top_ops.csv too (UnicodeDecodeError); an unreadable file was shown as "missing"."""
+    from tune_pets import report
+    from tune_pets.utils import cli_main
+
+    layout = Layout(tmp_path / "A")
+    files = {
+        layout.sanity_summary: b"[]",
+        layout.profile("cnn") / "summary.json": b"[1, 2]",
+        layout.profile("cnn") / "top_ops.csv": bytes(range(256)),
+        layout.result_metrics("cnn"): b'{"test_acc": 0.5',
+        layout.best_config("cnn"): b'"x"',
+    }
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        cli_main(report.main, ["--artifacts-dir", str(layout.artifacts)])
+    assert e.value.code == 0, capsys.readouterr().err
+    text = layout.report.read_text(encoding="utf-8")
+    for what in ("data sanity summary", "metrics.json (run `python -m tune_pets.reproduce cnn`)",
+                 "search results in `search/cnn/`", "profiler/cnn/summary.json"):  # fmt: skip
+        assert f"_damaged: {what}" in text, what
+    assert "_missing: metrics.json (run `python -m tune_pets.reproduce vit`)" in text

@@ -31,10 +31,13 @@ VERSIONS = ("python", "torch", "torchvision", "timm", "ray", "optuna", "sklearn"
 
 
 def _json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when it is missing or damaged (not UTF-8, not JSON,
+    not an object)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -51,8 +54,10 @@ def _img(layout: Layout, path: Path, alt: str) -> str:
     return f"![{alt}]({rel})" if path.is_file() else f"_missing: `{rel}`_"
 
 
-def _missing(what: str, how: str) -> str:
-    return f"_missing: {what} (run `{how}`)_"
+def _missing(what: str, how: str, path: Path | None = None) -> str:
+    """A file the report needs: missing, or there but unreadable (``path``, where known)."""
+    state = "damaged" if path is not None and path.exists() else "missing"
+    return f"_{state}: {what} (run `{how}`)_"
 
 
 def _reproduce_cmd(tag: str) -> str:
@@ -65,7 +70,8 @@ def data_section(layout: Layout) -> list[str]:
     out = ["## Data", ""]
     s = _json(layout.sanity_summary)
     if s is None:
-        return out + [_missing("data sanity summary", "python -m tune_pets.sanity"), ""]
+        how = "python -m tune_pets.sanity"
+        return out + [_missing("data sanity summary", how, layout.sanity_summary), ""]
     counts = ", ".join(f"{n} {k}" for k, n in s.get("counts", {}).items())
     out += [
         f"`{s.get('data_dir')}`: {s.get('num_classes')} classes; {counts} images; "
@@ -116,7 +122,7 @@ def results_section(layout: Layout) -> list[str]:
             tag = result_tag(model, baseline)
             m = ReproduceResult.read_or_none(layout.result_metrics(tag))
             if m is None:
-                how = _missing("metrics.json", _reproduce_cmd(tag))
+                how = _missing("metrics.json", _reproduce_cmd(tag), layout.result_metrics(tag))
                 out.append(f"| {model} | {label} | | | | | | {how} | | |")
                 continue
             pair[baseline] = m
@@ -166,7 +172,8 @@ def search_section(layout: Layout, model: str) -> list[str]:
     out = [f"### Search ({model})", ""]
     if best is None:
         how = f"python -m tune_pets.search {model}"
-        return out + [_missing(f"search results in `search/{model}/`", how), ""]
+        found = _missing(f"search results in `search/{model}/`", how, layout.best_config(model))
+        return out + [found, ""]
     s = best.search
     if "/smoke/" in str(s.get("spec_file", "")).replace("\\", "/"):  # same paragraph as counts
         out.append(
@@ -218,10 +225,10 @@ def confusion_section(layout: Layout, tag: str) -> list[str]:
 
 
 def profiler_section(layout: Layout, tag: str) -> list[str]:
-    s = _json(layout.profile(tag) / "summary.json")
-    out = [f"### Profile ({tag})", ""]
+    path = layout.profile(tag) / "summary.json"
+    s, out = _json(path), [f"### Profile ({tag})", ""]
     if s is None:
-        return out + [_missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag)), ""]
+        return out + [_missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag), path), ""]
     steps = s.get("steps")
     short = (
         ": a short sample, easily moved by other load on the machine; use "
@@ -242,7 +249,7 @@ def profiler_section(layout: Layout, tag: str) -> list[str]:
     try:
         with (layout.profile(tag) / "top_ops.csv").open(newline="", encoding="utf-8") as f:
             ops = list(csv.DictReader(f))[:8]
-    except OSError:
+    except (OSError, ValueError, csv.Error):  # missing or damaged: the table is left out
         ops = []
     if ops:
         out += ["", "| op | calls | self CPU % |", "|---|---|---|"]
@@ -290,9 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layout = Layout(Path(args.artifacts_dir))
     if not layout.artifacts.is_dir():
-        raise UserError(
-            f"--artifacts-dir {layout.artifacts} does not exist; run the pipeline first"
+        what = (
+            "is a file; point it at the artifacts folder"
+            if layout.artifacts.exists()
+            else "does not exist; run the pipeline first"
         )
+        raise UserError(f"--artifacts-dir {layout.artifacts} {what}")
     atomic_write_text(layout.report, build_report(layout))
     print(f"wrote {layout.report}")
     return 0
