@@ -180,9 +180,11 @@ def test_load_valid_spec(tmp_path):
 
 
 def test_spec_defaults_auto_resources_and_split_seed_from_seed(tmp_path):
-    spec = load_search_spec(write(tmp_path, "model: cnn\nseed: 3\nresources: auto\n"))
+    lr = "space: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\n"
+    spec = load_search_spec(write(tmp_path, f"model: cnn\nseed: 3\nresources: auto\n{lr}"))
     assert spec.resources == "auto" and spec.seed == 3 and spec.split_seed is None
-    assert load_search_spec(write(tmp_path, "model: cnn\nsplit_seed: null\n")).split_seed is None
+    spec = load_search_spec(write(tmp_path, f"model: cnn\nsplit_seed: null\n{lr}"))
+    assert spec.split_seed is None
 
 
 @pytest.mark.parametrize("name", ["vit", "vit_probe"])
@@ -300,6 +302,17 @@ BAD_SPECS = [
     ("bad resources", "model: cnn\nresources: {cpu: 1, tpu: 1}\n", ["resources"]),
     ("zero cpus", "model: cnn\nresources: {cpu: 0, gpu: 0}\n", ["resources.cpu"]),
     ("missing model", "space: {}\n", ["model"]),
+    # Found in review: these crashed in Optuna (an empty space), were silently ignored (seed
+    # under fixed) or picked the worst trials (a loss maximized).
+    ("empty space", "model: cnn\nspace: {}\n", ["space is empty"]),
+    ("no space", "model: cnn\nnum_samples: 2\n", ["space is empty"]),
+    ("seed under fixed", "model: cnn\nfixed: {seed: 7}\n", ["fixed.seed", "top level"]),
+    ("loss maximized", "model: cnn\nmetric: val_loss\nmode: max\n", ["worst", "mode: min"]),
+    (
+        "quniform step that does not divide the range",
+        "model: cnn\nspace:\n  dropout: {quniform: [0.0, 0.5, 0.2]}\n",
+        ["space.dropout", "must divide"],
+    ),
     ("unknown model", "model: resnet\n", ["model", "resnet", "cnn, vit"]),
     ("not a mapping", "- model\n- cnn\n", ["mapping"]),
 ]

@@ -189,6 +189,8 @@ OWN_MEANING = {
     ("pipeline", "--epochs"): "the retrains' epochs only (the search's are --max-epochs)",
     ("pipeline", "--img-size"): "the retrains' size; skipped, not refused, for fixed-size models",
     ("pipeline", "--smoke"): "runs the smoke study",
+    ("pipeline", "--resume"): "applies to every model's search",
+    ("pipeline", "--overwrite"): "applies to every model's search",
     ("reproduce", "--smoke"): "only marks the results as a smoke run",
 }
 

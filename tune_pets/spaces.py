@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_pets.config import CONFIG_FIELDS, METRICS, validate_config
+from tune_pets.config import CONFIG_FIELDS, LOWER_IS_BETTER, METRICS, validate_config
 from tune_pets.models import get_spec
 from tune_pets.utils import UserError
 
@@ -124,6 +124,9 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
         raise UserError(f"{where}: loguniform bounds must be > 0, got {lo}")
     if sampler == "quniform" and nums[2] <= 0:
         raise UserError(f"{where}: quniform step must be > 0, got {nums[2]}")
+    if sampler == "quniform" and abs((hi - lo) / nums[2] - round((hi - lo) / nums[2])) > 1e-6:
+        # Optuna would lower high to the last step, with a warning per trial.
+        raise UserError(f"{where}: the step {nums[2]} must divide high - low ({hi - lo:g})")
     is_int = CONFIG_FIELDS[name].type == "int"
     if is_int and sampler in ("uniform", "loguniform"):
         # TPE would sample 4.1 for an integer field: every such trial would fail at its start.
@@ -169,7 +172,13 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     _check_choice(path, raw, "metric", METRICS)
     if raw.get("mode", "max") not in ("min", "max"):
         raise UserError(f"{path}: mode must be min or max, got {raw['mode']!r}")
-    kw.update({k: raw[k] for k in ("metric", "mode", "pick") if k in raw})
+    better = "min" if raw.get("metric") in LOWER_IS_BETTER else "max"  # the metric's own mode
+    if raw.get("mode", better) != better:
+        raise UserError(
+            f"{path}: mode {raw['mode']} with metric {raw.get('metric', 'val_acc')} would pick "
+            f"the worst trials; use mode: {better}"
+        )
+    kw.update({k: raw[k] for k in ("metric", "pick") if k in raw}, mode=better)
     for key, lo in _INT_KEYS.items():
         v = raw.get(key)
         if key not in raw or (key == "split_seed" and v is None):
@@ -194,6 +203,8 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if not isinstance(fixed, dict):
         raise UserError(f"{path}: fixed must be a mapping of run-config keys to values")
     for k in fixed:
+        if k in UNSEARCHABLE:  # the search sets them from the top-level keys
+            raise UserError(f"{path}: fixed.{k}: set {k} at the top level of the file")
         if k not in CONFIG_FIELDS:
             raise UserError(
                 f"{path}: fixed.{k} is not a field of the run config; valid: "
@@ -221,4 +232,9 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     for name, (sampler, args) in spec.space.items():
         for v in args if sampler == "choice" else args[:2]:
             validate_config(base.replace(**{name: v}), f"{path}: space.{name}")
+    if not spec.space:  # Optuna fails inside the search, after Ray's state was written
+        raise UserError(
+            f"{path}: space is empty; search at least one key, e.g. space: {{lr: {{loguniform: "
+            f"[1.0e-4, 1.0e-2]}}}}"
+        )
     return spec
