@@ -233,11 +233,16 @@ def test_default_gpu_share_covers_every_model_kind():
         ("--gpus-per-trial 4", TWO_GPUS, "auto", ["--gpus-per-trial 4", "2 GPU"]),
         ("", {"CPU": 2}, {"cpu": 1, "gpu": 1}, ["space.yaml: resources.gpu 1", "0 GPU"]),
         ("--cpus-per-trial 4", {"CPU": 2}, "auto", ["--cpus-per-trial 4", "2 CPU"]),
+        # Two 1-CPU nodes: 2 CPUs in all, but no trial can get 2 (it waited forever).
+        ("--cpus-per-trial 2", {"CPU": 2}, "auto", ["--cpus-per-trial 2", "no node", "1 CPU"]),
+        ("", TWO_GPUS, {"cpu": 1, "gpu": 2}, ["resources.gpu 2", "no node", "1 GPU"]),
     ],
 )
 def test_asking_for_more_than_the_cluster_has_is_a_user_error(flags, cluster, resources, words):
+    node = {k: v / 2 for k, v in cluster.items()}  # the cluster as two equal nodes
     with pytest.raises(UserError) as e:
-        _choose(flags, cluster, resources=resources)
+        args = build_parser().parse_args(["cnn", *flags.split()])
+        choose_resources(_spec(resources=resources), cluster, "images", args, node)
     assert "\n" not in str(e.value)
     assert all(word in str(e.value) for word in words), str(e.value)
 
@@ -773,9 +778,15 @@ def test_resume_after_the_driver_is_killed(tiny_data, tmp_path):
 
     resumed = ok(run_cli([*args, "--resume"], tmp_path))
     assert "resuming 'cnn'" in resumed.stdout
+    # A trial finished before the kill is still "running" in Ray's stale snapshot: it is
+    # restarted, reports its epochs again and ends; it once trained again from epoch 1 (a
+    # second TensorBoard event file, the whole curve twice).
+    for line in finished:
+        events = list((tmp_path / "runs/search/cnn" / TRIAL_LINE.match(line)[1]).iterdir())
+        assert len(events) == 1, f"{line}: trained again after --resume"
     rows = read_trials(out)
     assert len(rows) == n and len({r["trial_id"] for r in rows}) == n
-    assert all(r["status"] == "completed" for r in rows)
+    assert all(r["status"] == "completed" for r in rows), rows
     assert len(trial_dirs(exp)) == n, "trials started before the kill were left behind"
     tb = sorted(p.name for p in (tmp_path / "runs" / "search" / "cnn").iterdir())
     assert tb == sorted(r["trial_id"] for r in rows), "a killed trial's TensorBoard logs stayed"

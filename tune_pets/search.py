@@ -100,13 +100,17 @@ class TrialResources:
 
 
 def choose_resources(
-    spec: SearchSpec, cluster: Mapping[str, float], kind: str, flags: Any = None
+    spec: SearchSpec,
+    cluster: Mapping[str, float],
+    kind: str,
+    flags: Any = None,
+    largest_node: Mapping[str, float] | None = None,
 ) -> TrialResources:
     """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``): the
     YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the parsed resource ``flags`` over it.
     A GPU share from auto or a flag fills the GPUs (capped by CPUs); else the YAML's
-    max_concurrent. Asking for more than the cluster has is an error, not a search that waits
-    forever."""
+    max_concurrent. Asking for more than the cluster has, or than its largest node has (default:
+    one node, the cluster), is an error, not a search that waits forever."""
     yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
 
     def asked(key: str, flag: str, value: float | None) -> tuple[float | None, str]:
@@ -132,6 +136,13 @@ def choose_resources(
             f"{gpu_option} {gpu:g}: the Ray cluster has {have_gpu:g} GPU(s); use "
             f"--gpus-per-trial 0 or add GPU nodes"
         )
+    node = largest_node or cluster
+    for asked, option, key in ((cpu, cpu_option, "CPU"), (gpu, gpu_option, "GPU")):
+        if asked > node.get(key, 0):  # Ray would keep the trials pending forever
+            raise UserError(
+                f"{option} {asked:g}: no node of the Ray cluster has more than "
+                f"{node.get(key, 0):g} {key}(s), and a trial runs on one node; ask for less"
+            )
     if getattr(flags, "max_concurrent", None) is not None:
         return TrialResources(cpu, gpu, flags.max_concurrent, "--max-concurrent")
     # A GPU share fixed in the YAML keeps the YAML's max_concurrent.
@@ -273,6 +284,8 @@ def _run_trial(
     reports: list[dict] = [] if resume is None else list(resume["reports"])
     for metrics in reports:
         tune.report(metrics)
+    if resume is not None and resume.get("finished"):  # see _keep_reports_only
+        return
     # A restarted trial's clock goes on from its state (the time it was down is not its).
     t0 = time.perf_counter() - (reports[-1]["time_s"] if reports else 0.0)
     # When it first started: the order of trials.csv (and of ties in the best pick), since a
@@ -303,6 +316,19 @@ def _run_trial(
         resume=resume,
         on_state=state.update if folder else None,  # no folder: nothing to restart from
     )
+
+
+def _keep_reports_only(state_file: Path, reports: list[dict]) -> None:
+    """A finished trial's state becomes its ``reports`` as Tune received them, marked finished
+    (the state the trial saved may lack its last epoch: ASHA stops a trial at max_epochs before
+    it saves). Its weights and optimizer state, the largest file, are of no more use; but until
+    Ray's next snapshot the trial is listed as running, so a driver killed before then
+    restarts it on --resume, and it must report its epochs again and end, not train again."""
+    with contextlib.suppress(OSError):  # a full disk: the trial trains again if restarted
+        if reports:
+            atomic_torch_save({"reports": reports, "finished": True}, state_file)
+        else:  # failed before an epoch: nothing to report again
+            state_file.unlink(missing_ok=True)
 
 
 def trial_device_label(gpu_ids: Sequence[str], cuda_available: bool) -> str:
@@ -578,16 +604,16 @@ def _ray_classes() -> SimpleNamespace:
             self.finished = {k: TrialRecord.from_dict(d) for k, d in state["finished"].items()}
 
         def _finish(self, trials, trial, ray_error: str | None) -> None:
-            # Nothing goes on from a finished trial: delete its state (its largest file).
-            if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
-                with contextlib.suppress(OSError):
-                    (Path(folder) / TRAIN_STATE_FILE).unlink(missing_ok=True)
+            history = self.reports.pop(trial.trial_id, [])
             own = (trial.last_result or {}).get(TRIAL_ERROR)
             error, restarts, why = trial_outcome(_trial_failures(trial), ray_error, own)
+            if folder := getattr(trial, "path", None):  # None: a stub trial, no storage
+                # A failed trial keeps nothing: restarted, it runs (and fails) again.
+                _keep_reports_only(Path(folder) / TRAIN_STATE_FILE, [] if error else history)
             record = make_record(
                 trial.trial_id,
                 {k: trial.config.get(k) for k in self.spec.space},
-                self.reports.pop(trial.trial_id, []),
+                history,
                 self.spec,
                 error=error,
                 restarts=restarts,
@@ -836,7 +862,9 @@ def run_search(
         print(warning, file=sys.stderr, flush=True)
     connect(address, num_cpus)
     cluster = ray.cluster_resources()
-    chosen = choose_resources(spec, cluster, model.kind, resource_flags)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
+    chosen = choose_resources(spec, cluster, model.kind, resource_flags, largest)
     print(chosen.line(cluster), flush=True)
     asked = spec
     spec = spec.replace(
