@@ -453,6 +453,7 @@ OPTION_CASES = [  # (command, extra args, words the error line must contain)
     ("search", ["--gpus-per-trial", "nan"], ["--gpus-per-trial", "nan"]),
     ("search", ["--storage-path", "relative/path"], ["--storage-path", "relative/path",
                                                       "absolute"]),
+    ("search", ["--storage-path", "/etc/passwd"], ["--storage-path /etc/passwd is a file"]),
     ("reproduce", ["--seeds", "1", "1"], ["--seeds 1 1", "distinct"]),
     ("reproduce", ["--seed", "-1"], ["--seed", "-1"]),
     # The search's seed was checked only in the config, whose error named the YAML file.

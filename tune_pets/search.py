@@ -1218,6 +1218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage = layout.ray_results.resolve() if args.storage_path is None else Path(args.storage_path)
     if not storage.is_absolute():
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
+    if storage.exists() and not storage.is_dir():
+        raise UserError(f"--storage-path {storage} is a file; point it at a folder")
     if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
         from tune_pets.prepare import prepare
 
