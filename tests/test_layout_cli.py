@@ -25,7 +25,7 @@ from helpers import env, ok, run
 from tune_pets.config import RunConfig
 from tune_pets.layout import Layout
 from tune_pets.models import model_names
-from tune_pets.records import ReproduceResult, SearchSummary
+from tune_pets.records import ReproduceResult, RunInfo, SearchSummary
 
 COMMANDS = (
     "prepare",
@@ -335,6 +335,27 @@ def test_report_says_how_many_steps_a_profile_rests_on(flagged_report):
     assert "5 steps" in short and "short sample" in short and "--profile-steps" in short, short
     enough = flagged_report.split("### Profile (cnn_baseline)\n")[1].split("###")[0]
     assert "50 steps" in enough and "short sample" not in enough, enough
+
+
+def test_report_follows_the_named_search_the_tuned_result_came_from(tmp_path):
+    """reproduce --best-config search/k3/best_config.json: the report showed search/cnn/ (or
+    "missing") and told the user to retrain from it, which would replace the k3 result."""
+    from tune_pets import report
+
+    layout = Layout(tmp_path / "A")
+    _summary("cnn", "aaaa1111").write(layout.best_config("k3"))
+    _summary("cnn", "bbbb2222").write(layout.best_config("cnn"))  # another search
+    _result("cnn", 0.35, 0.33, epochs=2, img=128, trial_id="aaaa1111").write(
+        layout.result_metrics("cnn")
+    )
+    origin = {"source": str(layout.best_config("k3").resolve()), "trial_id": "aaaa1111"}
+    RunInfo(name="cnn", config=RunConfig().to_dict(), origin=origin).write(
+        layout.result_config("cnn")
+    )
+    assert report.main(["--artifacts-dir", str(layout.artifacts)]) == 0
+    text = layout.report.read_text(encoding="utf-8")
+    assert "### Search (cnn, --name k3)" in text and "Best trial `aaaa1111`" in text
+    assert "bbbb2222" not in text
 
 
 # ---------------------------------------------------------------- metrics.csv, its one writer

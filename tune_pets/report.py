@@ -136,7 +136,7 @@ def results_section(layout: Layout) -> list[str]:
                 f"epochs at {tuned.img_size} px): not a fair comparison; rerun both with the same "
                 "`--epochs`/`--img-size`."
             )
-        best = SearchSummary.read_or_none(layout.best_config(model))
+        best = SearchSummary.read_or_none(layout.best_config(search_name(layout, model)))
         if tuned and best and tuned.trial_id not in (None, best.trial_id):
             notes.append(
                 f"- **{model}: the tuned row was retrained from trial `{tuned.trial_id}`, but the "
@@ -167,12 +167,24 @@ def _divergence_note(tag: str, m: ReproduceResult) -> list[str]:
     ]
 
 
+def search_name(layout: Layout, model: str) -> str:
+    """The search the tuned result was retrained from (``search --name``) when its summary is
+    in this artifacts folder, else the model's own."""
+    info = RunInfo.read_or_none(layout.result_config(result_tag(model)))
+    source = Path(str((info.origin if info else {}).get("source", "")))
+    name = source.parent.name
+    if name and layout.best_config(name).resolve() == source.resolve():
+        return name
+    return model
+
+
 def search_section(layout: Layout, model: str) -> list[str]:
-    best = SearchSummary.read_or_none(layout.best_config(model))
-    out = [f"### Search ({model})", ""]
+    name = search_name(layout, model)
+    best = SearchSummary.read_or_none(layout.best_config(name))
+    out = [f"### Search ({model}" + (f", --name {name})" if name != model else ")"), ""]
     if best is None:
         how = f"python -m tune_pets.search {model}"
-        found = _missing(f"search results in `search/{model}/`", how, layout.best_config(model))
+        found = _missing(f"search results in `search/{name}/`", how, layout.best_config(name))
         return out + [found, ""]
     s = best.search
     if "/smoke/" in str(s.get("spec_file", "")).replace("\\", "/"):  # same paragraph as counts
@@ -200,7 +212,7 @@ def search_section(layout: Layout, model: str) -> list[str]:
         out.append(f"| {k} | {_fmt(v, 6) if isinstance(v, float) else v} | {sampler} {args} |")
     out.append("")
     for plot, alt in SEARCH_PLOTS:
-        path = layout.search_plot(model, plot)
+        path = layout.search_plot(name, plot)
         if path.is_file() or plot != "param_importances":
             out.append(_img(layout, path, alt))
         else:

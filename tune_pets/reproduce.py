@@ -52,7 +52,7 @@ def resolve_config(
     if config.model != spec.name:
         raise UserError(f"--best-config {path} is for model {config.model!r}, not {spec.name!r}")
     return config, {
-        "source": str(path),
+        "source": str(path.resolve()),  # the report finds the search by it
         "trial_id": best.trial_id,
         "val_acc": best.val_acc,
         "val_macro_f1": best.val_macro_f1,
