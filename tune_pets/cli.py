@@ -105,6 +105,7 @@ def add_data_args(
     val_split: bool = True,
     decode: bool = True,
     split_default: str = "the run's --seed",
+    default_help: str = "",
 ) -> None:
     """--data-dir; with ``decode`` the decode-cache flags; with ``val_split`` the split's."""
     g = p.add_argument_group("data")
@@ -112,7 +113,7 @@ def add_data_args(
         "--data-dir",
         default=default,
         help="ImageFolder root with train/<class>/ and test/<class>/; 'sample' is the small "
-        "set of real photos shipped with the package",
+        "set of real photos shipped with the package" + default_help,
     )
     if decode:
         g.add_argument(
@@ -186,12 +187,22 @@ HPARAMS = {  # flag -> (type, help)
 }
 
 
-def add_hparam_args(p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(HPARAMS)) -> None:
-    g = p.add_argument_group("hyperparameters (default: the model's homework settings)")
+def add_hparam_args(
+    p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(HPARAMS), default: str = ""
+) -> None:
+    """The hyperparameter flags; each shows its homework default per model, or ``default``."""
+    from tune_pets.models import get_spec, model_names
+
+    g = p.add_argument_group(f"hyperparameters (default: {default or 'the homework settings'})")
     for name in names:
         typ, text = HPARAMS[name]
+        by_model = {m: getattr(get_spec(m).defaults, name) for m in model_names()}
+        shown = default or ", ".join(f"{m} {v}" for m, v in by_model.items())
+        if not default and len(set(by_model.values())) == 1:
+            shown = str(next(iter(by_model.values())))
         choices = CHOICES.get(name)  # only --optimizer has them
-        g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=text)
+        help_text = f"{text} (default: {shown})"
+        g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=help_text)
 
 
 # ---------------------------------------------------------------- flags -> objects

@@ -61,7 +61,7 @@ def build_parser() -> cli.ArgumentParser:
         "--overwrite", action="store_true", help="replace a model's earlier search (else refused)"
     )
     again.add_argument("--resume", action="store_true", help="continue each model's search")
-    _forward_flags(p, search, SEARCH_FLAGS)
+    _forward_flags(p, search, SEARCH_FLAGS, "each over the search-space YAML's value")
     g = _forward_flags(
         p, reproduce, ("seeds", "profile_steps"),
         f"for baseline and tuned alike (defaults: seed 0, each config's own epochs and size, "
@@ -72,7 +72,8 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--epochs", type=cli.positive_int, default=None, help=epochs_help)
     size_help = "input size in pixels (models with their own size ignore it)"
     g.add_argument("--img-size", type=cli.positive_int, default=None, help=size_help)
-    cli.add_data_args(p, default=None, val_split=False)
+    smoke_data = f" (default: sample with --smoke, else {DEFAULT_DATA_DIR})"
+    cli.add_data_args(p, default=None, val_split=False, default_help=smoke_data)
     cli.add_weights_args(p)
     cli.add_output_args(p)
     return p

@@ -205,7 +205,7 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)
-    cli.add_hparam_args(p, ("epochs", "img_size", "max_steps_per_epoch"))
+    cli.add_hparam_args(p, ("epochs", "img_size", "max_steps_per_epoch"), "the retrained config's")
     cli.add_output_args(p)
     return p
 

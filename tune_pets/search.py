@@ -1064,7 +1064,8 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument(
         "--max-steps-per-epoch",
         type=cli.nonneg_int,
-        help="cap steps per epoch, for smoke runs (0: no cap)",
+        help="cap steps per epoch, for smoke runs (0: no cap; default: the YAML's fixed value, "
+        "else 0)",
     )
     g.add_argument("--name", type=cli.plain_name, help="experiment name (default: the model)")
     g.add_argument(

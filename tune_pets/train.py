@@ -1,5 +1,5 @@
-"""Train one model once: ``fit(config, data, on_epoch_end)`` (plain PyTorch, no Ray) and the
-train command, for exploratory runs.
+"""Train one model once, for exploratory runs: plain PyTorch, no Ray; every search trial runs
+the same ``fit(config, data, on_epoch_end)``.
 
     python -m tune_pets.train cnn --data-dir sample --epochs 5 --img-size 64
     python -m tune_pets.train vit --data-dir data/oxford_pets --no-pretrained
