@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -328,6 +329,20 @@ def test_evaluate_cli_cnn(trained, tiny_data, monkeypatch, capsys):
     assert e.value.code == 0, capsys.readouterr().err
     rows = [(r["model"], r["split"]) for r in read_csv(layout.metrics_csv)]
     assert rows.count((name, "test")) == 1
+
+
+def test_evaluate_scores_a_val_folder_by_default(trained, tiny_data, tmp_path, capsys):
+    """README: `val/` is accepted for `test/`; evaluate's --split test once refused such data."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "test").rename(data / "val")
+    argv = evaluate_argv("cnn", trained.cnn, data, trained)
+    argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, argv)
+    assert e.value.code == 0, capsys.readouterr().err
+    assert "cnn on val (16 images)" in capsys.readouterr().out
+    assert Layout(tmp_path / "a").evaluation_file("cnn-val", "val", "metrics.json").is_file()
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import torch
 
 from tune_pets import cli, metrics
 from tune_pets.checkpoint import load_checkpoint, trained_module
-from tune_pets.data import default_cache_dir, load_split
+from tune_pets.data import default_cache_dir, heldout_split_name, load_split
 from tune_pets.engine import Batches, FitData, precision, predict
 from tune_pets.figures import confusion_figure
 from tune_pets.layout import result_tag
@@ -124,7 +124,9 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.evaluate")
     cli.add_model_arg(p, "the model the checkpoint holds")
     p.add_argument("--checkpoint", required=True, help="a checkpoint_best.pt written by tune_pets")
-    p.add_argument("--split", default="test", help="split folder to score")
+    p.add_argument(
+        "--split", help="split folder to score (default: the held-out split, test/ or val/)"
+    )
     p.add_argument(
         "--name", type=cli.plain_name, help="name of the output folder (default: <model>-<split>)"
     )
@@ -139,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint, args.model)
     data_dir = cli.data_dir_from_args(args)
+    args.split = args.split or heldout_split_name(data_dir)  # the layout accepts val/ for test/
     if not (data_dir / args.split).is_dir():
         raise UserError(f"--split {args.split}: {data_dir / args.split} does not exist")
     layout = cli.layout_from_args(args)
