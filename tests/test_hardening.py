@@ -454,6 +454,8 @@ OPTION_CASES = [  # (command, extra args, words the error line must contain)
     ("search", ["--storage-path", "relative/path"], ["--storage-path", "relative/path",
                                                       "absolute"]),
     ("search", ["--storage-path", "/etc/passwd"], ["--storage-path /etc/passwd is a file"]),
+    # cli_args passes --num-cpus, which a cluster ignored without a word.
+    ("search", ["--address", "auto"], ["--num-cpus", "--address"]),
     ("reproduce", ["--seeds", "1", "1"], ["--seeds 1 1", "distinct"]),
     ("reproduce", ["--seed", "-1"], ["--seed", "-1"]),
     # The search's seed was checked only in the config, whose error named the YAML file.

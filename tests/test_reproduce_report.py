@@ -628,6 +628,26 @@ def test_pipeline_refuses_to_replace_an_earlier_search_unasked(tmp_path, capsys)
     assert best.is_file()
 
 
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--skip-search"], ["--skip-search", "no search results for cnn"]),
+        (["--search-space-dir", "nowhere"], ["--search-space-dir nowhere", "no cnn.yaml"]),
+    ],
+)
+def test_pipeline_checks_its_flags_before_any_step(tmp_path, capsys, flags, words):
+    """These failed only after sanity had run and written its files."""
+    from tune_pets import pipeline
+    from tune_pets.utils import cli_main
+
+    argv = ["--smoke", "--models", "cnn", "--artifacts-dir", str(tmp_path / "A"), *flags]
+    with pytest.raises(SystemExit) as e:
+        cli_main(pipeline.main, argv)
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and all(w in line for w in words), line
+    assert not (tmp_path / "A").exists()
+
+
 def test_run_pipeline_sh_help(tmp_path):
     proc = _bash(REPO / "scripts" / "run_pipeline.sh", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -635,6 +655,17 @@ def test_run_pipeline_sh_help(tmp_path):
     for flag in ("--smoke", "--models", "--seeds", "--no-pretrained", "--artifacts-dir"):
         assert flag in proc.stdout, flag
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_pipeline_sh_keeps_relative_paths_relative_to_the_caller(tmp_path):
+    """It changed into the repo first: spaces/cnn.yaml here was "not there"."""
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "cnn.yaml").write_text("model: cnn\n")
+    args = ["--models", "cnn", "--search-space-dir", "spaces", "--data-dir", "no_data",
+            "--artifacts-dir", "A"]  # fmt: skip
+    proc = _bash(REPO / "scripts" / "run_pipeline.sh", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "--data-dir no_data does not exist" in proc.stderr, proc.stderr  # the next check
 
 
 def test_run_pipeline_sh_bad_option_exits_2(tmp_path):

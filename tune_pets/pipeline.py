@@ -100,8 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rc := module.main(argv):
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
-    if not (args.skip_search or args.overwrite or args.resume):  # before any step runs
-        layout = cli.layout_from_args(args)
+    layout = cli.layout_from_args(args)
+    for model in args.models if args.skip_search else ():  # every check before any step runs
+        if not layout.best_config(model).is_file():
+            raise UserError(
+                f"--skip-search: no search results for {model} in {layout.search(model)}; run "
+                "without --skip-search"
+            )
+    for model in args.models if args.search_space_dir else ():
+        if not (Path(args.search_space_dir) / f"{model}.yaml").is_file():
+            raise UserError(f"--search-space-dir {args.search_space_dir}: no {model}.yaml there")
+    if not (args.skip_search or args.overwrite or args.resume):
         for model in args.models:
             ray_state = layout.ray_results / model
             if layout.best_config(model).is_file() or any(ray_state.glob("experiment_state-*")):

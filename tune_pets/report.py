@@ -194,8 +194,9 @@ def search_section(layout: Layout, model: str) -> list[str]:
         )
     out += [
         f"{s.get('num_trials')} trials (of {s.get('num_samples')} planned): "
-        f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA, "
-        f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
+        f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA"
+        + (" or the time budget, " if s.get("time_budget_s") else ", ")
+        + f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
         f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation); "
         f"max {s.get('max_epochs')} epochs, grace {s.get('grace_period')}, "
         f"reduction factor {s.get('reduction_factor')}; nodes used: {len(s.get('nodes', []))}.",

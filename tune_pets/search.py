@@ -1217,6 +1217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec, val_fraction = resumed_spec(args, spec, layout.search_spec(name))
     base = cli.config_from_args(args, base_config(spec, model))
     storage = layout.ray_results.resolve() if args.storage_path is None else Path(args.storage_path)
+    if args.address and args.num_cpus:
+        raise UserError("--num-cpus sizes a local Ray; with --address the cluster's CPUs are used")
     if not storage.is_absolute():
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
     if storage.exists() and not storage.is_dir():
@@ -1271,6 +1273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data-dir": (args.data_dir, DEFAULT_DATA_DIR),
         "--artifacts-dir": (args.artifacts_dir, DEFAULT_ARTIFACTS_DIR),
         "--runs-dir": (args.runs_dir, DEFAULT_RUNS_DIR),
+        "--cache-dir": (args.cache_dir, None),
     }
     extra = "".join(f" {k} {shlex.quote(v)}" for k, (v, d) in same.items() if v != d)
     _print_summary(result[1], layout, name, extra)
@@ -1314,7 +1317,9 @@ def _print_summary(s: SearchSummary, layout: Layout, name: str, extra: str) -> N
     print(
         f"wrote {layout.search(name)}/ (best_config.json, trials.csv, optuna.db, plots) and "
         f"TensorBoard logs in {layout.search_tb(name)}/; next: python -m tune_pets.reproduce "
-        f"{s.model}" + (f" --best-config {best}" if name != s.model else "") + extra
+        f"{s.model}"
+        + (f" --best-config {shlex.quote(str(best))}" if name != s.model else "")
+        + extra
     )
 
 

@@ -37,7 +37,10 @@ FINAL_MEAN_EPOCHS = 3  # pick_best's final_mean averages this many last epochs
 # trials.csv columns after the scores, named as the TrialRecord fields they come from.
 _CSV_FIELDS = ("node", "host", "device", "error", "restarts", "restart_reason")
 # The SearchSpec fields best_config.json's "search" repeats, in its order.
-_SPEC_FIELDS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "pick", "seed")
+_SPEC_FIELDS = (
+    "num_samples", "max_epochs", "grace_period", "reduction_factor", "pick", "seed",
+    "time_budget_s",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def trial_line(record: TrialRecord, spec: SearchSpec, done: int) -> str:
     else:
         what = f"{spec.metric} {r.best_value:.4f} (best, epoch {r.best_epoch})"
     if r.restarts and r.status != STATUS_FAILED:
-        what += f", restarted {r.restarts}x from its checkpoint ({r.restart_reason})"
+        what += f", restarted {r.restarts}x ({r.restart_reason})"  # from its last epoch, if any
     return f"{head}: {what} [{done}/{spec.num_samples} trials done]"
 
 
