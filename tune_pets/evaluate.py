@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_json(
         out("metrics.json"),
         {
-            "checkpoint": str(args.checkpoint),
+            "checkpoint": str(Path(args.checkpoint).resolve()),
             "split": args.split,
             **s,
             "prediction_spread": ev.spread(),

@@ -144,7 +144,8 @@ def choose_resources(
                 f"{node.get(key, 0):g} {key}(s), and a trial runs on one node; ask for less"
             )
     if getattr(flags, "max_concurrent", None) is not None:
-        return TrialResources(cpu, gpu, flags.max_concurrent, "--max-concurrent")
+        why = getattr(flags, "max_concurrent_why", "--max-concurrent")  # resumed: as started
+        return TrialResources(cpu, gpu, flags.max_concurrent, why)
     # A GPU share fixed in the YAML keeps the YAML's max_concurrent.
     if gpu > 0 and gpu_option == "--gpus-per-trial":
         # The epsilon keeps 1 / 0.1 = 9.999... from losing a trial to rounding.
@@ -1230,7 +1231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(Path(args.data_dir), progress=not args.no_progress)
     data_dir = cli.data_dir_from_args(args)
     if args.resume:  # the resources line then shows the limit Ray restores
+        given = args.max_concurrent
         args.max_concurrent = check_resumed_run(args, base, data_dir, layout.search_spec(name))
+        args.max_concurrent_why = "--max-concurrent" if given else "as the search was started"
     use_cluster_auth(args.address)
     try:
         with search_lock(layout.search_lock(name), name):  # a second search of name refuses
