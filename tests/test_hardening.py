@@ -839,25 +839,44 @@ def test_ctrl_c_during_search_prints_a_resume_command_that_works(tmp_path, good_
     assert len(rows) == n and len({r["trial_id"] for r in rows}) == n
 
 
+def _ctrl_c_after_an_epoch(proc, experiment: Path, timeout_s: float = 240) -> tuple[str, str]:
+    """SIGINT to ``proc`` once a trial of ``experiment`` saved its first epoch (it runs); its
+    (stdout, stderr)."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not any(experiment.glob("trial_*/train_state.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+
+
 @pytest.mark.slow
 def test_ctrl_c_after_the_last_trial_started_is_still_an_interrupt(tmp_path, good_data):
     """Tune's own Ctrl-C handler marks running trials TERMINATED: a one-trial search stopped
     mid-trial exited 0 with the trial recorded as "stopped early", and pipeline went on."""
     (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=1, epochs=400))
     proc = start("search", cli_args("search", good_data, tmp_path), tmp_path)
-    try:
-        deadline = time.monotonic() + 150
-        states = tmp_path / "artifacts" / "ray_results" / "cnn"
-        while not any(states.glob("trial_*/train_state.pt")):  # an epoch done: it runs
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch in 150 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        kill_session(proc.pid)
+    out, err = _ctrl_c_after_an_epoch(proc, tmp_path / "artifacts" / "ray_results" / "cnn")
     assert proc.returncode == 130, f"exit {proc.returncode}: {out[-1500:]}"
     assert "interrupted" in err.strip().splitlines()[-1] and "--resume" in err, err[-2000:]
     assert not (tmp_path / "artifacts" / "search" / "cnn" / "best_config.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_pipeline_search_stops_the_pipeline_with_its_resume_flag(tmp_path, good_data):
+    """The search's exit 130 was "step failed with exit code 130" (exit 2); and before the
+    search told a late Ctrl-C apart, the pipeline went on to reproduce a half-run search."""
+    args = ["--smoke", "--models", "cnn", "--num-samples", 1, "--max-epochs", 400, "--data-dir",
+            good_data, "--no-progress", "--artifacts-dir", tmp_path / "A", "--runs-dir",
+            tmp_path / "R", "--cache-dir", tmp_path / "cache"]  # fmt: skip
+    proc = start("pipeline", args, tmp_path)
+    _, err = _ctrl_c_after_an_epoch(proc, tmp_path / "A" / "ray_results" / "cnn")
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same pipeline command with --resume" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "A" / "cnn").exists(), "a reproduce ran after the interrupt"
 
 
 # ---------------------------------------------------------------- two experiments, one storage

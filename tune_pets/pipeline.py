@@ -60,7 +60,11 @@ def build_parser() -> cli.ArgumentParser:
     again.add_argument(
         "--overwrite", action="store_true", help="replace a model's earlier search (else refused)"
     )
-    again.add_argument("--resume", action="store_true", help="continue each model's search")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each model's stopped search (a model without one starts it)",
+    )
     _forward_flags(p, search, SEARCH_FLAGS, "each over the search-space YAML's value")
     g = _forward_flags(
         p, reproduce, ("seeds", "profile_steps"),
@@ -97,7 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def step(title: str, module, argv: list[str]) -> None:
         print(f"\n=== {title}: python -m {module.__name__} {' '.join(argv)}", flush=True)
-        if rc := module.main(argv):
+        rc = module.main(argv)
+        if rc == 130:  # the search stopped by Ctrl-C, its state saved
+            raise KeyboardInterrupt(
+                f"step '{title}' stopped; run the same pipeline command with --resume to go on"
+            )
+        if rc:
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
     layout = cli.layout_from_args(args)
@@ -112,8 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--search-space-dir {args.search_space_dir}: no {model}.yaml there")
     if not (args.skip_search or args.overwrite or args.resume):
         for model in args.models:
-            ray_state = layout.ray_results / model
-            if layout.best_config(model).is_file() or any(ray_state.glob("experiment_state-*")):
+            if layout.best_config(model).is_file() or _ray_state(layout, model):
                 raise UserError(
                     f"search {model!r} already has results in {args.artifacts_dir}; pass "
                     f"--overwrite to run it anew, --resume to continue it, --skip-search to "
@@ -138,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.search_space_dir
                 else default_space(model, smoke=args.smoke)
             )
-            again = ["--overwrite"] if args.overwrite else ["--resume"] if args.resume else []
+            again = ["--overwrite"] if args.overwrite else []
+            again += ["--resume"] if args.resume and _ray_state(layout, model) else []  # or new
             s = [model, "--search-space", str(space), *again, *common, *art, *extra]
             s += ["--runs-dir", args.runs_dir]
             for flag in SEARCH_FLAGS:
@@ -156,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     step("report", report, art)
     print(f"\npipeline done in {time.time() - t0:.0f}s; open {args.artifacts_dir}/REPORT.md")
     return 0
+
+
+def _ray_state(layout, model: str) -> bool:
+    """Whether Ray holds a search of ``model`` that --resume can go on with."""
+    return any((layout.ray_results / model).glob("experiment_state-*"))
 
 
 if __name__ == "__main__":
