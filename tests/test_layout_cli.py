@@ -251,6 +251,9 @@ def test_python_m_tune_pets_lists_every_command(tmp_path):
     assert "--artifacts-dir" in ok_help.stdout
     bad = tune_pets("no_such_command")
     assert bad.returncode == 2 and "no_such_command" in bad.stderr
+    # --debug before the command too (it was "unknown command '--debug'"): the traceback.
+    debug = tune_pets("--debug", "report", "--artifacts-dir", "missing")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,11 +19,14 @@ COMMANDS = {
 
 
 def main(argv: list[str]) -> int:
+    debug = argv[:1] == ["--debug"]  # python -m tune_pets --debug COMMAND ...
+    argv = argv[debug:]
     if argv and argv[0] in COMMANDS:
         from tune_pets.utils import cli_main
 
         module = importlib.import_module(f"tune_pets.{argv[0]}")
-        cli_main(module.main, argv[1:], prog=f"python -m tune_pets {argv[0]}")  # exits
+        rest = [*argv[1:], "--debug"] if debug else argv[1:]
+        cli_main(module.main, rest, prog=f"python -m tune_pets {argv[0]}")  # exits
     print("usage: python -m tune_pets COMMAND [options]   (or python -m tune_pets.COMMAND)")
     print("\ncommands:")
     for name, text in COMMANDS.items():
