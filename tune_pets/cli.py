@@ -197,9 +197,9 @@ def add_hparam_args(
     for name in names:
         typ, text = HPARAMS[name]
         by_model = {m: getattr(get_spec(m).defaults, name) for m in model_names()}
-        shown = default or ", ".join(f"{m} {v}" for m, v in by_model.items())
-        if not default and len(set(by_model.values())) == 1:
-            shown = str(next(iter(by_model.values())))
+        values = set(by_model.values())  # one value: shown once, else per model
+        per_model = ", ".join(f"{m} {v}" for m, v in by_model.items())
+        shown = default or (str(values.pop()) if len(values) == 1 else per_model)
         choices = CHOICES.get(name)  # only --optimizer has them
         help_text = f"{text} (default: {shown})"
         g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=help_text)

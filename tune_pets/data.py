@@ -219,8 +219,10 @@ def fingerprint(data_dir: Path, index: SplitIndex) -> str:
     """Content key of a split: paths, sizes and mtimes (cheap; changes when any file does)."""
     h = hashlib.sha1(f"v{CACHE_VERSION}|{index.name}|{'|'.join(index.classes)}".encode())
     for rel, label in zip(index.paths, index.labels, strict=True):
-        path = data_dir / rel
-        st = path.stat() if path.exists() else path.lstat()  # a broken symlink: the link
+        try:
+            st = (data_dir / rel).stat()
+        except FileNotFoundError:  # a broken symlink (a bad image to the loader): the link's
+            st = (data_dir / rel).lstat()
         h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 

@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _ray_state(layout, model: str) -> bool:
     """Whether Ray holds a search of ``model`` that --resume can go on with."""
-    return any((layout.ray_results / model).glob("experiment_state-*"))
+    return search.ray_state_saved(layout.ray_results / model)
 
 
 if __name__ == "__main__":

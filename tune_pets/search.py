@@ -57,6 +57,7 @@ from tune_pets.search_results import (
 )
 from tune_pets.spaces import PICK_RULES, SearchSpec, default_space, load_search_spec
 from tune_pets.utils import (
+    DISK_FULL_ERRNOS,
     LockHeld,
     UserError,
     atomic_torch_save,
@@ -452,7 +453,7 @@ def is_disk_full(error: BaseException | str | None) -> bool:
     """Whether ``error`` (an exception, its causes, or an error's text) is ENOSPC or EDQUOT."""
     e, seen = error, 0
     while isinstance(e, BaseException) and seen < 10:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     text = str(error or "")
@@ -487,11 +488,11 @@ def _ctrl_c_stops_tune(seen: list[bool]) -> Iterator[None]:
     def on_ctrl_c(signum, frame) -> None:
         seen.append(True)
         stop = signal.getsignal(signal.SIGUSR1)
-        signal.signal(signal.SIGINT, previous)
+        if callable(stop):
+            stop(signal.SIGUSR1, frame)  # Tune's handler; it sets SIGINT back to this one
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: KeyboardInterrupt
         if not callable(stop):  # Tune is not running yet
             raise KeyboardInterrupt
-        stop(signal.SIGUSR1, frame)  # Tune's handler; it sets SIGINT back to its original
-        signal.signal(signal.SIGINT, previous)
 
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
@@ -1200,6 +1201,11 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
     return was, val_fraction
 
 
+def ray_state_saved(experiment: Path) -> bool:
+    """Whether Ray saved the state of the experiment folder ``experiment`` (--resume needs it)."""
+    return any(Path(experiment).glob("experiment_state-*.json"))
+
+
 def resume_command(argv: Sequence[str], name: str, named: bool) -> str:
     """The command that continues this search: the same arguments, with --resume."""
     again = [a for a in argv if a not in ("--overwrite", "--resume")]
@@ -1292,7 +1298,7 @@ def disk_full_message(error: OSError, experiment: Path, out_dir: Path, resume: s
         what = f"writing the results in {out_dir}"
     else:
         what = str(error.strerror)
-    if any(experiment.glob("experiment_state-*.json")):
+    if ray_state_saved(experiment):
         then = f"free space, then resume with: {resume}"
     else:
         then = "free space, then run the same command again"

@@ -211,15 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     tb_dir.mkdir(parents=True, exist_ok=True)  # a bad --runs-dir fails before anything is gone
     clear_tb_events(tb_dir)
     ckpt_path = out / "checkpoint_best.pt"
-    epochs_done: list[int] = []
+    trained = False  # an epoch finished
 
     def log(metrics: dict, ckpt: dict | None) -> None:
-        if not epochs_done:
+        nonlocal trained
+        if not trained:
             # An earlier run's results go with this run's first epoch, not before: a start that
             # fails or is interrupted leaves them whole; one that trains never mixes the two.
             for stale in ("checkpoint_best.pt", "config.json", "metrics.json"):
                 (out / stale).unlink(missing_ok=True)
-        epochs_done.append(metrics["epoch"])
+            trained = True
         if ckpt is not None:
             atomic_torch_save(ckpt, ckpt_path)
         print(format_epoch(metrics, config.epochs) + (" *" if ckpt else ""), flush=True)
@@ -227,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = fit(config, data, log, device=device, tb_dir=tb_dir, progress=not args.no_progress)
     except KeyboardInterrupt:
-        if not epochs_done:
+        if not trained:
             raise KeyboardInterrupt(f"no epoch finished; {out} is as it was") from None
         raise KeyboardInterrupt(
             (f"the best checkpoint so far is {ckpt_path}; " if ckpt_path.is_file() else "")

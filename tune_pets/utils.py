@@ -31,7 +31,7 @@ class UserError(Exception):
     """An expected failure caused by input: printed as one line, exit code 2."""
 
 
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk, not the code
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def cli_main(
@@ -54,11 +54,12 @@ def cli_main(
         # A path option that names a file where a folder is due, a folder it may not write, a
         # read-only or a full disk: one line naming the file.
         path_error = isinstance(e, (NotADirectoryError, FileExistsError, PermissionError))
-        if debug or not e.filename or not (path_error or e.errno in _DISK_ERRNOS):
+        disk_error = e.errno in (*DISK_FULL_ERRNOS, errno.EROFS)  # the disk, not the code
+        if debug or not e.filename or not (path_error or disk_error):
             raise
         fix = (
             "free space, then run the same command again; files written before are whole"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            if e.errno in DISK_FULL_ERRNOS
             else "check the path options: --data-dir, --artifacts-dir, --runs-dir, "
             "--cache-dir or $TUNE_PETS_CACHE"
         )
