@@ -400,3 +400,15 @@ def test_keys_a_trial_would_ignore_are_refused(tmp_path, model, body, words):
     with pytest.raises(UserError) as e:
         load_search_spec(path)
     assert str(path) in str(e.value) and all(w in str(e.value) for w in words), e.value
+
+
+@pytest.mark.parametrize("cmd", ["train", "search", "reproduce", "profiling", "evaluate"])
+@pytest.mark.parametrize("flag", [["--no-pretrained"], ["--weights", __file__]])
+def test_backbone_flags_are_refused_for_a_model_without_a_backbone(cmd, flag, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"tune_pets.{cmd}").main
+    extra = ["--checkpoint", str(tmp_path / "none.pt")] if cmd == "evaluate" else []
+    with pytest.raises(UserError, match=rf"^{flag[0]}: cnn has no pretrained backbone"):
+        main(["cnn", *flag, *extra, "--artifacts-dir", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()

@@ -210,8 +210,10 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     """``base`` with the explicit hyperparameter, split-seed and weights flags applied."""
     from tune_pets.models import get_spec
 
+    spec = get_spec(base.model)
     flags = (*HPARAMS, "split_seed")
     changes = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
+    check_weights_flags(args, spec)
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
@@ -219,12 +221,22 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
             raise UserError(f"--weights {args.weights}: file not found")
         # Absolute: checkpoints and best_config.json are read from other working folders.
         changes["weights"] = str(Path(args.weights).resolve())
-    spec = get_spec(base.model)
     if spec.fixed_input_size and "img_size" in changes:
         size = spec.data_config(base)["img_size"]
         if changes["img_size"] != size:
             raise UserError(f"--img-size: {spec.name} uses the backbone's own input size ({size})")
     return validate_config(base.replace(**changes), "command line")
+
+
+def check_weights_flags(args: argparse.Namespace, spec: Any) -> None:
+    """The backbone flags mean nothing to a model trained from scratch: refused, not recorded."""
+    if spec.build_backbone is None:
+        for flag, given in (
+            ("--weights", getattr(args, "weights", None)),
+            ("--no-pretrained", getattr(args, "no_pretrained", False)),
+        ):
+            if given:
+                raise UserError(f"{flag}: {spec.name} has no pretrained backbone; leave it out")
 
 
 def data_dir_from_args(args: argparse.Namespace) -> Path:

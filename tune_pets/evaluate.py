@@ -25,7 +25,7 @@ from tune_pets.data import default_cache_dir, heldout_split_name, load_split
 from tune_pets.engine import Batches, FitData, precision, predict
 from tune_pets.figures import confusion_figure
 from tune_pets.layout import result_tag
-from tune_pets.models import model_names
+from tune_pets.models import get_spec, model_names
 from tune_pets.records import write_metrics_row
 from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, cli_main
 
@@ -139,6 +139,7 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cli.check_weights_flags(args, get_spec(args.model))
     ckpt = load_checkpoint(args.checkpoint, args.model)
     data_dir = cli.data_dir_from_args(args)
     args.split = args.split or heldout_split_name(data_dir)  # the layout accepts val/ for test/

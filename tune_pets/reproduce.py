@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_cuda_determinism()  # before any CUDA work (feature extraction may come first)
     args = build_parser().parse_args(argv)
     spec = get_spec(args.model)
+    cli.check_weights_flags(args, spec)
     layout = cli.layout_from_args(args)
     config, origin = resolve_config(spec, args.best_config, layout, args.baseline)
     data_dir = cli.data_dir_from_args(args)
