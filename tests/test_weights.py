@@ -214,6 +214,19 @@ def test_unreachable_hub_without_cache_fails_fast(tmp_path, use_hub):
         assert hint in msg, hint
 
 
+def test_train_that_cannot_load_the_backbone_leaves_no_run_folder(tiny_data, tmp_path, use_hub):
+    """The val split is carved before the features need the backbone; a start that fails there
+    must not leave a run folder holding only val_split.json."""
+    from tune_pets import train
+
+    use_hub(tmp_path / "empty", offline=True)
+    art = tmp_path / "art"
+    argv = ["vit", "--data-dir", str(tiny_data), "--artifacts-dir", str(art), "--no-progress"]
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        train.main([*argv, "--cache-dir", str(tmp_path / "cache")])
+    assert not (art / "train" / "vit").exists()
+
+
 # ---------------------------------------------------------------- --weights files
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth-wrapped"])
 def test_weights_file_loads_every_tensor(tmp_path, hub_weights, fmt):
