@@ -60,9 +60,9 @@ from test_search import (
 
 from tune_pets.engine import load_fit_data
 from tune_pets.models import get_spec
-from tune_pets.search import MAX_TRIAL_RESTARTS, search_lock, trial_outcome
+from tune_pets.search import MAX_TRIAL_RESTARTS, trial_outcome
 from tune_pets.train import fit
-from tune_pets.utils import UserError
+from tune_pets.utils import UserError, command_lock
 
 # Trials slow enough to be hit while they run: a 3-block, width-32 CNN at 64 px takes ~0.2-0.3 s
 # an epoch on 1 core (the first one ~5 s more: process start, first allocations), so 20 epochs
@@ -221,6 +221,10 @@ def test_lost_and_failed_trials_are_told_apart_in_their_record():
 
 
 # ---------------------------------------------------------------- the lock (in process)
+def search_lock(lock, name: str):
+    return command_lock(lock, f"search {name!r}", "or pass --name NEW")
+
+
 def test_search_lock_refuses_a_second_search_and_ignores_a_stale_file(tmp_path):
     lock = tmp_path / "artifacts" / "search" / "cnn" / ".lock"
     lock.parent.mkdir(parents=True)

@@ -21,7 +21,7 @@ from tune_pets.engine import FitData, NonFiniteLossError, load_fit_data
 from tune_pets.layout import Layout
 from tune_pets.models import get_spec
 from tune_pets.train import build_parser, fit, main
-from tune_pets.utils import atomic_torch_save, cli_main
+from tune_pets.utils import UserError, atomic_torch_save, cli_main, exclusive_lock
 
 METRIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "epoch_time_s")
 CNN = get_spec("cnn").defaults.replace(img_size=32, epochs=2, batch_size=8, width=16)
@@ -355,6 +355,18 @@ def test_rerun_that_cannot_start_leaves_the_earlier_run_whole(tiny_data, tmp_pat
         cli_main(main, list(map(str, argv)))
     assert e.value.code == 2 and "not_a_dir" in capsys.readouterr().err
     assert {f: (out / f).read_bytes() for f in before} == before
+
+
+def test_a_second_train_of_the_same_run_name_is_refused_while_one_runs(tiny_data, tmp_path):
+    """Two runs writing one run folder would interleave their checkpoints and metrics."""
+    lock = Layout(tmp_path / "artifacts").train_run("cnn") / ".lock"
+    lock.parent.mkdir(parents=True)
+    with exclusive_lock(lock):  # the running one
+        with pytest.raises(UserError) as refused:
+            main(list(map(str, cnn_args(tiny_data, tmp_path, "runs"))))
+        msg = str(refused.value)
+        assert "train run 'cnn' is already running (pid " in msg and "--run-name" in msg
+        assert sorted(p.name for p in lock.parent.iterdir()) == [".lock"]
 
 
 # Bad flags in process (fast). The same contract through a real process, for every command, and

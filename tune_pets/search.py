@@ -58,13 +58,12 @@ from tune_pets.search_results import (
 from tune_pets.spaces import PICK_RULES, SearchSpec, default_space, load_search_spec
 from tune_pets.utils import (
     DISK_FULL_ERRNOS,
-    LockHeld,
     UserError,
     atomic_torch_save,
     atomic_write_json,
     cli_main,
     env_info,
-    exclusive_lock,
+    command_lock,
     read_json,
 )
 
@@ -794,27 +793,6 @@ def make_tuner(
 
 
 # ---------------------------------------------------------------- the search
-@contextlib.contextmanager
-def search_lock(path: Path, name: str) -> Iterator[None]:
-    """Hold ``path`` locked while a search of ``name`` runs: a second one refuses at once,
-    naming the running one (``exclusive_lock``: a killed search leaves no lock). Folders it
-    made stay only if the search wrote into them (a refused --resume leaves nothing)."""
-    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive_lock(path):
-            yield
-    except LockHeld as held:
-        raise UserError(
-            f"search {name!r} is already running ({held}; lock {path}); wait for it to "
-            f"finish, or pass --name NEW to run another search beside it"
-        ) from None
-    finally:
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty: the search's results are in it
-                folder.rmdir()
-
-
 def run_search(
     spec: SearchSpec,
     base: RunConfig,
@@ -1242,7 +1220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_concurrent_why = "--max-concurrent" if given else "as the search was started"
     use_cluster_auth(args.address)
     try:
-        with search_lock(layout.search_lock(name), name):  # a second search of name refuses
+        # a second search of name refuses
+        hint = "wait for it to finish, or pass --name NEW to run another search beside it"
+        with command_lock(layout.search_lock(name), f"search {name!r}", hint):
             result = run_search(
                 spec,
                 base,

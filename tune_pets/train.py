@@ -26,7 +26,7 @@ from tune_pets.config import LOWER_IS_BETTER, RunConfig
 from tune_pets.engine import Engine, FitData, load_fit_data, predict
 from tune_pets.models import ModelSpec
 from tune_pets.records import RunInfo
-from tune_pets.utils import atomic_torch_save, atomic_write_json, cli_main, env_info
+from tune_pets.utils import atomic_torch_save, atomic_write_json, cli_main, command_lock, env_info
 
 
 @dataclass
@@ -182,8 +182,17 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     run = cli.resolve_run_args(build_parser().parse_args(argv))
+    run_name = run.args.run_name or run.spec.name
+    if run.args.overfit_batches:  # writes nothing
+        return _train(run, run_name)
+    lock = run.layout.train_run(run_name) / ".lock"
+    hint = "wait for it to finish, or pass --run-name NEW to train beside it"
+    with command_lock(lock, f"train run {run_name!r}", hint):  # a second one refuses
+        return _train(run, run_name)
+
+
+def _train(run: cli.RunArgs, run_name: str) -> int:
     args, spec, config, device, layout = run.args, run.spec, run.config, run.device, run.layout
-    run_name = args.run_name or spec.name
     out = layout.train_run(run_name)
     options = {
         "val_fraction": args.val_fraction or cli.DEFAULT_VAL_FRACTION,

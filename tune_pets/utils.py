@@ -312,3 +312,21 @@ def _read_holder(fd: int, wait_s: float = 3.0) -> str:
         if text.endswith("\n") or time.monotonic() > deadline:
             return text.strip() or "starting up"
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def command_lock(path: Path, running: str, hint: str) -> Iterator[None]:
+    """Hold ``path`` locked while a command runs: a second one refuses at once in one line,
+    naming the running one (``exclusive_lock``: a killed holder leaves no lock). Folders made
+    here stay only if the command wrote into them (a refused start leaves nothing)."""
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(path):
+            yield
+    except LockHeld as held:
+        raise UserError(f"{running} is already running ({held}; lock {path}); {hint}") from None
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: the command's results are in it
+                folder.rmdir()
