@@ -318,6 +318,16 @@ BAD_SPECS = [
 ]
 
 
+@pytest.mark.parametrize("section", ["fixed", "space"])
+def test_an_unknown_key_lists_only_keys_the_file_may_set(tmp_path, section):
+    value = "0.1" if section == "fixed" else "{uniform: [0, 1]}"
+    with pytest.raises(UserError) as e:
+        load_search_spec(write(tmp_path, f"model: cnn\n{section}:\n  learning_rate: {value}\n"))
+    valid = str(e.value).split("valid: ")[1].split(", ")
+    assert "lr" in valid and "dropout" in valid
+    assert not {"epochs", "seed", "split_seed", "model", "metric"} & set(valid), valid
+
+
 @pytest.mark.parametrize(
     "text, must_contain", [(t, m) for _, t, m in BAD_SPECS], ids=[i for i, _, _ in BAD_SPECS]
 )

@@ -30,6 +30,8 @@ def default_space(model: str, smoke: bool = False) -> Path:
 
 
 UNSEARCHABLE = ("model", "seed", "split_seed", "metric")
+# What a YAML may fix or search (epochs: a trial runs max_epochs, set at the top level).
+SETTABLE = tuple(k for k in CONFIG_FIELDS if k not in (*UNSEARCHABLE, "epochs"))
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "quniform")
 # How the search chooses the trial it hands to reproduce (search_results.pick_best).
 PICK_RULES = ("best_epoch", "final_mean")
@@ -98,7 +100,7 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
     if name not in CONFIG_FIELDS or name in UNSEARCHABLE:
         raise UserError(
             f"{where}: {name!r} is not a searchable field of the run config; valid: "
-            f"{', '.join(k for k in CONFIG_FIELDS if k not in UNSEARCHABLE)}"
+            f"{', '.join(SETTABLE)}"
         )
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(
@@ -207,8 +209,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             raise UserError(f"{path}: fixed.{k}: set {k} at the top level of the file")
         if k not in CONFIG_FIELDS:
             raise UserError(
-                f"{path}: fixed.{k} is not a field of the run config; valid: "
-                f"{', '.join(CONFIG_FIELDS)}"
+                f"{path}: fixed.{k} is not a field of the run config; valid: {', '.join(SETTABLE)}"
             )
     kw["fixed"] = {k: _coerce_value(k, v, f"{path}: fixed.{k}") for k, v in fixed.items()}
     space = raw.get("space") or {}
