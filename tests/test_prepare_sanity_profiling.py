@@ -282,6 +282,8 @@ def test_run_profile_on_in_memory_data(tmp_path):
     s = profiling.run_profile(config, data, 2, tmp_path / "prof")
     assert s["steps"] == 2 and s["step_time_ms"] > 0 and s["trainable_params"] > 0
     assert (tmp_path / "prof/summary.json").is_file() and (tmp_path / "prof/top_ops.csv").is_file()
+    big = profiling.run_profile(config.replace(batch_size=16), data, 2, tmp_path / "big")
+    assert big["batch_size"] == 6, "a batch larger than the split: the batch the steps ran"
     with pytest.raises(UserError, match="--steps"):
         profiling.run_profile(config, data, 0, tmp_path / "prof")
 

@@ -208,7 +208,7 @@ def run_profile(
     summary["trace_files"] = sorted(p.name for p in out_dir.glob(TRACE_GLOB))
     atomic_write_csv(out_dir / TOP_OPS_CSV, rows)
     header = (
-        f"# {config.model}: {summary['step']}; {steps} profiled steps, batch {config.batch_size}, "
+        f"# {config.model}: {summary['step']}; {steps} profiled steps, batch {summary['batch_size']}, "
         f"img {summary['img_size']}px, device {engine.device}; sorted by self CPU time\n"
     )
     atomic_write_text(out_dir / TOP_OPS_TXT, header + table + "\n")
@@ -250,7 +250,7 @@ def _measure(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"],
         "torch_threads": torch.get_num_threads(),
         "steps": steps,
-        "batch_size": config.batch_size,
+        "batch_size": int(max(n_images)),  # the real one: below config's on a tiny split
         "img_size": int(data.preprocess.get("img_size", config.img_size)),
         "images_per_s": round(sum(n_images) / sum(step_s), 2),  # a tiny split: batch < size
         "step_time_ms": round(1000 * mean_s, 3),
