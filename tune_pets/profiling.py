@@ -208,8 +208,9 @@ def run_profile(
     summary["trace_files"] = sorted(p.name for p in out_dir.glob(TRACE_GLOB))
     atomic_write_csv(out_dir / TOP_OPS_CSV, rows)
     header = (
-        f"# {config.model}: {summary['step']}; {steps} profiled steps, batch {summary['batch_size']}, "
-        f"img {summary['img_size']}px, device {engine.device}; sorted by self CPU time\n"
+        f"# {config.model}: {summary['step']}; {steps} profiled steps, batch "
+        f"{summary['batch_size']}, img {summary['img_size']}px, device {engine.device}; sorted by "
+        "self CPU time\n"
     )
     atomic_write_text(out_dir / TOP_OPS_TXT, header + table + "\n")
     atomic_write_json(out_dir / PROFILE_SUMMARY, summary)
