@@ -385,6 +385,15 @@ def test_metrics_csv_rows_from_concurrent_writers_are_all_kept(tmp_path):
     assert len(rows) == 1 + 200 and len(set(rows)) == 201
 
 
+def test_metrics_csv_scores_have_one_precision_whoever_writes_them(tmp_path):
+    from tune_pets.records import write_metrics_row
+
+    path = tmp_path / "metrics.csv"
+    write_metrics_row(path, "cnn", "test", {"accuracy": 2 / 3, "n_seeds": 1, "n_images": 3})
+    row = path.read_text(encoding="utf-8").splitlines()[1].split(",")
+    assert row[:4] == ["cnn", "test", "0.666667", ""] and row[-2:] == ["1", "3"]
+
+
 @pytest.mark.parametrize(
     "content", [bytes(range(256)), b"a,b\n1,2\n"], ids=["not-text", "other-columns"]
 )

@@ -124,8 +124,11 @@ class ReproduceResult(Record):
 
 
 def write_metrics_row(path: Path, tag: str, split: str, scores: dict[str, Any]) -> None:
-    """The one writer of ``metrics.csv``: one row per (tag, split), fixed columns."""
-    row = {"model": tag, "split": split, **{k: scores.get(k, "") for k in METRICS_CSV_COLUMNS[2:]}}
+    """The one writer of ``metrics.csv``: one row per (tag, split), fixed columns, scores to 6
+    decimals whoever writes them."""
+    values = {k: scores.get(k, "") for k in METRICS_CSV_COLUMNS[2:]}
+    values = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
+    row = {"model": tag, "split": split, **values}
     upsert_csv_row(path, row, key=("model", "split"), fieldnames=METRICS_CSV_COLUMNS)
 
 

@@ -178,8 +178,7 @@ def reproduce(
         env=env_info(),
     ).write(layout.result_config(tag))
     out.write(layout.result_metrics(tag))
-    row = {k: round(v, 6) for k, v in stats.items()}
-    row |= {"n_seeds": out.n_seeds, "n_images": evals[0].n_images}
+    row = {**stats, "n_seeds": out.n_seeds, "n_images": evals[0].n_images}
     write_metrics_row(layout.metrics_csv, tag, heldout, row)
     return out
 
