@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tune_pets.config import RunConfig
 from tune_pets.layout import Layout
 from tune_pets.models import model_names
 from tune_pets.records import ReproduceResult, RunInfo, SearchSummary
+from tune_pets.utils import UserError
 
 COMMANDS = (
     "prepare",
@@ -434,3 +436,26 @@ def test_report_shows_damaged_artifacts_as_damaged_and_still_writes(tmp_path, ca
                  "search results in `search/cnn/`", "profiler/cnn/summary.json"):  # fmt: skip
         assert f"_damaged: {what}" in text, what
     assert "_missing: metrics.json (run `python -m tune_pets.reproduce vit`)" in text
+
+
+@pytest.mark.parametrize(
+    "field, value", [("test_acc", "high"), ("n_seeds", True), ("epochs", 2.5), ("per_seed", {})]
+)
+def test_a_record_field_of_the_wrong_type_is_damage_not_a_crash(tmp_path, capsys, field, value):
+    """A hand-edited metrics.json ("test_acc": "high") crashed the report's formatting."""
+    from tune_pets import report
+    from tune_pets.utils import cli_main
+
+    layout = Layout(tmp_path / "A")
+    good = ReproduceResult(tag="cnn", split="test", test_acc=0.5, test_macro_f1=0.4, epochs=3)
+    path = layout.result_metrics("cnn")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**good.to_dict(), "test_acc_std": 0}))  # an int float: fine
+    assert ReproduceResult.read(path, "metrics file").test_acc == 0.5
+    path.write_text(json.dumps({**good.to_dict(), field: value}))
+    with pytest.raises(UserError, match=rf"{field} is .*, of the wrong type"):
+        ReproduceResult.read(path, "metrics file")
+    with pytest.raises(SystemExit) as e:
+        cli_main(report.main, ["--artifacts-dir", str(layout.artifacts)])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert "_damaged: metrics.json" in layout.report.read_text(encoding="utf-8")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +46,17 @@ class Record:
         required = [n for n, p in inspect.signature(cls).parameters.items() if p.default is p.empty]
         if not isinstance(d, dict) or any(k not in d for k in required):
             raise UserError(f"{what} {path}: not a {cls.__name__} file written by tune_pets")
+        hints = typing.get_type_hints(cls)
+        for name in d.keys() & hints.keys():  # a hand-edited "test_acc": "high" is damage too
+            hint = hints[name]  # float, list[int], int | None, ...
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            allowed = tuple(
+                typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,))
+            )
+            allowed += (int,) if float in allowed else ()
+            v = d[name]
+            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+                raise UserError(f"{what} {path}: {name} is {v!r}, of the wrong type")
         return cls.from_dict(d)
 
     @classmethod
