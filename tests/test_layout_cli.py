@@ -281,10 +281,10 @@ def _profile(steps: int) -> dict:
 @pytest.fixture
 def flagged_report(tmp_path) -> str:
     """Artifacts that should each raise one flag: cnn baseline and tuned trained under different
-    epochs and sizes; cnn's tuned row retrained from trial aaaa1111 while the search now says
-    bbbb2222; random ViT backbones in a smoke run; vit's baseline with accuracy far above
-    macro-F1 (5 of 37 classes predicted); a 5-step cnn profile. vit's pair is the control:
-    same settings, same trial."""
+    epochs and sizes, on different data; cnn's tuned row retrained from trial aaaa1111 while the
+    search now says bbbb2222; random ViT backbones in a smoke run; vit's baseline with accuracy
+    far above macro-F1 (5 of 37 classes predicted); a 5-step cnn profile. vit's pair is the
+    control: same settings, same data, same trial."""
     from tune_pets.utils import atomic_write_json
 
     layout = Layout(tmp_path / "A")
@@ -300,6 +300,14 @@ def flagged_report(tmp_path) -> str:
     ]  # fmt: skip
     for r in results:
         r.write(layout.result_metrics(r.tag))
+    for tag, data_dir, fingerprint in (
+        ("cnn_baseline", "sample", "f1"),
+        ("cnn", "data/a", "f2"),
+        ("vit_baseline", "data/a", "f2"),
+        ("vit", "data/a", "f2"),
+    ):
+        data = {"data_dir": data_dir, "train_fingerprint": fingerprint}
+        RunInfo(name=tag, config={}, data=data).write(layout.result_config(tag))
     _summary("cnn", "bbbb2222").write(layout.best_config("cnn"))
     _summary("vit", "cccc3333").write(layout.best_config("vit"))
     atomic_write_json(layout.profile("cnn") / "summary.json", _profile(5))
@@ -337,7 +345,9 @@ def test_report_flags_each_misleading_comparison_once(flagged_report):
     diverge = [n for n in notes if "macro-F1" in n]
     assert len(diverge) == 1 and diverge[0].startswith("- vit_baseline"), notes
     assert "5 of 37 classes" in diverge[0] and "73 %" in diverge[0], diverge
-    assert len(notes) == 3, notes  # nothing flagged for the vit pair
+    data = [n for n in notes if "different data" in n]
+    assert len(data) == 1 and "cnn" in data[0] and "`sample`" in data[0], notes
+    assert len(notes) == 4, notes  # nothing flagged for the vit pair
 
 
 def test_report_says_how_many_steps_a_profile_rests_on(flagged_report):

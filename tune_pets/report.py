@@ -136,6 +136,18 @@ def results_section(layout: Layout) -> list[str]:
                 f"epochs at {tuned.img_size} px): not a fair comparison; rerun both with the same "
                 "`--epochs`/`--img-size`."
             )
+        data = {  # what each row trained on: the train split's fingerprint
+            b: getattr(RunInfo.read_or_none(layout.result_config(result_tag(model, b))), "data", {})
+            for b in pair
+        }
+        prints = [d.get("train_fingerprint") for d in data.values()]
+        if len(prints) == 2 and None not in prints and prints[0] != prints[1]:
+            notes.append(
+                f"- **{model}: baseline and tuned were trained on different data** (baseline "
+                f"`{data[True].get('data_dir')}`, tuned `{data[False].get('data_dir')}`, or the "
+                "same folder changed between them): not a fair comparison; rerun both on the same "
+                "`--data-dir`."
+            )
         best = SearchSummary.read_or_none(layout.best_config(search_name(layout, model)))
         if tuned and best and tuned.trial_id not in (None, best.trial_id):
             notes.append(
