@@ -630,6 +630,21 @@ def test_resume_refuses_an_explicit_val_fraction_equal_to_the_default(tmp_path):
     assert resumed_spec(args, spec, tmp_path / "search_spec.json")[1] == 0.3
 
 
+def test_resume_into_another_artifacts_dir_is_refused(tiny_data, tmp_path):
+    """A search started with --artifacts-dir A and a shared --storage-path, resumed with
+    --artifacts-dir B: B has no search_spec.json, so no flag could be checked against the ones
+    the search was started with."""
+    from tune_pets.search import main
+
+    storage = tmp_path / "ray"
+    (storage / "cnn").mkdir(parents=True)
+    (storage / "cnn" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    argv = ["cnn", "--resume", "--data-dir", str(tiny_data), "--storage-path", str(storage)]
+    with pytest.raises(UserError, match=r"started with another --artifacts-dir"):
+        main([*argv, "--artifacts-dir", str(tmp_path / "B")])
+    assert not (tmp_path / "B").exists()
+
+
 # ---------------------------------------------------------------- failing trials
 @pytest.mark.slow
 def test_a_diverging_trial_fails_alone(tiny_data, tmp_path):

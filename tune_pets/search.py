@@ -1199,8 +1199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = spec_from_args(args, model)
     layout = cli.layout_from_args(args)
     name, named = args.name or model.name, args.name is not None
-    spec, val_fraction = resumed_spec(args, spec, layout.search_spec(name))
-    base = cli.config_from_args(args, base_config(spec, model))
     storage = layout.ray_results.resolve() if args.storage_path is None else Path(args.storage_path)
     if args.address and args.num_cpus:
         raise UserError("--num-cpus sizes a local Ray; with --address the cluster's CPUs are used")
@@ -1208,6 +1206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--storage-path {storage}: must be an absolute path (all nodes use it)")
     if storage.exists() and not storage.is_dir():
         raise UserError(f"--storage-path {storage} is a file; point it at a folder")
+    saved_spec = layout.search_spec(name)
+    if args.resume and not saved_spec.is_file() and ray_state_saved(storage / name):
+        raise UserError(  # its flags could not be checked against the ones it was started with
+            f"--resume: {saved_spec} not found, but {storage / name} holds search {name!r}: it "
+            "was started with another --artifacts-dir; resume with that one"
+        )
+    spec, val_fraction = resumed_spec(args, spec, saved_spec)
+    base = cli.config_from_args(args, base_config(spec, model))
     if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
         from tune_pets.prepare import prepare
 
@@ -1216,7 +1222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = cli.data_dir_from_args(args)
     if args.resume:  # the resources line then shows the limit Ray restores
         given = args.max_concurrent
-        args.max_concurrent = check_resumed_run(args, base, data_dir, layout.search_spec(name))
+        args.max_concurrent = check_resumed_run(args, base, data_dir, saved_spec)
         args.max_concurrent_why = "--max-concurrent" if given else "as the search was started"
     use_cluster_auth(args.address)
     try:
