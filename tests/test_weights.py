@@ -148,6 +148,23 @@ def test_feature_cache_key_follows_the_hub_weights(tmp_path, hub_cache, hub_weig
     assert backbone_tag(config) == f"{BACKBONE}-pretrained"
 
 
+def test_feature_cache_key_follows_a_hub_cache_copied_without_links(tmp_path, use_hub):
+    """``cp -rL``/``scp -r`` turn the snapshot's link into a plain model.safetensors: its name
+    says nothing of its content, and other weights there once reused the old features."""
+    config = RunConfig(backbone=BACKBONE, pretrained=True)
+    cache = tmp_path / "copied_hub"
+    snapshot_file = _write_hub_cache(cache, _model(seed=1).state_dict())
+    content = snapshot_file.read_bytes()
+    snapshot_file.unlink()
+    snapshot_file.write_bytes(content)  # a plain file, where the hub keeps a link
+    use_hub(cache, offline=True)
+    first = backbone_tag(config)
+    assert first.startswith(f"{BACKBONE}-pretrained-file"), first
+    save_file({k: v.contiguous() for k, v in _model(seed=2).state_dict().items()},
+              str(snapshot_file))  # fmt: skip
+    assert backbone_tag(config) != first
+
+
 def test_cached_weights_need_no_network(hub_cache, hub_weights, use_hub, monkeypatch):
     """HF_HUB_OFFLINE unset: a cached copy is still used as is, without probing the hub or
     opening any connection."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,26 @@ def build_backbone(config: RunConfig) -> nn.Module:
 def backbone_tag(config: RunConfig) -> str:
     """Identifies the backbone's weights (part of the feature-cache key)."""
     if config.weights:
-        p = _weights_file(config)  # before stat(): a checkpoint may name a file gone since
-        digest = hashlib.sha1(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
-        return f"{config.backbone}-file{digest.hexdigest()[:10]}"
+        # before stat(): a checkpoint may name a file gone since
+        return f"{config.backbone}-file{_file_digest(_weights_file(config))}"
     if not config.pretrained:
         return f"{config.backbone}-random{RANDOM_INIT_SEED}"
-    # The hub cache names a file by its content's hash: other hub weights, another key. Not yet
-    # downloaded: plain "pretrained" (features made then are recomputed once, keyed by the file).
+    # Not yet downloaded: plain "pretrained" (features made then are recomputed once, keyed by
+    # the file).
     found = _cached_weights(config.backbone) if _hub_repo(config.backbone) else None
-    return f"{config.backbone}-pretrained" + (f"-{found.resolve().name[:16]}" if found else "")
+    if found is None:
+        return f"{config.backbone}-pretrained"
+    # The hub names a blob by its content's hash: other weights, another key. A cache copied
+    # without its links (cp -rL, scp -r) has a plain file there: keyed as a --weights file.
+    blob = found.resolve().name
+    key = blob[:16] if re.fullmatch(r"[0-9a-f]{40,64}", blob) else f"file{_file_digest(found)}"
+    return f"{config.backbone}-pretrained-{key}"
+
+
+def _file_digest(p: Path) -> str:
+    """Which file, as it is now: its path, size and mtime (cheap; changes when it is rewritten)."""
+    st = p.stat()
+    return hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
 
 def _weights_file(config: RunConfig) -> Path:
