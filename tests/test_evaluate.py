@@ -149,6 +149,10 @@ def test_checkpoint_format(trained):
     assert (config.model, config.pretrained, spec.name) == ("vit", False, "vit")
     module, config, _ = trained_module(load_checkpoint(trained.vit), pretrained=True, weights="w")
     assert (config.pretrained, config.weights) == (True, "w")
+    # --no-pretrained on a checkpoint made with a weights file: random weights, not that file
+    with_file = {**load_checkpoint(trained.vit), "config": {**ckpt["config"], "weights": "/gone"}}
+    _, config, _ = trained_module(with_file, pretrained=False)
+    assert (config.pretrained, config.weights) == (False, None)
 
 
 def test_checkpoint_of_an_earlier_version_loads(trained, tmp_path):

@@ -79,7 +79,10 @@ def _file_digest(p: Path) -> str:
 def _weights_file(config: RunConfig) -> Path:
     path = Path(config.weights)
     if not path.is_file():
-        raise UserError(f"--weights {path}: file not found")
+        raise UserError(
+            f"backbone weights file {path} not found (the weights this run or checkpoint was "
+            "made with); pass --weights PATH to where it is now"
+        )
     return path
 
 

@@ -81,8 +81,10 @@ def trained_module(
     """The trained module (the whole CNN, or the probe head) in eval mode, with the checkpoint's
     config (``pretrained``/``weights`` override the backbone's). Builds no backbone."""
     config = RunConfig.from_dict(ckpt["config"], "checkpoint config")
-    if pretrained is not None:
-        config = config.replace(pretrained=pretrained)
+    if pretrained is not None:  # --no-pretrained: random weights, not the recorded file's
+        config = config.replace(
+            pretrained=pretrained, weights=config.weights if pretrained else None
+        )
     if weights:
         config = config.replace(weights=weights)
     spec = get_spec(config.model)

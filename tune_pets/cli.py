@@ -217,8 +217,6 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
-        if not Path(args.weights).is_file():  # now, not after the train split is decoded
-            raise UserError(f"--weights {args.weights}: file not found")
         # Absolute: checkpoints and best_config.json are read from other working folders.
         changes["weights"] = str(Path(args.weights).resolve())
     if spec.fixed_input_size and "img_size" in changes:
@@ -229,14 +227,18 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
 
 
 def check_weights_flags(args: argparse.Namespace, spec: Any) -> None:
-    """The backbone flags mean nothing to a model trained from scratch: refused, not recorded."""
+    """The backbone flags, checked now, not after the data is decoded; they mean nothing to a
+    model trained from scratch: refused, not recorded."""
+    weights = getattr(args, "weights", None)
     if spec.build_backbone is None:
         for flag, given in (
-            ("--weights", getattr(args, "weights", None)),
+            ("--weights", weights),
             ("--no-pretrained", getattr(args, "no_pretrained", False)),
         ):
             if given:
                 raise UserError(f"{flag}: {spec.name} has no pretrained backbone; leave it out")
+    if weights and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: file not found")
 
 
 def data_dir_from_args(args: argparse.Namespace) -> Path:
