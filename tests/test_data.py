@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from tune_pets.data import (
     BadImageError,
     cache_res,
+    default_cache_dir,
     eval_transform,
     load_or_make_val_split,
     load_rgb,
@@ -356,6 +358,21 @@ def test_skip_bad_images(tmp_path, make_image_folder, cache_dir):
         load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
     again = load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
     assert again.paths == s.paths and again.skipped == s.skipped
+
+
+def test_a_class_whose_images_are_all_skipped_is_an_error(tmp_path, make_image_folder, cache_dir):
+    """It trained as a class with no images at all (and scored 0 on its test images)."""
+    root = make_image_folder(tmp_path / "d", {"a": (3, 1), "b": (2, 1)})
+    for f in (root / "train" / "b").iterdir():
+        f.write_bytes(b"")
+    for _ in range(2):  # decoded, then from the cache
+        with pytest.raises(UserError, match=r"train/b has no readable images \(all skipped"):
+            load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch):
+    monkeypatch.setenv("TUNE_PETS_CACHE", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "tune_pets"
 
 
 def test_a_broken_symlink_is_a_bad_image(tmp_path, make_image_folder, cache_dir):

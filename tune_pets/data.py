@@ -46,7 +46,8 @@ CACHE_VERSION = 2  # bump when the decode/resize rule or the cache metadata chan
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TUNE_PETS_CACHE", Path.home() / ".cache" / "tune_pets"))
+    # An empty value is unset (not the working folder).
+    return Path(os.environ.get("TUNE_PETS_CACHE") or Path.home() / ".cache" / "tune_pets")
 
 
 # ---------------------------------------------------------------- decoding
@@ -316,6 +317,12 @@ def load_split(
             np.save(f, images)
         atomic_write_json(meta_path, meta)
     labels = np.asarray(meta["labels"], dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(meta["classes"]))
+    if split == "train" and not counts.all():  # all its images skipped: it could not be learnt
+        raise UserError(
+            f"class folder {data_dir / split / meta['classes'][int(counts.argmin())]} has no "
+            "readable images (all skipped by --skip-bad-images); replace them or remove it"
+        )
     return ImageSplit(split, images, labels, meta["paths"], meta["classes"], fp, meta["skipped"])
 
 
