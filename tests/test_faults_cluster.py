@@ -595,6 +595,40 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_file(tiny_data, tmp_pat
         assert e.value.code == 2 and f"{ro}/data_sanity: Read-only file system" in line, line
 
 
+def test_a_full_disk_under_the_decode_cache_or_prepare_is_one_line(tiny_data, tmp_path, capsys):
+    """numpy's short write ("N requested and M written", no errno) and prepare's unnamed ENOSPC
+    were tracebacks with exit 1."""
+    from tune_pets import prepare, train
+    from tune_pets.utils import cli_main
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    argv = ["cnn", "--data-dir", tiny_data, "--epochs", 1, "--img-size", 32, "--no-progress"]
+    argv += ["--artifacts-dir", tmp_path / "art", "--runs-dir", tmp_path / "runs"]
+    release = tmp_path / "release"
+    jpg = next((tiny_data / "train").rglob("*.jpg"))
+    for split, stems in (("trainval", ("Persian_1", "Persian_2")), ("test", ("Persian_3",))):
+        (release / "annotations").mkdir(parents=True, exist_ok=True)
+        (release / "images").mkdir(exist_ok=True)
+        for stem in stems:
+            shutil.copy(jpg, release / "images" / f"{stem}.jpg")
+        lines = "".join(f"{stem} 1 1 1\n" for stem in stems)
+        (release / "annotations" / f"{split}.txt").write_text(lines)
+    with small_tmpfs(tmp_path / "full", 64) as full:
+        filler = fill(full)
+        filler.write_bytes(filler.read_bytes()[: -16 * 1024])  # 16 kB: less than the array
+        with pytest.raises(SystemExit) as e:
+            cli_main(train.main, list(map(str, [*argv, "--cache-dir", full])))
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and ".npy: No space left on device" in line, line
+        fill(full)
+        with pytest.raises(SystemExit) as e:
+            cli_main(prepare.main, ["--from", str(release), "--output-dir", str(full / "pets")])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{full / 'pets'}: No space left on device" in line, line
+        assert [p.name for p in full.rglob("*") if not p.is_dir()] == ["filler"], "half-written"
+
+
 def test_storage_keeps_the_last_whole_snapshot_when_the_disk_fills(tmp_path):
     """Ray's experiment folder written through tune_pets.storage on a 256 kB tmpfs: a snapshot
     (its four files) whose large file does not fit leaves the previous snapshot, all four files

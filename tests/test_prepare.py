@@ -307,7 +307,23 @@ def test_prepare_is_idempotent(tmp_path, capsys):
     assert prep.prepare(out, from_dir=tmp_path / "nowhere", progress=False) == out
     assert _run_cli(["--output-dir", str(out), "--no-progress"]) == 0
     assert "already prepared" in capsys.readouterr().out
+    # Asked for another source by name: said, not silently ignored.
+    assert _run_cli(["--output-dir", str(out), "--from", str(tmp_path / "nowhere")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "already prepared, from" in line and "nowhere" in line and "\n" not in line
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_output_dir_that_is_a_link_to_an_empty_folder(tmp_path):
+    """It was built in full next to the link, then failed ("Not a directory") on renaming."""
+    (tmp_path / "big_disk" / "pets").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pets").symlink_to(tmp_path / "big_disk" / "pets")
+    release = _noise_release(tmp_path / "release")
+    prep.prepare(tmp_path / "data" / "pets", from_dir=release, progress=False)
+    assert prep.is_prepared(tmp_path / "big_disk" / "pets")
+    assert (tmp_path / "data" / "pets").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["pets"], "no temp left"
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -34,7 +34,8 @@ from tune_pets import cli, hub
 from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
 from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
-from tune_pets.utils import LockHeld, UserError, _umask, cli_main, exclusive_lock
+from tune_pets.utils import DISK_FULL_ERRNOS, LockHeld, UserError, _umask, cli_main
+from tune_pets.utils import exclusive_lock, read_json
 
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
 MARKER = ".complete"
@@ -131,6 +132,8 @@ def build_atomically(
     if is_prepared(output_dir):
         return output_dir
     _check_target(output_dir)
+    if output_dir.is_symlink():  # built beside the folder it names, on that folder's disk
+        output_dir = output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(output_dir) as locked:
         if is_prepared(output_dir):  # another run finished while this one was loading
@@ -143,7 +146,12 @@ def build_atomically(
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
             t0 = time.perf_counter()
-            result = write_image_folder(splits, tmp, progress=progress)
+            try:
+                result = write_image_folder(splits, tmp, progress=progress)
+            except OSError as e:  # a full disk's error names no file
+                if e.filename or e.errno not in DISK_FULL_ERRNOS:
+                    raise
+                raise OSError(e.errno, e.strerror, str(output_dir)) from e
             per_class = result["splits"]
             classes = sorted({c for counts in per_class.values() for c in counts})
             marker = {
@@ -519,7 +527,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
     if is_prepared(out):
-        print(f"{out} is already prepared ({MARKER} found); nothing to do")
+        marker = read_json(out / MARKER, "marker")
+        made_from = marker.get("source", "?") if isinstance(marker, dict) else "?"
+        asked = args.from_dir or (args.dataset if args.dataset != DEFAULT_DATASET else None)
+        if asked and asked != made_from and str(Path(asked).resolve()) not in made_from:
+            raise UserError(
+                f"--output-dir {out} is already prepared, from {made_from}, not {asked}; delete "
+                "it or pick another --output-dir to prepare from that"
+            )
+        print(f"{out} is already prepared from {made_from} ({MARKER} found); nothing to do")
         return 0
     prepare(out, args.dataset, progress=not args.no_progress, from_dir=args.from_dir)
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import re
 import platform
 import random
 import socket
@@ -89,6 +90,8 @@ def atomic_path(path: str | os.PathLike) -> Iterable[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
     except OSError as e:
+        if not e.errno and re.fullmatch(r"\d+ requested and \d+ written", str(e)):
+            e.errno, e.strerror = errno.ENOSPC, "No space left on device"  # numpy's short write
         if e.filename or not e.errno:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write names no file
