@@ -20,9 +20,10 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -270,9 +271,15 @@ def load_split(
         raise UserError(f"{data_dir / split} contains no images")
     fp = fingerprint(data_dir, index)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    stem = cache / "images" / f"{split}-{fp}-r{res}-{interpolation}"
-    meta_path, arr_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
-    cached = _load_cached(meta_path, arr_path, res)
+    arr_path = cache / "images" / f"{split}-{fp}-r{res}-{interpolation}.npy"
+
+    def check(meta: dict, images: np.ndarray) -> str | None:
+        want = (len(meta["labels"]), res, res, 3)
+        if images.shape != want or images.dtype != np.uint8:
+            return f"shape {images.shape} {images.dtype}, expected {want} uint8"
+        return None
+
+    cached = load_entry(arr_path, "decode cache", check)
     if cached is not None:
         meta, images = cached
         if meta["skipped"] and not skip_bad:
@@ -311,11 +318,8 @@ def load_split(
             "res": res,
             "interpolation": interpolation,
             "ignored": index.ignored,
-            "crc32": zlib.crc32(images.data),
         }
-        with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, images)
-        atomic_write_json(meta_path, meta)
+        save_entry(arr_path, images, meta)
     labels = np.asarray(meta["labels"], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(meta["classes"]))
     if split == "train" and not counts.all():  # all its images skipped: it could not be learnt
@@ -326,24 +330,39 @@ def load_split(
     return ImageSplit(split, images, labels, meta["paths"], meta["classes"], fp, meta["skipped"])
 
 
-def _load_cached(meta_path: Path, arr_path: Path, res: int) -> tuple[dict, np.ndarray] | None:
-    """A cache entry checked against its metadata (shape, dtype, CRC-32 of the pixels), or None
-    when it is missing or damaged; a damaged entry is reported in one line and rebuilt."""
+def save_entry(arr_path: Path, arr: np.ndarray, meta: dict) -> None:
+    """A cache entry: the array, then its metadata with the array's CRC-32 (the JSON comes last:
+    an array without it is an entry a killed run left half-made)."""
+    for stale in arr_path.parent.glob(f".{arr_path.name}.*.tmp"):  # a killed writer's temp file
+        with contextlib.suppress(OSError):  # an hour old: no live writer's (they take minutes)
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
+    with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+    crc = zlib.crc32(np.ascontiguousarray(arr).data)
+    atomic_write_json(arr_path.with_suffix(".json"), {**meta, "crc32": crc})
+
+
+def load_entry(
+    arr_path: Path, what: str, check: Callable[[dict, np.ndarray], str | None]
+) -> tuple[dict, np.ndarray] | None:
+    """A ``save_entry`` entry checked by ``check(meta, arr)`` (why it is wrong, or None) and its
+    CRC-32, or None when it is missing or damaged; a damaged entry is reported in one line (as
+    ``what``) and rebuilt by the caller."""
+    meta_path = arr_path.with_suffix(".json")
     if not (meta_path.is_file() or arr_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        images = np.load(arr_path)
-        want = (len(meta["labels"]), res, res, 3)
-        if images.shape != want or images.dtype != np.uint8:
-            why = f"shape {images.shape} {images.dtype}, expected {want} uint8"
-        elif zlib.crc32(np.ascontiguousarray(images).data) != meta["crc32"]:
+        arr = np.load(arr_path)
+        why = check(meta, arr)
+        if why is None and zlib.crc32(np.ascontiguousarray(arr).data) != meta["crc32"]:
             why = "checksum mismatch"
-        else:
-            return meta, images
+        if why is None:
+            return meta, arr
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
         why = f"{type(e).__name__}: {str(e)[:80]}"
-    print(f"warning: decode cache {arr_path} is damaged ({why}); rebuilding it", file=sys.stderr)
+    print(f"warning: {what} {arr_path} is damaged ({why}); rebuilding it", file=sys.stderr)
     return None
 
 

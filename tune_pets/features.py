@@ -9,6 +9,7 @@ Extraction always runs in fp32, so an entry does not depend on the device that m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -20,9 +21,8 @@ import torch
 
 from tune_pets.backbone import backbone_tag, token_features
 from tune_pets.config import RunConfig
-from tune_pets.data import ImageSplit, eval_transform, iterate_indices
+from tune_pets.data import ImageSplit, eval_transform, iterate_indices, load_entry, save_entry
 from tune_pets.data import to_device_uint8, train_augment
-from tune_pets.utils import atomic_path
 
 
 def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None) -> str:
@@ -85,28 +85,19 @@ def cached_features(
     for view in [None] if views == 0 else range(views):
         key = feature_key(config, dc, split, view)
         path = Path(cache_dir) / "features" / f"{split.name}-{key}.npy"
-        feats = _load_checked(path, len(split))
-        if feats is None:
+        entry = load_entry(path, "feature cache", functools.partial(_check, n=len(split)))
+        if entry is not None:
+            feats = entry[1]
+        else:
             aug = (config.aug_scale_min, config.hflip)
             feats = extract(get_backbone(), split, dc, device, view, *aug, progress=progress)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, feats)
+            save_entry(path, feats, {})
         arrays.append(feats)
     return np.stack(arrays)
 
 
-def _load_checked(path: Path, n: int) -> np.ndarray | None:
-    """A cached ``[n, 2, D]`` float32 array, or None when missing or damaged (truncated, wrong
-    shape, non-finite): a damaged entry is reported in one line and rebuilt."""
-    if not path.is_file():
-        return None
-    try:
-        arr = np.load(path)
-        if arr.dtype == np.float32 and arr.ndim == 3 and arr.shape[:2] == (n, 2):
-            if np.isfinite(arr).all():
-                return arr
-        why = f"shape {arr.shape} dtype {arr.dtype}, expected ({n}, 2, D) float32"
-    except (OSError, ValueError, EOFError) as e:
-        why = f"{type(e).__name__}: {str(e)[:80]}"
-    print(f"warning: feature cache {path} is damaged ({why}); rebuilding it", file=sys.stderr)
-    return None
+def _check(meta: dict, arr: np.ndarray, n: int) -> str | None:
+    """Why a cached feature array is not ``[n, 2, D]`` finite float32 (None: it is)."""
+    if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[:2] != (n, 2):
+        return f"shape {arr.shape} dtype {arr.dtype}, expected ({n}, 2, D) float32"
+    return None if np.isfinite(arr).all() else "non-finite values"
