@@ -134,6 +134,16 @@ def test_sanity_cli_end_to_end(odd_data, tmp_path):
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
+def test_sanity_counts_only_readable_images(make_image_folder, tmp_path):
+    """A class of empty files was counted as 3 images and never reported as empty."""
+    root = make_image_folder(tmp_path / "d", {"a": (3, 1), "b": (3, 1)})
+    for f in (root / "train" / "b").iterdir():
+        f.write_bytes(b"")
+    summary = sanity.run_sanity(root, tmp_path / "out", progress=False)
+    assert summary["counts"] == {"train": 3, "test": 2} and summary["n_unreadable"] == 3
+    assert summary["per_class"]["train"]["empty_classes"] == ["b"]
+
+
 def test_grid_sample_is_deterministic_and_round_robin(odd_data):
     from tune_pets.data import scan_split
 

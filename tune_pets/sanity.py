@@ -172,12 +172,12 @@ def run_sanity(
         counts[name] = per_class = dict.fromkeys(classes, 0)
         dims[name] = []
         for rel, y, info in zip(index.paths, index.labels, infos, strict=True):
-            per_class[classes[y]] += 1
             facts = {k: info[k] for k in FACTS}
             size_rows.append({"split": name, "path": rel, "class": classes[y], **facts})
             if info["width"] and not info["error"]:
                 dims[name].append((info["width"], info["height"]))
             issues = _issues(rel, info)
+            per_class[classes[y]] += "unreadable" not in issues  # the images training can use
             if issues:
                 odd_paths.add(rel)
                 if "unreadable" in issues:
