@@ -207,6 +207,19 @@ def test_scan_split_class_only_in_test(tmp_path, make_image_folder):
         scan_split(root, "test", classes=train.classes)
 
 
+def test_a_test_class_in_another_unicode_form_is_named_as_such(tmp_path, make_image_folder):
+    """'Café' copied from macOS is 'Cafe' + a combining accent: it looked identical in the
+    message that said it was not in train/."""
+    import unicodedata
+
+    root = make_image_folder(tmp_path / "d", {"Café": (2, 0), "b": (2, 1)})
+    (root / "test" / unicodedata.normalize("NFD", "Café")).mkdir()
+    _save_jpeg(root / "test" / unicodedata.normalize("NFD", "Café") / "z.jpg")
+    train = scan_split(root, "train")
+    with pytest.raises(UserError, match="another Unicode form"):
+        scan_split(root, "test", classes=train.classes)
+
+
 @pytest.mark.parametrize("junk", [None, "README.txt"])
 def test_scan_split_empty_train_class(tmp_path, make_image_folder, junk):
     root = make_image_folder(tmp_path / "d", {"a": (2, 1)})

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import unicodedata
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -176,6 +177,12 @@ def _class_names(root: Path) -> list[str]:
 
 def _check_heldout_classes(root: Path, names: Sequence[str], train: Sequence[str]) -> None:
     extra = sorted(set(names) - set(train))
+    nfc = {unicodedata.normalize("NFC", t) for t in train}  # a copy from macOS: NFD names
+    if any(unicodedata.normalize("NFC", e) in nfc for e in extra):
+        raise UserError(
+            f"{root}: class folder(s) {', '.join(map(repr, extra))} are spelled in another "
+            f"Unicode form (NFC/NFD) than in {root.parent / 'train'}; rename them to match"
+        )
     if extra:
         raise UserError(
             f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
