@@ -866,6 +866,26 @@ def test_ctrl_c_after_the_last_trial_started_is_still_an_interrupt(tmp_path, goo
 
 
 @pytest.mark.slow
+def test_a_resumed_search_ends_when_its_time_budget_is_spent(tmp_path, good_data):
+    """Tune counts the budget over every session: the resumed one stops early, and its own
+    time is less than the budget. It was taken for an interrupt (exit 130, "resume with ..."),
+    every time. The wall time reported is the sessions' total (it was the last session's)."""
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=500, epochs=3))
+    args = cli_args("search", good_data, tmp_path, "--time-budget-s", 25)
+    proc = start("search", args, tmp_path)
+    _, err = _ctrl_c_after_an_epoch(proc, tmp_path / "artifacts" / "ray_results" / "cnn")
+    assert proc.returncode == 130, err[-2000:]
+    out = tmp_path / "artifacts" / "search" / "cnn"
+    first = json.loads((out / "search_spec.json").read_text())["sessions"]
+    assert first["n"] == 1 and first["search_s"] > 0
+    resumed = run("search", [*args, "--resume"], tmp_path, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    search = json.loads((out / "best_config.json").read_text())["search"]
+    assert search["sessions"] == 2 and "over 2 sessions" in resumed.stdout
+    assert search["wall_time_s"] > round(first["search_s"], 1), (search, first)
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_a_pipeline_search_stops_the_pipeline_with_its_resume_flag(tmp_path, good_data):
     """The search's exit 130 was "step failed with exit code 130" (exit 2); and before the
     search told a late Ctrl-C apart, the pipeline went on to reproduce a half-run search."""

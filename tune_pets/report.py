@@ -209,7 +209,9 @@ def search_section(layout: Layout, model: str) -> list[str]:
         f"{s.get('completed')} completed, {s.get('stopped_early')} stopped early by ASHA"
         + (" or the time budget, " if s.get("time_budget_s") else ", ")
         + f"{s.get('failed')} failed; wall time {_fmt(s.get('wall_time_s'), 0)} s "
-        f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation); "
+        f"(+ {_fmt(s.get('data_prep_s'), 0)} s data preparation"
+        + (f"; {s['sessions']} sessions: resumed" if s.get("sessions", 1) > 1 else "")
+        + "); "
         f"max {s.get('max_epochs')} epochs, grace {s.get('grace_period')}, "
         f"reduction factor {s.get('reduction_factor')}; nodes used: {len(s.get('nodes', []))}.",
         "",

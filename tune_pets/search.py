@@ -918,12 +918,14 @@ def run_search(
     ctrl_c: list[bool] = []
     with _ctrl_c_stops_tune(ctrl_c):
         grid = tuner.fit()
-    search_s = time.time() - t1
+    search_s, prep_s, sessions = _add_session(layout.search_spec(name), time.time() - t1, prep_s)
     if _DISK_FULL:
         raise OSError(errno.ENOSPC, f"{_DISK_FULL[0]} under {storage_path}")
     # Ray returns from fit when stopped too, after saving its state: by Ctrl-C, or by a SIGUSR1
-    # from outside (then some trial is unfinished, or fewer than num_samples were started).
-    budget_spent = spec.time_budget_s is not None and search_s >= spec.time_budget_s
+    # from outside (then some trial is unfinished, or fewer than num_samples were started), or
+    # by the time budget. Tune counts the budget over every session of a resumed search: a
+    # resumed one that stops without a Ctrl-C spent it (the time of a killed session is lost).
+    budget_spent = spec.time_budget_s is not None and (search_s >= spec.time_budget_s or resume)
     finished = grid.num_terminated + grid.num_errors
     if ctrl_c or not budget_spent and (finished < len(grid) or len(grid) < spec.num_samples):
         return None
@@ -947,8 +949,9 @@ def run_search(
         "name": name,
         "experiment_dir": str(exp_dir),
         "tensorboard_dir": str(tb_root),
-        "wall_time_s": round(search_s, 1),
+        "wall_time_s": round(search_s, 1),  # over every session (a killed one's is not known)
         "data_prep_s": round(prep_s, 1),
+        "sessions": sessions,  # 1 + the times it was resumed
     }
     val_split = layout.search_val_split(name)
     summary = make_summary(
@@ -957,6 +960,19 @@ def run_search(
     summary.write(layout.best_config(name))
     write_plots(records, spec, name, layout)
     return records, summary
+
+
+def _add_session(spec_file: Path, search_s: float, prep_s: float) -> tuple[float, float, int]:
+    """Add this session's search and data times to the search's totals in ``spec_file``
+    (search_spec.json); the totals and the number of sessions."""
+    saved = read_json(spec_file, "search spec") if spec_file.is_file() else {}
+    was = saved.get("sessions", {"search_s": 0.0, "prep_s": 0.0, "n": 0})
+    now = {"search_s": was["search_s"] + search_s, "prep_s": was["prep_s"] + prep_s}
+    now["n"] = was["n"] + 1
+    if saved:
+        with contextlib.suppress(OSError):  # a full disk: the totals lack this session
+            atomic_write_json(spec_file, {**saved, "sessions": now})
+    return now["search_s"], now["prep_s"], now["n"]
 
 
 def records_from_grid(grid, spec: SearchSpec) -> list[TrialRecord]:
@@ -1301,6 +1317,7 @@ def _print_summary(s: SearchSummary, layout: Layout, name: str, extra: str) -> N
         f"\nsearch {name!r}: {run['num_trials']} trials ({run['completed']} completed, "
         f"{run['stopped_early']} stopped early, {run['failed']} failed) in "
         f"{run['wall_time_s']:.0f}s"
+        + (f" over {run['sessions']} sessions" if run["sessions"] > 1 else "")
     )
     f1 = "n/a" if s.val_macro_f1 is None else f"{s.val_macro_f1:.4f}"
     print(
