@@ -633,6 +633,9 @@ def test_pipeline_refuses_to_replace_an_earlier_search_unasked(tmp_path, capsys)
     [
         (["--skip-search"], ["--skip-search", "no search results for cnn"]),
         (["--search-space-dir", "nowhere"], ["--search-space-dir nowhere", "no cnn.yaml"]),
+        # These two waited for the whole search: reproduce refused them.
+        (["--seeds", "1", "1"], ["--seeds 1 1", "distinct"]),
+        (["--img-size", "8"], ["--img-size"]),
     ],
 )
 def test_pipeline_checks_its_flags_before_any_step(tmp_path, capsys, flags, words):

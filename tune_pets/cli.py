@@ -241,6 +241,11 @@ def check_weights_flags(args: argparse.Namespace, spec: Any) -> None:
         raise UserError(f"--weights {weights}: file not found")
 
 
+def check_distinct_seeds(seeds: list[int] | None) -> None:
+    if seeds and len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be distinct")
+
+
 def data_dir_from_args(args: argparse.Namespace) -> Path:
     """The data dir, with 'sample' resolved to the shipped photos, checked."""
     from tune_pets.data import check_data_dir

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tune_pets import cli, reproduce, search
+from tune_pets.config import RunConfig, validate_config
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.models import get_spec, model_names
 from tune_pets.spaces import default_space
@@ -110,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
     layout = cli.layout_from_args(args)
-    for model in args.models if args.skip_search else ():  # every check before any step runs
+    # Every check before any step runs: a bad retrain flag must not wait for hours of search.
+    cli.check_distinct_seeds(args.seeds)
+    retrain = {"epochs": args.epochs, "img_size": args.img_size}
+    validate_config(RunConfig().replace(**{k: v for k, v in retrain.items() if v}), "command line")
+    for model in args.models if args.skip_search else ():
         if not layout.best_config(model).is_file():
             raise UserError(
                 f"--skip-search: no search results for {model} in {layout.search(model)}; run "

@@ -222,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = cli.config_from_args(args, config.replace(max_steps_per_epoch=0))
     config = validate_config(config, "command line")
     seeds = args.seeds or [args.seed if args.seed is not None else config.seed]
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be distinct")
+    cli.check_distinct_seeds(seeds)
     tag = result_tag(spec.name, args.baseline)
     m = reproduce(
         config,
