@@ -367,3 +367,20 @@ def test_evaluate_bad_flag_is_one_line(trained, tiny_data, tmp_path, capsys, fla
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert all(w.format(data=tiny_data) in err for w in words), err
     assert not (tmp_path / "a").exists()
+
+
+def test_load_checkpoint_names_a_folder_and_a_missing_preprocess_key(trained, tmp_path):
+    with pytest.raises(UserError, match="is a folder; pass the checkpoint file in it"):
+        load_checkpoint(tmp_path)
+    ckpt = torch.load(trained.cnn, weights_only=True)
+    del ckpt["preprocess"]["interpolation"]  # was a KeyError traceback in evaluate
+    atomic_torch_save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(UserError, match=r"incomplete .*missing preprocess\.interpolation"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_weights_that_do_not_fit_name_what_does_not_fit(trained):
+    ckpt = torch.load(trained.cnn, weights_only=True)
+    ckpt["classes"] = ckpt["classes"][:3]  # a head for 3 classes, weights for 4
+    with pytest.raises(UserError, match=r"do not fit the model \(size mismatch for head"):
+        trained_module(ckpt)

@@ -675,3 +675,32 @@ def test_run_pipeline_sh_bad_option_exits_2(tmp_path):
     proc = _bash(REPO / "scripts" / "run_pipeline.sh", "--no-such-flag", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "--no-such-flag" in proc.stderr
+
+
+# ---------------------------------------------------------------- which config reproduce trains
+def test_resolve_config_refuses_what_would_be_trained_wrong(tmp_path, capsys):
+    """A folder for --best-config; a best config missing a searched key (it trained at the
+    default and was still called tuned); --baseline with --best-config (silently ignored)."""
+    from tune_pets.layout import Layout
+    from tune_pets.models import get_spec
+    from tune_pets.reproduce import main, resolve_config
+    from tune_pets.utils import UserError, cli_main
+
+    spec, layout = get_spec("cnn"), Layout(tmp_path / "A")
+    with pytest.raises(UserError, match="is a folder; pass the best_config.json in it"):
+        resolve_config(spec, tmp_path, layout, baseline=False)
+    path = tmp_path / "best_config.json"
+    search = {"search_space": {"lr": ["loguniform", [1e-4, 1e-2]]}, "spec_file": "/x/smoke/c.yaml"}
+    config = {k: v for k, v in TINY_CNN.to_dict().items() if k != "lr"}
+    SearchSummary(model="cnn", config=config, metric="val_acc", mode="max", best_value=0.5,
+                  trial_id="x", search=search).write(path)  # fmt: skip
+    with pytest.raises(UserError, match="config lacks the searched lr"):
+        resolve_config(spec, path, layout, baseline=False)
+    config["lr"] = 0.003
+    SearchSummary(model="cnn", config=config, metric="val_acc", mode="max", best_value=0.5,
+                  trial_id="x", search=search).write(path)  # fmt: skip
+    resolved, origin = resolve_config(spec, path, layout, baseline=False)
+    assert resolved.lr == 0.003 and origin["smoke"] is True  # a smoke search's retrain is smoke
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, ["cnn", "--baseline", "--best-config", str(path)])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from tune_pets.utils import UserError
 
 FORMAT = "tune_pets/1"
 REQUIRED_KEYS = ("model", "scope", "config", "classes", "preprocess", "state_dict")
+PREPROCESS_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")  # ModelSpec.data_config
 
 
 def make_checkpoint(
@@ -46,6 +47,8 @@ def make_checkpoint(
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
     """Load a checkpoint and check that it is a complete one (of ``expect_model``)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: file not found")
     retrain = "retrain or pass another file"
@@ -58,6 +61,10 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"--checkpoint {path}: not a tune_pets checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    pre = ckpt.get("preprocess")
+    missing += [
+        f"preprocess.{k}" for k in PREPROCESS_KEYS if isinstance(pre, dict) and k not in pre
+    ]
     if missing:
         raise UserError(
             f"--checkpoint {path}: incomplete tune_pets checkpoint (missing "
@@ -91,8 +98,9 @@ def trained_module(
     module = spec.trainable(config, len(ckpt["classes"]), int(ckpt.get("feature_dim", 0)))
     try:
         module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except RuntimeError as e:  # torch's first line says only "Error(s) in loading ...": the next
+        detail = [line.strip() for line in str(e).splitlines()[1:2]]  # names keys or shapes
         raise UserError(
-            f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})"
+            f"checkpoint weights do not fit the model ({' '.join(detail)[:300]})"
         ) from None
     return module.eval(), config, spec

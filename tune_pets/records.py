@@ -86,6 +86,11 @@ class SearchSummary(Record):
     val_split_file: str | None = None
     env: dict = field(default_factory=dict)
 
+    @property
+    def smoke(self) -> bool:
+        """A search of a shipped smoke space: its choice says nothing about the method."""
+        return "/smoke/" in str(self.search.get("spec_file", "")).replace("\\", "/")
+
     @classmethod
     def upgrade(cls, d: dict) -> dict:
         # tune_pets 0.1 wrote the best value as best_<metric>.

@@ -199,7 +199,7 @@ def search_section(layout: Layout, model: str) -> list[str]:
         found = _missing(f"search results in `search/{name}/`", how, layout.best_config(name))
         return out + [found, ""]
     s = best.search
-    if "/smoke/" in str(s.get("spec_file", "")).replace("\\", "/"):  # same paragraph as counts
+    if best.smoke:  # same paragraph as counts
         out.append(
             "**Smoke-size search** (tiny space and budget): its choice says nothing about the "
             "method."

@@ -42,6 +42,8 @@ def resolve_config(
     if baseline:
         return spec.defaults, {"source": "homework defaults (--baseline)"}
     path = Path(best_config) if best_config else layout.best_config(spec.name)
+    if path.is_dir():
+        raise UserError(f"--best-config {path} is a folder; pass the best_config.json in it")
     if not path.is_file():
         raise UserError(
             f"no search result at {path}: run `python -m tune_pets.search {spec.name}` "
@@ -51,11 +53,16 @@ def resolve_config(
     config = RunConfig.from_dict(best.config, str(path))
     if config.model != spec.name:
         raise UserError(f"--best-config {path} is for model {config.model!r}, not {spec.name!r}")
+    # The searched values are the point of a tuned config: one missing would be trained at its
+    # default and still be called tuned.
+    if missing := [k for k in best.search.get("search_space", {}) if k not in best.config]:
+        raise UserError(f"--best-config {path}: config lacks the searched {', '.join(missing)}")
     return config, {
         "source": str(path.resolve()),  # the report finds the search by it
         "trial_id": best.trial_id,
         "val_acc": best.val_acc,
         "val_macro_f1": best.val_macro_f1,
+        "smoke": best.smoke,
     }
 
 
@@ -188,11 +195,16 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.reproduce")
     cli.add_model_arg(p, "which model to retrain")
     default = "<artifacts>/search/<model>/best_config.json"
-    p.add_argument("--best-config", help=f"best_config.json (default: {default})")
-    p.add_argument("--baseline", action="store_true", help="retrain the homework's config instead")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--best-config", help=f"best_config.json (default: {default})")
+    which.add_argument(
+        "--baseline", action="store_true", help="retrain the homework's config, not a searched one"
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=cli.seed_int, help="one seed (default: the config's)")
-    seeds.add_argument("--seeds", type=cli.seed_int, nargs="+", help="several seeds: mean +- std")
+    seeds.add_argument(
+        "--seeds", type=cli.seed_int, nargs="+", help="several seeds: mean +- std (default: --seed)"
+    )
     p.add_argument(
         "--profile-steps",
         type=cli.nonneg_int,
@@ -232,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds,
         origin,
         profile_steps=args.profile_steps,
-        smoke=args.smoke,
+        smoke=args.smoke or origin.get("smoke", False),  # a smoke search's retrain is one too
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_images,
         device=cli.device_from_args(args),
