@@ -626,6 +626,13 @@ def test_pipeline_refuses_to_replace_an_earlier_search_unasked(tmp_path, capsys)
     assert "--overwrite" in line and "--resume" in line and "--skip-search" in line
     assert sorted(p.name for p in (tmp_path / "A").iterdir()) == ["search"]  # nothing ran
     assert best.is_file()
+    # --resume with results but no Ray state: refused before sanity too (it was refused after,
+    # by the search, naming a --name the pipeline does not have).
+    with pytest.raises(SystemExit) as e:
+        cli_main(pipeline.main, [*argv, "--resume"])
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "no Ray state to continue" in line and "--skip-search" in line
+    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == ["search"]
 
 
 @pytest.mark.parametrize(

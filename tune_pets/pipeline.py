@@ -124,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in args.models if args.search_space_dir else ():
         if not (Path(args.search_space_dir) / f"{model}.yaml").is_file():
             raise UserError(f"--search-space-dir {args.search_space_dir}: no {model}.yaml there")
+    for model in args.models if args.resume else ():  # a search with nothing to continue
+        if layout.best_config(model).is_file() and not _ray_state(layout, model):
+            raise UserError(
+                f"--resume: search {model!r} in {args.artifacts_dir} has results but no Ray "
+                "state to continue; pass --skip-search to reuse them or --overwrite to run it anew"
+            )
     if not (args.skip_search or args.overwrite or args.resume):
         for model in args.models:
             if layout.best_config(model).is_file() or _ray_state(layout, model):
