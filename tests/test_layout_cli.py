@@ -469,3 +469,24 @@ def test_a_record_field_of_the_wrong_type_is_damage_not_a_crash(tmp_path, capsys
         cli_main(report.main, ["--artifacts-dir", str(layout.artifacts)])
     assert e.value.code == 0, capsys.readouterr().err
     assert "_damaged: metrics.json" in layout.report.read_text(encoding="utf-8")
+
+
+def test_report_leaves_out_damaged_top_ops_rows_and_names_imbalance_only_when_there(tmp_path):
+    """A top_ops.csv of other columns crashed the report (KeyError: 'name'); a cut-short one
+    gave a garbage row. The accuracy/macro-F1 note called a balanced test split imbalanced."""
+    from tune_pets import report
+    from tune_pets.utils import atomic_write_json
+
+    layout = Layout(tmp_path / "A")
+    atomic_write_json(layout.profile("cnn") / "summary.json", _profile(50))
+    top_ops = layout.profile("cnn") / "top_ops.csv"
+    top_ops.write_text("rank,op\n1,conv\n")
+    assert "| op |" not in "\n".join(report.profiler_section(layout, "cnn"))
+    top_ops.write_text("name,calls,self_cpu_pct\naten::conv2d,10,50.0\naten::na")
+    section = "\n".join(report.profiler_section(layout, "cnn"))
+    assert "`aten::conv2d` | 10 |" in section and "aten::na`" not in section
+    spread = {"classes_predicted": 5, "num_classes": 37, "top3_class_share": 0.08}
+    balanced = ReproduceResult(tag="cnn", split="test", test_acc=0.4, test_macro_f1=0.2,
+                               prediction_spread={**spread, "max_min_support": [3, 3]})  # fmt: skip
+    (note,) = report._divergence_note("cnn", balanced)
+    assert "5 of 37 classes." in note and "imbalanced" not in note

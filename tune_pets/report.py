@@ -170,12 +170,17 @@ def _divergence_note(tag: str, m: ReproduceResult) -> list[str]:
     if not spread or m.test_acc - m.test_macro_f1 <= F1_GAP:
         return []
     hi, lo = spread.get("max_min_support", [None, None])
+    imbalanced = (
+        f", and the test split is imbalanced (the 3 largest classes hold "
+        f"{100 * spread.get('top3_class_share', 0):.0f} % of its images; {hi} vs {lo} images per "
+        "class)"
+        if isinstance(hi, int) and isinstance(lo, int) and hi > lo
+        else ""
+    )
     return [
         f"- {tag}: accuracy ({_fmt(m.test_acc, 3)}) is far above macro-F1 "
         f"({_fmt(m.test_macro_f1, 3)}): the model ever predicts {spread.get('classes_predicted')} "
-        f"of {spread.get('num_classes')} classes, and the test split is imbalanced (the 3 "
-        f"largest classes hold {100 * spread.get('top3_class_share', 0):.0f} % of its images; "
-        f"{hi} vs {lo} images per class). Macro-F1 is the honest number here."
+        f"of {spread.get('num_classes')} classes{imbalanced}. Macro-F1 is the honest number here."
     ]
 
 
@@ -275,8 +280,9 @@ def profiler_section(layout: Layout, tag: str) -> list[str]:
         )
     try:
         with (layout.profile(tag) / "top_ops.csv").open(newline="", encoding="utf-8") as f:
-            ops = list(csv.DictReader(f))[:8]
-    except (OSError, ValueError, csv.Error):  # missing or damaged: the table is left out
+            # a damaged row (other columns, cut short) is left out, as is a damaged file
+            ops = [r for r in csv.DictReader(f) if r.get("name") and r.get("calls")][:8]
+    except (OSError, ValueError, csv.Error):
         ops = []
     if ops:
         out += ["", "| op | calls | self CPU % |", "|---|---|---|"]
