@@ -129,6 +129,9 @@ def build(source: Path, out: Path, per_train: int, per_test: int, size: int, qua
     for split in SPLITS:
         if not (source / split).is_dir():
             raise SystemExit(f"make_sample: error: {source / split} is not a folder (--source)")
+    # --out is replaced as a whole: only an earlier sample (or an empty folder) may go.
+    if out.is_file() or out.is_dir() and {p.name for p in out.iterdir()} - {"README.md", *SPLITS}:
+        raise SystemExit(f"make_sample: error: --out {out} holds other files than a sample's")
     breeds = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
     want = {"train": per_train, "test": per_test}
     short = []
@@ -186,21 +189,16 @@ def build(source: Path, out: Path, per_train: int, per_test: int, size: int, qua
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--source",
-        type=Path,
-        default=DEFAULT_SOURCE,
-        help="ImageFolder copy of the dataset (default: %(default)s)",
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     ap.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="output folder, replaced as a whole (default: %(default)s)",
+        "--source", type=Path, default=DEFAULT_SOURCE, help="ImageFolder copy of the dataset"
     )
-    ap.add_argument("--per-class-train", type=int, default=5)
-    ap.add_argument("--per-class-test", type=int, default=3)
+    out_help = "output folder, replaced as a whole if it holds an earlier sample"
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=out_help)
+    ap.add_argument("--per-class-train", type=int, default=5, help="train images per breed")
+    ap.add_argument("--per-class-test", type=int, default=3, help="test images per breed")
     ap.add_argument("--size", type=int, default=144, help="shorter side in px")
     ap.add_argument("--quality", type=int, default=85, help="JPEG quality")
     args = ap.parse_args(argv)

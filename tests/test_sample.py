@@ -169,6 +169,11 @@ def test_make_sample_converts_quirk_files_and_picks_by_numeric_id(tmp_path, make
     readme = files["README.md"].read_text(encoding="utf-8")
     assert "`train/Bengal/Bengal_0.jpg` (GIF)" in readme
     assert "`test/pug/pug_0.jpg` (PNG)" in readme
+    make_sample.build(src, out, per_train=5, per_test=3, size=32, quality=85)  # replaces it
+    (out / "notes.txt").write_text("mine")  # no longer only a sample: refused, kept
+    with pytest.raises(SystemExit, match=r"--out .* holds other files than a sample's"):
+        make_sample.build(src, out, per_train=5, per_test=3, size=32, quality=85)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").is_file()
 
 
 def test_make_sample_refuses_a_breed_with_too_few_images(tmp_path, make_image_folder):
