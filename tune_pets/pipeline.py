@@ -55,7 +55,10 @@ def build_parser() -> cli.ArgumentParser:
     )
     smoke_help = "tiny search spaces on the shipped sample, short retrains: minutes on CPU"
     p.add_argument("--smoke", action="store_true", help=smoke_help)
-    p.add_argument("--search-space-dir", default=None, help="folder with <model>.yaml files")
+    p.add_argument(
+        "--search-space-dir",
+        help="folder with <model>.yaml files (default: the shipped search_spaces/, or its smoke/)",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--skip-search", action="store_true", help="reuse existing search results")
     again.add_argument(

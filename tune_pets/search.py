@@ -1032,12 +1032,22 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument(
         "--search-space", help="search-space YAML (default: the shipped search_spaces/<model>.yaml)"
     )
-    g.add_argument("--num-samples", type=cli.positive_int, help="number of trials")
-    g.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial (ASHA's max_t)")
+    yaml = "default: the YAML's {}, else {}"
+    g.add_argument(
+        "--num-samples",
+        type=cli.positive_int,
+        help=f"number of trials ({yaml.format('num_samples', SearchSpec.num_samples)})",
+    )
+    g.add_argument(
+        "--max-epochs",
+        type=cli.positive_int,
+        help=f"epochs per trial, ASHA's max_t ({yaml.format('max_epochs', SearchSpec.max_epochs)})",
+    )
     g.add_argument(
         "--grace-period",
         type=cli.positive_int,
-        help="ASHA: epochs before a trial can be stopped (must be < --max-epochs to stop any)",
+        help="ASHA: epochs before a trial can be stopped, < --max-epochs to stop any "
+        f"({yaml.format('grace_period', SearchSpec.grace_period)})",
     )
     g.add_argument(
         "--pick",
@@ -1050,12 +1060,13 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument(
         "--time-budget-s",
         type=cli.positive_float,
-        help="wall-clock budget for the whole search, in seconds",
+        help=f"wall-clock budget, seconds ({yaml.format('time_budget_s', 'none')})",
     )
     g.add_argument(
         "--seed",
         type=cli.seed_int,
-        help="seed of the TPE sampler and of every trial (weights, batch order, augmentation)",
+        help="seed of the TPE sampler and of every trial: weights, batch order, augmentation "
+        f"({yaml.format('seed', SearchSpec.seed)})",
     )
     g.add_argument(
         "--max-steps-per-epoch",
