@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({machine['cpu_count']} cores), GPU: {machine['gpu'] or 'none'}; data: {src}; "
           f"torch {env['torch']}")
     print(format_table(rows))
+    for note in (mode != "full" and result["note"], result.get("load_warning")):  # why a goal
+        if note:  # may read NO here
+            print(f"note: {note}")
     print(f"wrote {out_path}")
     return 0
 

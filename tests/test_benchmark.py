@@ -68,6 +68,7 @@ def smoke_run(tmp_path_factory) -> tuple[dict, str]:
 def test_smoke_run_writes_every_figure_with_its_keys(smoke_run):
     result, stdout = smoke_run
     assert "met?" in stdout and "vit_probe_search_speedup" in stdout  # the table
+    assert "note: --smoke: tiny sizes" in stdout  # why its goals may read NO
     top = "benchmark created argv quick mode settings machine versions data figures note table"
     assert set(top.split()) | {"total_wall_s"} <= set(result)
     assert result["mode"] == "smoke" and result["quick"] is False
