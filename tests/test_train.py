@@ -384,6 +384,8 @@ def test_a_second_train_of_the_same_run_name_is_refused_while_one_runs(tiny_data
         (["cnn", "--label-smoothing", "1.5"], "--label-smoothing"),
         (["cnn", "--run-name", ".."], "--run-name"),  # would reach outside artifacts/train/
         (["vit", "--weights", "nofile.pt"], "--weights nofile.pt: file not found"),
+        # read before the data is decoded (minutes on the full set), not after
+        (["vit", "--weights", __file__], "cannot read it as safetensors"),
     ],
 )
 def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, expect):

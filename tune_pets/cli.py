@@ -237,8 +237,12 @@ def check_weights_flags(args: argparse.Namespace, spec: Any) -> None:
         ):
             if given:
                 raise UserError(f"{flag}: {spec.name} has no pretrained backbone; leave it out")
-    if weights and not Path(weights).is_file():
-        raise UserError(f"--weights {weights}: file not found")
+    if weights:
+        from tune_pets.backbone import read_state_dict
+
+        if not Path(weights).is_file():
+            raise UserError(f"--weights {weights}: file not found")
+        read_state_dict(Path(weights), f"--weights {weights}")  # a text file, a cut-short one
 
 
 def check_distinct_seeds(seeds: list[int] | None) -> None:

@@ -61,8 +61,8 @@ def cli_main(
         fix = (
             "free space, then run the same command again; files written before are whole"
             if e.errno in DISK_FULL_ERRNOS
-            else "check the path options: --data-dir, --artifacts-dir, --runs-dir, "
-            "--cache-dir or $TUNE_PETS_CACHE"
+            else "check the path options: --data-dir, --output-dir, --artifacts-dir, "
+            "--runs-dir, --cache-dir or $TUNE_PETS_CACHE"
         )
         print(f"{prog}: error: {e.filename}: {e.strerror} ({fix})", file=sys.stderr)
         sys.exit(2)
