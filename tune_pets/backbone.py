@@ -196,6 +196,15 @@ def _from_hub(name: str) -> nn.Module:
         why = "HF_HUB_OFFLINE is set" if hub.hub_offline() else hub.hub_unreachable()
         if why:
             raise UserError(_offline_message(name, repo, why))
+    if cached is not None:  # checked first: timm names no tensor of a file that does not fit
+        source = f"hub weights {cached}"
+        try:
+            state = read_state_dict(cached, source)
+        except UserError as e:
+            raise UserError(
+                f"{e}; or delete that file to download it again, or pass --no-pretrained"
+            ) from None
+        check_state_dict(_create(name), state, source, name)
     # A cached copy is used as is, without asking the hub for a newer revision: no network
     # means no wait, and the weights of a run do not change under it.
     try:
@@ -211,16 +220,17 @@ def _from_hub(name: str) -> nn.Module:
             f"could not load the pretrained weights of {name} from {where} ({why}); "
             f"{fix}pass --weights PATH, or --no-pretrained"
         ) from e
-    path = cached or _cached_weights(name)
-    if path is None:
-        from huggingface_hub import constants
+    if cached is None:  # just downloaded
+        path = _cached_weights(name)
+        if path is None:
+            from huggingface_hub import constants
 
-        raise UserError(
-            f"timm loaded weights for {name}, but not from the hub cache "
-            f"({constants.HF_HUB_CACHE}), so they cannot be checked; pass --weights PATH"
-        )
-    source = f"hub weights {path}"
-    check_state_dict(model, read_state_dict(path, source), source, name)
+            raise UserError(
+                f"timm loaded weights for {name}, but not from the hub cache "
+                f"({constants.HF_HUB_CACHE}), so they cannot be checked; pass --weights PATH"
+            )
+        source = f"hub weights {path}"
+        check_state_dict(model, read_state_dict(path, source), source, name)
     return model
 
 
