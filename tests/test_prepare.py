@@ -505,6 +505,17 @@ def test_release_without_comment_lines_or_torchvision_layout_detected(tmp_path):
             lambda d: (_noise_release(d), (d / "annotations" / "test.txt").write_text("# none\n")),
             "test.txt: lists no images",
         ),
+        (  # trainval.txt, the first image, was blamed: "cannot tell the breed of Persian_0"
+            lambda d: (
+                _noise_release(d),
+                (d / "annotations" / "test.txt").write_text(
+                    (d / "annotations" / "test.txt")
+                    .read_text()
+                    .replace("Persian_1001 24", "Persian_1001 99")
+                ),
+            ),
+            "test.txt: Persian_1001 has class id 99, but 3 other Persian image(s) have 24",
+        ),
     ],
     ids=[
         "empty",
@@ -515,6 +526,7 @@ def test_release_without_comment_lines_or_torchvision_layout_detected(tmp_path):
         "twice",
         "bad-line",
         "empty-list",
+        "wrong-class-id",
     ],  # fmt: skip
 )
 def test_bad_from_dir_is_one_line(tmp_path, capsys, make, expect):

@@ -373,6 +373,20 @@ def release_splits(root: Path) -> dict[str, SplitSource]:
     lists = {
         split: read_split_list(root / "annotations" / f) for f, split in RELEASE_SPLITS.items()
     }
+    # A breed's images share one class id: a line that breaks it is named (breed_names would
+    # drop every name from the stems, and the first image checked below would be blamed).
+    ids: dict[str, Counter] = {}
+    for image, cls in (row for rows in lists.values() for row in rows):
+        ids.setdefault(breed_from_stem(image) or "", Counter())[cls] += 1
+    for file, split in RELEASE_SPLITS.items():
+        for image, cls in lists[split]:
+            breed = breed_from_stem(image) or ""
+            (usual, n), *others = ids[breed].most_common()
+            if breed and others and cls != usual:
+                raise UserError(
+                    f"{root / 'annotations' / file}: {image} has class id {cls}, but {n} other "
+                    f"{breed} image(s) have {usual}; correct that line"
+                )
     names = breed_names((cls, image) for rows in lists.values() for image, cls in rows)
     for file, split in RELEASE_SPLITS.items():
         unnamed = [image for image, cls in lists[split] if cls not in names]
