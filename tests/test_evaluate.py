@@ -353,11 +353,14 @@ def test_evaluate_scores_a_val_folder_by_default(trained, tiny_data, tmp_path, c
     "flags, words",
     [
         (["--split", "holdout"], ["--split holdout", "{data}/holdout"]),
+        # A path: its files went into the dataset folder (and so did a decode-cache entry).
+        (["--split", "{data}/test"], ["--split", "must be a plain folder name"]),
         # --name cnn_baseline would replace reproduce's (cnn_baseline, test) row in metrics.csv.
         (["--name", "cnn_baseline"], ["--name cnn_baseline", "reproduce result's tag"]),
     ],
 )
 def test_evaluate_bad_flag_is_one_line(trained, tiny_data, tmp_path, capsys, flags, words):
+    flags = [f.format(data=tiny_data) for f in flags]
     argv = evaluate_argv("cnn", trained.cnn, tiny_data, trained, *flags)
     argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
     with pytest.raises(SystemExit) as e:

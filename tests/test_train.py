@@ -386,6 +386,9 @@ def test_a_second_train_of_the_same_run_name_is_refused_while_one_runs(tiny_data
         (["vit", "--weights", "nofile.pt"], "--weights nofile.pt: file not found"),
         # read before the data is decoded (minutes on the full set), not after
         (["vit", "--weights", __file__], "cannot read it as safetensors"),
+        # torch parses these: they crashed after the data was loaded
+        (["cnn", "--device", "mps"], "--device mps: expected auto, cpu, cuda or cuda:N"),
+        (["cnn", "--device", "meta"], "--device meta: expected auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_cli_bad_flags_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, expect):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,8 +275,8 @@ def resolve_run_args(args: argparse.Namespace) -> RunArgs:
 
     spec = get_spec(args.model)
     config = config_from_args(args, spec.defaults)
-    data_dir = data_dir_from_args(args)
-    return RunArgs(args, spec, config, data_dir, device_from_args(args), layout_from_args(args))
+    device = device_from_args(args)  # the cheap checks first
+    return RunArgs(args, spec, config, data_dir_from_args(args), device, layout_from_args(args))
 
 
 def data_options(args: argparse.Namespace) -> dict:
@@ -299,9 +300,8 @@ def device_from_args(args: argparse.Namespace):
     name = getattr(args, "device", "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):  # torch parses mps, xpu, meta: they crash later
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    return torch.device(name)

@@ -125,7 +125,9 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_model_arg(p, "the model the checkpoint holds")
     p.add_argument("--checkpoint", required=True, help="a checkpoint_best.pt written by tune_pets")
     p.add_argument(
-        "--split", help="split folder to score (default: the held-out split, test/ or val/)"
+        "--split",
+        type=cli.plain_name,
+        help="split folder inside --data-dir to score (default: the held-out split, test or val)",
     )
     p.add_argument(
         "--name", type=cli.plain_name, help="name of the output folder (default: <model>-<split>)"
