@@ -346,14 +346,24 @@ def test_rerun_that_cannot_start_leaves_the_earlier_run_whole(tiny_data, tmp_pat
         cli_main(main, list(map(str, argv)))
     assert e.value.code == 0
     out = Layout(tmp_path / "artifacts").train_run("cnn")
-    before = {
-        f: (out / f).read_bytes() for f in ("checkpoint_best.pt", "config.json", "metrics.json")
-    }
+    files = ("checkpoint_best.pt", "config.json", "metrics.json", "val_split.json")
+    before = {f: (out / f).read_bytes() for f in files}
     (tmp_path / "not_a_dir").write_text("")
-    argv[argv.index("--runs-dir") + 1] = tmp_path / "not_a_dir"
+    failing = [*argv, "--split-seed", 7]  # a new split is made, then the start fails
+    failing[failing.index("--runs-dir") + 1] = tmp_path / "not_a_dir"
     with pytest.raises(SystemExit) as e:
-        cli_main(main, list(map(str, argv)))
+        cli_main(main, list(map(str, failing)))
     assert e.value.code == 2 and "not_a_dir" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in before} == before, "the split was replaced"
+    # A failure inside fit, before its first epoch (the TensorBoard folder exists by then):
+    # the earlier run's event file was deleted before training.
+    events = list((tmp_path / "runs" / "train" / "cnn").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    with pytest.raises(SystemExit) as e:
+        diverge = ["--optimizer", "sgd", "--weight-decay", 10, "--lr", 10, "--batch-size", 2]
+        cli_main(main, list(map(str, [*argv, "--split-seed", 7, *diverge])))
+    assert e.value.code == 2 and "lower the learning rate" in capsys.readouterr().err
+    assert all(f.is_file() for f in events), "the earlier run's curves were deleted"
     assert {f: (out / f).read_bytes() for f in before} == before
 
 

@@ -26,7 +26,8 @@ from tune_pets.config import LOWER_IS_BETTER, RunConfig
 from tune_pets.engine import Engine, FitData, load_fit_data, predict
 from tune_pets.models import ModelSpec
 from tune_pets.records import RunInfo
-from tune_pets.utils import atomic_torch_save, atomic_write_json, cli_main, command_lock, env_info
+from tune_pets.utils import atomic_torch_save, atomic_write_json, atomic_write_text, cli_main
+from tune_pets.utils import command_lock, env_info
 
 
 @dataclass
@@ -199,16 +200,9 @@ def _train(run: cli.RunArgs, run_name: str) -> int:
         "device": device,
         **cli.data_options(args),
     }
-    # The overfit check memorizes train batches and needs no val split: it must not rewrite
-    # the run folder's val_split.json, which describes that folder's last training run.
-    split = {"full_train": True} if args.overfit_batches else {"split_file": out / "val_split.json"}
-    data = load_fit_data(config, run.data_dir, **split, **options)
-    print(
-        f"{spec.name}: {data.info['n_train']} train / {data.info.get('n_val', 0)} val images, "
-        f"{data.num_classes} classes, device {device}",
-        flush=True,
-    )
-    if args.overfit_batches:
+    if args.overfit_batches:  # memorizes train batches: no val split, nothing written
+        data = load_fit_data(config, run.data_dir, full_train=True, **options)
+        _data_line(spec, data, device)
         ok, steps, acc = overfit_check(config, data, args.overfit_batches, device=device)
         print(
             f"overfit check ({args.overfit_batches} batch(es)): {'PASS' if ok else 'FAIL'} "
@@ -216,27 +210,39 @@ def _train(run: cli.RunArgs, run_name: str) -> int:
         )
         return 0 if ok else 1
 
+    # An earlier run's files go with this run's first epoch, not before: a start that fails or
+    # is interrupted leaves them whole (its val split put back); one that trains never mixes
+    # the two.
+    split_file, ckpt_path = out / "val_split.json", out / "checkpoint_best.pt"
+    split_before = split_file.read_text(encoding="utf-8") if split_file.is_file() else None
     tb_dir = layout.train_tb(run_name)
-    tb_dir.mkdir(parents=True, exist_ok=True)  # a bad --runs-dir fails before anything is gone
-    clear_tb_events(tb_dir)
-    ckpt_path = out / "checkpoint_best.pt"
     trained = False  # an epoch finished
 
     def log(metrics: dict, ckpt: dict | None) -> None:
         nonlocal trained
         if not trained:
-            # An earlier run's results go with this run's first epoch, not before: a start that
-            # fails or is interrupted leaves them whole; one that trains never mixes the two.
             for stale in ("checkpoint_best.pt", "config.json", "metrics.json"):
                 (out / stale).unlink(missing_ok=True)
+            for f in old_events:  # this run's own event file is open beside them
+                f.unlink(missing_ok=True)
             trained = True
         if ckpt is not None:
             atomic_torch_save(ckpt, ckpt_path)
         print(format_epoch(metrics, config.epochs) + (" *" if ckpt else ""), flush=True)
 
     try:
+        data = load_fit_data(config, run.data_dir, split_file=split_file, **options)
+        _data_line(spec, data, device)
+        tb_dir.mkdir(parents=True, exist_ok=True)  # a bad --runs-dir fails before training
+        old_events = list(tb_dir.glob("events.out.tfevents.*"))
         result = fit(config, data, log, device=device, tb_dir=tb_dir, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not trained and split_before is None:
+            split_file.unlink(missing_ok=True)
+        elif not trained:
+            atomic_write_text(split_file, split_before)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
         if not trained:
             raise KeyboardInterrupt(f"no epoch finished; {out} is as it was") from None
         raise KeyboardInterrupt(
@@ -264,6 +270,14 @@ def _train(run: cli.RunArgs, run_name: str) -> int:
         f"{result.best_metrics.get(config.metric, float('nan')):.4f}; wrote {out}/ and {tb_dir}/"
     )
     return 0
+
+
+def _data_line(spec: ModelSpec, data: FitData, device: torch.device) -> None:
+    print(
+        f"{spec.name}: {data.info['n_train']} train / {data.info.get('n_val', 0)} val images, "
+        f"{data.num_classes} classes, device {device}",
+        flush=True,
+    )
 
 
 def clear_tb_events(tb_dir: Path) -> None:
