@@ -708,6 +708,7 @@ def test_resolve_config_refuses_what_would_be_trained_wrong(tmp_path, capsys):
                   trial_id="x", search=search).write(path)  # fmt: skip
     resolved, origin = resolve_config(spec, path, layout, baseline=False)
     assert resolved.lr == 0.003 and origin["smoke"] is True  # a smoke search's retrain is smoke
+    # (and reproduce passes it on, as it marks any run on the shipped sample: see main)
     with pytest.raises(SystemExit) as e:
         cli_main(main, ["cnn", "--baseline", "--best-config", str(path)])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

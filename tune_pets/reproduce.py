@@ -28,6 +28,7 @@ from tune_pets.evaluate import evaluate_checkpoint
 from tune_pets.layout import Layout, result_tag
 from tune_pets.models import ModelSpec, get_spec
 from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, write_metrics_row
+from tune_pets.sample import SAMPLE_NAME
 from tune_pets.train import clear_tb_events, fit, format_epoch
 from tune_pets.utils import UserError, atomic_torch_save, cli_main
 from tune_pets.utils import enable_cuda_determinism, env_info
@@ -244,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds,
         origin,
         profile_steps=args.profile_steps,
-        smoke=args.smoke or origin.get("smoke", False),  # a smoke search's retrain is one too
+        # a smoke search's retrain is one too, as is any run on the shipped sample
+        smoke=args.smoke or origin.get("smoke", False) or args.data_dir == SAMPLE_NAME,
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_images,
         device=cli.device_from_args(args),
