@@ -708,7 +708,17 @@ def test_resolve_config_refuses_what_would_be_trained_wrong(tmp_path, capsys):
                   trial_id="x", search=search).write(path)  # fmt: skip
     resolved, origin = resolve_config(spec, path, layout, baseline=False)
     assert resolved.lr == 0.003 and origin["smoke"] is True  # a smoke search's retrain is smoke
-    # (and reproduce passes it on, as it marks any run on the shipped sample: see main)
     with pytest.raises(SystemExit) as e:
         cli_main(main, ["cnn", "--baseline", "--best-config", str(path)])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_retrain_on_the_shipped_sample_is_marked_smoke(tmp_path):
+    """It read "full" in the report unless --smoke was passed: 296 photos rank nothing."""
+    from tune_pets.reproduce import main
+
+    argv = ["cnn", "--baseline", "--data-dir", "sample", "--epochs", "1", "--img-size", "32",
+            "--profile-steps", "0", "--no-progress", "--artifacts-dir", str(tmp_path / "A"),
+            "--runs-dir", str(tmp_path / "R"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    assert read_json(tmp_path / "A" / "cnn_baseline" / "metrics.json")["smoke"] is True
