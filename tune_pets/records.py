@@ -20,6 +20,10 @@ from tune_pets.utils import UserError, atomic_write_json, read_json, upsert_csv_
 R = TypeVar("R", bound="Record")
 
 
+_JSON_NAMES = {dict: "a JSON object", list: "a JSON array", str: "a string", float: "a number",
+               int: "an integer", bool: "true or false", type(None): "null"}  # fmt: skip
+
+
 class Record:
     """``to_dict``/``from_dict``/``write``/``read`` for the dataclasses below. Unknown keys are
     ignored and missing ones take their defaults, so older files still read."""
@@ -56,7 +60,10 @@ class Record:
             allowed += (int,) if float in allowed else ()
             v = d[name]
             if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
-                raise UserError(f"{what} {path}: {name} is {v!r}, of the wrong type")
+                want = " or ".join(dict.fromkeys(_JSON_NAMES[t] for t in allowed))
+                raise UserError(
+                    f"{what} {path}: {name} is a {type(v).__name__} ({v!r:.40}), not {want}"
+                )
         return cls.from_dict(d)
 
     @classmethod
