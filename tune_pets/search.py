@@ -366,6 +366,18 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # A Ctrl-C inside ray.init was lost (the search then ran to its end and exited 0) or
+    # interrupted its core worker half-built (a segfault at exit): it waits until Ray is up.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        _init_ray(address, num_cpus)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C: raised here
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
     if address:
         # Fail in seconds, not after Ray's ~14 minutes of retries, when nothing listens there.
         if address != "auto" and not address.startswith("ray://") and ":" in address:
@@ -840,83 +852,86 @@ def run_search(
         )
     if warning := asha_warning(spec):
         print(warning, file=sys.stderr, flush=True)
-    connect(address, num_cpus)
-    cluster = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
-    chosen = choose_resources(spec, cluster, model.kind, resource_flags, largest)
-    print(chosen.line(cluster), flush=True)
-    asked = spec
-    spec = spec.replace(
-        max_concurrent=chosen.max_concurrent, resources={"cpu": chosen.cpu, "gpu": chosen.gpu}
-    )
-    tb_root = layout.search_tb(name).resolve()
-    if not resume:
-        # A new search replaces the old one's Ray state, TensorBoard logs and results, so
-        # neither TensorBoard nor optuna-dashboard mixes two searches, and a new search that
-        # fails leaves no old best_config.json for reproduce to retrain.
-        for path in (exp_dir if exists else None, tb_root):
-            if path is not None and path.exists():
-                shutil.rmtree(path)
-        old = [layout.best_config(name), layout.trials_csv(name), layout.search_spec(name)]
-        old += [layout.optuna_db(name), *layout.search(name).glob("*.png")]
-        for path in old:
-            path.unlink(missing_ok=True)
-
-    t0 = time.time()
-    data = load_fit_data(
-        base,
-        data_dir,
-        val_fraction=val_fraction,
-        split_file=layout.search_val_split(name),
-        reuse_split=resume,
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        img_sizes=img_sizes(spec, base),
-        progress=progress,
-        # where a features model's frozen backbone runs (once, before the trials)
-        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-        spec=model,
-    )
-    prep_s = time.time() - t0
-    print(
-        f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
-        f"{data.num_classes} classes ({data.kind}, ready in {prep_s:.1f}s)",
-        flush=True,
-    )
-    setup = TrialSetup(base, model, str(tb_root), tuple(spec.space), str(exp_dir))
-    fn = tune.with_resources(
-        tune.with_parameters(trainable, setup=setup, data=data),
-        {"cpu": chosen.cpu, "gpu": chosen.gpu},
-    )
-    if resume:
-        _quiet_ray_output()
-        # Unfinished trials continue (said outright: --resume must not depend on Ray's default).
-        tuner = tune.Tuner.restore(
-            str(exp_dir),
-            trainable=fn,
-            resume_unfinished=True,
-            storage_filesystem=_storage_filesystem(),
-        )
-        print(f"resuming {name!r} from {exp_dir}", flush=True)
-    else:
-        # Saved once the data is known good: --resume continues from it.
-        limit = chosen.max_concurrent
-        save_spec(asked, val_fraction, base, data_dir, limit, layout.search_spec(name))
-        tuner = make_tuner(
-            fn,
-            spec,
-            storage_path,
-            name,
-            first_point(spec, model),
-            progress,
-            max_concurrent=chosen.max_concurrent,
-            callbacks=[_ray_classes().OptunaExport(spec, name, layout.optuna_db(name))],
-        )
-    t1 = time.time()
-    _DISK_FULL.clear()
     ctrl_c: list[bool] = []
+    # From Ray's start on: a Ctrl-C before the trials run (Ray swallowed some) stops them too.
     with _ctrl_c_stops_tune(ctrl_c):
+        connect(address, num_cpus)
+        cluster = ray.cluster_resources()
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
+        chosen = choose_resources(spec, cluster, model.kind, resource_flags, largest)
+        print(chosen.line(cluster), flush=True)
+        asked = spec
+        spec = spec.replace(
+            max_concurrent=chosen.max_concurrent, resources={"cpu": chosen.cpu, "gpu": chosen.gpu}
+        )
+        tb_root = layout.search_tb(name).resolve()
+        if not resume:
+            # A new search replaces the old one's Ray state, TensorBoard logs and results, so
+            # neither TensorBoard nor optuna-dashboard mixes two searches, and a new search that
+            # fails leaves no old best_config.json for reproduce to retrain.
+            for path in (exp_dir if exists else None, tb_root):
+                if path is not None and path.exists():
+                    shutil.rmtree(path)
+            old = [layout.best_config(name), layout.trials_csv(name), layout.search_spec(name)]
+            old += [layout.optuna_db(name), *layout.search(name).glob("*.png")]
+            for path in old:
+                path.unlink(missing_ok=True)
+
+        t0 = time.time()
+        data = load_fit_data(
+            base,
+            data_dir,
+            val_fraction=val_fraction,
+            split_file=layout.search_val_split(name),
+            reuse_split=resume,
+            cache_dir=cache_dir,
+            skip_bad=skip_bad,
+            img_sizes=img_sizes(spec, base),
+            progress=progress,
+            # where a features model's frozen backbone runs (once, before the trials)
+            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+            spec=model,
+        )
+        prep_s = time.time() - t0
+        print(
+            f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
+            f"{data.num_classes} classes ({data.kind}, ready in {prep_s:.1f}s)",
+            flush=True,
+        )
+        setup = TrialSetup(base, model, str(tb_root), tuple(spec.space), str(exp_dir))
+        fn = tune.with_resources(
+            tune.with_parameters(trainable, setup=setup, data=data),
+            {"cpu": chosen.cpu, "gpu": chosen.gpu},
+        )
+        if resume:
+            _quiet_ray_output()
+            # Unfinished trials continue (said outright: --resume must not depend on Ray's default).
+            tuner = tune.Tuner.restore(
+                str(exp_dir),
+                trainable=fn,
+                resume_unfinished=True,
+                storage_filesystem=_storage_filesystem(),
+            )
+            print(f"resuming {name!r} from {exp_dir}", flush=True)
+        else:
+            # Saved once the data is known good: --resume continues from it.
+            limit = chosen.max_concurrent
+            save_spec(asked, val_fraction, base, data_dir, limit, layout.search_spec(name))
+            tuner = make_tuner(
+                fn,
+                spec,
+                storage_path,
+                name,
+                first_point(spec, model),
+                progress,
+                max_concurrent=chosen.max_concurrent,
+                callbacks=[_ray_classes().OptunaExport(spec, name, layout.optuna_db(name))],
+            )
+        t1 = time.time()
+        _DISK_FULL.clear()
+        if ctrl_c:  # a Ctrl-C whose KeyboardInterrupt Ray swallowed: no trial starts
+            raise KeyboardInterrupt
         grid = tuner.fit()
     search_s, prep_s, sessions = _add_session(layout.search_spec(name), time.time() - t1, prep_s)
     if _DISK_FULL:
