@@ -628,6 +628,14 @@ def test_resume_refuses_an_explicit_val_fraction_equal_to_the_default(tmp_path):
         resumed_spec(build_parser().parse_args(argv), spec, tmp_path / "search_spec.json")
     args = build_parser().parse_args(["cnn", "--resume"])  # not given: the saved fraction
     assert resumed_spec(args, spec, tmp_path / "search_spec.json")[1] == 0.3
+    # No split_seed in the YAML: the search used its seed (0), which --split-seed 0 asks for.
+    args = build_parser().parse_args(["cnn", "--resume", "--split-seed", "0"])
+    assert resumed_spec(args, spec, tmp_path / "search_spec.json")[0].split_seed is None
+    args = build_parser().parse_args(["cnn", "--resume", "--split-seed", "3"])
+    with pytest.raises(UserError, match=r"--split-seed 3: .* started with 0;"):
+        resumed_spec(args, spec, tmp_path / "search_spec.json")
+    with pytest.raises(SystemExit):  # contradictory: argparse refuses the pair
+        build_parser().parse_args(["cnn", "--resume", "--overwrite"])
 
 
 def test_resume_into_another_artifacts_dir_is_refused(tiny_data, tmp_path):

@@ -1090,12 +1090,13 @@ def build_parser() -> cli.ArgumentParser:
         "else 0)",
     )
     g.add_argument("--name", type=cli.plain_name, help="experiment name (default: the model)")
-    g.add_argument(
+    again = g.add_mutually_exclusive_group()
+    again.add_argument(
         "--resume",
         action="store_true",
         help="continue the experiment --name (finished trials are not rerun)",
     )
-    g.add_argument(
+    again.add_argument(
         "--overwrite", action="store_true", help="replace an existing experiment of this name"
     )
     r = p.add_argument_group("Ray cluster and resources")
@@ -1206,6 +1207,7 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
         asked["val_fraction"] = args.val_fraction
     for key, value in asked.items():
         old = val_fraction if key == "val_fraction" else getattr(was, key)
+        old = was.seed if key == "split_seed" and old is None else old  # the one it used
         if value != old:
             flag = "--" + key.replace("_", "-")
             raise UserError(
