@@ -1047,23 +1047,15 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument(
         "--search-space", help="search-space YAML (default: the shipped search_spaces/<model>.yaml)"
     )
-    yaml = "default: the YAML's {}, else {}"
-    g.add_argument(
-        "--num-samples",
-        type=cli.positive_int,
-        help=f"number of trials ({yaml.format('num_samples', SearchSpec.num_samples)})",
-    )
-    g.add_argument(
-        "--max-epochs",
-        type=cli.positive_int,
-        help=f"epochs per trial, ASHA's max_t ({yaml.format('max_epochs', SearchSpec.max_epochs)})",
-    )
-    g.add_argument(
-        "--grace-period",
-        type=cli.positive_int,
-        help="ASHA: epochs before a trial can be stopped, < --max-epochs to stop any "
-        f"({yaml.format('grace_period', SearchSpec.grace_period)})",
-    )
+    for key, text in (
+        ("num_samples", "number of trials"),
+        ("max_epochs", "epochs per trial, ASHA's max_t"),
+        ("grace_period", "ASHA: epochs before a trial can be stopped, < --max-epochs to stop any"),
+    ):
+        default = f"default: the YAML's {key}, else {getattr(SearchSpec, key)}"
+        g.add_argument(
+            "--" + key.replace("_", "-"), type=cli.positive_int, help=f"{text} ({default})"
+        )
     g.add_argument(
         "--pick",
         choices=PICK_RULES,
@@ -1075,13 +1067,13 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument(
         "--time-budget-s",
         type=cli.positive_float,
-        help=f"wall-clock budget, seconds ({yaml.format('time_budget_s', 'none')})",
+        help="wall-clock budget, seconds (default: the YAML's time_budget_s, else none)",
     )
     g.add_argument(
         "--seed",
         type=cli.seed_int,
         help="seed of the TPE sampler and of every trial: weights, batch order, augmentation "
-        f"({yaml.format('seed', SearchSpec.seed)})",
+        f"(default: the YAML's seed, else {SearchSpec.seed})",
     )
     g.add_argument(
         "--max-steps-per-epoch",
