@@ -10,7 +10,6 @@ what is profiled or benchmarked is exactly the step a search trial runs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import itertools
@@ -96,11 +95,9 @@ def load_fit_data(
         "skipped": train_all.skipped,
     }
     train, val = train_all, None
-    made_split = False  # this call wrote split_file (removed again if the features fail)
     if not full_train:
         if split_file is None:
             raise ValueError("split_file is required unless full_train=True")
-        made_split = not Path(split_file).exists()
         seed = config.val_split_seed
         train, val = load_or_make_val_split(
             train_all, split_file, val_fraction, seed, reuse_only=reuse_split
@@ -117,16 +114,9 @@ def load_fit_data(
         # them; the backbone is built at most once, and only on a cache miss.
         get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
         args = (config, get_backbone, dc, train_all, cache_dir, device or torch.device("cpu"))
-        try:
-            clean = views = cached_features(*args, 0, progress)
-            if config.feature_views:
-                views = cached_features(*args, config.feature_views, progress)
-        except BaseException:  # no backbone (offline), Ctrl-C: a failed start leaves no files
-            if made_split:
-                Path(split_file).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    Path(split_file).parent.rmdir()  # only if that left it empty
-            raise
+        clean = views = cached_features(*args, 0, progress)
+        if config.feature_views:
+            views = cached_features(*args, config.feature_views, progress)
         pos = {p: i for i, p in enumerate(train_all.paths)}
         train_x = views[:, np.asarray([pos[p] for p in train.paths], dtype=np.int64)]
         if val is not None:
