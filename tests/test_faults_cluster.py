@@ -170,7 +170,9 @@ def timeless(history: list[dict]) -> list[dict]:
 def test_fit_resumed_from_its_state_ends_as_if_never_stopped(tiny_data, tmp_path):
     """What a restarted trial relies on: fit(resume=state after epoch 2) gives the same epochs,
     best checkpoint and final weights, bit for bit, as one uninterrupted run (dropout on, so
-    torch's RNG state matters too)."""
+    torch's RNG state matters too); in TensorBoard, its repeated epochs replace the first ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     cfg = get_spec("cnn").defaults.replace(
         img_size=32, width=8, depth=2, batch_size=8, dropout=0.3, epochs=4
     )
@@ -178,10 +180,16 @@ def test_fit_resumed_from_its_state_ends_as_if_never_stopped(tiny_data, tmp_path
         cfg, tiny_data, split_file=tmp_path / "split.json", cache_dir=tmp_path, progress=False
     )
     straight: list[dict] = []
-    full = fit(cfg, data, on_state=straight.append)
+    full = fit(cfg, data, on_state=straight.append, tb_dir=tmp_path / "tb")
     resumed_states: list[dict] = []
-    again = fit(cfg, data, resume=straight[1], on_state=resumed_states.append)
+    again = fit(
+        cfg, data, resume=straight[1], on_state=resumed_states.append, tb_dir=tmp_path / "tb"
+    )
     assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
+    assert len(list((tmp_path / "tb").glob("events.*"))) == 2
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
     assert timeless(again.history) == timeless(full.history)
     assert again.best_epoch == full.best_epoch
     last_a, last_b = straight[-1]["engine"]["model"], resumed_states[-1]["engine"]["model"]

@@ -59,7 +59,6 @@ def fit(
     ``fit(..., resume=state)`` continues from there exactly (a trial restarted on another node)."""
     engine = Engine(config, data, device, spec)
     lower = config.metric in LOWER_IS_BETTER
-    tb = _TensorBoard(tb_dir, hparams, config.metric) if tb_dir is not None else None
     # the checkpoint fields that stay the same all run
     checkpoint = partial(make_checkpoint, config, engine.spec, data.classes, data.preprocess)
     history: list[dict] = []
@@ -68,6 +67,10 @@ def fit(
         engine.load_train_state(resume["engine"])
         history = [dict(h) for h in resume["history"]]
         best, best_epoch, best_ckpt = resume["best"], resume["best_epoch"], resume["best_ckpt"]
+    # Resumed: TensorBoard hides the earlier events of the epochs run again (a trial killed
+    # after logging an epoch, before saving its state, repeats that epoch).
+    purge = len(history) + 1 if resume is not None else None
+    tb = _TensorBoard(tb_dir, hparams, config.metric, purge) if tb_dir is not None else None
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -108,10 +111,12 @@ class _TensorBoard:
     """Per-epoch scalars; the hyperparameters for the HParams tab are written at the start, so a
     running search is comparable live."""
 
-    def __init__(self, log_dir: str | Path, hparams: dict | None, metric: str):
+    def __init__(
+        self, log_dir: str | Path, hparams: dict | None, metric: str, purge_step: int | None
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.session_end = None
         if hparams:
             from torch.utils.tensorboard.summary import hparams as hparams_summary
