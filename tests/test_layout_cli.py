@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,22 @@ def test_python_m_tune_pets_lists_every_command(tmp_path):
     debug = tune_pets("--debug", "report", "--artifacts-dir", "missing")
     assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
+    """A Ctrl-C in a command's first seconds, while it imports torch (before ``cli_main``):
+    one line and Python's exit by SIGINT (130 in a shell), not a traceback into torch."""
+    argv = [sys.executable, "-X", "importtime", "-m", "tune_pets.train", "--help"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env(), stderr=subprocess.PIPE, text=True)
+    # -X importtime writes a line as each import ends; the package's own comes first, then the
+    # command module's imports take a second or more (torch).
+    for line in proc.stderr:
+        if line.rstrip().endswith("| tune_pets"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = [ln for ln in proc.stderr.read().splitlines() if ln and not ln.startswith("import ")]
+    assert proc.wait(timeout=60) == -signal.SIGINT
+    assert rest == ["python -m tune_pets.train: interrupted while starting; nothing was written"]
 
 
 # ---------------------------------------------------------------- (d) the report's warnings
