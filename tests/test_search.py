@@ -210,6 +210,8 @@ CPU_ONLY = {"cpu": 1, "gpu": 0}
         ("--cpus-per-trial 2", {"CPU": 6, "GPU": 2}, "images", "auto", (2, 0.25, 3)),  # CPU cap
         ("--gpus-per-trial 0", TWO_GPUS, "images", "auto", (1, 0, 2)),  # GPUs left unused
         ("", TWO_GPUS, "images", {"cpu": 1, "gpu": 0.5}, (1, 0.5, 2)),  # YAML share: its cap
+        ("", {"CPU": 1}, "images", "auto", (1, 0, 1)),  # the YAML's 2, capped by CPUs
+        ("", ONE_GPU, "images", {"cpu": 1, "gpu": 1}, (1, 1, 1)),  # ... and by GPUs
     ],
 )
 def test_resource_choice_for_a_cluster_view(flags, cluster, kind, resources, expected):

@@ -146,13 +146,19 @@ def choose_resources(
     if getattr(flags, "max_concurrent", None) is not None:
         why = getattr(flags, "max_concurrent_why", "--max-concurrent")  # resumed: as started
         return TrialResources(cpu, gpu, flags.max_concurrent, why)
-    # A GPU share fixed in the YAML keeps the YAML's max_concurrent.
+    # The trials the cluster can run at once; the epsilon keeps 1 / 0.1 = 9.999... from losing
+    # a trial to rounding.
+    fit_cpu = math.floor(have_cpu / cpu + 1e-9)
+    fit_gpu = math.floor(have_gpu / gpu + 1e-9) if gpu > 0 else fit_cpu
+    # A GPU share from auto or a flag fills the GPUs; one fixed in the YAML keeps its
+    # max_concurrent. Either is capped by what fits: more would wait, TPE suggesting blind.
     if gpu > 0 and gpu_option == "--gpus-per-trial":
-        # The epsilon keeps 1 / 0.1 = 9.999... from losing a trial to rounding.
-        fit_gpu, fit_cpu = math.floor(have_gpu / gpu + 1e-9), math.floor(have_cpu / cpu + 1e-9)
-        why = f"GPUs / {gpu:g} ({share})" + (", capped by CPUs" if fit_cpu < fit_gpu else "")
-        return TrialResources(cpu, gpu, max(1, min(fit_gpu, fit_cpu)), why)
-    return TrialResources(cpu, gpu, spec.max_concurrent, "max_concurrent in the YAML")
+        most, why = fit_gpu, f"GPUs / {gpu:g} ({share})"
+    else:
+        most, why = spec.max_concurrent, "max_concurrent in the YAML"
+    if min(fit_cpu, fit_gpu) < most:
+        why += ", capped by CPUs" if fit_cpu < fit_gpu else ", capped by GPUs"
+    return TrialResources(cpu, gpu, max(1, min(most, fit_cpu, fit_gpu)), why)
 
 
 def asha_warning(spec: SearchSpec) -> str | None:
