@@ -886,6 +886,16 @@ def test_a_resumed_search_ends_when_its_time_budget_is_spent(tmp_path, good_data
 
 
 @pytest.mark.slow
+def test_a_budget_that_ends_before_any_epoch_says_what_to_change(tmp_path, good_data):
+    """1 s is less than a trial's start: no epoch, no best. A resumed search keeps its budget,
+    so there it is "start it anew" (it said "raise --time-budget-s", which --resume refuses)."""
+    args = cli_args("search", good_data, tmp_path, "--time-budget-s", 1)
+    assert "raise --time-budget-s" in error_line(run("search", args, tmp_path))
+    resumed = error_line(run("search", [*args, "--resume"], tmp_path))
+    assert "start it anew with --overwrite and a larger --time-budget-s" in resumed
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_a_pipeline_search_stops_the_pipeline_with_its_resume_flag(tmp_path, good_data):
     """The search's exit 130 was "step failed with exit code 130" (exit 2); and before the
     search told a late Ctrl-C apart, the pipeline went on to reproduce a half-run search."""

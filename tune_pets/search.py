@@ -959,9 +959,11 @@ def run_search(
     if best is None:
         errors = "; ".join(sorted({r.error for r in records if r.error}))[:400]
         if not errors and spec.time_budget_s is not None:  # the budget ran out first
+            # A resumed search keeps the budget it was started with.
+            more = "start it anew with --overwrite and a larger" if resume else "raise"
             raise UserError(
                 f"no trial finished an epoch within the time budget ({spec.time_budget_s:g} s); "
-                f"raise --time-budget-s"
+                f"{more} --time-budget-s"
             )
         raise UserError(
             f"all {len(records)} trials failed ({errors}); see {layout.trials_csv(name)}"
