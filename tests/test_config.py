@@ -315,6 +315,17 @@ BAD_SPECS = [
     ),
     ("unknown model", "model: resnet\n", ["model", "resnet", "cnn, vit"]),
     ("not a mapping", "- model\n- cnn\n", ["mapping"]),
+    # PyYAML keeps the last of two equal keys without a word: the first setting was lost.
+    (
+        "key given twice",
+        "model: cnn\nmax_epochs: 3\nmax_epochs: 9\n",
+        ["duplicate key 'max_epochs'", "line 3"],
+    ),
+    (
+        "key given twice in a flow mapping",
+        "model: cnn\nresources: {cpu: 1, cpu: 2}\n",
+        ["duplicate key 'cpu'", "line 2"],
+    ),
 ]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,28 @@ def _parse_param(name: str, spec: Any, where: str) -> tuple[str, list]:
     return sampler, nums
 
 
+@functools.cache
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # the safe loader's own error follows
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
 def load_search_spec(path: str | Path) -> SearchSpec:
     import yaml
 
@@ -149,7 +173,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if not path.is_file():
         raise UserError(f"search space file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
