@@ -355,7 +355,7 @@ def test_parallel_decode_matches_serial(tmp_path, make_image_folder):
     assert serial.skipped == parallel.skipped and "zero.jpg" in parallel.skipped[0]
 
 
-def test_skip_bad_images(tmp_path, make_image_folder, cache_dir):
+def test_skip_bad_images(tmp_path, make_image_folder, cache_dir, capsys):
     root = make_image_folder(tmp_path / "d", {"a": (3, 1), "b": (3, 1)})
     (root / "train" / "b" / "broken.jpg").write_bytes(b"")
     with pytest.raises(UserError) as e:
@@ -366,11 +366,13 @@ def test_skip_bad_images(tmp_path, make_image_folder, cache_dir):
     assert len(s) == 6 and s.images.shape[0] == 6
     assert not any("broken" in p for p in s.paths)
     assert len(s.skipped) == 1 and "broken.jpg" in s.skipped[0]
+    assert "skipped 1 bad image(s)" in capsys.readouterr().err
     # The cached result remembers the bad file: without the flag it still fails.
     with pytest.raises(UserError, match="broken.jpg"):
         load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
     again = load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
     assert again.paths == s.paths and again.skipped == s.skipped
+    assert "broken.jpg" in capsys.readouterr().err  # listed from the cache too (it was not)
 
 
 def test_a_class_whose_images_are_all_skipped_is_an_error(tmp_path, make_image_folder, cache_dir):
@@ -381,6 +383,16 @@ def test_a_class_whose_images_are_all_skipped_is_an_error(tmp_path, make_image_f
     for _ in range(2):  # decoded, then from the cache
         with pytest.raises(UserError, match=r"train/b has no readable images \(all skipped"):
             load_split(root, "train", 24, cache_dir=cache_dir, skip_bad=True, progress=False)
+
+
+def test_train_read_in_a_checkpoints_class_order_may_lack_a_class(
+    tmp_path, make_image_folder, cache_dir
+):
+    """``evaluate --split train`` reads train/ with the checkpoint's classes: one that train/ has
+    no folder for was blamed on --skip-bad-images, which nobody passed."""
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    s = load_split(root, "train", 24, cache_dir=cache_dir, classes=["a", "b", "c"], progress=False)
+    assert s.classes == ["a", "b", "c"] and sorted(set(s.labels.tolist())) == [0, 1]
 
 
 def test_an_empty_cache_variable_means_the_default_cache(monkeypatch):
@@ -470,10 +482,12 @@ def test_val_split_file_written_and_reused(tiny_data, cache_dir, tmp_path):
     assert split_file.read_text(encoding="utf-8") == before
 
 
-def test_broken_val_split_file_is_replaced(tiny_data, cache_dir, tmp_path):
+@pytest.mark.parametrize("content", [b"{ half a json", b"[1]", b"\xff\xfe{}"])
+def test_broken_val_split_file_is_replaced(tiny_data, cache_dir, tmp_path, content):
+    """Half a file, JSON of another shape, not UTF-8: the last two were tracebacks."""
     train = load_split(tiny_data, "train", 36, cache_dir=cache_dir, progress=False)
     split_file = tmp_path / "val_split.json"
-    split_file.write_text("{ half a json", encoding="utf-8")
+    split_file.write_bytes(content)
     tr, va = load_or_make_val_split(train, split_file, 0.2, seed=0)
     assert json.loads(split_file.read_text(encoding="utf-8"))["val"] == va.paths
 

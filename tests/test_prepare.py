@@ -314,6 +314,18 @@ def test_prepare_is_idempotent(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_a_source_whose_path_only_starts_like_the_one_used_is_another_source(tmp_path, capsys):
+    """The check was a substring test: made from release /x/pets_old, --from /x/pets passed."""
+    out = prep.write_dataset(_hf_dataset()[0], tmp_path / "pets", progress=False)
+    marker = json.loads((out / prep.MARKER).read_text(encoding="utf-8"))
+    used = tmp_path / "pets_release_old"
+    marker["source"] = f"release {used}"
+    (out / prep.MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    assert _run_cli(["--output-dir", str(out), "--from", str(used)]) == 0
+    assert _run_cli(["--output-dir", str(out), "--from", str(tmp_path / "pets_release")]) == 2
+    assert "already prepared, from" in capsys.readouterr().err
+
+
 def test_output_dir_that_is_a_link_to_an_empty_folder(tmp_path):
     """It was built in full next to the link, then failed ("Not a directory") on renaming."""
     (tmp_path / "big_disk" / "pets").mkdir(parents=True)

@@ -289,8 +289,6 @@ def load_split(
     cached = load_entry(arr_path, "decode cache", check)
     if cached is not None:
         meta, images = cached
-        if meta["skipped"] and not skip_bad:
-            _raise_bad(meta["skipped"])
     else:
         images = np.empty((len(index.paths), res, res, 3), dtype=np.uint8)
         keep = np.ones(len(index.paths), dtype=bool)
@@ -312,10 +310,7 @@ def load_split(
                     keep[i] = False
                     errors.append(err)
         if errors and not skip_bad:
-            _raise_bad(errors)
-        if errors:
-            lines = [f"warning: skipped {len(errors)} bad image(s) (--skip-bad-images):"]
-            print("\n".join(lines + [f"  {e}" for e in errors]), file=sys.stderr)
+            _raise_bad(errors)  # before the entry is saved: the user fixes the files
         images = images[keep]
         meta = {
             "labels": np.asarray(index.labels, dtype=np.int64)[keep].tolist(),
@@ -327,9 +322,16 @@ def load_split(
             "ignored": index.ignored,
         }
         save_entry(arr_path, images, meta)
+    if meta["skipped"] and not skip_bad:
+        _raise_bad(meta["skipped"])
+    if meta["skipped"]:
+        lines = [f"warning: skipped {len(meta['skipped'])} bad image(s) (--skip-bad-images):"]
+        print("\n".join(lines + [f"  {e}" for e in meta["skipped"]]), file=sys.stderr)
     labels = np.asarray(meta["labels"], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(meta["classes"]))
-    if split == "train" and not counts.all():  # all its images skipped: it could not be learnt
+    # Every train folder has image files; one left without any had them all skipped, and a
+    # class without images could not be learnt. (A checkpoint's ``classes`` may hold more.)
+    if split == "train" and classes is None and not counts.all():
         raise UserError(
             f"class folder {data_dir / split / meta['classes'][int(counts.argmin())]} has no "
             "readable images (all skipped by --skip-bad-images); replace them or remove it"
@@ -420,12 +422,12 @@ def load_or_make_val_split(
     pos = {p: i for i, p in enumerate(train.paths)}
     key = {"fingerprint": train.fingerprint, "val_fraction": val_fraction, "seed": seed}
     try:
-        saved = json.loads(split_file.read_text()) if split_file.is_file() else {}
-        if saved and all(saved.get(k) == v for k, v in key.items()):
+        saved = json.loads(split_file.read_text("utf-8")) if split_file.is_file() else {}
+        if isinstance(saved, dict) and all(saved.get(k) == v for k, v in key.items()):
             tr = np.asarray([pos[p] for p in saved["train"]], dtype=np.int64)
             va = np.asarray([pos[p] for p in saved["val"]], dtype=np.int64)
             return train.subset(tr, "train"), train.subset(va, "val")
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         pass  # stale or broken: make a fresh one below
     if reuse_only and split_file.is_file():  # its trials were scored on the saved split
         raise UserError(

@@ -544,7 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         marker = read_json(out / MARKER, "marker")
         made_from = marker.get("source", "?") if isinstance(marker, dict) else "?"
         asked = args.from_dir or (args.dataset if args.dataset != DEFAULT_DATASET else None)
-        if asked and asked != made_from and str(Path(asked).resolve()) not in made_from:
+        path = str(Path(asked or ".").resolve())  # as prepare() records it: KIND PATH, or PATH
+        ends = (f" {path}", f" {path}/{TORCHVISION_FOLDER}")
+        if asked and asked != made_from and made_from != path and not made_from.endswith(ends):
             raise UserError(
                 f"--output-dir {out} is already prepared, from {made_from}, not {asked}; delete "
                 "it or pick another --output-dir to prepare from that"

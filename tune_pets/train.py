@@ -146,8 +146,8 @@ def overfit_check(
     config: RunConfig, data: FitData, n_batches: int = 1, device: torch.device | None = None
 ) -> tuple[bool, int, float]:
     """Can the model memorize ``n_batches`` fixed batches (no augmentation, weight decay, schedule
-    or label smoothing)? Returns (passed, steps used, final accuracy on them)."""
-    max_steps = 300  # passes over the fixed batches before it fails
+    or label smoothing)? Returns (passed, optimizer steps taken, final accuracy on them)."""
+    max_passes = 300  # passes over the fixed batches before it fails
     config = config.replace(
         weight_decay=0.0, scheduler="none", warmup_epochs=0, label_smoothing=0.0, deterministic=True
     )
@@ -156,15 +156,15 @@ def overfit_check(
     x_all = data.train_x[:n] if data.kind == "images" else data.train_x[0][:n]
     fixed = list(engine.batches.eval(x_all, data.train_y[:n], config.batch_size))
     acc = 0.0
-    for step in range(1, max_steps + 1):
+    for passes in range(1, max_passes + 1):
         for x, y in fixed:
             engine.step(x, y)
-        if step % 5 == 0 or step == max_steps:
+        if passes % 5 == 0 or passes == max_passes:
             preds, labels, _ = predict(engine.model, fixed, engine.precision)
             acc = float((preds == labels).mean())
             if acc == 1.0:
-                return True, step, acc
-    return False, max_steps, acc
+                return True, passes * len(fixed), acc
+    return False, max_passes * len(fixed), acc
 
 
 def build_parser() -> cli.ArgumentParser:

@@ -215,7 +215,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> dict:
         enable_cuda_determinism()
         # Nothing here reads uninitialised memory; filling it cost up to 31 % of reproduce's CPU.
         torch.utils.deterministic.fill_uninitialized_memory = False
-        torch.backends.cudnn.deterministic = True
+    # Both ways: a deterministic run earlier in this process must not leave it on.
+    torch.backends.cudnn.deterministic = deterministic
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     return {"seed": seed, "deterministic": deterministic}
