@@ -42,6 +42,7 @@ from tune_pets.search import (
     asha_warning,
     build_parser,
     choose_resources,
+    resume_command,
     resumed_spec,
     save_spec,
     trial_device_label,
@@ -219,6 +220,20 @@ def test_resource_choice_for_a_cluster_view(flags, cluster, kind, resources, exp
     assert (chosen.cpu, chosen.gpu, chosen.max_concurrent) == pytest.approx(expected)
     line = chosen.line(cluster)
     assert line.startswith("resources: ") and "\n" not in line
+
+
+def test_the_cap_names_the_resource_that_caps():
+    """On a CPU-only cluster it said "capped by GPUs"."""
+    assert "max_concurrent in the YAML, capped by CPUs" in _choose("", {"CPU": 1}).line({})
+    gpu_capped = _choose("", ONE_GPU, resources={"cpu": 1, "gpu": 1}).line({})
+    assert "max_concurrent in the YAML, capped by GPUs" in gpu_capped
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--over", "--resume", "--res"])
+def test_the_resume_command_drops_every_spelling_of_overwrite_and_resume(flag):
+    """argparse took --over for --overwrite; the printed command then had both and was refused."""
+    command = resume_command(["cnn", flag, "--max-epochs", "3"], "cnn", named=False)
+    assert command == "python -m tune_pets.search cnn --max-epochs 3 --name cnn --resume"
 
 
 def test_default_gpu_share_covers_every_model_kind():

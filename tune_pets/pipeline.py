@@ -107,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n=== {title}: python -m {module.__name__} {' '.join(argv)}", flush=True)
         rc = module.main(argv)
         if rc == 130:  # the search stopped by Ctrl-C, its state saved
+            flag = "--resume instead of --overwrite" if args.overwrite else "--resume"
             raise KeyboardInterrupt(
-                f"step '{title}' stopped; run the same pipeline command with --resume to go on"
+                f"step '{title}' stopped; run the same pipeline command with {flag} to go on"
             )
         if rc:
             raise UserError(f"step '{title}' failed with exit code {rc}")

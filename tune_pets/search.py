@@ -108,9 +108,10 @@ def choose_resources(
 ) -> TrialResources:
     """Per-trial CPUs/GPUs and concurrency on ``cluster`` (``ray.cluster_resources()``): the
     YAML's ``resources`` (``auto`` or ``{cpu, gpu}``) with the parsed resource ``flags`` over it.
-    A GPU share from auto or a flag fills the GPUs (capped by CPUs); else the YAML's
-    max_concurrent. Asking for more than the cluster has, or than its largest node has (default:
-    one node, the cluster), is an error, not a search that waits forever."""
+    Trials at once: ``--max-concurrent``, else a GPU share from auto or a flag fills the GPUs,
+    else the YAML's max_concurrent; the last two capped by what fits. Asking for more than the
+    cluster has, or than its largest node has (default: one node, the cluster), is an error,
+    not a search that waits forever."""
     yaml = spec.resources if isinstance(spec.resources, Mapping) else {}
 
     def asked(key: str, flag: str, value: float | None) -> tuple[float | None, str]:
@@ -149,7 +150,7 @@ def choose_resources(
     # The trials the cluster can run at once; the epsilon keeps 1 / 0.1 = 9.999... from losing
     # a trial to rounding.
     fit_cpu = math.floor(have_cpu / cpu + 1e-9)
-    fit_gpu = math.floor(have_gpu / gpu + 1e-9) if gpu > 0 else fit_cpu
+    fit_gpu = math.floor(have_gpu / gpu + 1e-9) if gpu > 0 else math.inf
     # A GPU share from auto or a flag fills the GPUs; one fixed in the YAML keeps its
     # max_concurrent. Either is capped by what fits: more would wait, TPE suggesting blind.
     if gpu > 0 and gpu_option == "--gpus-per-trial":
@@ -593,8 +594,9 @@ def _ray_classes() -> SimpleNamespace:
             self._finish(trials, trial, None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if _stop_if_disk_full(trial, _trial_failures(trial)):
-                return  # not finished: --resume runs it again
+            # Tune has ended the trial (status ERROR): --resume does not run it again. Its
+            # last failure a full disk, the search stops too (every trial would fail).
+            _stop_if_disk_full(trial, _trial_failures(trial))
             try:
                 error = error_line(trial.get_pickled_error() or trial.get_error()) or "error"
             except OSError:  # the error file is unreadable: the status still says failed
@@ -1230,7 +1232,9 @@ def ray_state_saved(experiment: Path) -> bool:
 
 def resume_command(argv: Sequence[str], name: str, named: bool) -> str:
     """The command that continues this search: the same arguments, with --resume."""
-    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    # argparse takes a flag's unambiguous prefix too (--over for --overwrite)
+    flags = ("--overwrite", "--resume")
+    again = [a for a in argv if len(a) < 3 or not any(f.startswith(a) for f in flags)]
     if not named:
         again += ["--name", name]
     return shlex.join(["python", "-m", "tune_pets.search", *again, "--resume"])
