@@ -2,11 +2,12 @@
 
 artifacts/data_sanity/              sanity: counts, sizes, odd files, grids, summary.json
 artifacts/search/<name>/            search: best_config.json, trials.csv, val_split.json,
-                                    optuna.db, plots
+                                    optuna.db, plots, search_spec.json (for --resume)
 artifacts/ray_results/<name>/       Ray Tune's experiment state and trial checkpoints
 artifacts/train/<run>/              train: exploratory runs (never read by report)
-artifacts/<tag>/                    reproduce: checkpoint_best.pt, config.json, metrics.json,
-                                    per_class_test.csv  (tag: cnn, cnn_baseline, vit, ...)
+artifacts/<tag>/                    reproduce: checkpoint_best.pt (checkpoint_seed<N>.pt per
+                                    extra seed), config.json, metrics.json,
+                                    per_class_<split>.csv  (tag: cnn, cnn_baseline, vit, ...)
 artifacts/confusion_<tag>.png/.csv  reproduce
 artifacts/profiler/<tag>/           reproduce's profile of the retrained config
 artifacts/profiling/<model>/        profiling: standalone profiles
@@ -129,5 +130,5 @@ class Layout:
         return self.artifacts / "REPORT.md"
 
 
-# File names inside a folder above, for the few places that list or glob them.
+# File names inside a profile folder, for profiling (the writer) and report (the reader).
 TOP_OPS_CSV, TOP_OPS_TXT, PROFILE_SUMMARY = "top_ops.csv", "top_ops.txt", "summary.json"

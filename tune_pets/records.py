@@ -82,7 +82,7 @@ class SearchSummary(Record):
     config: dict  # the full RunConfig of the best trial
     metric: str
     mode: str
-    best_value: float  # the best trial's ``metric`` (over its epochs, or its chosen score)
+    best_value: float  # the best trial's best ``metric`` over its epochs (whatever the pick)
     trial_id: str
     epoch: int | None = None  # the epoch of best_value
     val_acc: float | None = None

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tune_pets import cli
-from tune_pets.layout import Layout, result_tag
+from tune_pets.layout import (
+    BASELINE_SUFFIX,
+    DEFAULT_ARTIFACTS_DIR,
+    PROFILE_SUMMARY,
+    TOP_OPS_CSV,
+    Layout,
+    result_tag,
+)
 from tune_pets.models import get_spec, model_names
 from tune_pets.records import ReproduceResult, RunInfo, SearchSummary
 from tune_pets.utils import UserError, atomic_write_text, cli_main
@@ -61,7 +68,7 @@ def _missing(what: str, how: str, path: Path | None = None) -> str:
 
 
 def _reproduce_cmd(tag: str) -> str:
-    model = tag.removesuffix("_baseline")
+    model = tag.removesuffix(BASELINE_SUFFIX)
     return f"python -m tune_pets.reproduce {model}" + (" --baseline" if model != tag else "")
 
 
@@ -236,7 +243,10 @@ def search_section(layout: Layout, model: str) -> list[str]:
         if path.is_file() or plot != "param_importances":
             out.append(_img(layout, path, alt))
         else:
-            out.append("_parameter importances: too few completed trials to estimate them_")
+            out.append(
+                "_parameter importances: not drawn (too few scored trials, or Optuna could not "
+                "estimate them; see the search log)_"
+            )
     return out + [""]
 
 
@@ -257,10 +267,10 @@ def confusion_section(layout: Layout, tag: str) -> list[str]:
 
 
 def profiler_section(layout: Layout, tag: str) -> list[str]:
-    path = layout.profile(tag) / "summary.json"
+    path = layout.profile(tag) / PROFILE_SUMMARY
     s, out = _json(path), [f"### Profile ({tag})", ""]
     if s is None:
-        return out + [_missing(f"profiler/{tag}/summary.json", _reproduce_cmd(tag), path), ""]
+        return out + [_missing(f"profiler/{tag}/{PROFILE_SUMMARY}", _reproduce_cmd(tag), path), ""]
     steps = s.get("steps")
     short = (
         ": a short sample, easily moved by other load on the machine; use "
@@ -279,7 +289,7 @@ def profiler_section(layout: Layout, tag: str) -> list[str]:
             f"{_fmt(s.get('backbone_images_per_s'), 1)} images/s."
         )
     try:
-        with (layout.profile(tag) / "top_ops.csv").open(newline="", encoding="utf-8") as f:
+        with (layout.profile(tag) / TOP_OPS_CSV).open(newline="", encoding="utf-8") as f:
             # a damaged row (other columns, cut short) is left out, as is a damaged file
             ops = [r for r in csv.DictReader(f) if r.get("name") and r.get("calls")][:8]
     except (OSError, ValueError, csv.Error):
@@ -322,7 +332,9 @@ def build_report(layout: Layout) -> str:
 # ---------------------------------------------------------------- CLI
 def build_parser() -> cli.ArgumentParser:
     p = cli.command_parser(__doc__, "python -m tune_pets.report")
-    p.add_argument("--artifacts-dir", default="artifacts", help="where results are written")
+    p.add_argument(
+        "--artifacts-dir", default=DEFAULT_ARTIFACTS_DIR, help="where results are written"
+    )
     return p
 
 

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RU
 from tune_pets.models import ModelSpec, get_spec
 from tune_pets.records import SearchSummary
 from tune_pets.search_results import (
+    FINAL_MEAN_EPOCHS,
     TrialRecord,
     add_report,
     error_line,
@@ -138,10 +138,10 @@ def choose_resources(
             f"--gpus-per-trial 0 or add GPU nodes"
         )
     node = largest_node or cluster
-    for asked, option, key in ((cpu, cpu_option, "CPU"), (gpu, gpu_option, "GPU")):
-        if asked > node.get(key, 0):  # Ray would keep the trials pending forever
+    for want, option, key in ((cpu, cpu_option, "CPU"), (gpu, gpu_option, "GPU")):
+        if want > node.get(key, 0):  # Ray would keep the trials pending forever
             raise UserError(
-                f"{option} {asked:g}: no node of the Ray cluster has more than "
+                f"{option} {want:g}: no node of the Ray cluster has more than "
                 f"{node.get(key, 0):g} {key}(s), and a trial runs on one node; ask for less"
             )
     if getattr(flags, "max_concurrent", None) is not None:
@@ -226,8 +226,7 @@ class TrialSetup:
     model: ModelSpec
     tb_root: str  # absolute <runs-dir>/search/<name>: each trial logs to <tb_root>/<trial_id>
     searched: tuple[str, ...]  # the searched keys: TensorBoard's hyperparameters
-    # absolute <storage-path>/<name>, holding each trial's trial_<id>/ ("": a restart starts over)
-    experiment_dir: str = ""
+    experiment_dir: str  # absolute <storage-path>/<name>, holding each trial's trial_<id>/
 
 
 class GPUNotVisibleError(RuntimeError):
@@ -242,7 +241,7 @@ def trainable(params: dict, setup: TrialSetup, data: FitData) -> None:
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    folder = Path(setup.experiment_dir) / f"trial_{trial_id}" if setup.experiment_dir else None
+    folder = Path(setup.experiment_dir) / f"trial_{trial_id}"  # as _trial_dirname names it
     t0 = time.perf_counter()
     try:
         _run_trial(params, setup, data, trial_id, folder)
@@ -260,9 +259,7 @@ def trainable(params: dict, setup: TrialSetup, data: FitData) -> None:
         )
 
 
-def _run_trial(
-    params: dict, setup: TrialSetup, data: FitData, trial_id: str, folder: Path | None
-) -> None:
+def _run_trial(params: dict, setup: TrialSetup, data: FitData, trial_id: str, folder: Path) -> None:
     import ray
     import torch
     from ray import tune
@@ -279,9 +276,9 @@ def _run_trial(
         "device": trial_device_label(gpu_ids, torch.cuda.is_available()),
     }
     config = RunConfig.from_dict({**setup.base.to_dict(), **params}, "trial config")
-    state_file = folder / TRAIN_STATE_FILE if folder else None
+    state_file = folder / TRAIN_STATE_FILE
     resume = None  # a restarted trial's state: fit's resume plus its reports
-    if state_file and state_file.is_file():
+    if state_file.is_file():
         try:
             resume = torch.load(state_file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged state costs the trial its progress only
@@ -305,8 +302,6 @@ def _run_trial(
         metrics = {**metrics, **identity, "time_s": time.perf_counter() - t0}
         tune.report(metrics)
         reports.append(metrics)
-        if folder is None:
-            return
         if best is not None:
             atomic_torch_save(best, folder / BEST_CHECKPOINT_FILE)
         # After the report: a trial killed in between repeats this epoch rather than skip it.
@@ -322,7 +317,7 @@ def _run_trial(
         hparams={k: getattr(config, k) for k in setup.searched},
         spec=setup.model,
         resume=resume,
-        on_state=state.update if folder else None,  # no folder: nothing to restart from
+        on_state=state.update,
     )
 
 
@@ -579,7 +574,8 @@ def _ray_classes() -> SimpleNamespace:
 
     class OptunaExport(tune.Callback):
         """Per finished trial: a line on stdout and ``optuna.db`` rewritten (a copy for
-        optuna-dashboard; the search's study lives in the searcher). Its state is snapshotted
+        optuna-dashboard; the search's study lives in the searcher), after the first
+        EXPORT_EVERY_TRIAL_UP_TO trials less often (``_export``). Its state is snapshotted
         with the searcher's, so --resume goes on from the same trials."""
 
         def __init__(self, spec: SearchSpec, name: str, db_path: Path):
@@ -663,15 +659,15 @@ def _ray_classes() -> SimpleNamespace:
         """Every STATUS_EVERY_S seconds: trials done and running (OptunaExport announces each
         finished one)."""
 
-        def __init__(self, num_samples: int, every_s: float = STATUS_EVERY_S):
-            self.num_samples, self.every_s = num_samples, every_s
+        def __init__(self, num_samples: int):
+            self.num_samples = num_samples
             self.start = self.last = 0.0
 
         def setup(self, start_time=None, total_samples=None, **kwargs):
             self.start = self.last = time.time()  # per run: a resumed search counts anew
 
         def should_report(self, trials, done=False):
-            return done or time.time() - self.last >= self.every_s
+            return done or time.time() - self.last >= STATUS_EVERY_S
 
         def report(self, trials, done, *sys_info):
             self.last = time.time()
@@ -820,13 +816,13 @@ def run_search(
     layout: Layout,
     name: str,
     *,
-    model: ModelSpec | None = None,
-    resource_flags: Any = None,  # parsed arguments with the resource flags (None: none)
-    storage_path: Path | None = None,
+    model: ModelSpec,
+    resource_flags: Any,  # parsed arguments with the resource flags
+    storage_path: Path,
+    val_fraction: float,
     resume: bool = False,
     overwrite: bool = False,
     address: str | None = None,
-    val_fraction: float = 0.2,
     cache_dir: str | Path | None = None,
     skip_bad: bool = False,
     num_cpus: int | None = None,
@@ -839,8 +835,7 @@ def run_search(
     import torch
     from ray import tune
 
-    model = model or get_spec(spec.model)
-    storage_path = Path(storage_path or layout.ray_results).resolve()
+    storage_path = Path(storage_path).resolve()
     exp_dir = storage_path / name
     exists = tune.Tuner.can_restore(str(exp_dir))
     if resume and not exists:
@@ -1070,9 +1065,9 @@ def build_parser() -> cli.ArgumentParser:
         "--pick",
         choices=PICK_RULES,
         help="how the trial handed to reproduce is chosen: best_epoch (its best epoch is the "
-        "best of all) or final_mean (the best mean of the last 3 epochs among the trials that "
-        "ran longest: less swayed by one lucky epoch); default: the YAML's pick, else "
-        "best_epoch",
+        f"best of all) or final_mean (the best mean of the last {FINAL_MEAN_EPOCHS} epochs among "
+        "the trials that ran longest: less swayed by one lucky epoch); default: the YAML's "
+        "pick, else best_epoch",
     )
     g.add_argument(
         "--time-budget-s",
@@ -1166,8 +1161,8 @@ def save_spec(
 def check_resumed_run(args: Any, base: RunConfig, data_dir: Path, path: Path) -> int | None:
     """--resume trains the remaining trials as the first ones were trained: a flag that changes
     their config (weights, step cap, ...), their data or the trials at once is refused. Returns
-    the trials-at-once limit the search was started with (None: a search_spec.json from before
-    tune_pets saved it, the config and the data; nothing to check)."""
+    the trials-at-once limit the search was started with (a search_spec.json from before
+    tune_pets saved it, the config and the data: --max-concurrent; nothing is checked)."""
     saved = read_json(path, "search spec") if path.is_file() else {}
     started = saved.get("max_concurrent", args.max_concurrent)
     if args.max_concurrent not in (None, started):  # Ray restores the limit it started with
@@ -1176,7 +1171,7 @@ def check_resumed_run(args: Any, base: RunConfig, data_dir: Path, path: Path) ->
             f"{started} trial(s) at once, as it was started; resume without --max-concurrent, "
             "or start it anew with --overwrite"
         )
-    now = json.loads(json.dumps(base.to_dict()))  # tuples as the file has them: lists
+    now = base.to_dict()
     was = saved.get("base") if isinstance(saved.get("base"), dict) else now
     if diff := [k for k in now if now[k] != was.get(k)]:
         raise UserError(

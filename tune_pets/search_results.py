@@ -1,7 +1,7 @@
 """What a search leaves behind, built from plain data: one ``TrialRecord`` per trial, then
 
     trials.csv          one row per trial                         (write_trials_csv)
-    best_config.json    the best trial over all reported epochs   (pick_best, make_summary)
+    best_config.json    the trial the spec's pick rule chooses    (pick_best, make_summary)
     optuna.db           the search as an Optuna study             (export_study)
     *.png               learning curves, optimization history, parameter importances
 
@@ -50,7 +50,7 @@ class TrialRecord(Record):
     trial_id: str
     status: str  # completed | stopped early | failed
     epochs: int  # epochs reported (of the trial's last run, if it was restarted)
-    params: dict[str, Any]  # the searched hyperparameters (None: never known)
+    params: dict[str, Any]  # the searched hyperparameters (a value None: never known)
     best_value: float | None  # best finite value of the search metric over the epochs
     best_epoch: int | None
     val_macro_f1: float | None  # at best_epoch
@@ -313,16 +313,12 @@ def export_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, pa
             storage.engine.dispose()  # no open handle on the file once it is renamed
 
 
-def write_plots(
-    records: Sequence[TrialRecord], spec: SearchSpec, name: str, layout: Layout
-) -> list[Path]:
+def write_plots(records: Sequence[TrialRecord], spec: SearchSpec, name: str, layout: Layout):
     """Learning curves, optimization history and, from enough trials, parameter importances.
     A plot that is not made says why on stderr."""
-    written = [_learning_curves(records, spec, name, layout.search_plot(name, PLOTS[0]))]
+    _learning_curves(records, spec, name, layout.search_plot(name, PLOTS[0]))
     study = build_study(records, spec, name)
-    history = layout.search_plot(name, PLOTS[1])
-    if _optuna_plot(study, spec, name, "optimization history", history):
-        written.append(history)
+    _optuna_plot(study, spec, name, "optimization history", layout.search_plot(name, PLOTS[1]))
     importances = layout.search_plot(name, PLOTS[2])
     importances.unlink(missing_ok=True)  # never leave an earlier search's plot beside this one
     n = sum(r.status != STATUS_FAILED and r.best_value is not None for r in records)
@@ -332,9 +328,8 @@ def write_plots(
             f"importances need at least {MIN_TRIALS_FOR_IMPORTANCES} to mean anything",
             file=sys.stderr,
         )
-    elif _optuna_plot(study, spec, name, "parameter importances", importances):
-        written.append(importances)
-    return written
+    else:
+        _optuna_plot(study, spec, name, "parameter importances", importances)
 
 
 # Line style and end marker by how a trial ended, explained in the caption.
@@ -345,9 +340,7 @@ _KEY = (
 )
 
 
-def _learning_curves(
-    records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path
-) -> Path:
+def _learning_curves(records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path):
     best = pick_best(records, spec)
     drawn = [r for r in records if r.history]
     with figure_style() as plt:
@@ -375,12 +368,11 @@ def _learning_curves(
         fig.text(0.01, 0.005, _KEY, fontsize=8)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         save(fig, path, bbox_inches="tight")
-    return path
 
 
-def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> bool:
+def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> None:
     """Optuna's plot of ``what`` with the metric on its axis ("Objective Value" says nothing);
-    False, with a note, when Optuna cannot draw it."""
+    a note instead when Optuna cannot draw it."""
     from matplotlib.ticker import MaxNLocator
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
@@ -402,13 +394,12 @@ def _optuna_plot(study, spec: SearchSpec, name: str, what: str, path: Path) -> b
             print(
                 f"note: {path.name} skipped ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr
             )
-            return False
+            return
         ax.set_title(f"{name}: {what}")
         if history:
             ax.set(ylabel=spec.metric, xlabel="trial (in the order started)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         save(ax.figure, path, bbox_inches="tight")
-    return True
 
 
 def _plain(v: Any) -> Any:

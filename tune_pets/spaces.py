@@ -240,7 +240,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if not isinstance(space, dict):
         raise UserError(f"{path}: space must be a mapping of run-config keys to samplers")
     kw["space"] = {k: _parse_param(k, v, f"{path}: space.{k}") for k, v in space.items()}
-    for k in {*kw["space"], *kw["fixed"]} & {"epochs", "img_size"}:
+    for k in sorted({*kw["space"], *kw["fixed"]} & {"epochs", "img_size"}):  # one error each run
         where = f"{path}: {'space' if k in kw['space'] else 'fixed'}.{k}"
         if k == "epochs":  # a trial runs max_epochs epochs (ASHA's max_t and the lr schedule)
             raise UserError(f"{where}: a trial's epochs are max_epochs; set max_epochs instead")
