@@ -253,6 +253,19 @@ def test_train_that_cannot_load_the_backbone_leaves_no_run_folder(tiny_data, tmp
     assert not (art / "train" / "vit").exists()
 
 
+@pytest.mark.slow
+def test_search_that_cannot_load_the_backbone_leaves_no_search_folder(tiny_data, tmp_path):
+    """The same for search (offline, nothing cached): it left search/vit/ with val_split.json."""
+    from helpers import error_line, run
+
+    art = tmp_path / "art"
+    argv = ["vit", "--data-dir", tiny_data, "--artifacts-dir", art, "--no-progress", "--cache-dir",
+            tmp_path / "cache", "--runs-dir", tmp_path / "runs", "--num-cpus", 1]  # fmt: skip
+    proc = run("search", argv, tmp_path, extra_env={"HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert "HF_HUB_OFFLINE" in error_line(proc)
+    assert not (art / "search" / "vit").exists()
+
+
 # ---------------------------------------------------------------- --weights files
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth-wrapped"])
 def test_weights_file_loads_every_tensor(tmp_path, hub_weights, fmt):

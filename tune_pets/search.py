@@ -882,20 +882,25 @@ def run_search(
                 path.unlink(missing_ok=True)
 
         t0 = time.time()
-        data = load_fit_data(
-            base,
-            data_dir,
-            val_fraction=val_fraction,
-            split_file=layout.search_val_split(name),
-            reuse_split=resume,
-            cache_dir=cache_dir,
-            skip_bad=skip_bad,
-            img_sizes=img_sizes(spec, base),
-            progress=progress,
-            # where a features model's frozen backbone runs (once, before the trials)
-            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-            spec=model,
-        )
+        try:
+            data = load_fit_data(
+                base,
+                data_dir,
+                val_fraction=val_fraction,
+                split_file=layout.search_val_split(name),
+                reuse_split=resume,
+                cache_dir=cache_dir,
+                skip_bad=skip_bad,
+                img_sizes=img_sizes(spec, base),
+                progress=progress,
+                # where a features model's frozen backbone runs (once, before the trials)
+                device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                spec=model,
+            )
+        except BaseException:
+            if not resume:  # a search that never ran leaves no split (so no empty folder)
+                layout.search_val_split(name).unlink(missing_ok=True)
+            raise
         prep_s = time.time() - t0
         print(
             f"data: {data.info['n_train']} train / {data.info['n_val']} val images, "
