@@ -236,6 +236,17 @@ def test_the_resume_command_drops_every_spelling_of_overwrite_and_resume(flag):
     assert command == "python -m tune_pets.search cnn --max-epochs 3 --name cnn --resume"
 
 
+@pytest.mark.parametrize("model", ["cnn", "vit"])
+def test_search_space_smoke_names_the_shipped_tiny_space(model):
+    """Without a checkout the smoke YAMLs were reachable only through their install path."""
+    from tune_pets.models import get_spec
+    from tune_pets.search import spec_from_args
+
+    args = build_parser().parse_args([model, "--search-space", "smoke"])
+    spec = spec_from_args(args, get_spec(model))
+    assert Path(spec.source) == default_space(model, smoke=True) and spec.num_samples <= 6
+
+
 def test_default_gpu_share_covers_every_model_kind():
     from tune_pets.models import KINDS
 

@@ -1055,7 +1055,9 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_weights_args(p)
     g = p.add_argument_group("search (each flag overrides the search-space YAML)")
     g.add_argument(
-        "--search-space", help="search-space YAML (default: the shipped search_spaces/<model>.yaml)"
+        "--search-space",
+        help="search-space YAML, or smoke: the shipped tiny one (default: the shipped "
+        "search_spaces/<model>.yaml)",
     )
     for key, text in (
         ("num_samples", "number of trials"),
@@ -1134,7 +1136,10 @@ SPEC_FLAGS = "num_samples max_epochs grace_period seed split_seed time_budget_s 
 
 def spec_from_args(args: Any, model: ModelSpec) -> SearchSpec:
     """The search-space YAML with the search flags applied."""
-    path = Path(args.search_space) if args.search_space else default_space(model.name)
+    if args.search_space in (None, "smoke"):  # shipped: found in an installed package too
+        path = default_space(model.name, smoke=args.search_space == "smoke")
+    else:
+        path = Path(args.search_space)
     spec = load_search_spec(path)
     if spec.model != model.name:
         raise UserError(f"--search-space {path} is for model {spec.model!r}, not {model.name!r}")
