@@ -48,17 +48,17 @@ def test_classification_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 200)
     p = np.where(rng.random(200) < 0.6, y, rng.integers(0, 5, 200))
-    m = classification_metrics(y, p, 5)
+    m = classification_metrics(y, p)
     assert m["accuracy"] == pytest.approx((y == p).mean())
     assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
-    assert classification_metrics(y, y, 5) == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert classification_metrics(y, y) == {"accuracy": 1.0, "macro_f1": 1.0}
 
 
 def test_macro_f1_counts_a_missed_class_and_ignores_absent_ones():
     # Class 2 is present and never predicted: F1 0 and counted. Classes 3, 4 are nowhere.
     y = np.array([0, 0, 1, 1, 2])
     p = np.array([0, 0, 1, 1, 1])
-    m = classification_metrics(y, p, 5)
+    m = classification_metrics(y, p)
     assert m["accuracy"] == pytest.approx(0.8)
     assert m["macro_f1"] == pytest.approx((1.0 + 0.8 + 0.0) / 3)
 
@@ -276,6 +276,20 @@ def test_evaluate_never_builds_the_backbone_when_features_are_cached(
     finally:
         register(real)
     np.testing.assert_array_equal(again.preds, first.preds)
+
+
+def test_class_names_in_another_unicode_form_get_the_rename_hint(
+    trained, tmp_path, make_image_folder
+):
+    """A copy made on macOS spells 'chat été' in NFD (in train/ and test/ alike): those are the
+    checkpoint's classes, so the error says to rename them, not that they are other classes."""
+    import unicodedata
+
+    nfd = {unicodedata.normalize("NFD", c): (1, 1) for c in CLASSES}
+    data_dir = make_image_folder(tmp_path / "d", nfd)
+    ckpt = load_checkpoint(trained.cnn, "cnn")
+    with pytest.raises(UserError, match="another Unicode form .* the checkpoint's classes"):
+        evaluate_checkpoint(ckpt, data_dir, "test", cache_dir=tmp_path / "cache", progress=False)
 
 
 # ---------------------------------------------------------------- the CLI

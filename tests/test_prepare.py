@@ -696,6 +696,20 @@ def test_hub_errors_are_told_apart(monkeypatch, online_mode, error, expect, not_
     assert expect in msg and not_expect not in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("variable", ["HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_message_names_the_variable_that_is_set(monkeypatch, online_mode, variable):
+    """Offline by another variable than HF_HUB_OFFLINE: the message names that one."""
+    import datasets
+
+    monkeypatch.setenv(variable, "1")
+    monkeypatch.setattr(prep, "hub_unreachable", lambda *a, **k: pytest.fail("probed the hub"))
+    monkeypatch.setattr(datasets, "load_dataset", _raise(ConnectionError("offline mode")))
+    with pytest.raises(UserError) as e:
+        prep.load_hf_dataset("timm/oxford-iiit-pet", progress=False)
+    msg = str(e.value)
+    assert f"({variable} is set)" in msg and "HF_HUB_OFFLINE" not in msg, msg
+
+
 def test_unreachable_hub_still_uses_the_datasets_cache(monkeypatch, online_mode):
     """No network: the load runs in offline mode (fast, cache only) instead of not at all."""
     import datasets

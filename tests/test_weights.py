@@ -224,6 +224,16 @@ def test_offline_flag_without_cache_fails_at_once(tmp_path, use_hub):
     assert "HF_HUB_OFFLINE is set" in msg and HUB_REPO in msg
 
 
+def test_offline_by_transformers_variable_names_it(tmp_path, use_hub, monkeypatch):
+    """TRANSFORMERS_OFFLINE alone also means offline: the message names it, not HF_HUB_OFFLINE."""
+    use_hub(tmp_path / "empty", offline=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        build_backbone(RunConfig(backbone=BACKBONE, pretrained=True))
+    msg = str(e.value)
+    assert "(TRANSFORMERS_OFFLINE is set)" in msg and "HF_HUB_OFFLINE" not in msg, msg
+
+
 def test_unreachable_hub_without_cache_fails_fast(tmp_path, use_hub):
     """HF_HUB_OFFLINE unset, nothing cached, no network: seconds, not ~55 s of retries."""
     use_hub(tmp_path / "empty", offline=False)

@@ -193,7 +193,7 @@ def _from_hub(name: str) -> nn.Module:
         )
     cached = _cached_weights(name)
     if cached is None:
-        why = "HF_HUB_OFFLINE is set" if hub.hub_offline() else hub.hub_unreachable()
+        why = hub.offline_reason() or hub.hub_unreachable()
         if why:
             raise UserError(_offline_message(name, repo, why))
     if cached is not None:  # checked first: timm names no tensor of a file that does not fit

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tune_pets.config import CHOICES, RunConfig, validate_config
+from tune_pets.data import DEFAULT_VAL_FRACTION  # search and train read it as cli's
 from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
-from tune_pets.utils import UserError
-
-DEFAULT_VAL_FRACTION = 0.2  # share of train held out as the search's validation split
+from tune_pets.utils import UserError, usable_cores
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -294,9 +293,7 @@ def device_from_args(args: argparse.Namespace):
     """The torch device, with torch's CPU threads set (``--threads``, else the usable cores)."""
     import torch
 
-    # The cores this process may use (its CPU affinity, where the OS has one).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(getattr(args, "threads", None) or max(1, cores or 1))
+    torch.set_num_threads(getattr(args, "threads", None) or usable_cores())
     name = getattr(args, "device", "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

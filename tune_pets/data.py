@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tune_pets.utils import UserError, atomic_path, atomic_write_json
+from tune_pets.utils import UserError, atomic_path, atomic_write_json, usable_cores
 
 if TYPE_CHECKING:  # torch is imported lazily: scanning and caching do not need it
     import torch
@@ -45,6 +45,7 @@ NON_IMAGE_EXTS = set(
     ".tar .gz".split()
 )
 CACHE_VERSION = 2  # bump when the decode/resize rule or the cache metadata changes
+DEFAULT_VAL_FRACTION = 0.2  # share of train held out as the search's validation split
 
 
 def default_cache_dir() -> Path:
@@ -167,22 +168,29 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
         )
     # The held-out split is part of the layout, and its classes must all have training images.
     heldout = data_dir / heldout_split_name(data_dir)
-    _check_heldout_classes(heldout, _class_names(heldout), _class_names(data_dir / "train"))
+    _check_heldout_classes(heldout, class_names(heldout), class_names(data_dir / "train"))
     return data_dir
 
 
-def _class_names(root: Path) -> list[str]:
+def class_names(root: Path) -> list[str]:
+    """The class folders of the split folder ``root``, sorted (hidden folders are none)."""
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def check_unicode_form(root: Path, extra: Sequence[str], known: Sequence[str], where: str) -> None:
+    """Refuse the class folders ``extra`` of ``root`` (names not in ``known``, the classes of
+    ``where``) when one is a known class spelled in another Unicode form."""
+    nfc = {unicodedata.normalize("NFC", k) for k in known}  # a copy from macOS: NFD names
+    if any(unicodedata.normalize("NFC", e) in nfc for e in extra):
+        raise UserError(
+            f"{root}: class folder(s) {', '.join(map(repr, extra))} are spelled in another "
+            f"Unicode form (NFC/NFD) than in {where}; rename them to match"
+        )
 
 
 def _check_heldout_classes(root: Path, names: Sequence[str], train: Sequence[str]) -> None:
     extra = sorted(set(names) - set(train))
-    nfc = {unicodedata.normalize("NFC", t) for t in train}  # a copy from macOS: NFD names
-    if any(unicodedata.normalize("NFC", e) in nfc for e in extra):
-        raise UserError(
-            f"{root}: class folder(s) {', '.join(map(repr, extra))} are spelled in another "
-            f"Unicode form (NFC/NFD) than in {root.parent / 'train'}; rename them to match"
-        )
+    check_unicode_form(root, extra, train, str(root.parent / "train"))
     if extra:
         raise UserError(
             f"{root}: class folder(s) {', '.join(map(repr, extra))} are not in "
@@ -195,7 +203,7 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
     root = data_dir / split
     if not root.is_dir():
         raise UserError(f"{root} does not exist; expected {root}/<class>/<image files>")
-    names = _class_names(root)
+    names = class_names(root)
     if not names:
         raise UserError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     if classes is None:
@@ -252,11 +260,11 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx: np.ndarray, name: str | None = None) -> ImageSplit:
+    def subset(self, idx: np.ndarray, name: str) -> ImageSplit:
         idx = np.asarray(idx, dtype=np.int64)
         paths = [self.paths[i] for i in idx]
         images, labels = self.images[idx], self.labels[idx]
-        return replace(self, name=name or self.name, images=images, labels=labels, paths=paths)
+        return replace(self, name=name, images=images, labels=labels, paths=paths)
 
 
 def load_split(
@@ -294,7 +302,7 @@ def load_split(
         keep = np.ones(len(index.paths), dtype=bool)
         errors: list[str] = []
         jobs = [(str(data_dir / p), res, interpolation) for p in index.paths]
-        workers = workers or min(os.cpu_count() or 1, 8)
+        workers = workers or min(usable_cores(), 8)
         with contextlib.ExitStack() as stack:
             results = map(_decode_worker, jobs)
             if workers > 1 and len(jobs) > 64:
@@ -375,14 +383,15 @@ def load_entry(
     return None
 
 
-def progress_bar(items, total: int | None, desc: str, enabled: bool, leave: bool = True):
-    """A tqdm bar over ``items`` on stderr, counting images; silent unless ``enabled``."""
+def progress_bar(
+    items, total: int | None, desc: str, enabled: bool, leave: bool = True, unit: str = "img"
+):
+    """A tqdm bar over ``items`` on stderr, counting ``unit`` (images, or tqdm's "it" for
+    batches and steps); silent unless ``enabled``."""
     from tqdm.auto import tqdm
 
     off = not enabled or None
-    return tqdm(
-        items, total=total, desc=desc, leave=leave, unit="img", disable=off, file=sys.stderr
-    )
+    return tqdm(items, total=total, desc=desc, leave=leave, unit=unit, disable=off, file=sys.stderr)
 
 
 def _raise_bad(errors: list[str]) -> None:
@@ -411,7 +420,7 @@ def stratified_split(
 def load_or_make_val_split(
     train: ImageSplit,
     split_file: str | os.PathLike,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     reuse_only: bool = False,
 ) -> tuple[ImageSplit, ImageSplit]:
@@ -453,7 +462,7 @@ def iterate_indices(
     import torch
 
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    stop = n - (n % batch_size) if drop_last else n
     for i in range(0, stop, batch_size):
         yield order[i : i + batch_size]
 

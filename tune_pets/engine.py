@@ -3,7 +3,9 @@ builds model, optimizer, LR schedule and loss once and runs ``step()`` / ``run_e
 ``train.fit``, the overfit check, profiling and the benchmark all drive the same ``Engine``, so
 what is profiled or benchmarked is exactly the step a search trial runs.
 
-    data = load_fit_data(config, "sample", split_file="val_split.json")
+    from tune_pets.sample import sample_dir  # the photos shipped with the package
+
+    data = load_fit_data(config, sample_dir(), split_file="val_split.json")
     engine = Engine(config, data)
     metrics = {**engine.run_epoch(1), **engine.validate()}
 """
@@ -14,7 +16,6 @@ import copy
 import functools
 import itertools
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from tune_pets.config import RunConfig
-from tune_pets.data import default_cache_dir, eval_transform, iterate_indices, load_split
-from tune_pets.data import load_or_make_val_split, to_device_uint8, train_augment
+from tune_pets.data import DEFAULT_VAL_FRACTION, default_cache_dir, eval_transform
+from tune_pets.data import iterate_indices, load_or_make_val_split, load_split, progress_bar
+from tune_pets.data import to_device_uint8, train_augment
 from tune_pets.metrics import classification_metrics
 from tune_pets.models import ModelSpec, get_spec, pool_features
 from tune_pets.utils import UserError, seed_everything
@@ -38,8 +40,9 @@ class NonFiniteLossError(UserError):
 
 @dataclass
 class FitData:
-    """``kind="images"``: uint8 ``[N, R, R, 3]``; ``kind="features"``: float32 ``[V, N, 2, D]``
-    frozen-backbone features (V views of train, 1 of val)."""
+    """``kind="images"``: ``train_x`` and ``val_x`` uint8 ``[N, R, R, 3]``. ``kind="features"``:
+    frozen-backbone features, float32: ``train_x`` ``[V, N, 2, D]`` (V views: the clean one, or
+    ``feature_views`` augmented ones), ``val_x`` ``[N, 2, D]`` (the clean view)."""
 
     kind: str
     classes: list[str]
@@ -67,7 +70,7 @@ def load_fit_data(
     config: RunConfig,
     data_dir: str | Path,
     *,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     split_file: str | Path | None = None,
     full_train: bool = False,
     reuse_split: bool = False,
@@ -114,7 +117,11 @@ def load_fit_data(
         # them; the backbone is built at most once, and only on a cache miss.
         get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
         args = (config, get_backbone, dc, train_all, cache_dir, device or torch.device("cpu"))
-        clean = views = cached_features(*args, 0, progress)
+        # The clean view is the val features, and the train ones without augmented views.
+        clean = None
+        if val is not None or not config.feature_views:
+            clean = cached_features(*args, 0, progress)
+        views = clean
         if config.feature_views:
             views = cached_features(*args, config.feature_views, progress)
         pos = {p: i for i, p in enumerate(train_all.paths)}
@@ -269,14 +276,13 @@ class Engine:
     def run_epoch(self, epoch: int, progress: bool = False) -> dict:
         """Train one epoch; ``train_loss``, ``train_acc`` and the ``lr`` at its end. Raises
         ``NonFiniteLossError`` when the loss diverged during the epoch."""
-        from tqdm.auto import tqdm
-
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         desc = f"epoch {epoch}/{self.config.epochs}"
-        kw = {"total": self.steps_per_epoch, "desc": desc, "leave": False, "file": sys.stderr}
-        for x, y in tqdm(self.batches.train(epoch), disable=not progress or None, **kw):
+        batches = self.batches.train(epoch)
+        bar = progress_bar(batches, self.steps_per_epoch, desc, progress, leave=False, unit="it")
+        for x, y in bar:
             loss, logits = self.step(x, y)
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -291,7 +297,7 @@ class Engine:
         d = self.data
         batches = self.batches.eval(d.val_x, d.val_y)
         preds, labels, loss = predict(self.model, batches, self.precision, self.loss_fn)
-        m = classification_metrics(labels, preds, d.num_classes)
+        m = classification_metrics(labels, preds)
         return {"val_loss": loss, "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
 
     def state_dict(self) -> dict:

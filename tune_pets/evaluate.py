@@ -21,7 +21,8 @@ import torch
 
 from tune_pets import cli, metrics
 from tune_pets.checkpoint import load_checkpoint, trained_module
-from tune_pets.data import default_cache_dir, heldout_split_name, load_split
+from tune_pets.data import check_unicode_form, class_names, default_cache_dir, heldout_split_name
+from tune_pets.data import load_split
 from tune_pets.engine import Batches, FitData, precision, predict
 from tune_pets.figures import confusion_figure
 from tune_pets.layout import result_tag
@@ -47,7 +48,7 @@ class Evaluation:
 
     @functools.cached_property
     def scores(self) -> dict:
-        m = metrics.classification_metrics(self.labels, self.preds, len(self.classes))
+        m = metrics.classification_metrics(self.labels, self.preds)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_images": self.n_images}
 
     def most_confused(self, k: int = 10) -> list[tuple[str, str, int]]:
@@ -88,8 +89,8 @@ def evaluate_checkpoint(
     pre = ckpt["preprocess"]
     classes = list(ckpt["classes"])
     split_dir = Path(data_dir) / split
-    found = {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    unknown = sorted(found - set(classes))
+    unknown = sorted(set(class_names(split_dir)) - set(classes))
+    check_unicode_form(split_dir, unknown, classes, "the checkpoint's classes")
     if unknown:
         raise UserError(
             f"{split_dir}: class(es) {', '.join(map(repr, unknown[:5]))} are not among "

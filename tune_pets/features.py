@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +20,10 @@ import torch
 
 from tune_pets.backbone import backbone_tag, token_features
 from tune_pets.config import RunConfig
-from tune_pets.data import ImageSplit, eval_transform, iterate_indices, load_entry, save_entry
-from tune_pets.data import to_device_uint8, train_augment
+from tune_pets.data import ImageSplit, eval_transform, iterate_indices, load_entry, progress_bar
+from tune_pets.data import save_entry, to_device_uint8, train_augment
+
+BACKBONE_BATCH_SIZE = 64  # images per backbone forward pass in ``extract``
 
 
 def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None) -> str:
@@ -42,19 +43,17 @@ def extract(
     view: int | None = None,
     aug_scale_min: float = 0.08,
     hflip: float = 0.5,
-    batch_size: int = 64,
+    batch_size: int = BACKBONE_BATCH_SIZE,
     progress: bool = True,
 ) -> np.ndarray:
     """Run the frozen backbone over ``split``: the clean eval transform, or augmented view
     ``view`` (RandomResizedCrop with scale ``(aug_scale_min, 1)`` + flip, seeded by ``view``)."""
-    from tqdm.auto import tqdm
-
     backbone = backbone.eval().to(device)
     gen = torch.Generator().manual_seed(10_007 + (view or 0))
     batches = list(iterate_indices(len(split), batch_size, shuffle=False))
     desc = f"features {split.name}" + ("" if view is None else f" view {view}")
     out = []
-    for idx in tqdm(batches, desc=desc, disable=not progress or None, leave=False, file=sys.stderr):
+    for idx in progress_bar(batches, len(batches), desc, progress, leave=False, unit="it"):
         x = to_device_uint8(split.images, idx, device)
         if view is None:
             x = eval_transform(x, dc["img_size"], dc["crop_pct"], dc["mean"], dc["std"])

@@ -1,7 +1,7 @@
 """Hugging Face hub access shared by ``prepare`` (the dataset) and ``backbone`` (the ViT weights):
 offline detection, one short reachability probe and telling network errors from others.
 
-    why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()  # None: online
+    why = offline_reason() or hub_unreachable()  # None: online
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from collections.abc import Iterator
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-def hub_offline(datasets_too: bool = False) -> bool:
-    """Whether offline mode is on (with ``datasets_too``, HF_DATASETS_OFFLINE counts too).
+def offline_reason(datasets_too: bool = False) -> str | None:
+    """Why offline mode is on (``"<VARIABLE> is set"``, naming the one that is), or None when
+    it is off. With ``datasets_too``, HF_DATASETS_OFFLINE counts too.
 
     The environment is read as well: huggingface_hub reads its constant only once, at import."""
     keys = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] * datasets_too)
-    if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in keys):
-        return True
+    for key in keys:
+        if os.environ.get(key, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{key} is set"
     constants = sys.modules.get("huggingface_hub.constants")
-    return bool(constants is not None and constants.HF_HUB_OFFLINE)
+    if constants is not None and constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"  # in the environment when huggingface_hub was imported
+    return None
 
 
 def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:

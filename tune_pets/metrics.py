@@ -1,5 +1,5 @@
 """Classification metrics as pure functions of label arrays or a confusion matrix, e.g.
-``classification_metrics(y_true, y_pred, n)`` -> ``{"accuracy": ..., "macro_f1": ...}``."""
+``classification_metrics(y_true, y_pred)`` -> ``{"accuracy": ..., "macro_f1": ...}``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """Accuracy and macro-F1 over the classes present in ``y_true`` or ``y_pred`` (a class
     absent from both does not count)."""
     from sklearn.metrics import f1_score  # lazy: sklearn is slow to import
@@ -63,5 +63,5 @@ def prediction_spread(cm: np.ndarray) -> dict:
         "classes_predicted": int((cm.sum(0) > 0).sum()),
         "num_classes": int(cm.shape[0]),
         "top3_class_share": round(float(support[:3].sum() / max(support.sum(), 1)), 4),
-        "max_min_support": [int(support[0]), int(support[-1])] if len(support) else [0, 0],
+        "max_min_support": [int(support[0]), int(support[-1])],
     }

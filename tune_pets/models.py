@@ -116,7 +116,7 @@ register(
         name="cnn",
         kind="images",
         help="small CNN trained from scratch (conv blocks 64/128/256)",
-        # RunConfig's defaults are the homework CNN's; the homework trained at 224 px.
+        # RunConfig's defaults are the homework CNN's but for img_size: it trained at 224 px.
         defaults=RunConfig(model="cnn", img_size=224),
         build=lambda cfg, n: SmallCNN(n, cfg.depth, cfg.width, cfg.dropout),
         data_config=lambda cfg: {

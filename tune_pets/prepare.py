@@ -289,7 +289,7 @@ def _hf_examples(split: Any, columns: tuple[str, str], breeds: dict[int, str]) -
                 image = Path(image["path"]).read_bytes()
             else:
                 raise ValueError("image cell has neither bytes nor a path")
-        yield image, names[label], stem or f"{safe_name(names[label])}_{i}"
+        yield image, names[label], stem  # no stem: write_image_folder names it <class>_<i>
 
 
 def write_dataset(
@@ -437,8 +437,7 @@ def load_hf_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
         datasets.disable_progress_bars()
     if Path(name).is_dir():
         return _load_local(Path(name))
-    offline = hub.hub_offline(datasets_too=True)
-    offline_why = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
+    offline_why = hub.offline_reason(datasets_too=True) or hub_unreachable()
     if offline_why is None:
         print(f"downloading {name} from the Hugging Face hub...", flush=True)
         return _load_from_hub(name, offline_why)

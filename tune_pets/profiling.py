@@ -28,6 +28,7 @@ from tune_pets import cli
 from tune_pets.config import RunConfig
 from tune_pets.data import BadImageError, cache_res, check_data_dir, decode_square, scan_split
 from tune_pets.engine import Engine, FitData, load_fit_data
+from tune_pets.features import BACKBONE_BATCH_SIZE
 from tune_pets.layout import PROFILE_SUMMARY, TOP_OPS_CSV, TOP_OPS_TXT
 from tune_pets.models import get_spec
 from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, atomic_write_text
@@ -36,7 +37,7 @@ from tune_pets.utils import cli_main, env_info
 PROFILE_WAIT, PROFILE_WARMUP = 1, 2  # profiler schedule: skip 1 step, warm up 2, record --steps
 TIMED_WARMUP = 1  # untimed steps before the timed run: the first after the profiler is an outlier
 TOP_OPS = 25
-BACKBONE_BATCH_SIZE = 64  # the batch size features.extract runs the backbone with
+DEFAULT_BACKBONE_BATCHES = 3  # batches of BACKBONE_BATCH_SIZE timed for the backbone throughput
 TRACE_GLOB = "*.pt.trace.json*"
 
 
@@ -116,8 +117,8 @@ def backbone_throughput(
     config: RunConfig,
     preprocess: dict,
     device: torch.device,
-    images: np.ndarray | None = None,
-    batches: int = 3,
+    images: np.ndarray | None,
+    batches: int,
 ) -> dict:
     """Images/s of the frozen backbone in ``features.extract``: the one-time cost of the feature
     cache. ``images``: uint8 ``[N, R, R, 3]`` at the cache resolution, or random pixels (a ViT's
@@ -176,7 +177,7 @@ def run_profile(
     device: torch.device | None = None,
     *,
     backbone_images: np.ndarray | None = None,
-    backbone_batches: int = 3,
+    backbone_batches: int = DEFAULT_BACKBONE_BATCHES,
     memory: bool = False,
 ) -> dict:
     """Profile ``steps`` train steps and time ``steps`` more without the profiler; writes the
@@ -198,7 +199,7 @@ def run_profile(
     # old one with the files that describe it: a run stopped before leaves the old set whole.
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=out_dir) as tmp:
         summary, rows, table = _measure(
-            config, data, engine, steps, Path(tmp), memory, backbone_images, backbone_batches
+            engine, steps, Path(tmp), memory, backbone_images, backbone_batches
         )
         traces = sorted(Path(tmp).glob(TRACE_GLOB))
         for old in out_dir.glob(TRACE_GLOB) if traces else ():
@@ -218,8 +219,6 @@ def run_profile(
 
 
 def _measure(
-    config: RunConfig,
-    data: FitData,
     engine: Engine,
     steps: int,
     trace_dir: Path,
@@ -229,7 +228,7 @@ def _measure(
 ) -> tuple[dict, list[dict], str]:
     """The profiled steps (trace into ``trace_dir``), then the timed ones: the summary, and the
     top ops as CSV rows and as the profiler's table."""
-    device = engine.device
+    config, data, device = engine.config, engine.data, engine.device
     batches = engine.batches.forever()
     prof, prof_s = _profiled_run(engine, batches, steps, trace_dir, memory)
     rows, table = top_ops(prof)
@@ -308,7 +307,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument(
         "--backbone-batches",
         type=cli.positive_int,
-        default=3,
+        default=DEFAULT_BACKBONE_BATCHES,
         help=f"features models: batches of {BACKBONE_BATCH_SIZE} for the backbone throughput",
     )
     cli.add_data_args(p, val_split=False)

@@ -5,10 +5,12 @@
     python -m tune_pets.reproduce vit --seeds 0 1 2  # mean +- std over seeds
 
 No Ray. The search's val split is folded back into train; the held-out test split is scored
-once per seed, never used to choose. Outputs (``<tag>``: the model or ``<model>_baseline``):
-``<artifacts>/<tag>/{checkpoint_best.pt,config.json,metrics.json,per_class_test.csv}``,
-``<artifacts>/confusion_<tag>.*``, ``<artifacts>/profiler/<tag>/``, a row in
-``<artifacts>/metrics.csv``, TensorBoard logs under ``<runs-dir>/<tag>-seed<N>``.
+once per seed, never used to choose. Outputs (``<tag>``: the model or ``<model>_baseline``;
+``<heldout>``: test or val): ``<artifacts>/<tag>/{checkpoint_best.pt,config.json,metrics.json,
+per_class_<heldout>.csv}`` (the checkpoint and per-class scores of the first seed; each further
+seed's checkpoint is ``checkpoint_seed<N>.pt``), ``<artifacts>/confusion_<tag>.*``,
+``<artifacts>/profiler/<tag>/``, a row in ``<artifacts>/metrics.csv``, TensorBoard logs under
+``<runs-dir>/<tag>-seed<N>``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tune_pets import cli
-from tune_pets.config import RunConfig, validate_config
+from tune_pets.config import RunConfig
 from tune_pets.data import heldout_split_name, load_split
 from tune_pets.engine import load_fit_data
 from tune_pets.evaluate import evaluate_checkpoint
@@ -232,9 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = cli.data_dir_from_args(args)
     # A search may cap steps per epoch to save budget (the smoke spaces do); that is not a
     # hyperparameter, so the retrain runs full epochs unless the flag asks otherwise.
-    config = cli.config_from_args(args, config.replace(max_steps_per_epoch=0))
-    config = validate_config(config, "command line")
-    seeds = args.seeds or [args.seed if args.seed is not None else config.seed]
+    config = cli.config_from_args(args, config.replace(max_steps_per_epoch=0))  # with --seed
+    seeds = args.seeds or [config.seed]
     cli.check_distinct_seeds(seeds)
     tag = result_tag(spec.name, args.baseline)
     m = reproduce(

@@ -28,7 +28,7 @@ from tune_pets.data import BadImageError, SplitIndex, check_data_dir, heldout_sp
 from tune_pets.data import load_rgb, progress_bar, scan_split
 from tune_pets import cli
 from tune_pets.figures import figure_style, save
-from tune_pets.utils import atomic_write_csv, atomic_write_json, cli_main
+from tune_pets.utils import atomic_write_csv, atomic_write_json, cli_main, usable_cores
 
 JPEG_EXTS = (".jpg", ".jpeg")
 DRAFT_SIZE = 64  # decode JPEGs at reduced scale: every byte is still read, much faster
@@ -68,7 +68,7 @@ def _issues(rel_path: str, info: dict) -> dict[str, str]:
 
 def _inspect_all(data_dir: Path, paths: list[str], workers: int, progress: bool) -> list[dict]:
     # Threads: Pillow decodes with the GIL released, and threads need no pickling or fork.
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         infos = pool.map(inspect_image, [data_dir / p for p in paths], chunksize=1)
         return list(progress_bar(infos, len(paths), "inspect images", progress, leave=False))
 
@@ -88,8 +88,6 @@ def size_stats(sizes: Sequence[tuple[int, int]]) -> dict:
 
 def class_balance(counts: dict[str, int]) -> dict:
     """min/max images per class (with the class names), mean and median."""
-    if not counts:
-        return {}
     lo = min(counts, key=lambda c: (counts[c], c))
     hi = max(counts, key=lambda c: (counts[c], c))
     values = np.asarray(list(counts.values()), dtype=float)
@@ -161,7 +159,7 @@ def run_sanity(
     train = scan_split(data_dir, "train")
     splits = [train, scan_split(data_dir, heldout_split_name(data_dir), train.classes)]
     classes = train.classes
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(usable_cores(), 8)
 
     size_rows, odd_rows = [], []
     counts, dims = {}, {}  # dims: (width, height) of each readable image, per split
@@ -273,7 +271,7 @@ def build_parser() -> cli.ArgumentParser:
         "class appears; 0: no grids)",
     )
     p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the grid sample")
-    workers_help = "threads inspecting files (default: CPU count, at most 8)"
+    workers_help = "threads inspecting files (default: the cores this process may use, at most 8)"
     p.add_argument("--workers", type=cli.positive_int, help=workers_help)
     cli.add_data_args(p, val_split=False, decode=False)
     cli.add_output_args(p, runs=False)

@@ -228,6 +228,12 @@ def enable_cuda_determinism() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def usable_cores() -> int:
+    """The cores this process may use (its CPU affinity, where the OS has one), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 def env_info() -> dict:
     """Library versions, hardware and git commit, recorded next to every result."""
     from importlib import metadata
