@@ -435,9 +435,11 @@ def test_weights_path_is_stored_absolute(tmp_path, monkeypatch):
     """Checkpoints and best_config.json are read from other working folders: a relative
     --weights once crashed evaluate there."""
     monkeypatch.chdir(tmp_path)
+    import timm
     from safetensors.torch import save_file
 
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"))  # read before the data
+    backbone = timm.create_model(get_spec("vit").defaults.backbone, num_classes=0)
+    save_file(backbone.state_dict(), str(tmp_path / "w.safetensors"))  # checked before the data
     args = build_parser().parse_args(["vit", "--weights", "w.safetensors"])
     config = cli.config_from_args(args, get_spec("vit").defaults)
     assert config.weights == str(tmp_path / "w.safetensors")

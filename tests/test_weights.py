@@ -336,6 +336,23 @@ def test_weights_file_that_does_not_fit_is_refused(tmp_path, hub_weights, make, 
         assert part in msg, part
 
 
+def test_weights_of_another_backbone_are_refused_before_the_data(tmp_path, hub_weights, capsys):
+    """Names and shapes are checked on a storage-less model when the flags are read; the data
+    (here a folder that does not exist) was decoded first, minutes on the full set."""
+    from tune_pets.train import main
+    from tune_pets.utils import cli_main
+
+    argv = ["vit", "--data-dir", str(tmp_path / "no_data"), "--no-progress", "--weights"]
+    right, wrong = tmp_path / "right.safetensors", tmp_path / "wrong.safetensors"
+    save_file(hub_weights, str(right))
+    save_file(_model("resnet18").state_dict(), str(wrong))
+    for path, expect in ((wrong, "not weights of the backbone"), (right, "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(main, [*argv, str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("this ran while loading",))

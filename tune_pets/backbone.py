@@ -133,6 +133,19 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_weights_file(path: Path, name: str | None, source: str) -> None:
+    """Refuse a file that is not weights (text, cut short) or, given the backbone ``name``, not
+    its weights: names and shapes checked on a model without storage (torch's meta device:
+    milliseconds), before the data is decoded and the real backbone built."""
+    import timm
+
+    state = read_state_dict(path, source)
+    if name is not None and name in timm.list_models(pretrained=False):
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        check_state_dict(model, state, source, name)
+
+
 def check_state_dict(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str
 ) -> None:

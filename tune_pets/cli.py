@@ -213,7 +213,7 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     spec = get_spec(base.model)
     flags = (*HPARAMS, "split_seed")
     changes = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
-    check_weights_flags(args, spec)
+    check_weights_flags(args, spec, base.backbone)
     if getattr(args, "no_pretrained", False):
         changes["pretrained"] = False
     if getattr(args, "weights", None):
@@ -226,9 +226,10 @@ def config_from_args(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     return validate_config(base.replace(**changes), "command line")
 
 
-def check_weights_flags(args: argparse.Namespace, spec: Any) -> None:
-    """The backbone flags, checked now, not after the data is decoded; they mean nothing to a
-    model trained from scratch: refused, not recorded."""
+def check_weights_flags(args: argparse.Namespace, spec: Any, backbone: str | None = None) -> None:
+    """The backbone flags, checked now, not after the data is decoded (minutes on the full set);
+    they mean nothing to a model trained from scratch: refused, not recorded. With
+    ``backbone``, a --weights file must hold that backbone's tensors."""
     weights = getattr(args, "weights", None)
     if spec.build_backbone is None:
         for flag, given in (
@@ -238,11 +239,11 @@ def check_weights_flags(args: argparse.Namespace, spec: Any) -> None:
             if given:
                 raise UserError(f"{flag}: {spec.name} has no pretrained backbone; leave it out")
     if weights:
-        from tune_pets.backbone import read_state_dict
+        from tune_pets.backbone import check_weights_file
 
         if not Path(weights).is_file():
             raise UserError(f"--weights {weights}: file not found")
-        read_state_dict(Path(weights), f"--weights {weights}")  # a text file, a cut-short one
+        check_weights_file(Path(weights), backbone, f"--weights {weights}")
 
 
 def check_distinct_seeds(seeds: list[int] | None) -> None:
