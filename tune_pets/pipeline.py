@@ -142,10 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--overwrite to run it anew, --resume to continue it, --skip-search to "
                     f"reuse it, or another --artifacts-dir"
                 )
-    if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
-        from tune_pets.prepare import prepare
-
-        prepare(Path(data_dir), progress=not args.no_progress)
+    cli.prepare_default_data_dir(str(data_dir), progress=not args.no_progress)
     step("sanity", sanity, ["--data-dir", str(data_dir), *art, *quiet])
     epochs = args.epochs or (SMOKE["epochs"] if args.smoke else None)
     img = args.img_size or (SMOKE["img_size"] if args.smoke else None)

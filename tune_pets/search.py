@@ -1267,11 +1267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     spec, val_fraction = resumed_spec(args, spec, saved_spec)
     base = cli.config_from_args(args, base_config(spec, model))
-    if args.data_dir == DEFAULT_DATA_DIR and not Path(args.data_dir).exists():
-        from tune_pets.prepare import prepare
-
-        print(f"{args.data_dir} not found: preparing the dataset there first", flush=True)
-        prepare(Path(args.data_dir), progress=not args.no_progress)
+    cli.prepare_default_data_dir(args.data_dir, progress=not args.no_progress)
     data_dir = cli.data_dir_from_args(args)
     if args.resume:  # the resources line then shows the limit Ray restores
         given = args.max_concurrent
