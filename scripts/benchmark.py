@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: the project's way vs the homework's naive way, in one process. The
 JSON records the machine, library versions, load average and the raw times behind every ratio.
 
-    python scripts/benchmark.py                      # every figure (about 4-7 min on 2 cores)
+    python scripts/benchmark.py                      # every figure (3.5-7 min on 2 cores)
     python scripts/benchmark.py --quick              # about 3 min; smaller, noisier
     python scripts/benchmark.py --only input_pipeline_speedup --out /tmp/bench.json
     python scripts/benchmark.py --smoke              # seconds; what the tests run (no numbers)
