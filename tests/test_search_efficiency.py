@@ -160,8 +160,10 @@ def test_tpe_sampler_defaults_fit_the_search():
 
 
 def test_a_stopped_trial_is_told_to_optuna_as_pruned_at_its_last_epoch():
-    """The searcher make_tuner uses, driven in-process: a trial ASHA stopped at epoch 2 of 4 is
-    PRUNED with its epoch-2 value, one that ran to max_epochs COMPLETE, one that raised FAIL."""
+    """The searcher make_tuner uses, driven in-process as Tune drives it (the result that ends a
+    trial goes to on_trial_complete only): a trial ASHA stopped at epoch 2 of 4 is PRUNED with
+    its epoch-2 value (it was told its epoch-1 value: the stopping epoch was lost), one that ran
+    to max_epochs COMPLETE, one that raised FAIL."""
     import optuna
     from optuna.trial import TrialState
 
@@ -176,7 +178,8 @@ def test_a_stopped_trial_is_told_to_optuna_as_pruned_at_its_last_epoch():
         assert searcher.suggest(tid) is not None
         for e in range(1, epochs + 1):
             result = {"val_acc": 0.1 * e, "epoch": e, "training_iteration": e}
-            searcher.on_trial_result(tid, result)
+            if e < epochs:
+                searcher.on_trial_result(tid, result)
         searcher.on_trial_complete(tid, result)
     searcher.suggest("broken")
     searcher.on_trial_complete("broken", None, error=True)
@@ -187,6 +190,7 @@ def test_a_stopped_trial_is_told_to_optuna_as_pruned_at_its_last_epoch():
         (TrialState.COMPLETE, pytest.approx(0.4)),
         (TrialState.FAIL, None),
     ]
+    assert trials[0].intermediate_values == pytest.approx({1: 0.1, 2: 0.2})
 
 
 def test_pick_rules_best_epoch_and_final_mean():

@@ -690,13 +690,13 @@ def _ray_classes() -> SimpleNamespace:
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False):
             value = (result or {}).get(self.metric)
-            stopped = (
-                not error
-                and isinstance(value, (int, float))
-                and math.isfinite(value)
-                and int(result.get("epoch", self.max_epochs)) < self.max_epochs
-            )
-            if stopped:
+            scored = not error and isinstance(value, (int, float)) and math.isfinite(value)
+            if scored:
+                # Tune hands the result that ends a trial only to on_trial_complete, never to
+                # on_trial_result: it is the trial's last intermediate value, by which TPE
+                # ranks a pruned trial (one stopped at epoch 1 had none: ranked worst).
+                self.on_trial_result(trial_id, result)
+            if scored and int(result.get("epoch", self.max_epochs)) < self.max_epochs:
                 result = {k: v for k, v in result.items() if k != self.metric}
             super().on_trial_complete(trial_id, result, error)
 
