@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env, ok, run
+from helpers import copy_checkout, env, has_checkout, ok, run
 
 from tune_pets.config import RunConfig
 from tune_pets.models import get_spec
@@ -259,7 +259,7 @@ def test_reproduce_config_json_records_protocol(det_runs):
     for key in ("numpy", "ray", "optuna", "platform", "cpu_count"):
         assert env_.get(key), f"config.json env lacks {key}"
     assert "git_commit" in env_
-    if (REPO / ".git").exists() and shutil.which("git"):
+    if has_checkout():
         assert re.fullmatch(r"[0-9a-f]{4,40}", env_["git_commit"] or ""), env_["git_commit"]
     assert c["data"]["n_train"] == 40  # all of train: the val split is folded back in
     # TensorBoard logs went to the runs dir given, and nothing to the working directory.
@@ -370,26 +370,12 @@ def test_reproduce_baseline_writes_its_own_tag(tiny_data, cache_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- 3. the quick start, plain clone
-def copy_checkout(dest: Path) -> Path:
-    """What a clone holds: tracked files plus untracked ones git does not ignore."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():  # a tracked file deleted in the working tree is not copied
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def quick_start(tmp_path_factory) -> dict:
     """The README's quick start, ``python -m tune_pets.pipeline --smoke``, in a copy of the
     repository with no ``../shared`` beside it, offline, importing the copy (not the editable
     install), with a cold decode cache."""
-    if not shutil.which("git") or not (REPO / ".git").exists():
+    if not has_checkout():
         pytest.skip("needs a git checkout to copy")
     root = tmp_path_factory.mktemp("plain_clone")
     clone = copy_checkout(root / "tune_pets")
@@ -722,3 +708,21 @@ def test_a_retrain_on_the_shipped_sample_is_marked_smoke(tmp_path):
             "--runs-dir", str(tmp_path / "R"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 0
     assert read_json(tmp_path / "A" / "cnn_baseline" / "metrics.json")["smoke"] is True
+
+
+def test_a_searchs_step_cap_is_dropped_from_the_retrain_and_said(tiny_data, tmp_path, capsys):
+    """A smoke search caps its epochs' steps; the retrain runs full epochs, and now says so."""
+    from tune_pets.reproduce import main
+
+    best = write_best_config(
+        tmp_path / "best.json", TINY_CNN.replace(epochs=1, max_steps_per_epoch=2)
+    )
+    argv = ["cnn", "--best-config", str(best), "--data-dir", str(tiny_data), "--profile-steps",
+            "0", "--no-progress", "--runs-dir", str(tmp_path / "R"), "--cache-dir",
+            str(tmp_path / "c")]  # fmt: skip
+    for extra, cap in (([], 0), (["--max-steps-per-epoch", "2"], 2)):
+        art = tmp_path / f"A{cap}"
+        assert main([*argv, "--artifacts-dir", str(art), *extra]) == 0
+        said = "the retrain runs full epochs" in capsys.readouterr().out
+        assert said == (cap == 0)
+        assert read_json(art / "cnn" / "config.json")["config"]["max_steps_per_epoch"] == cap

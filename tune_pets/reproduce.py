@@ -234,6 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = cli.data_dir_from_args(args)
     # A search may cap steps per epoch to save budget (the smoke spaces do); that is not a
     # hyperparameter, so the retrain runs full epochs unless the flag asks otherwise.
+    if config.max_steps_per_epoch and args.max_steps_per_epoch is None:
+        print(
+            f"note: the search ran epochs of at most {config.max_steps_per_epoch} steps; the "
+            f"retrain runs full epochs (--max-steps-per-epoch {config.max_steps_per_epoch} keeps "
+            "the cap)",
+            flush=True,
+        )
     config = cli.config_from_args(args, config.replace(max_steps_per_epoch=0))  # with --seed
     seeds = args.seeds or [config.seed]
     cli.check_distinct_seeds(seeds)

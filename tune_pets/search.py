@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -700,8 +701,31 @@ def _ray_classes() -> SimpleNamespace:
                 result = {k: v for k, v in result.items() if k != self.metric}
             super().on_trial_complete(trial_id, result, error)
 
+    class SchedulerState(tune.Callback):
+        """Tune snapshots the searcher and the callbacks with the experiment, not the scheduler:
+        without this a resumed search's ASHA starts with empty rungs, and stops trials that the
+        rungs it had would have kept. Its state: the scheduler's own ``save`` file. (The
+        scheduler Tune restores and this callback's are one object: both come out of one
+        pickle, tuner.pkl, and Tune restores callbacks before it re-adds any trial.)"""
+
+        def __init__(self, scheduler):
+            self.scheduler = scheduler
+
+        def get_state(self) -> dict:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.scheduler.save(f"{tmp}/scheduler.pkl")
+                return {"scheduler": Path(tmp, "scheduler.pkl").read_bytes()}
+
+        def set_state(self, state: dict) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                Path(tmp, "scheduler.pkl").write_bytes(state["scheduler"])
+                self.scheduler.restore(f"{tmp}/scheduler.pkl")
+
     return SimpleNamespace(
-        OptunaExport=OptunaExport, StatusLine=StatusLine, StoppedAsPruned=StoppedAsPruned
+        OptunaExport=OptunaExport,
+        SchedulerState=SchedulerState,
+        StatusLine=StatusLine,
+        StoppedAsPruned=StoppedAsPruned,
     )
 
 
@@ -712,7 +736,8 @@ SCHEDULERS = ("asha", "fifo")
 
 def startup_trials(num_samples: int) -> int:
     """Random trials before TPE takes over: a fifth of the search, at least 4, at most 10
-    (Optuna's 10 would be 40 % of a 24-trial search). The homework point counts as one."""
+    (Optuna's 10 would be 40 % of a 24-trial search). The homework point counts as one. Optuna
+    counts finished trials, so with K trials at once up to K - 1 more start before TPE."""
     return max(4, min(10, math.ceil(num_samples / 5)))
 
 
@@ -762,6 +787,16 @@ def make_tuner(
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" chatter
     _quiet_ray_output()
+    if scheduler == "fifo":
+        trial_scheduler, kept = FIFOScheduler(), []
+    else:
+        trial_scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=spec.max_epochs,
+            grace_period=min(spec.grace_period, spec.max_epochs),
+            reduction_factor=spec.reduction_factor,
+        )
+        kept = [_ray_classes().SchedulerState(trial_scheduler)]  # its rungs, for --resume
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage_path),
@@ -769,7 +804,7 @@ def make_tuner(
         progress_reporter=_ray_classes().StatusLine(spec.num_samples),
         verbose=1 if progress else 0,
         # result.json and progress.csv per trial (what Result.metrics_dataframe reads).
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks, *kept],
         failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_RESTARTS, fail_fast=False),
     )
     search_alg = _ray_classes().StoppedAsPruned(
@@ -781,15 +816,6 @@ def make_tuner(
         study_name=name,
         max_epochs=spec.max_epochs,
     )
-    if scheduler == "fifo":
-        trial_scheduler = FIFOScheduler()
-    else:
-        trial_scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=spec.max_epochs,
-            grace_period=min(spec.grace_period, spec.max_epochs),
-            reduction_factor=spec.reduction_factor,
-        )
     return tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(
