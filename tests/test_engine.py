@@ -126,6 +126,19 @@ def test_lr_factor_warmup_then_cosine():
     assert lr_factor(0, total, 0, "cosine") == 1.0
 
 
+def test_an_epochs_lr_is_the_mean_rate_of_its_steps(cnn_data):
+    """It was the rate after the epoch's last step: warmup did not show, the last epoch read 0."""
+    config = CNN.replace(epochs=3, warmup_epochs=1, scheduler="cosine", lr=0.003)
+    engine = Engine(config, cnn_data)
+    n, total = engine.steps_per_epoch, engine.steps_per_epoch * 3
+    for epoch in range(1, 4):
+        rates = [
+            config.lr * lr_factor(s, total, n, "cosine") for s in range((epoch - 1) * n, epoch * n)
+        ]
+        assert engine.run_epoch(epoch)["lr"] == pytest.approx(sum(rates) / n)
+    assert rates[-1] > 0
+
+
 # ---------------------------------------------------------------- one step for every caller
 def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

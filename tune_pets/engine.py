@@ -274,15 +274,17 @@ class Engine:
         return loss.detach(), logits.detach()
 
     def run_epoch(self, epoch: int, progress: bool = False) -> dict:
-        """Train one epoch; ``train_loss``, ``train_acc`` and the ``lr`` at its end. Raises
-        ``NonFiniteLossError`` when the loss diverged during the epoch."""
+        """Train one epoch; ``train_loss``, ``train_acc`` and ``lr``, the mean rate of its steps
+        (the schedule steps per batch: the rate at its end, logged before, showed no warmup and
+        0 for the last epoch). Raises ``NonFiniteLossError`` when the loss diverged."""
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
+        seen, lr_sum, steps = 0, 0.0, 0
         desc = f"epoch {epoch}/{self.config.epochs}"
         batches = self.batches.train(epoch)
         bar = progress_bar(batches, self.steps_per_epoch, desc, progress, leave=False, unit="it")
         for x, y in bar:
+            lr_sum, steps = lr_sum + self.lr, steps + 1
             loss, logits = self.step(x, y)
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -291,7 +293,7 @@ class Engine:
         if not math.isfinite(train_loss):
             msg = f"loss became {train_loss} in epoch {epoch} (lr={self.config.lr:g})"
             raise NonFiniteLossError(msg + "; lower the learning rate")
-        return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": self.lr}
+        return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": lr_sum / steps}
 
     def validate(self) -> dict:
         d = self.data
