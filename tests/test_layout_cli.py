@@ -367,6 +367,28 @@ def test_report_flags_each_misleading_comparison_once(flagged_report):
     assert len(notes) == 4, notes  # nothing flagged for the vit pair
 
 
+def test_report_flags_a_step_capped_retrain_and_labels_first_seed_figures(tmp_path):
+    """A capped retrain read as the same "2 | 64" as a full one; the figures and the class count
+    of the divergence note are the first seed's, beside the seeds' mean, and said nothing."""
+    from tune_pets.report import build_report
+
+    layout = Layout(tmp_path / "A")
+    spread = {"classes_predicted": 5, "num_classes": 37}
+    base = _result("cnn_baseline", 0.5, 0.1, 2, 64, n_seeds=2, prediction_spread=spread,
+                   most_confused=[["a", "b", 3]])  # fmt: skip
+    base.per_seed.append({"seed": 1, "test_acc": 0.5, "test_macro_f1": 0.1})
+    base.write(layout.result_metrics("cnn_baseline"))
+    _result("cnn", 0.5, 0.4, 2, 64, max_steps_per_epoch=2).write(layout.result_metrics("cnn"))
+    report = build_report(layout)
+    settings = [n for n in _notes(report) if "different settings" in n]
+    assert len(settings) == 1 and "2 epochs of at most 2 steps at 64 px" in settings[0], report
+    assert "| 2 (<= 2 steps) | 64 |" in report
+    assert "the model (seed 0, the first of 2) ever predicts 5 of 37" in report
+    confusion = report.split("### Confusion matrix (cnn_baseline)")[1].split("###")[0]
+    assert "of one run (seed 0, the first of 2)" in confusion
+    assert "sample standard deviation" in report
+
+
 def test_report_says_how_many_steps_a_profile_rests_on(flagged_report):
     short = flagged_report.split("### Profile (cnn)\n")[1].split("###")[0]
     assert "5 steps" in short and "short sample" in short and "--profile-steps" in short, short

@@ -133,13 +133,14 @@ class ReproduceResult(Record):
     split: str
     test_acc: float
     test_macro_f1: float
-    test_acc_std: float = 0.0
+    test_acc_std: float = 0.0  # the sample standard deviation over seeds (n - 1)
     test_macro_f1_std: float = 0.0
     n_seeds: int = 1
     per_seed: list[dict] = field(default_factory=list)
-    most_confused: list = field(default_factory=list)
+    most_confused: list = field(default_factory=list)  # of the first seed, as the figures are
     prediction_spread: dict = field(default_factory=dict)  # see metrics.prediction_spread
     epochs: int | None = None
+    max_steps_per_epoch: int = 0  # 0: full epochs
     img_size: int | None = None
     backbone: str | None = None  # features models: pretrained | random | file
     smoke: bool = False

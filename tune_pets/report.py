@@ -106,10 +106,16 @@ def _row(model: str, label: str, m: ReproduceResult, homework: str) -> str:
         _fmt(getattr(m, key)) + (f" ± {_fmt(getattr(m, key + '_std'))}" if m.n_seeds > 1 else "")
         for key in ("test_acc", "test_macro_f1")
     ]
+    cap = f" (<= {m.max_steps_per_epoch} steps)" if m.max_steps_per_epoch else ""
     return (
-        f"| {model} | {label} | {backbone} | {'smoke' if m.smoke else 'full'} | {m.epochs} | "
+        f"| {model} | {label} | {backbone} | {'smoke' if m.smoke else 'full'} | {m.epochs}{cap} | "
         f"{m.img_size} | {seeds} | {scores[0]} | {scores[1]} | {homework} |"
     )
+
+
+def _schedule(m: ReproduceResult) -> str:
+    cap = f" of at most {m.max_steps_per_epoch} steps" if m.max_steps_per_epoch else ""
+    return f"{m.epochs} epochs{cap} at {m.img_size} px"
 
 
 def results_section(layout: Layout) -> list[str]:
@@ -136,12 +142,12 @@ def results_section(layout: Layout) -> list[str]:
             out.append(_row(model, label, m, hw_text))
             notes += _divergence_note(tag, m)
         base, tuned = pair.get(True), pair.get(False)
-        if base and tuned and (base.epochs, base.img_size) != (tuned.epochs, tuned.img_size):
+        if base and tuned and _schedule(base) != _schedule(tuned):
             notes.append(
                 f"- **{model}: baseline and tuned were trained under different settings** "
-                f"(baseline {base.epochs} epochs at {base.img_size} px, tuned {tuned.epochs} "
-                f"epochs at {tuned.img_size} px): not a fair comparison; rerun both with the same "
-                "`--epochs`/`--img-size`."
+                f"(baseline {_schedule(base)}, tuned {_schedule(tuned)}): not a fair "
+                "comparison; rerun both with the same `--epochs`/`--img-size`/"
+                "`--max-steps-per-epoch`."
             )
         data = {  # what each row trained on: the train split's fingerprint
             b: getattr(RunInfo.read_or_none(layout.result_config(result_tag(model, b))), "data", {})
@@ -165,6 +171,7 @@ def results_section(layout: Layout) -> list[str]:
     out += ["", *notes] if notes else []
     return out + [
         "",
+        "With several seeds, ± is the sample standard deviation over them (n - 1). "
         "The homework's numbers were measured on the split it tuned on, so they are not "
         "comparable estimates; they are shown for orientation only. A random backbone or a smoke "
         "run exercises the pipeline; its scores say nothing about the method.",
@@ -186,9 +193,17 @@ def _divergence_note(tag: str, m: ReproduceResult) -> list[str]:
     )
     return [
         f"- {tag}: accuracy ({_fmt(m.test_acc, 3)}) is far above macro-F1 "
-        f"({_fmt(m.test_macro_f1, 3)}): the model ever predicts {spread.get('classes_predicted')} "
-        f"of {spread.get('num_classes')} classes{imbalanced}. Macro-F1 is the honest number here."
+        f"({_fmt(m.test_macro_f1, 3)}): the model{_first_seed(m)} ever predicts "
+        f"{spread.get('classes_predicted')} of {spread.get('num_classes')} classes{imbalanced}. "
+        "Macro-F1 is the honest number here."
     ]
+
+
+def _first_seed(m: ReproduceResult) -> str:
+    """Which run the figures, per-class rows and confusions come from, when there are several."""
+    if m.n_seeds < 2 or not m.per_seed:
+        return ""
+    return f" (seed {m.per_seed[0].get('seed')}, the first of {m.n_seeds})"
 
 
 def search_name(layout: Layout, model: str) -> str:
@@ -260,6 +275,8 @@ def confusion_section(layout: Layout, tag: str) -> list[str]:
         f"`confusion_{tag}.csv` holds the counts.",
     ]
     m = ReproduceResult.read_or_none(layout.result_metrics(tag))
+    if m is not None and _first_seed(m):
+        out += ["", f"The matrix and the pairs below are of one run{_first_seed(m)}."]
     if m is not None and m.most_confused:
         out += ["", "Most confused pairs (true -> predicted, count):", ""]
         out += [f"- {a} -> {b}: {n}" for a, b, n in m.most_confused[:8]]

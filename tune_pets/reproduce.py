@@ -142,6 +142,7 @@ def reproduce(
         most_confused=[list(t) for t in evals[0].most_confused()],
         prediction_spread=evals[0].spread(),
         epochs=config.epochs,
+        max_steps_per_epoch=config.max_steps_per_epoch,
         img_size=int(data.preprocess["img_size"]),
         backbone=kind if spec.kind == "features" else None,  # the report flags random ones
         smoke=smoke,
@@ -159,7 +160,9 @@ def reproduce(
     for i, (seed, ckpt) in enumerate(zip(seeds, checkpoints, strict=True)):
         atomic_torch_save(ckpt, layout.checkpoint(tag, seed if i else None))
     csv, png = layout.confusion(tag, "csv"), layout.confusion(tag, "png")
-    evals[0].write(layout.per_class(tag, heldout), csv, png, tag)  # the others: metrics.json
+    # The figures and per-class rows are the first seed's; the others' scores: metrics.json.
+    title = tag if len(seeds) == 1 else f"{tag} (seed {seeds[0]})"
+    evals[0].write(layout.per_class(tag, heldout), csv, png, title)
     if profile_steps:
         from tune_pets.profiling import run_profile
 
