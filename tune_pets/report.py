@@ -123,7 +123,7 @@ def results_section(layout: Layout) -> list[str]:
         "## Baseline vs tuned (test split, scored once per seed)",
         "",
         "| model | config | backbone | size | epochs | img | seeds | test_acc | test_macro_f1 "
-        "| homework (val, tuned on test) |",
+        "| homework (on the split it tuned on) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
