@@ -251,16 +251,6 @@ def check_distinct_seeds(seeds: list[int] | None) -> None:
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be distinct")
 
 
-def prepare_default_data_dir(data_dir: str, progress: bool) -> None:
-    """The default data dir, missing, is prepared (downloaded) first, so the quick start is one
-    command; any other --data-dir must exist."""
-    if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
-        from tune_pets.prepare import prepare
-
-        print(f"{data_dir} not found: preparing the dataset there first", flush=True)
-        prepare(Path(data_dir), progress=progress)
-
-
 def data_dir_from_args(args: argparse.Namespace) -> Path:
     """The data dir, with 'sample' resolved to the shipped photos, checked."""
     from tune_pets.data import check_data_dir

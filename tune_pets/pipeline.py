@@ -23,6 +23,7 @@ from tune_pets import cli, reproduce, search
 from tune_pets.config import RunConfig, validate_config
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.models import get_spec, model_names
+from tune_pets.prepare import prepare_default_data_dir
 from tune_pets.spaces import default_space
 from tune_pets.utils import UserError, cli_main
 
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--overwrite to run it anew, --resume to continue it, --skip-search to "
                     f"reuse it, or another --artifacts-dir"
                 )
-    cli.prepare_default_data_dir(str(data_dir), progress=not args.no_progress)
+    prepare_default_data_dir(str(data_dir), progress=not args.no_progress)
     step("sanity", sanity, ["--data-dir", str(data_dir), *art, *quiet])
     epochs = args.epochs or (SMOKE["epochs"] if args.smoke else None)
     img = args.img_size or (SMOKE["img_size"] if args.smoke else None)

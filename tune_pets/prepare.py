@@ -194,6 +194,14 @@ def _exclusive(output_dir: Path) -> Iterator[bool]:
         ) from None
 
 
+def prepare_default_data_dir(data_dir: str, progress: bool) -> None:
+    """The default data dir, missing, is prepared (downloaded) first, so the quick start is one
+    command (search, pipeline); any other --data-dir must exist."""
+    if data_dir == DEFAULT_DATA_DIR and not Path(data_dir).exists():
+        print(f"{data_dir} not found: preparing the dataset there first", flush=True)
+        prepare(Path(data_dir), progress=progress)
+
+
 def is_prepared(output_dir: str | os.PathLike) -> bool:
     return (Path(output_dir) / MARKER).is_file()
 

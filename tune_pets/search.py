@@ -41,6 +41,7 @@ from tune_pets.config import RunConfig, validate_config
 from tune_pets.engine import FitData, load_fit_data
 from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
 from tune_pets.models import ModelSpec, get_spec
+from tune_pets.prepare import prepare_default_data_dir
 from tune_pets.records import SearchSummary
 from tune_pets.search_results import (
     FINAL_MEAN_EPOCHS,
@@ -1293,7 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     spec, val_fraction = resumed_spec(args, spec, saved_spec)
     base = cli.config_from_args(args, base_config(spec, model))
-    cli.prepare_default_data_dir(args.data_dir, progress=not args.no_progress)
+    prepare_default_data_dir(args.data_dir, progress=not args.no_progress)
     data_dir = cli.data_dir_from_args(args)
     if args.resume:  # the resources line then shows the limit Ray restores
         given = args.max_concurrent
