@@ -9,6 +9,7 @@ touches processes that another program on the machine started, and ``ray stop`` 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,18 +42,31 @@ def env(**extra: str) -> dict:
     return e
 
 
-def start(cmd: str, args, cwd: Path, *, extra_env: dict | None = None, log: Path | None = None):
-    """Start ``python -m tune_pets.<cmd> ARGS`` in a new session; output to pipes or ``log``."""
+def start(
+    cmd: str,
+    args,
+    cwd: Path,
+    *,
+    extra_env: dict | None = None,
+    log: Path | None = None,
+    err_log: Path | None = None,
+):
+    """Start ``python -m tune_pets.<cmd> ARGS`` in a new session; output to pipes, or stdout to
+    ``log`` and stderr to ``err_log`` (to ``log`` too when not given)."""
     cwd = Path(cwd)
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", f"tune_pets.{cmd}", *map(str, args)]
-    out = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 - closed by the OS
+    # The files are closed by the OS when the process ends.
+    out = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115
+    err = subprocess.PIPE if log is None else subprocess.STDOUT
+    if log is not None and err_log is not None:
+        err = open(err_log, "w")  # noqa: SIM115
     return subprocess.Popen(
         argv,
         cwd=cwd,
         env=env(**(extra_env or {})),
         stdout=out,
-        stderr=subprocess.PIPE if log is None else subprocess.STDOUT,
+        stderr=err,
         text=True,
         encoding="utf-8",
         errors="replace",
@@ -121,6 +135,25 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     errors = [ln for ln in lines if "error:" in ln]
     assert len(errors) == 1, proc.stderr[-3000:]
     return lines[-1]
+
+
+def copy_checkout(dest: Path) -> Path:
+    """What a clone holds: tracked files plus untracked ones git does not ignore (no build/,
+    no caches), copied to ``dest``. Callers skip without git: see ``has_checkout``."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():  # a tracked file deleted in the working tree is not copied
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def has_checkout() -> bool:
+    return bool(shutil.which("git")) and (REPO / ".git").exists()
 
 
 # ---------------------------------------------------------------- process sessions

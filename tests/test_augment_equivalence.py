@@ -100,8 +100,6 @@ def test_cpu_train_augment_matches_torchvision_resized_crop(size, scale_min, hfl
     assert worst[True] <= UINT8_LEVEL, f"differs from torchvision by {worst[True]:.2f} levels"
     # The tolerance is tight enough to tell: without antialiasing torchvision differs by more.
     assert worst[False] > UINT8_LEVEL
-    if hflip == 1.0:
-        assert flips.all()
 
 
 def torchvision_boxes(n: int, side: int, scale: tuple[float, float]) -> np.ndarray:

@@ -37,17 +37,16 @@ import threading
 import time
 from pathlib import Path
 
+import helpers
 import pyarrow.fs as pafs
 import pytest
-from helpers import kill_session, session_pids
+from helpers import kill_session, ok, session_pids
 from test_search import (
     TRIAL_LINE,
-    _env,
     _free_port,
     _ray_start,
     _wait_for_line,
     error_line,
-    ok,
     read_best,
     read_trials,
     run_cli,
@@ -168,9 +167,10 @@ def timeless(history: list[dict]) -> list[dict]:
 
 
 def test_fit_resumed_from_its_state_ends_as_if_never_stopped(tiny_data, tmp_path):
-    """What a restarted trial relies on: fit(resume=state after epoch 2) gives the same epochs,
-    best checkpoint and final weights, bit for bit, as one uninterrupted run (dropout on, so
-    torch's RNG state matters too); in TensorBoard, its repeated epochs replace the first ones."""
+    """What a restarted trial relies on: fit(resume=state after epoch 2) trains epochs 3 and 4
+    only and gives the same epochs, best checkpoint and final weights, bit for bit, as one
+    uninterrupted run (dropout on, so torch's RNG state matters too); in TensorBoard, its
+    repeated epochs replace the first ones."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = get_spec("cnn").defaults.replace(
@@ -182,9 +182,16 @@ def test_fit_resumed_from_its_state_ends_as_if_never_stopped(tiny_data, tmp_path
     straight: list[dict] = []
     full = fit(cfg, data, on_state=straight.append, tb_dir=tmp_path / "tb")
     resumed_states: list[dict] = []
+    trained: list[int] = []
     again = fit(
-        cfg, data, resume=straight[1], on_state=resumed_states.append, tb_dir=tmp_path / "tb"
+        cfg,
+        data,
+        resume=straight[1],
+        on_state=resumed_states.append,
+        on_epoch_end=lambda metrics, _: trained.append(metrics["epoch"]),
+        tb_dir=tmp_path / "tb",
     )
+    assert trained == [3, 4]  # same-seed CPU training repeats bit for bit: this tells a rerun
     assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
     assert len(list((tmp_path / "tb").glob("events.*"))) == 2
     events = EventAccumulator(str(tmp_path / "tb"))
@@ -279,7 +286,7 @@ def two_node_cluster(logs: Path):
     ``sockets/raylet``; both nodes share one --temp-dir)."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # socket paths must stay < 108 bytes
     port = _free_port()
-    env = _env(RAY_AUTH_MODE="token")
+    env = helpers.env(RAY_AUTH_MODE="token")
     procs: list[subprocess.Popen] = []
     try:
         head = ["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp]
@@ -298,7 +305,7 @@ def two_node_cluster(logs: Path):
                         raylet = (pid, node)
             time.sleep(0.2)
         assert raylet, "the worker node's raylet (sockets/raylet.1) was not found"
-        yield {"address": f"127.0.0.1:{port}", "worker": procs[1], "raylet": raylet, "env": env}
+        yield {"address": f"127.0.0.1:{port}", "worker": procs[1], "raylet": raylet}
     finally:
         for p in reversed(procs):
             kill_session(p.pid)
@@ -328,7 +335,7 @@ def test_a_lost_node_costs_no_trial(tiny_data, tmp_path):
             name="node_loss",
         )
         log = tmp_path / "search.log"
-        proc = start_cli(args, tmp_path, env={**cluster["env"], **WATCHABLE}, log=log)
+        proc = start_cli(args, tmp_path, {"RAY_AUTH_MODE": "token", **WATCHABLE}, log=log)
         exp = tmp_path / "ray_results" / "node_loss"
         t0 = time.monotonic()
         try:
@@ -403,7 +410,7 @@ def test_a_trial_killed_from_outside_is_restarted_then_recorded_failed(tiny_data
     n, kills, epochs_per_trial = 3, MAX_TRIAL_RESTARTS + 1, 50
     args = slow_args(tiny_data, tmp_path, "[1.0e-2, 3.0e-2]", n, epochs_per_trial, num_cpus=2)
     log = tmp_path / "search.log"
-    proc = start_cli(args, tmp_path, env=_env(**WATCHABLE), log=log)
+    proc = start_cli(args, tmp_path, WATCHABLE, log=log)
     exp = tmp_path / "artifacts" / "ray_results" / "cnn"
     killed: list[tuple[int, int]] = []  # (pid, epoch it had reported)
     try:

@@ -92,4 +92,5 @@ def test_vit_features_extracted_on_cuda(tiny_data, cache_dir):
     cfg = get_spec("vit").defaults.replace(pretrained=False, epochs=1)
     data = _data(cfg, tiny_data, cache_dir)
     assert data.kind == "features" and data.train_x.shape[-1] == 192
-    assert fit(cfg, data, device=CUDA).history[0]["val_acc"] >= 0
+    (epoch,) = fit(cfg, data, device=CUDA).history
+    assert torch.isfinite(torch.tensor(epoch["train_loss"]))

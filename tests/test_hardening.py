@@ -446,11 +446,8 @@ def test_odd_but_valid_images_all_load_and_train(tmp_path):
 OPTION_CASES = [  # (command, extra args, words the error line must contain)
     ("train", ["--batch-size", "0"], ["--batch-size", "0"]),
     ("train", ["--val-fraction", "0"], ["--val-fraction"]),
-    ("train", ["--val-fraction", "1"], ["--val-fraction"]),
     ("search", ["--num-samples", "0"], ["--num-samples", "0"]),
-    ("search", ["--max-concurrent", "0"], ["--max-concurrent", "0"]),
     ("search", ["--gpus-per-trial", "-1"], ["--gpus-per-trial", "-1"]),
-    ("search", ["--gpus-per-trial", "nan"], ["--gpus-per-trial", "nan"]),
     ("search", ["--storage-path", "relative/path"], ["--storage-path", "relative/path",
                                                       "absolute"]),
     ("search", ["--storage-path", "/etc/passwd"], ["--storage-path /etc/passwd is a file"]),
@@ -468,18 +465,9 @@ _SEED = (
 )
 
 
-# The same flag type as a fast case above: run with the slow tests only.
-SAME_CHECK_AS_ABOVE = (
-    ["--val-fraction", "1"],
-    ["--max-concurrent", "0"],
-    ["--gpus-per-trial", "nan"],
-)
-
-
 def _option_cases():
     for cmd, extra, words in OPTION_CASES:
-        mark = slow if extra in SAME_CHECK_AS_ABOVE else pytest.param
-        yield mark(cmd, extra, words, id=f"{cmd}{''.join(extra)}")
+        yield pytest.param(cmd, extra, words, id=f"{cmd}{''.join(extra)}")
     yield bug(_SEED, "train", ["--seed", "-1"], ["--seed", "-1"], id="train--seed-1")
     yield bug(_SEED, "train", ["--seed", str(2**32)], ["--seed"], slow_=True, id="train--seed2**32")
 
@@ -513,7 +501,9 @@ YAML_CASES = {
     "python_tag_top_level": ('!!python/object/apply:os.system ["touch {marker}"]\n', []),
     "python_tag_in_value": ('model: cnn\nnum_samples: !!python/object/apply:os.system '
                             '["touch {marker}"]\n', []),
-    "python_name_tag": ("model: !!python/name:os.system\n", []),
+    # The tag itself is refused (an unsafe loader would read os.system, then fail on the model).
+    "python_name_tag": ("model: !!python/name:os.system\n",
+                        ["could not determine a constructor for the tag", "python/name:os.system"]),
 }  # fmt: skip
 
 
@@ -575,9 +565,8 @@ BEST_CONFIGS = {
     "not_a_dict": ("[1, 2, 3]", ["not a SearchSummary"]),
     "missing_keys": ('{"config": {"model": "cnn"}}', ["not a SearchSummary"]),
     "other_model": (_summary({"model": "vit_probe"}), ["'vit'", "'cnn'"]),
+    # RunConfig.from_dict's kinds of error: test_config; one here: reproduce names the file.
     "bad_value": (_summary({"model": "cnn", "lr": "fast"}), ["lr", "fast"]),
-    "unknown_key": (_summary({"model": "cnn", "learning_rate": 0.1}), ["learning_rate"]),
-    "config_not_a_dict": (_summary([1, 2]), ["list", "not a JSON object"]),
     "binary": (b"\x80\x81\xfe\xff" * 8, ["not valid JSON"]),
 }
 

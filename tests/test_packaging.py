@@ -10,12 +10,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import copy_checkout, has_checkout
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel built from a fresh copy of the checkout: pip builds in the source tree, so a
+    build from the repository would write its build/ there and take stale files from it."""
+    if not has_checkout():
+        pytest.skip("needs a git checkout to copy")
+    src = copy_checkout(tmp_path_factory.mktemp("checkout"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
@@ -28,7 +32,7 @@ def wheel(tmp_path_factory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(REPO),
+            str(src),
         ],
         check=True,
         capture_output=True,

@@ -200,7 +200,8 @@ def _profile_args(model: str, data: Path, tmp_path: Path, *extra) -> list[str]:
 def test_profile_cnn_cli(odd_data, tmp_path):
     """A quiet CPU run (no profiler noise) that replaces the previous trace in
     ``<artifacts>/profiling/cnn/``."""
-    # 19 train images, batch 4: 4 steps an epoch, so 3 + 5 profiled + 5 timed steps cycle epochs.
+    # 19 train images, batch 4: 4 steps an epoch, so the 14 steps (profiler wait 1 + warmup 2,
+    # 5 profiled, 1 untimed, 5 timed) cycle epochs.
     args = _profile_args("cnn", odd_data, tmp_path, "--steps", 5, "--img-size", 32,
                          "--batch-size", 4)  # fmt: skip
     out = tmp_path / "art/profiling/cnn"

@@ -219,7 +219,7 @@ def test_offline_flag_without_cache_fails_at_once(tmp_path, use_hub):
     t0 = time.perf_counter()
     with pytest.raises(UserError) as e:
         build_backbone(RunConfig(backbone=BACKBONE, pretrained=True))
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 30  # no retries; generous for a loaded machine
     msg = str(e.value)
     assert "HF_HUB_OFFLINE is set" in msg and HUB_REPO in msg
 
@@ -243,7 +243,7 @@ def test_unreachable_hub_without_cache_fails_fast(tmp_path, use_hub):
     with pytest.raises(UserError) as e:
         build_backbone(RunConfig(backbone=BACKBONE, pretrained=True))
     elapsed = time.perf_counter() - t0
-    assert elapsed < 5, f"took {elapsed:.1f} s"
+    assert elapsed < 30, f"took {elapsed:.1f} s"  # retries: ~55 s; generous for a loaded machine
     msg = str(e.value)
     assert "\n" not in msg and "unreachable" in msg
     for hint in ("--weights PATH", "--no-pretrained", "air-gapped", "HF_HUB_CACHE"):
