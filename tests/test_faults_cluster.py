@@ -170,7 +170,7 @@ def test_fit_resumed_from_its_state_ends_as_if_never_stopped(tiny_data, tmp_path
     """What a restarted trial relies on: fit(resume=state after epoch 2) trains epochs 3 and 4
     only and gives the same epochs, best checkpoint and final weights, bit for bit, as one
     uninterrupted run (dropout on, so torch's RNG state matters too); in TensorBoard, its
-    repeated epochs replace the first ones."""
+    repeated epochs replace the first ones, as do those of a trial that starts over."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = get_spec("cnn").defaults.replace(
@@ -197,6 +197,10 @@ def test_fit_resumed_from_its_state_ends_as_if_never_stopped(tiny_data, tmp_path
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
+    fit(cfg.replace(epochs=2), data, tb_dir=tmp_path / "tb")  # killed before its first state
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
     assert timeless(again.history) == timeless(full.history)
     assert again.best_epoch == full.best_epoch
     last_a, last_b = straight[-1]["engine"]["model"], resumed_states[-1]["engine"]["model"]

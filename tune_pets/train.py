@@ -67,9 +67,9 @@ def fit(
         engine.load_train_state(resume["engine"])
         history = [dict(h) for h in resume["history"]]
         best, best_epoch, best_ckpt = resume["best"], resume["best_epoch"], resume["best_ckpt"]
-    # Resumed: TensorBoard hides the earlier events of the epochs run again (a trial killed
-    # after logging an epoch, before saving its state, repeats that epoch).
-    purge = len(history) + 1 if resume is not None else None
+    # TensorBoard hides earlier events of the epochs this run logs again: a search trial killed
+    # after logging an epoch but before saving its state repeats that epoch, or all of them.
+    purge = len(history) + 1
     tb = _TensorBoard(tb_dir, hparams, config.metric, purge) if tb_dir is not None else None
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
@@ -111,9 +111,7 @@ class _TensorBoard:
     """Per-epoch scalars; the hyperparameters for the HParams tab are written at the start, so a
     running search is comparable live."""
 
-    def __init__(
-        self, log_dir: str | Path, hparams: dict | None, metric: str, purge_step: int | None
-    ):
+    def __init__(self, log_dir: str | Path, hparams: dict | None, metric: str, purge_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
