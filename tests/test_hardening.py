@@ -875,6 +875,43 @@ def test_a_resumed_search_ends_when_its_time_budget_is_spent(tmp_path, good_data
 
 
 @pytest.mark.slow
+def test_ashas_rungs_survive_a_resume(tmp_path, good_data):
+    """Tune snapshots the searcher and the callbacks, not the scheduler: a resumed search's ASHA
+    started with empty rungs and stopped trials that the first session's scores would have kept.
+    After a Ctrl-C (two trials done, one at a time) and --resume, the last saved scheduler state
+    holds every trial of both sessions at the first rung: the one restored is the one used."""
+    import pickle
+
+    import ray.cloudpickle
+
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=5, epochs=20))
+    args = cli_args("search", good_data, tmp_path)
+    exp = tmp_path / "artifacts" / "ray_results" / "cnn"
+    proc = start("search", args, tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(exp.glob("trial_*"))) < 3:  # one at a time: two have finished
+            assert proc.poll() is None and time.monotonic() < deadline, "no third trial in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 130, err[-2000:]
+    resumed = run("search", [*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(sorted(exp.glob("callback-states-*.pkl"))[-1], "rb") as f:
+        states = ray.cloudpickle.load(f)
+    saved = [pickle.loads(s["scheduler"]) for s in states.values() if s and "scheduler" in s]
+    assert len(saved) == 1
+    # Ray's ASHA keeps its rungs as (milestone, {trial_id: score}) in one bracket.
+    rungs = dict(saved[0]["_brackets"][0]._rungs)
+    with open(tmp_path / "artifacts" / "search" / "cnn" / "trials.csv", newline="") as f:
+        trial_ids = {r["trial_id"] for r in csv.DictReader(f)}
+    assert len(trial_ids) == 5 and set(rungs[1]) == trial_ids, (rungs, trial_ids)
+
+
+@pytest.mark.slow
 def test_a_budget_that_ends_before_any_epoch_says_what_to_change(tmp_path, good_data):
     """1 s is less than a trial's start: no epoch, no best. A resumed search keeps its budget,
     so there it is "start it anew" (it said "raise --time-budget-s", which --resume refuses)."""
