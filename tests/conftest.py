@@ -6,9 +6,9 @@ Oxford-IIIT Pet sample from ../shared when it is present. Running CLIs in a subp
     python -m pytest -m slow                 # then the end-to-end runs (real processes, real Ray)
     python -m pytest tests/test_engine.py    # one file
 
-Timing, honestly (2 idle CPU cores, fresh clone, `bash .ci/run`): the fast set (~510 tests)
-takes about 2.5 minutes, the slow set (~92: Ray searches, clusters, killed processes, pipelines)
-about 15-18; with one core kept busy by another process the slow set took 25-34 minutes.
+Timing, honestly (2 idle CPU cores, fresh clone, `bash .ci/run`): the fast set (~520 tests)
+takes about 2 minutes, the slow set (~90: Ray searches, clusters, killed processes, pipelines)
+about 16-19; with one core kept busy by another process the slow set took 25-34 minutes.
 
 Marking: ``@pytest.mark.slow`` on anything that starts a command in a subprocess and takes more
 than a few seconds (interpreter + torch import alone costs 3-5 s), every Ray search, and the
