@@ -216,6 +216,9 @@ def test_breed_names_use_stems_only_when_one_to_one():
     assert prep.breed_names(clash, ["a", "b"]) == {0: "a", 1: "b"}
     split = [(0, "Persian_1"), (0, "Sphynx_2")]
     assert prep.breed_names(split, ["cat"]) == {0: "cat"}
+    # One stray stem among many names no new breed (it renamed every class to the labels).
+    stray = [(0, "Persian_1"), (0, "Persian_2"), (0, "Sphynx_3"), (1, "pug_4")]
+    assert prep.breed_names(stray, ["persian", "pug"]) == {0: "Persian", 1: "pug"}
     assert prep.breed_names(clash) == {}  # no fallback: the caller must refuse
 
 
@@ -256,6 +259,26 @@ def test_write_dataset_from_hf_dataset(tmp_path):
     assert len(index.paths) == 4 and index.ignored == []
 
 
+def test_hf_dataset_with_a_leak_or_a_stray_image_id(tmp_path, capsys):
+    """An image in train and test is refused (as in the release's lists); one row whose image_id
+    names another breed is filed by its label with a warning, and renames no class."""
+    import datasets
+
+    dd, train = _hf_dataset()
+    with pytest.raises(UserError, match="Abyssinian_1 is in train and in a held-out split"):
+        prep.write_dataset(datasets.DatasetDict(train=train, test=train), tmp_path / "leak")
+    assert not (tmp_path / "leak").exists()
+    third = train.select([0]).map(lambda r: {"image_id": "Abyssinian_7"})
+    stray = datasets.concatenate_datasets([train, third]).map(
+        lambda r, i: {"image_id": "american_bulldog_9"} if i == 1 else {}, with_indices=True
+    )
+    out = prep.write_dataset(datasets.DatasetDict(train=stray, test=dd["test"]), tmp_path / "p")
+    assert "1 of 5 image_id(s) name another breed" in capsys.readouterr().err
+    assert (out / "train" / "Abyssinian" / "american_bulldog_9.jpg").is_file()
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "Abyssinian", "British_Shorthair", "american_bulldog"]  # fmt: skip
+
+
 def test_hf_dataset_without_usable_image_ids_uses_label_names(tmp_path):
     import datasets
 
@@ -270,8 +293,9 @@ def test_hf_dataset_without_usable_image_ids_uses_label_names(tmp_path):
     rows = {"image": [Image.fromarray(_noise(seed=s)) for s in range(3)], "label": [0, 1, 1],
             "image_id": ["img_1", "img_2", ""]}  # fmt: skip
     ds = datasets.Dataset.from_dict(rows, features=features)
+    held_out = ds.select([2])  # no image_id: in no other split
     out = prep.write_dataset(
-        datasets.DatasetDict(train=ds, test=ds), tmp_path / "pets", progress=False
+        datasets.DatasetDict(train=ds, test=held_out), tmp_path / "pets", progress=False
     )
     assert sorted(p.name for p in (out / "train").iterdir()) == ["Abyssinian", "odd_name"]
     assert sorted(p.name for p in (out / "train/odd_name").iterdir()) == [

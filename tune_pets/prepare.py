@@ -239,18 +239,21 @@ def breed_names(
     """Class id -> folder name, from ``(class id, file stem)`` rows.
 
     The stems keep the release's names (cats Capitalized, dogs lower_case), which the hub's
-    ClassLabel names lose; they are trusted only when they name the classes one-to-one, else
+    ClassLabel names lose. Each class takes the breed most of its stems name (one stray stem
+    renamed every class to the fallback names), if that names the classes one-to-one; else
     the ``fallback`` name by class id is used. A class id with neither is left out.
     """
-    found: dict[int, set[str]] = {}
+    found: dict[int, Counter] = {}
     for label, stem in rows:
-        breeds = found.setdefault(int(label), set())
-        breed = breed_from_stem(stem)
-        if breed:
-            breeds.add(breed)
-    from_stems = {label: next(iter(b)) for label, b in found.items() if len(b) == 1}
-    distinct = len(set(from_stems.values())) == len(from_stems)
-    one_to_one = distinct and all(len(b) <= 1 for b in found.values())
+        breeds = found.setdefault(int(label), Counter())
+        if breed := breed_from_stem(stem):
+            breeds[breed] += 1
+    top = {label: b.most_common(2) for label, b in found.items() if b}
+    from_stems = {label: t[0][0] for label, t in top.items()}
+    one_to_one = len(set(from_stems.values())) == len(from_stems) and all(
+        len(t) == 1 or t[0][1] > t[1][1]
+        for t in top.values()  # a tie names no breed
+    )
     by_label = {label: str(fallback[label]) for label in found if 0 <= label < len(fallback)}
     names = by_label | from_stems if one_to_one else by_label
     # Stem names and fallback names may collide: then the fallback names alone.
@@ -319,13 +322,29 @@ def write_dataset(
         )
     columns = {name: _columns(ds.features, source) for name, ds in wanted.items()}
     # Breed names from the image_id stems, else the ClassLabel names: no image is read here.
-    rows, fallback = [], []
+    rows, fallback, ids_of = [], [], {}
     for name, ds in wanted.items():
         label_col = columns[name][1]
         fallback = fallback or list(ds.features[label_col].names)
         ids = ds["image_id"] if "image_id" in ds.features else [None] * len(ds)
         rows += [(y, i) for y, i in zip(ds[label_col], ids, strict=True) if y is not None]
+        ids_of[name] = {_strip_ext(str(i)) for i in ids if i not in (None, "")}
+    # An image in two splits would put a test image into train: the search would see it.
+    both = sorted(ids_of["train"] & set().union(*(v for k, v in ids_of.items() if k != "train")))
+    if both:
+        raise UserError(
+            f"{source}: image_id {both[0]} is in train and in a held-out split ({len(both)} "
+            "image(s) in all); each image belongs to one split"
+        )
     breeds = breed_names(rows, fallback)
+    stems = [(i, breeds.get(int(y))) for y, i in rows if breed_from_stem(i)]
+    stray = [(i, folder) for i, folder in stems if breed_from_stem(i) != folder]
+    if stray:  # a few: a row's stray id; all: ids that do not name the classes one-to-one
+        print(
+            f"warning: {len(stray)} of {len(stems)} image_id(s) name another breed than the "
+            f"folder of their label (e.g. {stray[0][0]} in {stray[0][1]}/); files go by label",
+            file=sys.stderr,
+        )
     splits = {
         name: (_hf_examples(ds, columns[name], breeds), len(ds)) for name, ds in wanted.items()
     }
