@@ -219,6 +219,8 @@ def test_breed_names_use_stems_only_when_one_to_one():
     # One stray stem among many names no new breed (it renamed every class to the labels).
     stray = [(0, "Persian_1"), (0, "Persian_2"), (0, "Sphynx_3"), (1, "pug_4")]
     assert prep.breed_names(stray, ["persian", "pug"]) == {0: "Persian", 1: "pug"}
+    # An id with a folder in it (images/...) names its file, not a breed "images/Persian".
+    assert prep.breed_names([(0, "images/Persian_1.jpg")], ["persian"]) == {0: "Persian"}
     assert prep.breed_names(clash) == {}  # no fallback: the caller must refuse
 
 

@@ -220,9 +220,11 @@ def _check_target(output_dir: Path) -> None:
 
 # ---------------------------------------------------------------- breed names
 def _strip_ext(stem: str) -> str:
-    """``Abyssinian_1.jpg`` -> ``Abyssinian_1``; other names unchanged."""
-    suffix = Path(stem).suffix
-    return stem[: -len(suffix)] if suffix.lower() in IMAGE_EXTS else stem
+    """``Abyssinian_1.jpg`` (or ``images/Abyssinian_1.jpg``) -> ``Abyssinian_1``; other names
+    keep all but a folder."""
+    name = Path(stem.replace("\\", "/")).name
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in IMAGE_EXTS else name
 
 
 def breed_from_stem(stem: str | None) -> str | None:
