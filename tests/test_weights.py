@@ -165,6 +165,21 @@ def test_feature_cache_key_follows_a_hub_cache_copied_without_links(tmp_path, us
     assert backbone_tag(config) != first
 
 
+def test_feature_cache_key_follows_a_weights_files_content(tmp_path, hub_weights):
+    """Other weights copied over a --weights file with its size and mtime kept (rsync -a,
+    cp -p) reused the old features; the same bytes elsewhere are the same key."""
+    path, moved = tmp_path / "w.safetensors", tmp_path / "moved.safetensors"
+    save_file(hub_weights, str(path))
+    first = backbone_tag(RunConfig(backbone=BACKBONE, weights=str(path)))
+    moved.write_bytes(path.read_bytes())
+    assert backbone_tag(RunConfig(backbone=BACKBONE, weights=str(moved))) == first
+    stat = path.stat()
+    save_file({k: v.contiguous() for k, v in _model(seed=2).state_dict().items()}, str(path))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert backbone_tag(RunConfig(backbone=BACKBONE, weights=str(path))) != first
+
+
 def test_cached_weights_need_no_network(hub_cache, hub_weights, use_hub, monkeypatch):
     """HF_HUB_OFFLINE unset: a cached copy is still used as is, without probing the hub or
     opening any connection."""
