@@ -272,6 +272,20 @@ def test_random_init_backbone_is_identical_across_builds_and_leaves_rng_alone(pr
     assert backbone_tag(cfg) == "vit_tiny_patch16_224-random0"
 
 
+def test_an_augmented_views_cache_key_names_the_device_type(tiny_data, tmp_path):
+    """A view's crops are resampled one way on CPU, another on CUDA: one key reused a GPU's
+    views on CPU. The clean view is the same on both, and keeps one key."""
+    from tune_pets.data import load_split
+    from tune_pets.features import feature_key
+
+    cfg = config_for("vit")
+    dc = get_spec("vit").data_config(cfg)
+    split = load_split(tiny_data, "train", 36, cache_dir=tmp_path, progress=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert feature_key(cfg, dc, split, None, cpu) == feature_key(cfg, dc, split, None, cuda)
+    assert feature_key(cfg, dc, split, 0, cpu) != feature_key(cfg, dc, split, 0, cuda)
+
+
 # ---------------------------------------------------------------- the CNN
 def test_cnn_shape_follows_config():
     build = get_spec("cnn").build

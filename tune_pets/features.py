@@ -4,7 +4,9 @@
 
 The backbone is frozen, so it runs once per split (and per augmented view) and every probe fit
 trains only the head on the cached CLS-token and patch-mean features (pooling stays searchable).
-Extraction always runs in fp32, so an entry does not depend on the device that made it.
+Extraction always runs in fp32, so a clean entry does not depend on the device that made it;
+an augmented view's crops are resampled one way on CPU and another on CUDA (see
+``data.train_augment``), so views are keyed by the device type.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ from tune_pets.data import save_entry, to_device_uint8, train_augment
 BACKBONE_BATCH_SIZE = 64  # images per backbone forward pass in ``extract``
 
 
-def feature_key(config: RunConfig, dc: dict, split: ImageSplit, view: int | None) -> str:
-    """Cache key: backbone weights, preprocessing, the exact images (fingerprint + paths), view."""
-    aug = "clean" if view is None else f"view{view}-s{config.aug_scale_min}-f{config.hflip}"
+def feature_key(
+    config: RunConfig, dc: dict, split: ImageSplit, view: int | None, device: torch.device
+) -> str:
+    """Cache key: backbone weights, preprocessing, the exact images (fingerprint + paths), view
+    (and for a view, the device type: its resampling)."""
+    aug = "clean"
+    if view is not None:
+        aug = f"view{view}-s{config.aug_scale_min}-f{config.hflip}-{device.type}"
     paths = hashlib.sha1("\n".join(split.paths).encode()).hexdigest()
     key = [backbone_tag(config), dc, split.fingerprint, paths, split.images.shape[1], aug]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -82,7 +89,7 @@ def cached_features(
     """
     arrays = []
     for view in [None] if views == 0 else range(views):
-        key = feature_key(config, dc, split, view)
+        key = feature_key(config, dc, split, view, device)
         path = Path(cache_dir) / "features" / f"{split.name}-{key}.npy"
         entry = load_entry(path, "feature cache", functools.partial(_check, n=len(split)))
         if entry is not None:
