@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import timm
 import torch
 
 from tune_pets.backbone import backbone_tag, build_backbone
@@ -269,7 +270,7 @@ def test_random_init_backbone_is_identical_across_builds_and_leaves_rng_alone(pr
     assert fresh.keys() == ref.keys()
     for k in ref:
         assert torch.equal(fresh[k], ref[k]), k
-    assert backbone_tag(cfg) == "vit_tiny_patch16_224-random0"
+    assert backbone_tag(cfg) == f"vit_tiny_patch16_224-random0-timm{timm.__version__}"
 
 
 def test_an_augmented_views_cache_key_names_the_device_type(tiny_data, tmp_path):

@@ -56,8 +56,10 @@ def backbone_tag(config: RunConfig) -> str:
     if config.weights:
         # before stat(): a checkpoint may name a file gone since
         return f"{config.backbone}-file{_file_digest(_weights_file(config))}"
-    if not config.pretrained:
-        return f"{config.backbone}-random{RANDOM_INIT_SEED}"
+    if not config.pretrained:  # timm's init code makes the weights: its version is part of it
+        import timm
+
+        return f"{config.backbone}-random{RANDOM_INIT_SEED}-timm{timm.__version__}"
     # Not yet downloaded: plain "pretrained" (features made then are recomputed once, keyed by
     # the file).
     found = _cached_weights(config.backbone) if _hub_repo(config.backbone) else None
