@@ -287,10 +287,13 @@ def two_node_cluster(logs: Path):
     """``ray start --head`` and one worker node on 127.0.0.1 (1 CPU each, token auth), in
     sessions of their own. Yields the address, the worker's ``ray start`` process, and its
     raylet (pid, node id): the raylet whose socket is ``sockets/raylet.1`` (the head's is
-    ``sockets/raylet``; both nodes share one --temp-dir)."""
+    ``sockets/raylet``; both nodes share one --temp-dir) and the HOME its token is in (the
+    searches need it there; the user's own ~/.ray is left alone)."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # socket paths must stay < 108 bytes
     port = _free_port()
-    env = helpers.env(RAY_AUTH_MODE="token")
+    home = logs / "home"
+    home.mkdir(exist_ok=True)
+    env = helpers.env(RAY_AUTH_MODE="token", HOME=str(home))
     procs: list[subprocess.Popen] = []
     try:
         head = ["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp]
@@ -309,7 +312,8 @@ def two_node_cluster(logs: Path):
                         raylet = (pid, node)
             time.sleep(0.2)
         assert raylet, "the worker node's raylet (sockets/raylet.1) was not found"
-        yield {"address": f"127.0.0.1:{port}", "worker": procs[1], "raylet": raylet}
+        yield {"address": f"127.0.0.1:{port}", "worker": procs[1], "raylet": raylet,
+               "home": str(home)}  # fmt: skip
     finally:
         for p in reversed(procs):
             kill_session(p.pid)
@@ -339,7 +343,8 @@ def test_a_lost_node_costs_no_trial(tiny_data, tmp_path):
             name="node_loss",
         )
         log = tmp_path / "search.log"
-        proc = start_cli(args, tmp_path, {"RAY_AUTH_MODE": "token", **WATCHABLE}, log=log)
+        auth = {"RAY_AUTH_MODE": "token", "HOME": cluster["home"]}
+        proc = start_cli(args, tmp_path, {**auth, **WATCHABLE}, log=log)
         exp = tmp_path / "ray_results" / "node_loss"
         t0 = time.monotonic()
         try:

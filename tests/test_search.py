@@ -829,8 +829,12 @@ def _free_port() -> int:
 
 def _ray_start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     ray = Path(sys.executable).with_name("ray")
+    ray = str(ray) if ray.exists() else "ray"
+    if "--head" in args:  # with RAY_AUTH_MODE=token, `ray start` only reads ~/.ray/auth_token
+        gen = [ray, "get-auth-token", "--generate"]
+        subprocess.run(gen, env=env, check=True, capture_output=True, timeout=120)
     cmd = [
-        str(ray) if ray.exists() else "ray",
+        ray,
         "start",
         "--block",
         "--disable-usage-stats",
@@ -858,11 +862,13 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float)
 def two_node_cluster(tmp_path_factory):
     """A head and a worker node, 1 CPU each, started with ``ray start --block`` in their own
     sessions (a short --temp-dir: Ray's socket paths must stay under 108 bytes). Torn down by
-    killing those two sessions only."""
+    killing those two sessions only. Its HOME is a temp folder: ``ray start --head`` writes
+    its token to ~/.ray/auth_token, and the searches find it there."""
     logs = tmp_path_factory.mktemp("cluster_logs")
+    home = tmp_path_factory.mktemp("cluster_home")
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     port = _free_port()
-    env = helpers.env(RAY_AUTH_MODE="token")  # `ray start --head` turns token auth on
+    env = helpers.env(RAY_AUTH_MODE="token", HOME=str(home))  # `ray start --head`: token auth
     procs: list[subprocess.Popen] = []
     head = ["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp]
     try:
@@ -886,7 +892,7 @@ def two_node_cluster(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"cluster has {len(nodes)} node(s):\n{status.stdout}{status.stderr}")
             time.sleep(1)
-        yield {"address": f"127.0.0.1:{port}", "logs": logs}
+        yield {"address": f"127.0.0.1:{port}", "logs": logs, "home": str(home)}
     finally:
         for p in reversed(procs):  # SIGTERM drains for up to 30 s; the cluster is ours: kill
             kill_session(p.pid, signal.SIGKILL)
@@ -915,7 +921,7 @@ def cluster_args(data: Path, root: Path, address: str, n: int, name: str) -> lis
 @pytest.mark.slow
 def test_search_on_a_two_node_cluster(two_node_cluster, tiny_data, tmp_path):
     args = cluster_args(tiny_data, tmp_path, two_node_cluster["address"], 4, "two_nodes")
-    ok(run_cli(args, tmp_path, {"RAY_AUTH_MODE": "token"}))
+    ok(run_cli(args, tmp_path, {"RAY_AUTH_MODE": "token", "HOME": two_node_cluster["home"]}))
     out = tmp_path / "artifacts" / "search" / "two_nodes"
     rows = read_trials(out)
     assert len(rows) == 4 and all(r["status"] != "failed" for r in rows)
@@ -930,9 +936,10 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_cluster_search_sets_token_auth_itself(two_node_cluster, tiny_data, tmp_path):
-    assert (Path.home() / ".ray" / "auth_token").is_file()
+    home = two_node_cluster["home"]
+    assert (Path(home) / ".ray" / "auth_token").is_file()
     args = cluster_args(tiny_data, tmp_path, two_node_cluster["address"], 2, "no_env_token")
-    ok(run_cli(args, tmp_path))  # no RAY_AUTH_MODE set (helpers.env drops it)
+    ok(run_cli(args, tmp_path, {"HOME": home}))  # no RAY_AUTH_MODE set (helpers.env drops it)
 
 
 # ---------------------------------------------------------------- usage errors
