@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_pets.config import CHOICES, RunConfig, validate_config
-from tune_pets.data import DEFAULT_VAL_FRACTION  # search and train read it as cli's
+from tune_pets.config import CHOICES, DEFAULT_VAL_FRACTION, RunConfig, validate_config
 from tune_pets.layout import DEFAULT_ARTIFACTS_DIR, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, Layout
 from tune_pets.utils import UserError, usable_cores
 

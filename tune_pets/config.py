@@ -14,6 +14,7 @@ from tune_pets.utils import UserError
 LEGACY_MODEL_NAMES = {"vit_probe": "vit"}
 METRICS = ("val_acc", "val_macro_f1", "val_loss", "train_loss", "train_acc")
 LOWER_IS_BETTER = ("val_loss", "train_loss")
+DEFAULT_VAL_FRACTION = 0.2  # share of train held out as the search's validation split
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tune_pets.config import DEFAULT_VAL_FRACTION
 from tune_pets.utils import UserError, atomic_path, atomic_write_json, usable_cores
 
 if TYPE_CHECKING:  # torch is imported lazily: scanning and caching do not need it
@@ -45,7 +46,6 @@ NON_IMAGE_EXTS = set(
     ".tar .gz".split()
 )
 CACHE_VERSION = 2  # bump when the decode/resize rule or the cache metadata changes
-DEFAULT_VAL_FRACTION = 0.2  # share of train held out as the search's validation split
 
 
 def default_cache_dir() -> Path:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tune_pets.config import RunConfig
-from tune_pets.data import DEFAULT_VAL_FRACTION, default_cache_dir, eval_transform
+from tune_pets.config import DEFAULT_VAL_FRACTION, RunConfig
+from tune_pets.data import default_cache_dir, eval_transform
 from tune_pets.data import iterate_indices, load_or_make_val_split, load_split, progress_bar
 from tune_pets.data import to_device_uint8, train_augment
 from tune_pets.metrics import classification_metrics
