@@ -23,3 +23,8 @@ def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook)
 # a program that imports tune_pets.
 if sys.argv[:1] == ["-m"]:
     sys.excepthook = _interrupted_while_starting
+    # torch's C extension imports numpy and takes any error there, KeyboardInterrupt included,
+    # for "numpy not installed": a Ctrl-C in that window (measured: 2 of 30 tries on a busy
+    # machine) was lost, and the command ran on with a torch unable to use numpy. numpy imported
+    # first, a Ctrl-C there is an ordinary KeyboardInterrupt.
+    import numpy  # noqa: F401
