@@ -220,10 +220,6 @@ def _from_hub(name: str) -> nn.Module:
             f"pass --weights PATH or --no-pretrained"
         )
     cached = _cached_weights(name)
-    if cached is None:
-        why = hub.offline_reason() or hub.hub_unreachable()
-        if why:
-            raise UserError(_offline_message(name, repo, why))
     if cached is not None:  # checked first: timm names no tensor of a file that does not fit
         source = f"hub weights {cached}"
         try:
@@ -233,6 +229,8 @@ def _from_hub(name: str) -> nn.Module:
                 f"{e}; or delete that file to download it again, or pass --no-pretrained"
             ) from None
         check_state_dict(_create(name), state, source, name)
+    elif why := hub.offline_reason() or hub.hub_unreachable():
+        raise UserError(_offline_message(name, repo, why))
     # A cached copy is used as is, without asking the hub for a newer revision: no network
     # means no wait, and the weights of a run do not change under it.
     try:

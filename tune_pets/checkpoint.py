@@ -61,10 +61,8 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"--checkpoint {path}: not a tune_pets checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    pre = ckpt.get("preprocess")
-    missing += [
-        f"preprocess.{k}" for k in PREPROCESS_KEYS if isinstance(pre, dict) and k not in pre
-    ]
+    if isinstance(pre := ckpt.get("preprocess"), dict):
+        missing += [f"preprocess.{k}" for k in PREPROCESS_KEYS if k not in pre]
     if missing:
         raise UserError(
             f"--checkpoint {path}: incomplete tune_pets checkpoint (missing "

@@ -199,9 +199,8 @@ def add_hparam_args(
         values = set(by_model.values())  # one value: shown once, else per model
         per_model = ", ".join(f"{m} {v}" for m, v in by_model.items())
         shown = default or (str(values.pop()) if len(values) == 1 else per_model)
-        choices = CHOICES.get(name)  # only --optimizer has them
-        help_text = f"{text} (default: {shown})"
-        g.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=help_text)
+        flag = "--" + name.replace("_", "-")
+        g.add_argument(flag, type=typ, choices=CHOICES.get(name), help=f"{text} (default: {shown})")
 
 
 # ---------------------------------------------------------------- flags -> objects
@@ -230,13 +229,9 @@ def check_weights_flags(args: argparse.Namespace, spec: Any, backbone: str | Non
     they mean nothing to a model trained from scratch: refused, not recorded. With
     ``backbone``, a --weights file must hold that backbone's tensors."""
     weights = getattr(args, "weights", None)
-    if spec.build_backbone is None:
-        for flag, given in (
-            ("--weights", weights),
-            ("--no-pretrained", getattr(args, "no_pretrained", False)),
-        ):
-            if given:
-                raise UserError(f"{flag}: {spec.name} has no pretrained backbone; leave it out")
+    if spec.build_backbone is None and (weights or getattr(args, "no_pretrained", False)):
+        flag = "--weights" if weights else "--no-pretrained"
+        raise UserError(f"{flag}: {spec.name} has no pretrained backbone; leave it out")
     if weights:
         from tune_pets.backbone import check_weights_file
 
@@ -269,7 +264,6 @@ class RunArgs:
 
 
 def resolve_run_args(args: argparse.Namespace) -> RunArgs:
-    """What a training command's flags resolve to."""
     from tune_pets.models import get_spec
 
     spec = get_spec(args.model)

@@ -140,9 +140,7 @@ def validate_config(cfg: RunConfig, source: str = "config") -> RunConfig:
                 bracket = "[" if inclusive else "("
                 raise UserError(f"{source}: {name}={v} is out of range {bracket}{lo}, {hi}]")
         values[key] = v
-    if values["warmup_epochs"] >= values["epochs"] and values["warmup_epochs"] > 0:
-        raise UserError(
-            f"{source}: warmup_epochs ({values['warmup_epochs']}) must be < epochs "
-            f"({values['epochs']})"
-        )
+    warmup, epochs = values["warmup_epochs"], values["epochs"]
+    if warmup >= epochs:  # epochs >= 1 (checked above), so a warmup of 0 always passes
+        raise UserError(f"{source}: warmup_epochs ({warmup}) must be < epochs ({epochs})")
     return RunConfig(**values)

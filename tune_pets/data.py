@@ -206,8 +206,7 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
     names = class_names(root)
     if not names:
         raise UserError(f"{root} has no class folders; expected {root}/<class>/<image files>")
-    if classes is None:
-        classes = names
+    classes = names if classes is None else classes
     _check_heldout_classes(root, names, classes)
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, ignored = [], [], []
@@ -309,9 +308,8 @@ def load_split(
                 pool = stack.enter_context(ProcessPoolExecutor(workers))
                 results = pool.map(_decode_worker, jobs, chunksize=16)
             desc = f"decode {split} @{res}px"
-            for i, (arr, err) in enumerate(
-                progress_bar(results, len(jobs), desc, progress, leave=False)
-            ):
+            bar = progress_bar(results, len(jobs), desc, progress, leave=False)
+            for i, (arr, err) in enumerate(bar):
                 if err is None:
                     images[i] = arr
                 else:

@@ -117,13 +117,10 @@ def load_fit_data(
         # them; the backbone is built at most once, and only on a cache miss.
         get_backbone = functools.cache(functools.partial(spec.build_backbone, config))
         args = (config, get_backbone, dc, train_all, cache_dir, device or torch.device("cpu"))
+        features = functools.partial(cached_features, *args, progress=progress)
         # The clean view is the val features, and the train ones without augmented views.
-        clean = None
-        if val is not None or not config.feature_views:
-            clean = cached_features(*args, 0, progress)
-        views = clean
-        if config.feature_views:
-            views = cached_features(*args, config.feature_views, progress)
+        clean = features(0) if val is not None or not config.feature_views else None
+        views = features(config.feature_views) if config.feature_views else clean
         pos = {p: i for i, p in enumerate(train_all.paths)}
         train_x = views[:, np.asarray([pos[p] for p in train.paths], dtype=np.int64)]
         if val is not None:

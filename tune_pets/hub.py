@@ -140,6 +140,5 @@ def is_not_found_error(e: BaseException) -> bool:
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message, cut to ``limit`` characters."""
     text = (str(e).strip().splitlines() or [""])[0]
     return text if len(text) <= limit else text[:limit] + "..."

@@ -145,11 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     prepare_default_data_dir(str(data_dir), progress=not args.no_progress)
     step("sanity", sanity, ["--data-dir", str(data_dir), *art, *quiet])
-    epochs = args.epochs or (SMOKE["epochs"] if args.smoke else None)
-    img = args.img_size or (SMOKE["img_size"] if args.smoke else None)
-    profile = args.profile_steps
-    if profile is None and args.smoke:
-        profile = SMOKE["profile_steps"]
+    smoke = SMOKE if args.smoke else {}
+    epochs = args.epochs or smoke.get("epochs")
+    img = args.img_size or smoke.get("img_size")
+    profile = smoke.get("profile_steps") if args.profile_steps is None else args.profile_steps
     for model in args.models:
         spec = get_spec(model)
         extra = backbone if spec.kind == "features" else []

@@ -168,9 +168,8 @@ def build_atomically(
             if output_dir.is_dir():
                 output_dir.rmdir()  # _check_target allowed only an empty folder
             os.replace(tmp, output_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        finally:  # a failed build's leftovers (none once renamed into place)
+            shutil.rmtree(tmp, ignore_errors=True)
     if result["skipped"]:
         print(
             f"warning: skipped {len(result['skipped'])} undecodable image(s), listed in "
@@ -449,10 +448,9 @@ def release_splits(root: Path) -> dict[str, SplitSource]:
 # ---------------------------------------------------------------- loading a dataset
 OFFLINE_HELP = (
     "without network, run python -m tune_pets.prepare with --from DIR (the official release: "
-    "DIR/images and DIR/annotations, or torchvision's OxfordIIITPet root) or --dataset DIR (a "
-    "copy of the hub dataset's parquet files), "
-    "or copy an ImageFolder to DIR/train/<breed>/*.jpg and DIR/test/<breed>/*.jpg and pass "
-    "--data-dir DIR to the other commands"
+    "DIR/images and DIR/annotations, or torchvision's OxfordIIITPet root) or --dataset DIR (a copy "
+    "of the hub dataset's parquet files), or copy an ImageFolder to DIR/train/<breed>/*.jpg and "
+    "DIR/test/<breed>/*.jpg and pass --data-dir DIR to the other commands"
 )
 
 

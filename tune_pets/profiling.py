@@ -26,9 +26,10 @@ import torch
 
 from tune_pets import cli
 from tune_pets.config import RunConfig
-from tune_pets.data import BadImageError, cache_res, check_data_dir, decode_square, scan_split
+from tune_pets.data import BadImageError, ImageSplit, cache_res, check_data_dir, decode_square
+from tune_pets.data import scan_split
 from tune_pets.engine import Engine, FitData, load_fit_data
-from tune_pets.features import BACKBONE_BATCH_SIZE
+from tune_pets.features import BACKBONE_BATCH_SIZE, extract
 from tune_pets.layout import PROFILE_SUMMARY, TOP_OPS_CSV, TOP_OPS_TXT
 from tune_pets.models import get_spec
 from tune_pets.utils import UserError, atomic_write_csv, atomic_write_json, atomic_write_text
@@ -114,20 +115,13 @@ def top_ops(prof, k: int = TOP_OPS) -> tuple[list[dict], str]:
 
 @torch.no_grad()
 def backbone_throughput(
-    config: RunConfig,
-    preprocess: dict,
-    device: torch.device,
-    images: np.ndarray | None,
-    batches: int,
+    config: RunConfig, dc: dict, device: torch.device, images: np.ndarray | None, batches: int
 ) -> dict:
     """Images/s of the frozen backbone in ``features.extract``: the one-time cost of the feature
     cache. ``images``: uint8 ``[N, R, R, 3]`` at the cache resolution, or random pixels (a ViT's
     speed does not depend on them)."""
-    from tune_pets.data import ImageSplit
-    from tune_pets.features import extract
-
     n = batches * BACKBONE_BATCH_SIZE
-    res = cache_res(preprocess["img_size"], preprocess["crop_pct"])
+    res = cache_res(dc["img_size"], dc["crop_pct"])
     source = "images"
     if images is None or len(images) == 0:
         rng = np.random.default_rng(0)
@@ -136,11 +130,11 @@ def backbone_throughput(
     labels = np.zeros(n, dtype=np.int64)
     warm = ImageSplit("profile", images[:8], labels[:8], [""] * 8, [], "")
     backbone = get_spec(config.model).build_backbone(config).to(device)
-    extract(backbone, warm, preprocess, device, batch_size=8, progress=False)
+    extract(backbone, warm, dc, device, batch_size=8, progress=False)
     _sync(device)
     t0 = time.perf_counter()
     split = ImageSplit("profile", images, labels, [""] * n, [], "")
-    extract(backbone, split, preprocess, device, batch_size=BACKBONE_BATCH_SIZE, progress=False)
+    extract(backbone, split, dc, device, batch_size=BACKBONE_BATCH_SIZE, progress=False)
     _sync(device)
     seconds = time.perf_counter() - t0
     return {
@@ -184,7 +178,6 @@ def run_profile(
     trace, ``top_ops.{csv,txt}`` and ``summary.json`` into ``out_dir`` and returns the summary."""
     if steps < 1:
         raise UserError(f"--steps must be a positive integer, got {steps}")
-    device = device or torch.device("cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Kineto logs USDT probe lines and, without a GPU, a GPU-count ERROR on every run; 6 is above
@@ -192,8 +185,8 @@ def run_profile(
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     # what fit runs: Engine.step on the train batches of epoch 1, 2, ...
     engine = Engine(config, data, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
 
     # The new trace waits in a temp folder until every number is measured, then replaces the
     # old one with the files that describe it: a run stopped before leaves the old set whole.

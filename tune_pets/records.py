@@ -158,13 +158,5 @@ def write_metrics_row(path: Path, tag: str, split: str, scores: dict[str, Any]) 
     upsert_csv_row(path, row, key=("model", "split"), fieldnames=METRICS_CSV_COLUMNS)
 
 
-METRICS_CSV_COLUMNS = (
-    "model",
-    "split",
-    "accuracy",
-    "macro_f1",
-    "accuracy_std",
-    "macro_f1_std",
-    "n_seeds",
-    "n_images",
-)
+METRICS_CSV_COLUMNS = ("model", "split", "accuracy", "macro_f1", "accuracy_std", "macro_f1_std",
+                       "n_seeds", "n_images")  # fmt: skip

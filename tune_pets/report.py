@@ -212,9 +212,7 @@ def search_name(layout: Layout, model: str) -> str:
     info = RunInfo.read_or_none(layout.result_config(result_tag(model)))
     source = Path(str((info.origin if info else {}).get("source", "")))
     name = source.parent.name
-    if name and layout.best_config(name).resolve() == source.resolve():
-        return name
-    return model
+    return name if name and layout.best_config(name).resolve() == source.resolve() else model
 
 
 def search_section(layout: Layout, model: str) -> list[str]:

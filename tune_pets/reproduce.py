@@ -79,20 +79,15 @@ def reproduce(
     *,
     profile_steps: int = DEFAULT_PROFILE_STEPS,
     smoke: bool = False,
-    cache_dir=None,
-    skip_bad: bool = False,
-    device: torch.device | None = None,
-    progress: bool = True,
+    device: torch.device,
+    **io,  # the decode-cache options of engine.load_fit_data: cli.data_options
 ) -> ReproduceResult:
-    device = device or torch.device("cpu")
     spec = get_spec(config.model)
     heldout = heldout_split_name(data_dir)
     first = config.replace(seed=seeds[0], deterministic=True)
-    io = dict(cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
     data = load_fit_data(first, data_dir, full_train=True, device=device, **io)
     # Read (and cache) the test split now: a bad test image fails before training.
-    res = spec.cache_res(first)
-    interpolation = data.preprocess["interpolation"]
+    res, interpolation = spec.cache_res(first), data.preprocess["interpolation"]
     load_split(data_dir, heldout, res, interpolation=interpolation, classes=data.classes, **io)
     print(
         f"{tag}: retraining on all {data.info['n_train']} train images, {config.epochs} epochs, "
@@ -258,10 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_steps=args.profile_steps,
         # a smoke search's retrain is one too, as is any run on the shipped sample
         smoke=args.smoke or origin.get("smoke", False) or args.data_dir == SAMPLE_NAME,
-        cache_dir=args.cache_dir,
-        skip_bad=args.skip_bad_images,
         device=cli.device_from_args(args),
-        progress=not args.no_progress,
+        **cli.data_options(args),
     )
     std = f" +- {m.test_acc_std:.4f}" if len(seeds) > 1 else ""
     print(

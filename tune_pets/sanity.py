@@ -119,11 +119,7 @@ def grid_sample(
 
 
 def save_grid(
-    data_dir: Path,
-    sample: list[tuple[str, str]],
-    path: Path,
-    title: str,
-    odd: set[str] | frozenset = frozenset(),
+    data_dir: Path, sample: list[tuple[str, str]], path: Path, title: str, odd: set[str]
 ) -> None:
     """Thumbnails titled by class name; odd files (not JPEG / not RGB) get a red title."""
     cols = math.ceil(math.sqrt(max(1, len(sample))))

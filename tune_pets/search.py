@@ -555,14 +555,11 @@ def trial_outcome(
         failures = [ray_error]
     restarted = list(failures[:-1] if ray_error is not None else failures)
     why = failure_reason(restarted[-1]) if restarted else ""
-    if own_error:
-        error = str(own_error)
-    elif ray_error is not None:
+    error = str(own_error) if own_error else ""
+    if ray_error is not None and not own_error:
         error = failure_reason(failures[-1])
         if restarted:
             error += f"; not restarted again after {len(restarted)} restart(s)"
-    else:
-        error = ""
     return error, len(restarted), why
 
 
@@ -837,23 +834,15 @@ def make_tuner(
 
 # ---------------------------------------------------------------- the search
 def run_search(
+    args: Any,  # the parsed command line: --resume, --overwrite, the Ray and resource flags
     spec: SearchSpec,
     base: RunConfig,
     data_dir: Path,
     layout: Layout,
     name: str,
-    *,
     model: ModelSpec,
-    resource_flags: Any,  # parsed arguments with the resource flags
     storage_path: Path,
     val_fraction: float,
-    resume: bool = False,
-    overwrite: bool = False,
-    address: str | None = None,
-    cache_dir: str | Path | None = None,
-    skip_bad: bool = False,
-    num_cpus: int | None = None,
-    progress: bool = True,
 ) -> tuple[list[TrialRecord], SearchSummary] | None:
     """Run (or resume) a search; write best_config.json, trials.csv, optuna.db and the plots.
     Returns None when interrupted (Ctrl-C: Ray saved its state, --resume continues). Cluster
@@ -862,6 +851,7 @@ def run_search(
     import torch
     from ray import tune
 
+    resume, overwrite, progress = args.resume, args.overwrite, not args.no_progress
     storage_path = Path(storage_path).resolve()
     exp_dir = storage_path / name
     exists = tune.Tuner.can_restore(str(exp_dir))
@@ -885,11 +875,11 @@ def run_search(
     ctrl_c: list[bool] = []
     # From Ray's start on: a Ctrl-C before the trials run (Ray swallowed some) stops them too.
     with _ctrl_c_stops_tune(ctrl_c):
-        connect(address, num_cpus)
+        connect(args.address, args.num_cpus)
         cluster = ray.cluster_resources()
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
-        chosen = choose_resources(spec, cluster, model.kind, resource_flags, largest)
+        chosen = choose_resources(spec, cluster, model.kind, args, largest)
         print(chosen.line(cluster), flush=True)
         asked = spec
         spec = spec.replace(
@@ -916,8 +906,8 @@ def run_search(
                 val_fraction=val_fraction,
                 split_file=layout.search_val_split(name),
                 reuse_split=resume,
-                cache_dir=cache_dir,
-                skip_bad=skip_bad,
+                cache_dir=args.cache_dir,
+                skip_bad=args.skip_bad_images,
                 img_sizes=img_sizes(spec, base),
                 progress=progress,
                 # where a features model's frozen backbone runs (once, before the trials)
@@ -936,8 +926,7 @@ def run_search(
         )
         setup = TrialSetup(base, model, str(tb_root), tuple(spec.space), str(exp_dir))
         fn = tune.with_resources(
-            tune.with_parameters(trainable, setup=setup, data=data),
-            {"cpu": chosen.cpu, "gpu": chosen.gpu},
+            tune.with_parameters(trainable, setup=setup, data=data), spec.resources
         )
         if resume:
             _quiet_ray_output()
@@ -953,16 +942,9 @@ def run_search(
             # Saved once the data is known good: --resume continues from it.
             limit = chosen.max_concurrent
             save_spec(asked, val_fraction, base, data_dir, limit, layout.search_spec(name))
-            tuner = make_tuner(
-                fn,
-                spec,
-                storage_path,
-                name,
-                first_point(spec, model),
-                progress,
-                max_concurrent=chosen.max_concurrent,
-                callbacks=[_ray_classes().OptunaExport(spec, name, layout.optuna_db(name))],
-            )
+            export = _ray_classes().OptunaExport(spec, name, layout.optuna_db(name))
+            first = first_point(spec, model)
+            tuner = make_tuner(fn, spec, storage_path, name, first, progress, callbacks=[export])
         t1 = time.time()
         _DISK_FULL.clear()
         if ctrl_c:  # a Ctrl-C whose KeyboardInterrupt Ray swallowed: no trial starts
@@ -1236,13 +1218,11 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
         val_fraction = float(saved["val_fraction"])
     except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{path}: not a search spec written by tune_pets; delete it") from None
-    asked = {k: getattr(args, k) for k in SPEC_FLAGS if getattr(args, k) is not None}
-    if args.val_fraction is not None:
-        asked["val_fraction"] = args.val_fraction
-    for key, value in asked.items():
+    for key in (*SPEC_FLAGS, "val_fraction"):
+        value = getattr(args, key)
         old = val_fraction if key == "val_fraction" else getattr(was, key)
         old = was.seed if key == "split_seed" and old is None else old  # the one it used
-        if value != old:
+        if value is not None and value != old:
             flag = "--" + key.replace("_", "-")
             raise UserError(
                 f"{flag} {value}: search {path.parent.name!r} was started with {old}; resume "
@@ -1306,22 +1286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "wait for it to finish, or pass --name NEW to run another search beside it"
         with command_lock(layout.search_lock(name), f"search {name!r}", hint):
             result = run_search(
-                spec,
-                base,
-                data_dir,
-                layout,
-                name,
-                model=model,
-                resource_flags=args,
-                storage_path=storage,
-                resume=args.resume,
-                overwrite=args.overwrite,
-                address=args.address,
-                val_fraction=val_fraction,
-                cache_dir=args.cache_dir,
-                skip_bad=args.skip_bad_images,
-                num_cpus=args.num_cpus,
-                progress=not args.no_progress,
+                args, spec, base, data_dir, layout, name, model, storage, val_fraction
             )
     except OSError as e:
         if not is_disk_full(e):
@@ -1360,13 +1325,10 @@ def disk_full_message(error: OSError, experiment: Path, out_dir: Path, resume: s
         what = f"writing the results in {out_dir}"
     else:
         what = str(error.strerror)
-    if ray_state_saved(experiment):
-        then = f"free space, then resume with: {resume}"
-    else:
-        then = "free space, then run the same command again"
+    then = f"resume with: {resume}" if ray_state_saved(experiment) else "run the same command again"
     return (
         f"no space left on device ({what}); the search stopped and the files it wrote before "
-        f"are intact; {then}"
+        f"are intact; free space, then {then}"
     )
 
 

@@ -38,15 +38,8 @@ SAMPLERS = ("uniform", "loguniform", "choice", "randint", "quniform")
 # How the search chooses the trial it hands to reproduce (search_results.pick_best).
 PICK_RULES = ("best_epoch", "final_mean")
 # The integer keys and their least value.
-_INT_KEYS = {
-    "num_samples": 1,
-    "max_epochs": 1,
-    "grace_period": 1,
-    "reduction_factor": 2,
-    "max_concurrent": 1,
-    "seed": 0,
-    "split_seed": 0,
-}
+_INT_KEYS = {"num_samples": 1, "max_epochs": 1, "grace_period": 1, "reduction_factor": 2,
+             "max_concurrent": 1, "seed": 0, "split_seed": 0}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -182,8 +175,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         raise UserError(f"{path}: YAML syntax error{at}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys (model, metric, space, ...)")
-    unknown = sorted(set(raw) - SPEC_KEYS)
-    if unknown:
+    if unknown := sorted(set(raw) - SPEC_KEYS):
         raise UserError(
             f"{path}: unknown top-level key(s) {', '.join(map(str, unknown))}; "
             f"valid keys: {', '.join(sorted(SPEC_KEYS))}"
@@ -246,8 +238,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             raise UserError(f"{where}: a trial's epochs are max_epochs; set max_epochs instead")
         if model_spec.fixed_input_size:
             raise UserError(f"{where}: {model_spec.name} has its own input size; remove {k}")
-    both = sorted(set(kw["space"]) & set(kw["fixed"]))
-    if both:
+    if both := sorted(set(kw["space"]) & set(kw["fixed"])):
         raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
     spec = SearchSpec(**kw)
     # Known fields (checked above): no TypeError. A trial runs max_epochs epochs (base_config).

@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -70,8 +71,7 @@ class _AtomicWriter:
         except OSError:
             pass
         finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            Path(self.tmp).unlink(missing_ok=True)
             self.on_failure()
 
     def tell(self) -> int:
@@ -98,8 +98,7 @@ class _Snapshot:
 
     def drop(self) -> None:
         for w in self.ready.values():
-            if os.path.exists(w.tmp):
-                os.unlink(w.tmp)
+            Path(w.tmp).unlink(missing_ok=True)
         self.ready.clear()
 
 
@@ -215,8 +214,7 @@ class AtomicLocalFileSystemHandler(pafs.FileSystemHandler):
         except BaseException:
             writer._discard()
             raise
-        finally:
-            writer.close()
+        writer.close()
 
     def open_output_stream(self, path: str, metadata):
         m = _SNAPSHOT_FILE.match(os.path.basename(path))

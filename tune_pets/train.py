@@ -198,11 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(run: cli.RunArgs, run_name: str) -> int:
     args, spec, config, device, layout = run.args, run.spec, run.config, run.device, run.layout
     out = layout.train_run(run_name)
-    options = {
-        "val_fraction": args.val_fraction or cli.DEFAULT_VAL_FRACTION,
-        "device": device,
-        **cli.data_options(args),
-    }
+    val_fraction = args.val_fraction or cli.DEFAULT_VAL_FRACTION
+    options = {"val_fraction": val_fraction, "device": device, **cli.data_options(args)}
     if args.overfit_batches:  # memorizes train batches: no val split, nothing written
         data = load_fit_data(config, run.data_dir, full_train=True, **options)
         _data_line(spec, data, device)

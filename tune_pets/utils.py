@@ -96,8 +96,7 @@ def atomic_path(path: str | os.PathLike) -> Iterable[Path]:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write names no file
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _umask() -> int:
