@@ -4,14 +4,37 @@ Data flows one way: prepare -> dataset cache -> [feature cache] -> fit <- search
 -> reproduce -> evaluate -> profile -> report. Only ``tune_pets.search`` imports Ray.
 """
 
+import signal
 import sys
 
 __version__ = "0.1.0"
 
+_ctrl_c_at_start: list[bool] = []
+
+
+def _note_ctrl_c(signum, frame) -> None:
+    """The first Ctrl-C while a command imports torch (its first seconds): noted, and the
+    command stops as ``cli_main`` starts. Raised inside those imports, the KeyboardInterrupt
+    was lost (torch's C extension imports numpy and takes any error there for "numpy not
+    installed": the command ran on to exit 0, in 2 of 30 tries at 0-1.5 s on a busy machine)
+    or aborted the process in pybind11 code. A second Ctrl-C interrupts at once."""
+    _ctrl_c_at_start.append(True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def stop_if_interrupted_while_starting(prog: str) -> None:
+    """Called as a command's ``main`` is about to run: Ctrl-C works as usual from here on, and
+    one pressed during the imports ends the command with one line and exit 130."""
+    if signal.getsignal(signal.SIGINT) is _note_ctrl_c:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _ctrl_c_at_start:
+        print(f"\n{prog}: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
+
 
 def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook) -> None:
-    """A Ctrl-C while a command imports torch (its first seconds, before ``cli_main`` runs):
-    one line and exit 130, like a Ctrl-C later on, instead of a traceback into torch."""
+    """A second Ctrl-C during a command's imports: one line, like the first, instead of a
+    traceback into torch."""
     if not issubclass(kind, KeyboardInterrupt):
         return _default(kind, value, traceback)
     args = sys.orig_argv
@@ -20,11 +43,7 @@ def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook)
 
 
 # Only for ``python -m tune_pets...`` (argv[0] is "-m" while the package is imported), never in
-# a program that imports tune_pets.
-if sys.argv[:1] == ["-m"]:
+# a program that imports tune_pets; and not where SIGINT is ignored (nohup, a background job).
+if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     sys.excepthook = _interrupted_while_starting
-    # torch's C extension imports numpy and takes any error there, KeyboardInterrupt included,
-    # for "numpy not installed": a Ctrl-C in that window (measured: 2 of 30 tries on a busy
-    # machine) was lost, and the command ran on with a torch unable to use numpy. numpy imported
-    # first, a Ctrl-C there is an ordinary KeyboardInterrupt.
-    import numpy  # noqa: F401
+    signal.signal(signal.SIGINT, _note_ctrl_c)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+import tune_pets
+
 
 class UserError(Exception):
     """An expected failure caused by input: printed as one line, exit code 2."""
@@ -44,6 +46,7 @@ def cli_main(
     ``--debug`` anywhere in argv (or TUNE_PETS_DEBUG=1) also prints the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TUNE_PETS_DEBUG") == "1"
+    tune_pets.stop_if_interrupted_while_starting(prog)
     try:
         rc = main([a for a in argv if a != "--debug"])
     except UserError as e:
