@@ -750,3 +750,37 @@ def test_local_dataset_folder_that_is_not_a_dataset_is_one_line(tmp_path, hf_cac
     table.to_parquet(str(tmp_path / "copy" / "test-00000-of-00001.parquet"))
     with pytest.raises(UserError, match=r"copy: has no image column and class-label column"):
         prep.prepare(tmp_path / "pets", dataset=str(tmp_path / "copy"), progress=False)
+
+
+def test_a_dataset_row_without_an_image_is_skipped_and_listed(tmp_path, hf_cache):
+    """A parquet copy with a null image cell: that row is skipped and listed like an
+    undecodable image (it was a TypeError traceback), the rest is written."""
+    import datasets
+
+    def jpeg(shade: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (shade, 90, 160)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["abyssinian", "beagle"]),
+            "image_id": datasets.Value("string"),
+        }
+    )
+    for split in ("train", "test"):
+        stems = [f"{b}_{i}" for b in ("Abyssinian", "beagle") for i in range(1, 4)]
+        stems = [f"{s}{'0' if split == 'test' else ''}" for s in stems]
+        images = [{"bytes": jpeg(20 * i), "path": None} for i in range(len(stems))]
+        if split == "train":
+            images[1] = None
+        columns = {"image": images, "label": [0, 0, 0, 1, 1, 1], "image_id": stems}
+        ds = datasets.Dataset.from_dict(columns, features=features)
+        ds.to_parquet(str(tmp_path / "copy" / "data" / f"{split}-00000-of-00001.parquet"))
+    out = tmp_path / "pets"
+    prep.prepare(out, dataset=str(tmp_path / "copy"), progress=False)
+    assert len(list((out / "train").rglob("*.jpg"))) == 5
+    assert len(list((out / "test").rglob("*.jpg"))) == 6
+    skipped = json.loads((out / prep.MARKER).read_text())["skipped"]
+    assert skipped == ["train/Abyssinian/Abyssinian_2: ValueError: the row holds no image"]

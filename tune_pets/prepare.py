@@ -64,20 +64,23 @@ def safe_name(name: str) -> str:
 
 
 def _jpeg_bytes(image: Any) -> tuple[bytes, bool]:
-    """Encoded JPEG for ``image`` (PIL image or encoded bytes), and whether it was converted.
-    JPEG bytes are kept as they are; anything else is decoded and saved as RGB JPEG."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # palette-transparency warnings are noise here
-            img = Image.open(io.BytesIO(data))
-            if img.format == "JPEG":
-                return data, False
-            img.load()
-    elif isinstance(image, Image.Image):
-        img = image
-    else:
-        raise TypeError(f"expected a PIL image or encoded bytes, got {type(image).__name__}")
+    """Encoded JPEG for an image (encoded bytes, or an undecoded ``datasets.Image`` cell), and
+    whether it was converted. JPEG bytes are kept as they are; anything else is decoded and
+    saved as RGB JPEG. ValueError or OSError: no readable image (the writer skips it)."""
+    if isinstance(image, dict):  # a hub dataset's cell: its bytes, or a file's path
+        if image.get("bytes") is not None:
+            image = image["bytes"]
+        elif image.get("path"):
+            image = Path(image["path"]).read_bytes()
+    if not isinstance(image, (bytes, bytearray, memoryview)):  # a row without an image: null
+        raise ValueError("the row holds no image")
+    data = bytes(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette-transparency warnings are noise here
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            return data, False
+        img.load()
     buf = io.BytesIO()
     to_rgb(ImageOps.exif_transpose(img)).save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue(), True
@@ -281,7 +284,7 @@ def _columns(features: Any, source: str = "dataset") -> tuple[str, str]:
 
 
 def _hf_examples(split: Any, columns: tuple[str, str], breeds: dict[int, str]) -> Iterator[Example]:
-    """(undecoded bytes, breed name, stem) per row: JPEG files keep their original bytes."""
+    """(undecoded image cell, breed name, stem) per row: JPEG files keep their original bytes."""
     import datasets
 
     image_col, label_col = columns
@@ -293,15 +296,8 @@ def _hf_examples(split: Any, columns: tuple[str, str], breeds: dict[int, str]) -
             raise UserError(f"row {i} of the dataset has no valid label ({label!r})")
         image_id = row.get("image_id")
         stem = _strip_ext(str(image_id)) if image_id not in (None, "") else ""
-        image = row[image_col]
-        if isinstance(image, dict):  # an undecoded datasets.Image cell
-            if image.get("bytes") is not None:
-                image = image["bytes"]
-            elif image.get("path"):
-                image = Path(image["path"]).read_bytes()
-            else:
-                raise ValueError("image cell has neither bytes nor a path")
-        yield image, names[label], stem  # no stem: write_image_folder names it <class>_<i>
+        # no stem: write_image_folder names it <class>_<i>
+        yield row[image_col], names[label], stem
 
 
 def write_dataset(
