@@ -621,6 +621,24 @@ def test_pipeline_refuses_to_replace_an_earlier_search_unasked(tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "A").iterdir()) == ["search"]
 
 
+def test_a_second_pipeline_in_one_artifacts_dir_is_refused_at_once(tmp_path):
+    """It passed the checks while the first had written nothing, rewrote the first one's sanity
+    files, and was refused only at its search, told to pass a --name pipeline does not take."""
+    from tune_pets import pipeline
+    from tune_pets.layout import Layout
+    from tune_pets.utils import UserError, exclusive_lock
+
+    art = tmp_path / "A"
+    art.mkdir()
+    with exclusive_lock(Layout(art).pipeline_lock):  # the running one
+        with pytest.raises(UserError) as refused:
+            pipeline.main(["--smoke", "--models", "cnn", "--artifacts-dir", str(art)])
+        msg = str(refused.value)
+        assert f"a pipeline in {art} is already running (pid " in msg
+        assert "another --artifacts-dir" in msg
+        assert [p.name for p in art.iterdir()] == [".pipeline.lock"]  # no step ran
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [

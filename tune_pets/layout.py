@@ -70,6 +70,10 @@ class Layout:
     def search_lock(self, name: str) -> Path:
         return self.search(name) / ".lock"
 
+    @property
+    def pipeline_lock(self) -> Path:  # one pipeline at a time per artifacts dir
+        return self.artifacts / ".pipeline.lock"
+
     def search_plot(self, name: str, plot: str) -> Path:
         return self.search(name) / f"{plot}.png"
 

@@ -15,17 +15,18 @@ backbone is random-init and the report marks its rows as meaningless.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tune_pets import cli, reproduce, search
 from tune_pets.config import RunConfig, validate_config
-from tune_pets.layout import DEFAULT_DATA_DIR
+from tune_pets.layout import DEFAULT_DATA_DIR, Layout
 from tune_pets.models import get_spec, model_names
 from tune_pets.prepare import prepare_default_data_dir
 from tune_pets.spaces import default_space
-from tune_pets.utils import UserError, cli_main
+from tune_pets.utils import UserError, cli_main, command_lock
 
 SMOKE = {"epochs": 3, "img_size": 64, "profile_steps": 5}  # the retrains of a smoke run
 SEARCH_FLAGS = (
@@ -89,9 +90,19 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layout = cli.layout_from_args(args)
+    # A second pipeline here passed the checks while the first had written nothing yet, then
+    # rewrote its sanity files and was refused only at its search, with advice (--name) that
+    # pipeline does not take.
+    hint = "wait for it to finish, or pass another --artifacts-dir"
+    with command_lock(layout.pipeline_lock, f"a pipeline in {args.artifacts_dir}", hint):
+        return _pipeline(args, layout)
+
+
+def _pipeline(args: argparse.Namespace, layout: Layout) -> int:
     from tune_pets import report, sanity
 
-    args = build_parser().parse_args(argv)
     t0 = time.time()
     data_dir = args.data_dir or ("sample" if args.smoke else DEFAULT_DATA_DIR)
     no_pretrained = args.no_pretrained or (args.smoke and not args.weights)
@@ -115,7 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rc:
             raise UserError(f"step '{title}' failed with exit code {rc}")
 
-    layout = cli.layout_from_args(args)
     # Every check before any step runs: a bad retrain flag must not wait for hours of search.
     cli.check_distinct_seeds(args.seeds)
     retrain = {"epochs": args.epochs, "img_size": args.img_size}
