@@ -639,6 +639,29 @@ def test_a_second_pipeline_in_one_artifacts_dir_is_refused_at_once(tmp_path):
         assert [p.name for p in art.iterdir()] == [".pipeline.lock"]  # no step ran
 
 
+def test_a_ctrl_c_in_a_pipeline_says_resume_once_a_search_has_started(tmp_path, monkeypatch):
+    """A Ctrl-C in a reproduce step said "run the same command again to start over", which
+    is refused (the search has results); before any search it is still the right advice."""
+    from tune_pets import pipeline, reproduce, sanity, search
+
+    def ctrl_c(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sanity, "main", lambda argv: 0)
+    monkeypatch.setattr(search, "main", lambda argv: 0)
+    monkeypatch.setattr(reproduce, "main", ctrl_c)
+    argv = ["--smoke", "--models", "cnn", "--artifacts-dir", str(tmp_path / "A")]
+    with pytest.raises(KeyboardInterrupt) as e:
+        pipeline.main(argv)
+    assert str(e.value) == (
+        "step 'reproduce cnn (tuned)' stopped; run the same pipeline command with --resume to go on"
+    )
+    monkeypatch.setattr(sanity, "main", ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as e:
+        pipeline.main(argv)
+    assert str(e.value) == ""  # cli_main's own line: the same command starts over
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [

@@ -1004,3 +1004,24 @@ def test_vit_probe_search_smoke(tiny_data, tmp_path):
     assert math.isfinite(best.val_acc) and "best trial" in proc.stdout
     # The frozen backbone ran once, into the feature cache, not once per trial.
     assert any((tmp_path / "cache").rglob("*")), "no feature/image cache written"
+
+
+def test_a_ctrl_c_once_ray_holds_the_experiment_names_the_resume_command(
+    tmp_path, tiny_data, monkeypatch
+):
+    """A second Ctrl-C, or one while the results are written, said "run the same command again
+    to start over"; that command is refused once Ray holds the experiment."""
+    from tune_pets import search
+
+    def stopped(*args, **kwargs):
+        experiment = tmp_path / "art" / "ray_results" / "cnn"
+        experiment.mkdir(parents=True)
+        (experiment / "experiment_state-2026-12-07_07-00-00.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "run_search", stopped)
+    argv = ["cnn", "--data-dir", str(tiny_data), "--artifacts-dir", str(tmp_path / "art")]
+    with pytest.raises(KeyboardInterrupt) as e:
+        search.main([*argv, "--search-space", "smoke"])
+    assert str(e.value).startswith("search stopped; resume it with: python -m tune_pets.search cnn")
+    assert str(e.value).endswith(" --resume")

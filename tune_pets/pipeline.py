@@ -115,10 +115,19 @@ def _pipeline(args: argparse.Namespace, layout: Layout) -> int:
     backbone = ["--no-pretrained"] if no_pretrained else []
     backbone += ["--weights", args.weights] if args.weights else []
 
+    searched = []  # a search step has started: from then on, --resume goes on
+
     def step(title: str, module, argv: list[str]) -> None:
         print(f"\n=== {title}: python -m {module.__name__} {' '.join(argv)}", flush=True)
-        rc = module.main(argv)
-        if rc == 130:  # the search stopped by Ctrl-C, its state saved
+        if module is search:
+            searched.append(title)
+        try:
+            rc = module.main(argv)
+        except KeyboardInterrupt:
+            if not searched:  # before any search: the same command starts over
+                raise
+            rc = 130
+        if rc == 130:  # stopped by Ctrl-C: a search's state is saved, or it has finished
             flag = "--resume instead of --overwrite" if args.overwrite else "--resume"
             raise KeyboardInterrupt(
                 f"step '{title}' stopped; run the same pipeline command with {flag} to go on"

@@ -372,11 +372,19 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         return
     # A Ctrl-C inside ray.init was lost (the search then ran to its end and exited 0) or
     # interrupted its core worker half-built (a segfault at exit): it waits until Ray is up.
+    # The mask alone did not hold it off where the process had other threads (a pipeline has
+    # run sanity by then): one of them took the signal, and Python ran the handler in the main
+    # thread, inside ray.init, all the same (2 segfaults in 9 tries). So the handler only notes it.
+    pressed: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         _init_ray(address, num_cpus)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C: raised here
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C: noted
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, pressed[0])  # the Ctrl-C, now that Ray is up
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -1293,6 +1301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         resume = resume_command(argv, name, named)
         raise UserError(disk_full_message(e, storage / name, layout.search(name), resume)) from None
+    except KeyboardInterrupt as e:
+        # A second Ctrl-C, or one while the results are written: "run the same command again"
+        # was wrong, as the same command is refused once Ray holds the experiment.
+        if str(e) or not ray_state_saved(storage / name):
+            raise
+        again = resume_command(argv, name, named)
+        raise KeyboardInterrupt(f"search stopped; resume it with: {again}") from None
     finally:  # stop the local Ray (or leave the cluster): CPUs back
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
