@@ -742,10 +742,14 @@ def test_address_without_a_cluster_fails_fast_and_obeys_ctrl_c(tmp_path, good_da
     assert_nothing_written(tmp_path)
 
 
-# ---------------------------------------------------------------- Ctrl-C
-@pytest.fixture(scope="module")
-def interrupted_train(tmp_path_factory, good_data):
-    """``train --epochs 200`` interrupted (SIGINT to the process) after its first epoch."""
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+STOPPED_BY = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+
+
+@pytest.fixture(scope="module", params=[signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def interrupted_train(request, tmp_path_factory, good_data):
+    """``train --epochs 200`` stopped by Ctrl-C (SIGINT to the process) or by SIGTERM (``kill``,
+    a batch scheduler) after its first epoch: (work, signal, exit code, stdout, stderr)."""
     work = tmp_path_factory.mktemp("interrupted_train")
     args = cli_args("train", good_data, work)
     args[args.index("--epochs") + 1] = 200
@@ -762,22 +766,24 @@ def interrupted_train(tmp_path_factory, good_data):
                 break
         assert proc.poll() is None, f"train ended early: {proc.stderr.read()[-2000:]}"
         time.sleep(0.5)  # into the next epoch (or the checkpoint write)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(request.param)
         out, err = proc.communicate(timeout=60)
     finally:
         kill_session(proc.pid)
-    return work, proc.returncode, first + out, err
+    return work, request.param, proc.returncode, first + out, err
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_train_stops_cleanly(interrupted_train):
+def test_ctrl_c_or_sigterm_during_train_stops_cleanly(interrupted_train):
+    """SIGTERM killed train where it stood (temp files stayed); it now ends as Ctrl-C does."""
     import torch
 
-    work, code, out, err = interrupted_train
-    assert code == 130, f"exit {code}; stderr: {err[-2000:]}"
+    work, sig, code, out, err = interrupted_train
+    word, expected = STOPPED_BY[sig]
+    assert code == expected, f"exit {code}; stderr: {err[-2000:]}"
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert len(lines) == 1 and word in lines[0], err
     assert "epoch 200" not in out
     ckpts = list((work / "artifacts").rglob("*.pt"))
     assert ckpts and all(p.is_relative_to(work / "artifacts" / "train") for p in ckpts), ckpts
@@ -788,8 +794,8 @@ def test_ctrl_c_during_train_stops_cleanly(interrupted_train):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_train_says_what_to_do(interrupted_train):
-    _, _, _, err = interrupted_train
+def test_ctrl_c_or_sigterm_during_train_says_what_to_do(interrupted_train):
+    err = interrupted_train[-1]
     assert re.search(r"rerun|run it again|run the same command|--resume", err), err
     assert "checkpoint_best.pt" in err
 
@@ -855,18 +861,42 @@ def test_ctrl_c_during_search_prints_a_resume_command_that_works(tmp_path, good_
     assert len(rows) == n and len({r["trial_id"] for r in rows}) == n
 
 
-def _ctrl_c_after_an_epoch(proc, experiment: Path, timeout_s: float = 240) -> tuple[str, str]:
-    """SIGINT to ``proc`` once a trial of ``experiment`` saved its first epoch (it runs); its
-    (stdout, stderr)."""
+def _ctrl_c_after_an_epoch(
+    proc, experiment: Path, sig: int = signal.SIGINT, left: list | None = None
+) -> tuple[str, str]:
+    """``sig`` to ``proc`` once a trial of ``experiment`` saved its first epoch (it runs); its
+    (stdout, stderr). What of its session outlived it goes into ``left``, then is killed."""
     try:
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + 240
         while not any(experiment.glob("trial_*/train_state.pt")):
             assert proc.poll() is None and time.monotonic() < deadline, "no epoch in time"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        return proc.communicate(timeout=120)
+        proc.send_signal(sig)
+        out_err = proc.communicate(timeout=120)
+        (left if left is not None else []).extend(helpers.session_pids(proc.pid))
+        return out_err
     finally:
         kill_session(proc.pid)
+
+
+@pytest.mark.slow
+def test_sigterm_during_search_saves_its_state_and_stops_ray(tmp_path, good_data):
+    """SIGTERM (a batch scheduler's time limit, ``kill``) stops a search as Ctrl-C does. It hit
+    Ray's C++ handler ("*** SIGTERM received", a stack dump, abort: rc -6 in 3 of 3), and
+    before Ray was up it killed the command where it stood."""
+    from tune_pets.search import ray_state_saved
+
+    (tmp_path / "space.yaml").write_text(TINY_SPACE.format(n=1, epochs=400))
+    proc = start("search", cli_args("search", good_data, tmp_path), tmp_path)
+    experiment = tmp_path / "artifacts" / "ray_results" / "cnn"
+    left: list[int] = []  # Ray's own processes included
+    _, err = _ctrl_c_after_an_epoch(proc, experiment, signal.SIGTERM, left)
+    assert proc.returncode == 143, f"exit {proc.returncode}: {err[-2000:]}"
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "terminated" in last and "--resume" in last, err[-2000:]
+    assert ray_state_saved(experiment), sorted(p.name for p in experiment.iterdir())
+    assert not left, f"still running after the search exited: {left}"
 
 
 @pytest.mark.slow

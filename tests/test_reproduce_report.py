@@ -656,6 +656,10 @@ def test_a_ctrl_c_in_a_pipeline_says_resume_once_a_search_has_started(tmp_path, 
     assert str(e.value) == (
         "step 'reproduce cnn (tuned)' stopped; run the same pipeline command with --resume to go on"
     )
+    monkeypatch.setattr(search, "main", lambda argv: 143)  # stopped by SIGTERM, its state saved
+    with pytest.raises(KeyboardInterrupt) as e:
+        pipeline.main(argv)
+    assert str(e.value).startswith("step 'search cnn' stopped; run the same pipeline command with")
     monkeypatch.setattr(sanity, "main", ctrl_c)
     with pytest.raises(KeyboardInterrupt) as e:
         pipeline.main(argv)

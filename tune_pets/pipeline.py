@@ -127,7 +127,7 @@ def _pipeline(args: argparse.Namespace, layout: Layout) -> int:
             if not searched:  # before any search: the same command starts over
                 raise
             rc = 130
-        if rc == 130:  # stopped by Ctrl-C: a search's state is saved, or it has finished
+        if rc in (130, 143):  # stopped by Ctrl-C or SIGTERM: a search's state is saved, or done
             flag = "--resume instead of --overwrite" if args.overwrite else "--resume"
             raise KeyboardInterrupt(
                 f"step '{title}' stopped; run the same pipeline command with {flag} to go on"

@@ -66,7 +66,10 @@ from tune_pets.utils import (
     cli_main,
     env_info,
     command_lock,
+    note_stop_signal,
+    on_sigterm,
     read_json,
+    stopped_by,
 )
 
 PROG = "python -m tune_pets.search"
@@ -375,16 +378,20 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     # The mask alone did not hold it off where the process had other threads (a pipeline has
     # run sanity by then): one of them took the signal, and Python ran the handler in the main
     # thread, inside ray.init, all the same (2 segfaults in 9 tries). So the handler only notes it.
+    # SIGTERM likewise; restoring its handler after ray.init also undoes Ray's own (a C++ stack
+    # dump and abort, rc -6, with nothing saved).
+    stops = (signal.SIGINT, signal.SIGTERM)
     pressed: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = {s: signal.signal(s, lambda *args: pressed.append(args)) for s in stops}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         _init_ray(address, num_cpus)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C: noted
-        signal.signal(signal.SIGINT, previous)
-    if pressed and callable(previous):
-        previous(signal.SIGINT, pressed[0])  # the Ctrl-C, now that Ray is up
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal: noted
+        for s in stops:
+            signal.signal(s, previous[s])
+    if pressed and callable(previous[pressed[0][0]]):
+        previous[pressed[0][0]](*pressed[0])  # the Ctrl-C or SIGTERM, now that Ray is up
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -504,24 +511,31 @@ def _ctrl_c_stops_tune(seen: list[bool]) -> Iterator[None]:
     """Ctrl-C during ``tuner.fit()`` stops Tune as its SIGUSR1 does (state saved, trials
     ended) and is noted in ``seen``. Tune's own SIGINT handler is switched off: it marks the
     running trials TERMINATED, so a search stopped after its last trial had started looked
-    finished and exited 0. A second Ctrl-C raises KeyboardInterrupt."""
+    finished and exited 0. A second Ctrl-C raises KeyboardInterrupt. SIGTERM, where the
+    command's handler takes it (``utils.on_sigterm``), does the same."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when tuner.fit() starts
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    if signal.getsignal(signal.SIGTERM) is on_sigterm:
+        previous[signal.SIGTERM] = on_sigterm
 
     def on_ctrl_c(signum, frame) -> None:
         seen.append(True)
+        note_stop_signal(signum)
         stop = signal.getsignal(signal.SIGUSR1)
         if callable(stop):
             stop(signal.SIGUSR1, frame)  # Tune's handler; it sets SIGINT back to this one
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: KeyboardInterrupt
+        for s, handler in previous.items():  # a second one: KeyboardInterrupt
+            signal.signal(s, handler)
         if not callable(stop):  # Tune is not running yet
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_ctrl_c)
+    for s in previous:
+        signal.signal(s, on_ctrl_c)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _failures(error_file: str | Path | None) -> list[str]:
@@ -1313,12 +1327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
     if result is None:
+        how, code = stopped_by()
         print(
-            f"\n{PROG}: interrupted: search stopped; the experiment state is saved. Resume "
+            f"\n{PROG}: {how}: search stopped; the experiment state is saved. Resume "
             f"with: {resume_command(argv, name, named)}",
             file=sys.stderr,
         )
-        return 130
+        return code
     # The same data and folders for the next command, where they are not its defaults.
     same = {
         "--data-dir": (args.data_dir, DEFAULT_DATA_DIR),

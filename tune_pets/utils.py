@@ -15,10 +15,12 @@ import os
 import re
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +39,31 @@ class UserError(Exception):
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
+_TERMINATED: list[int] = []
+
+
+def on_sigterm(signum, frame) -> None:
+    """SIGTERM (``kill``, a batch scheduler's time limit or preemption, a container stop)
+    ends a command as Ctrl-C does: the same KeyboardInterrupt paths save a checkpoint or Tune's
+    state and remove temp files, and the exit code is 143. By default it killed the command
+    where it stood (temp files stayed; a search's Ray aborted with a C++ stack dump)."""
+    note_stop_signal(signum)
+    raise KeyboardInterrupt
+
+
+def note_stop_signal(signum: int) -> None:
+    """Note the signal that stops the command (for ``stopped_by``), where a handler other
+    than ``on_sigterm`` takes it."""
+    if signum == signal.SIGTERM:
+        _TERMINATED.append(signum)
+
+
+def stopped_by() -> tuple[str, int]:
+    """How the command was stopped, for its last line: ("interrupted", 130) for Ctrl-C,
+    ("terminated", 143) for SIGTERM."""
+    return ("terminated", 143) if _TERMINATED else ("interrupted", 130)
+
+
 def cli_main(
     main: Callable[[Sequence[str] | None], int | None],
     argv: Sequence[str] | None = None,
@@ -47,6 +74,12 @@ def cli_main(
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TUNE_PETS_DEBUG") == "1"
     tune_pets.stop_if_interrupted_while_starting(prog)
+    _TERMINATED.clear()
+    # Not where SIGTERM is ignored, nor off the main thread (signal.signal refuses there).
+    term = threading.current_thread() is threading.main_thread()
+    term = term and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if term:
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rc = main([a for a in argv if a != "--debug"])
     except UserError as e:
@@ -75,8 +108,12 @@ def cli_main(
             "files written so far are complete (writes are atomic); run the same command "
             "again to start over"
         )
-        print(f"\n{prog}: interrupted: {what}", file=sys.stderr)
-        sys.exit(130)
+        how, code = stopped_by()
+        print(f"\n{prog}: {how}: {what}", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        if term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.exit(rc or 0)
 
 
