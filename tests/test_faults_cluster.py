@@ -322,13 +322,19 @@ def two_node_cluster(logs: Path):
         assert not leftover, f"cluster processes survived teardown: {leftover}"
 
 
+PREEMPT_GRACE_S = 30  # SIGTERM, then SIGKILL of what is left: as a VM shutdown does
+
+
 @pytest.mark.slow
-def test_a_lost_node_costs_no_trial(tiny_data, tmp_path):
+@pytest.mark.parametrize("how", ["killed", "preempted"])
+def test_a_lost_node_costs_no_trial(tiny_data, tmp_path, how):
     """Eight trials, one per node at a time. While a trial runs on the worker node, that node
-    dies (SIGKILL of its raylet's process group, then of every process the node had: its
-    workers are in groups of their own). The search ends with all eight trials: the one on the
-    lost node restarted from its last checkpoint on the head (epochs go on, not over); the
-    trials that diverge (lr 10) fail in their own code, once each, never retried."""
+    dies: killed (SIGKILL of its raylet's process group, then of every process the node had:
+    its workers are in groups of their own), or preempted (SIGTERM to each of its processes,
+    SIGKILL of any left after PREEMPT_GRACE_S; Ray's raylet drains on SIGTERM). The search
+    ends with all eight trials: the one on the lost node restarted from its last checkpoint on
+    the head (epochs go on, not over); the trials that diverge (lr 10) fail in their own code,
+    once each, never retried."""
     n = 8
     with two_node_cluster(tmp_path) as cluster:
         worker_pid, worker_node = cluster["raylet"]
@@ -363,9 +369,18 @@ def test_a_lost_node_costs_no_trial(tiny_data, tmp_path):
             victim, epoch_at_kill = wait_for(
                 proc, "a trial on the worker node", running_on_worker, 240, log
             )
-            os.killpg(os.getpgid(worker_pid), signal.SIGKILL)
-            assert not kill_session(cluster["worker"].pid), "the worker node survived"
             killed_at = time.monotonic() - t0
+            if how == "preempted":
+                for pid in session_pids(cluster["worker"].pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + PREEMPT_GRACE_S
+                while session_pids(cluster["worker"].pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                gone_s = time.monotonic() - t0 - killed_at
+            else:
+                os.killpg(os.getpgid(worker_pid), signal.SIGKILL)
+            assert not kill_session(cluster["worker"].pid), "the worker node survived"
             rc = finish(proc, log)
         finally:
             kill_session(proc.pid)
@@ -401,7 +416,9 @@ def test_a_lost_node_costs_no_trial(tiny_data, tmp_path):
     assert worker_node in seen_nodes and len(seen_nodes) == 2, "trials did not run on both nodes"
     print(
         f"\nnode loss: {n} trials planned, {len(rows)} finished ({len(failed)} failed in their "
-        f"own code, not retried); worker node killed at {killed_at:.0f} s while trial "
+        f"own code, not retried); worker node {how} at {killed_at:.0f} s"
+        + (f" (its processes gone {gone_s:.1f} s after SIGTERM)" if how == "preempted" else "")
+        + f" while trial "
         f"{lost['trial_id']} was at epoch {epoch_at_kill}; it went on from its checkpoint on "
         f"the head: epochs {epochs(first)} on the worker, {epochs(second)} on the head"
     )
