@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import shutil
 from types import SimpleNamespace
@@ -325,6 +326,8 @@ def test_evaluate_cli_cnn(trained, tiny_data, monkeypatch, capsys):
     name = "cnn-test"  # the default --name: <model>-<split>
     metrics = json.loads(layout.evaluation_file(name, "test", "metrics.json").read_text())
     assert metrics["checkpoint"] == str(trained.cnn) and metrics["n_images"] == 16
+    assert metrics["checkpoint_sha256"] == hashlib.sha256(trained.cnn.read_bytes()).hexdigest()
+    assert metrics["checkpoint_epoch"] == torch.load(trained.cnn, weights_only=True)["epoch"]
     assert metrics["prediction_spread"]["num_classes"] == 4
     acc = metrics["accuracy"]
     assert acc > 0.4, "a trained CNN should beat chance (0.25) on the tinted classes"

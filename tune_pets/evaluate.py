@@ -12,6 +12,7 @@ backbone features: the backbone is built only when they are not cached.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out("metrics.json"),
         {
             "checkpoint": str(Path(args.checkpoint).resolve()),
+            # which version of that file was scored: train and reproduce rewrite it in place
+            "checkpoint_sha256": hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest(),
+            "checkpoint_epoch": ckpt["epoch"],
             "split": args.split,
             **s,
             "prediction_spread": ev.spread(),
