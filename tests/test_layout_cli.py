@@ -260,10 +260,13 @@ def test_python_m_tune_pets_lists_every_command(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_ctrl_c_while_a_command_starts_is_one_line(tmp_path, sig):
     """A Ctrl-C in a command's first seconds, while it imports torch (before ``cli_main``):
     one line and exit 130, not a traceback into torch, and never lost (torch's C extension took
-    a KeyboardInterrupt raised while it imported numpy for "numpy not installed")."""
+    a KeyboardInterrupt raised while it imported numpy for "numpy not installed"). SIGTERM: the
+    same with exit 143 (it killed the command with no line)."""
+    how, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
     argv = [sys.executable, "-X", "importtime", "-m", "tune_pets.train", "--help"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env(), stderr=subprocess.PIPE, text=True)
     # -X importtime writes a line as each import ends; the package's own comes first, then the
@@ -271,10 +274,34 @@ def test_a_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
     for line in proc.stderr:
         if line.rstrip().endswith("| tune_pets"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest = [ln for ln in proc.stderr.read().splitlines() if ln and not ln.startswith("import ")]
-    assert proc.wait(timeout=60) == 130
-    assert rest == ["python -m tune_pets.train: interrupted while starting; nothing was written"]
+    assert proc.wait(timeout=60) == code
+    assert rest == [f"python -m tune_pets.train: {how} while starting; nothing was written"]
+
+
+_STOPPED_IN_EXEC = """
+import os, signal, threading
+from tune_pets.utils import cli_main
+
+def main(argv):
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    exec("import time\\nwhile True: time.sleep(0.01)")  # as a lazy import's exec would be
+
+cli_main(main, [], prog="stopped_in_exec")
+"""
+
+
+def test_a_sigterm_inside_exec_still_exits_143(tmp_path):
+    """A KeyboardInterrupt that left an exec() of a string set CPython's "unhandled
+    KeyboardInterrupt" flag, and python -m then died by SIGINT (exit -2) after printing the
+    right line: 3 of 15 SIGTERMed evaluate/reproduce runs, whose imports exec code."""
+    (tmp_path / "stopped_in_exec.py").write_text(_STOPPED_IN_EXEC)
+    argv = [sys.executable, "-m", "stopped_in_exec"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env(), capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().startswith("stopped_in_exec: terminated:"), proc.stderr
 
 
 # ---------------------------------------------------------------- (d) the report's warnings

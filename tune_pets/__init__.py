@@ -9,27 +9,32 @@ import sys
 
 __version__ = "0.1.0"
 
-_ctrl_c_at_start: list[bool] = []
+_stopped_at_start: list[int] = []
+_AS_USUAL = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
-def _note_ctrl_c(signum, frame) -> None:
-    """The first Ctrl-C while a command imports torch (its first seconds): noted, and the
-    command stops as ``cli_main`` starts. Raised inside those imports, the KeyboardInterrupt
-    was lost (torch's C extension imports numpy and takes any error there for "numpy not
-    installed": the command ran on to exit 0, in 2 of 30 tries at 0-1.5 s on a busy machine)
-    or aborted the process in pybind11 code. A second Ctrl-C interrupts at once."""
-    _ctrl_c_at_start.append(True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def _note_stop(signum, frame) -> None:
+    """The first Ctrl-C (or SIGTERM) while a command imports torch (its first seconds): noted,
+    and the command stops as ``cli_main`` starts. Raised inside those imports, the
+    KeyboardInterrupt was lost (torch's C extension imports numpy and takes any error there for
+    "numpy not installed": the command ran on to exit 0, in 2 of 30 tries at 0-1.5 s on a busy
+    machine) or aborted the process in pybind11 code. A second one acts at once."""
+    _stopped_at_start.append(signum)
+    signal.signal(signum, _AS_USUAL[signum])
 
 
 def stop_if_interrupted_while_starting(prog: str) -> None:
     """Called as a command's ``main`` is about to run: Ctrl-C works as usual from here on, and
-    one pressed during the imports ends the command with one line and exit 130."""
-    if signal.getsignal(signal.SIGINT) is _note_ctrl_c:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _ctrl_c_at_start:
-        print(f"\n{prog}: interrupted while starting; nothing was written", file=sys.stderr)
-        sys.exit(130)
+    one pressed during the imports ends the command with one line and exit 130 (SIGTERM: 143)."""
+    for s, usual in _AS_USUAL.items():
+        if signal.getsignal(s) is _note_stop:
+            signal.signal(s, usual)
+    if _stopped_at_start:
+        how, code = (
+            ("terminated", 143) if signal.SIGTERM in _stopped_at_start else ("interrupted", 130)
+        )
+        print(f"\n{prog}: {how} while starting; nothing was written", file=sys.stderr)
+        sys.exit(code)
 
 
 def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook) -> None:
@@ -43,7 +48,11 @@ def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook)
 
 
 # Only for ``python -m tune_pets...`` (argv[0] is "-m" while the package is imported), never in
-# a program that imports tune_pets; and not where SIGINT is ignored (nohup, a background job).
-if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    sys.excepthook = _interrupted_while_starting
-    signal.signal(signal.SIGINT, _note_ctrl_c)
+# a program that imports tune_pets; and not for a signal that is ignored (SIGINT of nohup or a
+# background job).
+if sys.argv[:1] == ["-m"]:
+    for _s, _usual in _AS_USUAL.items():
+        if signal.getsignal(_s) is _usual:
+            signal.signal(_s, _note_stop)
+    if signal.getsignal(signal.SIGINT) is _note_stop:
+        sys.excepthook = _interrupted_while_starting

@@ -379,7 +379,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     # run sanity by then): one of them took the signal, and Python ran the handler in the main
     # thread, inside ray.init, all the same (2 segfaults in 9 tries). So the handler only notes it.
     # SIGTERM likewise; restoring its handler after ray.init also undoes Ray's own (a C++ stack
-    # dump and abort, rc -6, with nothing saved).
+    # dump, then exit 15 or an abort: no last Tune snapshot, no ray.shutdown).
     stops = (signal.SIGINT, signal.SIGTERM)
     pressed: list = []
     previous = {s: signal.signal(s, lambda *args: pressed.append(args)) for s in stops}
@@ -387,11 +387,23 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     try:
         _init_ray(address, num_cpus)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal: noted
-        for s in stops:
+        for s in stops:  # first: ray.init put Ray's C++ handler in, which a pending SIGTERM hit
             signal.signal(s, previous[s])
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal: handled here
     if pressed and callable(previous[pressed[0][0]]):
         previous[pressed[0][0]](*pressed[0])  # the Ctrl-C or SIGTERM, now that Ray is up
+
+
+def disconnect() -> None:
+    """Stop the local Ray (or leave the cluster): CPUs back. ``ray.shutdown`` leaves SIGTERM at
+    its default action while Python still names our handler (a SIGTERM while the results were
+    written, or in a pipeline's later steps, killed the command with no line): put it back."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if (handler := signal.getsignal(s)) is not None:
+                signal.signal(s, handler)
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -1322,10 +1334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         again = resume_command(argv, name, named)
         raise KeyboardInterrupt(f"search stopped; resume it with: {again}") from None
-    finally:  # stop the local Ray (or leave the cluster): CPUs back
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+    finally:
+        disconnect()
     if result is None:
         how, code = stopped_by()
         print(
