@@ -43,10 +43,10 @@ _TERMINATED: list[int] = []
 
 
 def on_sigterm(signum, frame) -> None:
-    """SIGTERM (``kill``, a batch scheduler's time limit or preemption, a container stop)
-    ends a command as Ctrl-C does: the same KeyboardInterrupt paths save a checkpoint or Tune's
-    state and remove temp files, and the exit code is 143. By default it killed the command
-    where it stood (temp files stayed; a search's Ray aborted with a C++ stack dump)."""
+    """SIGTERM (``kill``, a batch scheduler's time limit or preemption) ends a command as
+    Ctrl-C does: the same KeyboardInterrupt paths save a checkpoint or Tune's state and remove
+    temp files, and the exit code is 143. By default it killed the command where it stood
+    (temp files stayed; a search's Ray aborted with a C++ stack dump)."""
     note_stop_signal(signum)
     raise KeyboardInterrupt
 
