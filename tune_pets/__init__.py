@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 _stopped_at_start: list[int] = []
 _AS_USUAL = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+# A command stopped by a signal: the word of its last line and its exit code.
+STOPPED_BY = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 
 
 def _note_stop(signum, frame) -> None:
@@ -30,9 +32,7 @@ def stop_if_interrupted_while_starting(prog: str) -> None:
         if signal.getsignal(s) is _note_stop:
             signal.signal(s, usual)
     if _stopped_at_start:
-        how, code = (
-            ("terminated", 143) if signal.SIGTERM in _stopped_at_start else ("interrupted", 130)
-        )
+        how, code = STOPPED_BY[max(_stopped_at_start)]  # SIGTERM (15) over SIGINT (2)
         print(f"\n{prog}: {how} while starting; nothing was written", file=sys.stderr)
         sys.exit(code)
 

@@ -61,7 +61,7 @@ def note_stop_signal(signum: int) -> None:
 def stopped_by() -> tuple[str, int]:
     """How the command was stopped, for its last line: ("interrupted", 130) for Ctrl-C,
     ("terminated", 143) for SIGTERM."""
-    return ("terminated", 143) if _TERMINATED else ("interrupted", 130)
+    return tune_pets.STOPPED_BY[signal.SIGTERM if _TERMINATED else signal.SIGINT]
 
 
 def cli_main(
