@@ -19,6 +19,7 @@ stay unmarked, so ``-m "not slow"`` keeps covering the CLIs' argument handling.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,15 @@ import pytest
 from PIL import Image
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared/data/oxford_pets_sample"
+
+
+def pytest_configure(config) -> None:
+    """The Ctrl-C tests send SIGINT to the commands they start, which inherit this process's
+    disposition of it. Run as a background job (``cmd &``, ``nohup``), pytest has SIGINT
+    ignored, the commands then rightly ignore it too, and those tests failed (exit 0 for 130)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # One class name with a space, one with a space and a non-ASCII letter: both must survive the
 # scan, the label order, the CSV headers and the confusion-matrix plot.
