@@ -8,7 +8,8 @@ Oxford-IIIT Pet sample from ../shared when it is present. Running CLIs in a subp
 
 Timing, honestly (2 idle CPU cores, fresh clone, `bash .ci/run`): the fast set (~520 tests)
 takes about 2 minutes, the slow set (~90: Ray searches, clusters, killed processes, pipelines)
-about 16-19; with one core kept busy by another process the slow set took 25-34 minutes.
+about 20-22 (19.7-22.2 in the last three fresh-clone runs); with one core kept busy by another
+process the slow set took 25-34 minutes.
 
 Marking: ``@pytest.mark.slow`` on anything that starts a command in a subprocess and takes more
 than a few seconds (interpreter + torch import alone costs 3-5 s), every Ray search, and the
