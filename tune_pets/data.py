@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from tune_pets.config import DEFAULT_VAL_FRACTION
 from tune_pets.utils import UserError, atomic_path, atomic_write_json, usable_cores
@@ -76,7 +76,7 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
         raise BadImageError(
             f"{path}: image too large, refused as a possible decompression bomb ({e})"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         size = os.path.getsize(path) if os.path.exists(path) else -1
         why = "empty file (0 bytes)" if size == 0 else f"unreadable or truncated image ({e})"
         if os.path.islink(path) and size < 0:

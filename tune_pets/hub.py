@@ -69,7 +69,7 @@ def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
 def _reason(e: object) -> str:
     if isinstance(e, socket.gaierror):
         return f"cannot resolve the host name ({e.strerror or e})"
-    if isinstance(e, (TimeoutError, socket.timeout)):
+    if isinstance(e, TimeoutError):  # socket.timeout too (an alias since Python 3.10)
         return "connection timed out"
     return first_line(e) if isinstance(e, BaseException) else str(e)
 

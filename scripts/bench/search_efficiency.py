@@ -270,7 +270,7 @@ def run_ray(ctx: Ctx, key: str, seed: int) -> tuple[list, list, dict]:
     recorder = recorder_class()(t0, spec.metric)
     grid = make_tuner(fn, spec, storage, name,
                       first_point(spec, ctx.model) if m.first_point else None, progress=False,
-                      max_concurrent=spec.max_concurrent, callbacks=[recorder],
+                      callbacks=[recorder],
                       searcher=m.searcher, scheduler=m.scheduler).fit()
     wall = time.time() - t0
     records = records_from_grid(grid, spec)
