@@ -942,6 +942,21 @@ def test_cluster_search_sets_token_auth_itself(two_node_cluster, tiny_data, tmp_
     ok(run_cli(args, tmp_path, {"HOME": home}))  # no RAY_AUTH_MODE set (helpers.env drops it)
 
 
+@pytest.mark.slow
+def test_without_address_a_search_starts_its_own_ray_beside_a_cluster(
+    two_node_cluster, tiny_data, tmp_path
+):
+    """RAY_ADDRESS set (as in a Ray job), or a cluster that ray start left on this machine:
+    ray.init() joined it and refused the local Ray's settings, a ValueError traceback. Without
+    --address the search starts a Ray of its own, as documented; --address auto joins it."""
+    cluster = {"RAY_ADDRESS": two_node_cluster["address"], "HOME": two_node_cluster["home"]}
+    space = write_space(tmp_path / "space.yaml", CNN_SPACE)
+    for name, flags, cpus in (("local", {"num_cpus": 1}, 1), ("auto", {"address": "auto"}, 2)):
+        args = search_args(tiny_data, space, tmp_path, name=name, num_samples=2, **flags)
+        out = ok(run_cli([*args, "--max-epochs", 1, "--grace-period", 1], tmp_path, cluster))
+        assert f"cluster: {cpus} CPU, 0 GPU)" in out.stdout, out.stdout
+
+
 # ---------------------------------------------------------------- usage errors
 # Each loader error, in process: test_config's BAD_SPECS. Here: the CLI says it in one line and
 # writes nothing, for a check of the space and for a YAML syntax error (PyYAML's is multi-line).

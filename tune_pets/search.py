@@ -430,6 +430,9 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
             ) from None
         return
     ray.init(
+        # not address=None: that joins the cluster in RAY_ADDRESS, else the one `ray start` last
+        # started on this machine, and then refuses these settings (a ValueError traceback)
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -1149,7 +1152,9 @@ def build_parser() -> cli.ArgumentParser:
     r = p.add_argument_group("Ray cluster and resources")
     r.add_argument(
         "--address",
-        help="join a running Ray cluster: auto or HOST:PORT (default: start a local Ray)",
+        help="join a running Ray cluster: HOST:PORT, or auto (RAY_ADDRESS, else the cluster "
+        "that ray start last started on this machine) (default: start a Ray of its own, "
+        "whatever RAY_ADDRESS says)",
     )
     r.add_argument(
         "--storage-path",
