@@ -957,6 +957,18 @@ def test_without_address_a_search_starts_its_own_ray_beside_a_cluster(
         assert f"cluster: {cpus} CPU, 0 GPU)" in out.stdout, out.stdout
 
 
+@pytest.mark.slow
+def test_a_long_tmpdir_is_one_line_naming_it(tiny_data, tmp_path):
+    """Ray puts its socket files under $TMPDIR (often a long scratch path on HPC nodes); past
+    the 107-byte limit of a socket path ray.init raised an OSError traceback."""
+    long = tmp_path / ("scratch_of_a_batch_job_" * 2)
+    long.mkdir()
+    args = search_args(tiny_data, write_space(tmp_path / "space.yaml", CNN_SPACE), tmp_path)
+    line = error_line(run_cli(args, tmp_path, {"TMPDIR": str(long)}, timeout=120))
+    assert f"TMPDIR={long}: too long" in line and "RAY_TMPDIR=/tmp" in line, line
+    assert not (tmp_path / "artifacts" / "search").exists()
+
+
 # ---------------------------------------------------------------- usage errors
 # Each loader error, in process: test_config's BAD_SPECS. Here: the CLI says it in one line and
 # writes nothing, for a check of the space and for a YAML syntax error (PyYAML's is multi-line).

@@ -429,17 +429,26 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
                 f"--head` or leave out --address for a local run"
             ) from None
         return
-    ray.init(
-        # not address=None: that joins the cluster in RAY_ADDRESS, else the one `ray start` last
-        # started on this machine, and then refuses these settings (a ValueError traceback)
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _system_config={"worker_niceness": 0},
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
+    try:
+        ray.init(
+            # not address=None: that joins the cluster in RAY_ADDRESS, else the one `ray start`
+            # last started on this machine, and then refuses these settings (a ValueError)
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _system_config={"worker_niceness": 0},
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
+    except OSError as e:  # Ray's sockets live under $RAY_TMPDIR, else $TMPDIR (HPC: often long)
+        if "AF_UNIX path length" not in str(e):
+            raise
+        where = next((k for k in ("RAY_TMPDIR", "TMPDIR") if k in os.environ), "TMPDIR")
+        raise UserError(
+            f"{where}={os.environ.get(where)}: too long for the paths of Ray's socket files "
+            "(107 bytes at most); set RAY_TMPDIR to a short folder, e.g. RAY_TMPDIR=/tmp"
+        ) from None
 
 
 def _storage_filesystem():
