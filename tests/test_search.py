@@ -969,6 +969,24 @@ def test_a_long_tmpdir_is_one_line_naming_it(tiny_data, tmp_path):
     assert not (tmp_path / "artifacts" / "search").exists()
 
 
+@pytest.mark.slow
+def test_a_local_ray_has_the_cpus_the_search_may_run_on(tiny_data, tmp_path):
+    """Under a CPU affinity (a Slurm job's or a container's cpuset; here the test's own, which
+    the command inherits) Ray counted every core of the machine and ran more trials at once
+    than there were CPUs to run them."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs to leave one out")
+    space = write_space(tmp_path / "space.yaml", CNN_SPACE)
+    args = search_args(tiny_data, space, tmp_path, num_samples=2, max_epochs=1, grace_period=1)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        out = ok(run_cli(args, tmp_path))
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert "up to 1 trial(s) at once" in out.stdout and "cluster: 1 CPU, 0 GPU)" in out.stdout
+
+
 # ---------------------------------------------------------------- usage errors
 # Each loader error, in process: test_config's BAD_SPECS. Here: the CLI says it in one line and
 # writes nothing, for a check of the space and for a YAML syntax error (PyYAML's is multi-line).

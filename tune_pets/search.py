@@ -70,6 +70,7 @@ from tune_pets.utils import (
     on_sigterm,
     read_json,
     stopped_by,
+    usable_cores,
 )
 
 PROG = "python -m tune_pets.search"
@@ -434,7 +435,9 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
             # not address=None: that joins the cluster in RAY_ADDRESS, else the one `ray start`
             # last started on this machine, and then refuses these settings (a ValueError)
             address="local",
-            num_cpus=num_cpus,
+            # Ray counts the machine's cores, not the ones this process may use (a Slurm job's
+            # or a container's cpuset): it ran more trials at once than there were CPUs
+            num_cpus=num_cpus or usable_cores(),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             _system_config={"worker_niceness": 0},
@@ -1170,7 +1173,11 @@ def build_parser() -> cli.ArgumentParser:
         help="absolute folder for Ray's experiment state and trial checkpoints, writable by "
         "every node (default: <artifacts-dir>/ray_results)",
     )
-    r.add_argument("--num-cpus", type=cli.positive_int, help="CPUs of the local Ray (default: all)")
+    r.add_argument(
+        "--num-cpus",
+        type=cli.positive_int,
+        help="CPUs of the local Ray (default: all that this process may run on)",
+    )
     r.add_argument("--cpus-per-trial", type=cli.positive_float, help="CPUs per trial (default: 1)")
     r.add_argument(
         "--gpus-per-trial",
