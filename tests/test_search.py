@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import helpers
 import pytest
@@ -147,7 +148,7 @@ def trial_dirs(experiment: Path) -> list[Path]:
 def study_trials(db: Path, name: str = "cnn") -> list:
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{quote(str(db))}")
     return sorted(study.trials, key=lambda t: t.number)
 
 
@@ -313,7 +314,7 @@ def test_export_callback_writes_optuna_db_after_each_finished_trial(tmp_path, ca
 
     spec = load_search_spec(write_space(tmp_path / "space.yaml", CNN_SPACE))
     spec = spec.replace(max_epochs=2, num_samples=2)
-    db = tmp_path / "out" / "optuna.db"
+    db = tmp_path / "out #1?%20" / "optuna.db"  # the sqlite URL's special characters
     params = {"lr": 1e-3, "dropout": 0.2, "batch_size": 16}
     a = Trial("trainable", config=params, trial_id="aaaa0001", stub=True)
     b = Trial("trainable", config={**params, "lr": 2e-3}, trial_id="bbbb0002", stub=True)
@@ -350,6 +351,20 @@ def test_export_callback_writes_optuna_db_after_each_finished_trial(tmp_path, ca
     assert trials[1].state.name == "FAIL" and trials[1].user_attrs["status"] == "failed"
     assert "trial bbbb0002 failed after 1 epoch: " in capsys.readouterr().out
     assert sorted(p.name for p in db.parent.iterdir()) == ["optuna.db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [db.parent.name, "space.yaml"]
+
+
+def test_an_optuna_db_error_is_told_by_its_own_line():
+    """SQLAlchemy's error ends in a link to its docs: the warning for an optuna.db not updated
+    gave that link as the reason."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    from tune_pets.search_results import error_line as reason
+
+    cause = sqlite3.OperationalError("unable to open database file")
+    assert reason(sqlalchemy.exc.OperationalError("INSERT", {}, cause)) == str(cause)
 
 
 # ---------------------------------------------------------------- one search, many checks

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from tune_pets.config import CONFIG_FIELDS, RunConfig
 from tune_pets.figures import figure_style, save
@@ -129,6 +130,7 @@ def error_line(error: object) -> str:
     """The last line of an error (the exception and its message), at most 300 characters."""
     if error is None:
         return ""
+    error = getattr(error, "orig", None) or error  # SQLAlchemy's last line: a link to its docs
     lines = str(error).strip().splitlines()
     return (lines[-1] if lines else type(error).__name__)[:300]
 
@@ -305,7 +307,8 @@ def export_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, pa
     import optuna
 
     with atomic_path(path) as tmp:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp.resolve()}")
+        # quoted: in a URL "%20" is a space and "?" starts a query (a file was made beside)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{quote(str(tmp.resolve()))}")
         try:
             build_study(records, spec, name, storage)
         finally:
