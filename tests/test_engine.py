@@ -93,6 +93,17 @@ def test_steps_per_epoch(n, batch, cap, steps):
     assert steps_per_epoch(CNN.replace(batch_size=batch, max_steps_per_epoch=cap), n) == steps
 
 
+def test_a_features_model_trains_on_one_view_per_epoch_in_turn():
+    """The probe's feature cache holds V augmented views: epoch e trains on view (e-1) mod V."""
+    from tune_pets.engine import Batches
+
+    views = np.stack([np.full((4, 2, 5), v, np.float32) for v in range(3)])  # [V, N, 2, D]
+    data = FitData("features", ["a", "b"], views, np.array([0, 1, 0, 1]))
+    batches = Batches(get_spec("vit").defaults.replace(batch_size=4), data, torch.device("cpu"))
+    seen = [float(next(batches.train(epoch))[0].mean()) for epoch in (1, 2, 3, 4)]
+    assert seen == [0.0, 1.0, 2.0, 0.0]
+
+
 def test_make_optimizer_uses_the_config_and_skips_frozen_params():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     net[0].requires_grad_(False)

@@ -374,6 +374,18 @@ def test_report_rows_say_backbone_size_epochs_img_and_seeds(flagged_report):
         assert size == "smoke"
 
 
+def test_report_gives_each_score_its_own_std(tmp_path):
+    from tune_pets.report import results_section
+
+    layout = Layout(tmp_path)
+    seeds = [{"seed": 0}, {"seed": 1}]
+    ReproduceResult(tag="cnn", split="test", test_acc=0.5, test_macro_f1=0.4, test_acc_std=0.01,
+                    test_macro_f1_std=0.02, n_seeds=2, per_seed=seeds,
+                    ).write(layout.result_metrics("cnn"))  # fmt: skip
+    row = next(line for line in results_section(layout) if line.startswith("| cnn | tuned"))
+    assert "| 0.5000 ± 0.0100 | 0.4000 ± 0.0200 |" in row, row
+
+
 def _notes(report: str) -> list[str]:
     section = report.split("## Baseline vs tuned")[1].split("\n## ")[0]
     return [line for line in section.splitlines() if line.startswith("- ")]

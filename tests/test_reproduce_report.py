@@ -307,6 +307,19 @@ def test_reproduce_seeds_mean_std_and_metrics_csv(det_runs, cache_dir, tmp_path)
         if c0["state_dict"][k].is_floating_point()
     ), "seeds 0 and 1 trained identical weights"
 
+    # The per-class rows are the first seed's (their support-weighted recall is its accuracy),
+    # and a seed's train time is the sum of its epochs' (as TensorBoard has them).
+    per_class = read_csv(art / "cnn" / "per_class_test.csv")
+    support = sum(int(r["support"]) for r in per_class)
+    recalled = sum(float(r["recall"]) * int(r["support"]) for r in per_class)
+    assert recalled / support == pytest.approx(accs[0], abs=1e-5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in per_seed:
+        events = EventAccumulator(str(tmp_path / "R" / f"cnn-seed{r['seed']}"))
+        times = [e.value for e in events.Reload().Scalars("epoch_time_s")]
+        assert len(times) > 1 and r["train_time_s"] == pytest.approx(sum(times), abs=0.01)
+
     rows = [r for r in read_csv(art / "metrics.csv") if r["model"] == "cnn"]
     assert len(rows) == 1, rows
     assert int(rows[0]["n_seeds"]) == 2

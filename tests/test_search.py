@@ -37,6 +37,7 @@ from PIL import Image
 
 from tune_pets.config import RunConfig
 from tune_pets.layout import Layout
+from tune_pets.models import get_spec
 from tune_pets.records import SearchSummary
 from tune_pets.search import (
     DEFAULT_GPU_FRACTION,
@@ -44,13 +45,15 @@ from tune_pets.search import (
     asha_warning,
     build_parser,
     choose_resources,
+    first_point,
     resume_command,
     resumed_spec,
     save_spec,
     trial_device_label,
     _ray_classes,
 )
-from tune_pets.search_results import STATUSES, make_record, pick_best, write_plots
+from tune_pets.search_results import STATUSES, build_study, make_record, pick_best, status_counts
+from tune_pets.search_results import write_plots, write_trials_csv
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
 from tune_pets.utils import UserError
 
@@ -210,7 +213,6 @@ def test_the_resume_command_drops_every_spelling_of_overwrite_and_resume(flag):
 @pytest.mark.parametrize("model", ["cnn", "vit"])
 def test_search_space_smoke_names_the_shipped_tiny_space(model):
     """Without a checkout the smoke YAMLs were reachable only through their install path."""
-    from tune_pets.models import get_spec
     from tune_pets.search import spec_from_args
 
     args = build_parser().parse_args([model, "--search-space", "smoke"])
@@ -280,6 +282,37 @@ def test_failed_trials_are_never_the_best():
     assert (good.status, broke.status) == ("stopped early", "failed")
     assert pick_best([broke, good], spec) is good
     assert pick_best([broke], spec) is None
+
+
+def test_trials_csv_counts_and_study_say_what_the_records_say(tmp_path):
+    """trials.csv's best columns are the best epoch's, the status counts are the records', and
+    a failed trial that had scores is FAIL in optuna.db, never its best trial."""
+    spec = _spec(max_epochs=3, space={"lr": ("loguniform", [1e-4, 1e-2])})
+    scores = zip((1, 2, 3), (0.5, 0.9, 0.6), (0.1, 0.7, 0.3), strict=True)
+    reports = [{"epoch": e, "val_acc": a, "val_macro_f1": f} for e, a, f in scores]
+    done = make_record("done", {"lr": 1e-3}, reports, spec)
+    stopped = make_record("stopped", {"lr": 2e-3}, reports[:1], spec)
+    broke = make_record("broke", {"lr": 1e-2}, [{"epoch": 1, "val_acc": 0.95}], spec, error="E")
+    records = [done, stopped, broke]
+    write_trials_csv(records, spec, tmp_path / "trials.csv")
+    row = read_trials(tmp_path)[0]
+    assert (row["best_epoch"], row["best_val_acc"], row["best_val_macro_f1"]) == ("2", "0.9", "0.7")
+    assert status_counts(records) == {"completed": 1, "stopped_early": 1, "failed": 1}
+    study = build_study(records, spec, "cnn")
+    assert (study.trials[2].state.name, study.trials[2].value) == ("FAIL", None)
+    assert study.best_trial.user_attrs["ray_trial_id"] == "done"
+
+
+def test_the_homework_point_snaps_to_the_nearest_value_of_the_space():
+    cnn = get_spec("cnn")
+    assert (cnn.defaults.batch_size, cnn.defaults.lr) == (32, 1e-3)
+    space = {"batch_size": ("quniform", [16, 64, 24]), "lr": ("loguniform", [2e-3, 1e-2])}
+    assert first_point(_spec(space=space), cnn) == {"batch_size": 40, "lr": 2e-3}
+
+
+def test_fractional_cpus_per_trial_fill_the_cluster():
+    spec = _spec(resources={"cpu": 1.1, "gpu": 0}).replace(max_concurrent=100)
+    assert choose_resources(spec, {"CPU": 33}, "images").max_concurrent == 30  # 33/1.1: 29.99..
 
 
 def test_parameter_importances_are_the_same_for_the_same_trials(tmp_path):

@@ -219,6 +219,23 @@ def test_pick_rules_best_epoch_and_final_mean():
     assert pick_best(records, _spec(max_epochs=4, pick="final_mean")) is steady
 
 
+def test_ties_go_to_the_earlier_epoch_and_the_earlier_trial():
+    """A trial's best epoch is the first with its best score, and its val_macro_f1 is that
+    epoch's; of two trials with the same scores the one started first is picked, by either
+    rule (its checkpoint is the one kept)."""
+    spec = _spec(max_epochs=3)
+
+    def rec(tid, f1s):
+        scores = zip((1, 2, 3), (0.5, 0.8, 0.8), f1s, strict=True)
+        reports = [{"epoch": e, "val_acc": a, "val_macro_f1": f} for e, a, f in scores]
+        return make_record(tid, {"lr": 1e-3}, reports, spec)
+
+    a, b = rec("a", (0.1, 0.7, 0.3)), rec("b", (0.2, 0.6, 0.6))
+    assert (a.best_epoch, a.best_value, a.val_macro_f1) == (2, 0.8, 0.7)
+    for rule in PICK_RULES:
+        assert pick_best([a, b], spec, rule) is a and pick_best([b, a], spec, rule) is b
+
+
 def test_pick_comes_from_the_yaml_and_the_flag_overrides_it(tmp_path):
     shipped = default_space("cnn")
     assert load_search_spec(shipped).pick == "best_epoch"

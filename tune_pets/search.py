@@ -153,8 +153,8 @@ def choose_resources(
     if getattr(flags, "max_concurrent", None) is not None:
         why = getattr(flags, "max_concurrent_why", "--max-concurrent")  # resumed: as started
         return TrialResources(cpu, gpu, flags.max_concurrent, why)
-    # The trials the cluster can run at once; the epsilon keeps 1 / 0.1 = 9.999... from losing
-    # a trial to rounding.
+    # The trials the cluster can run at once; the epsilon keeps 33 / 1.1 = 29.999... from
+    # losing a trial to rounding.
     fit_cpu = math.floor(have_cpu / cpu + 1e-9)
     fit_gpu = math.floor(have_gpu / gpu + 1e-9) if gpu > 0 else math.inf
     # A GPU share from auto or a flag fills the GPUs; one fixed in the YAML keeps its
