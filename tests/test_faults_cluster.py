@@ -860,3 +860,27 @@ def test_a_200_trial_search_keeps_its_memory_and_overhead(tiny_data, tmp_path):
     assert late - early <= MEMORY_BOUND_MB, f"driver memory grew {late - early:.0f} MB"
     # A floor of 2 s: one optuna.db rewrite or a busy moment of the machine is not growth.
     assert last24 <= max(2.0, 2 * first24), "trials finish ever more slowly: overhead grows"
+
+
+def test_snapshot_renames_the_trial_list_last(tmp_path):
+    """The experiment state is renamed into place after the rest of its snapshot, so a
+    failure at that last rename leaves the other files renamed and the old trial list alone
+    (here the rename fails: a folder sits where the trial list goes). The round is then given
+    up: its callbacks' file, come after the rest, renamed the files already renamed again
+    (FileNotFoundError) and left the trial list's temporary file."""
+    from tune_pets.storage import SNAPSHOT_KINDS, atomic_local_filesystem
+
+    fs = atomic_local_filesystem()
+    # Without a callback that has state Tune writes three files: they make a whole snapshot.
+    kinds = [k for k in SNAPSHOT_KINDS if k != "callback-states"]
+    names = [f"{k}-2026-01-01_00-00-00.json" for k in kinds]
+    (tmp_path / names[0]).mkdir()  # experiment_state-...json cannot be replaced
+    assert names[0].startswith("experiment_state")
+    for name in names:
+        with contextlib.suppress(OSError):
+            with fs.open_output_stream(str(tmp_path / name)) as f:
+                f.write(b"x")
+    assert all((tmp_path / n).is_file() for n in names[1:])
+    with fs.open_output_stream(str(tmp_path / "callback-states-2026-01-01_00-00-00.pkl")) as f:
+        f.write(b"x")
+    assert not list(tmp_path.glob(".*.tmp")) and (tmp_path / names[0]).is_dir()

@@ -148,8 +148,13 @@ class _Snapshots:
             if needed <= set(snap.ready):
                 # the trial list last: a reader that finds it finds the rest of its snapshot
                 for k in sorted(snap.ready, key=lambda k: k == "experiment_state"):
-                    os.replace(snap.ready[k].tmp, snap.ready[k].path)
-                snap.ready.clear()
+                    try:
+                        os.replace(snap.ready[k].tmp, snap.ready[k].path)
+                    except OSError:  # the round is given up: a later file of it is dropped,
+                        snap.failed = True  # not committed again with files already renamed
+                        snap.drop()
+                        raise
+                    del snap.ready[k]
                 snap.committed = True
 
     def _failed(self, snap: _Snapshot) -> None:
