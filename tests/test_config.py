@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -440,3 +441,29 @@ def test_backbone_flags_are_refused_for_a_model_without_a_backbone(cmd, flag, tm
     with pytest.raises(UserError, match=rf"^{flag[0]}: cnn has no pretrained backbone"):
         main(["cnn", *flag, *extra, "--artifacts-dir", str(tmp_path / "a")])
     assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------- search-space defaults and bounds
+LR_SPACE = "space:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+
+
+def _space_file(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_a_loss_metric_without_mode_is_minimized(tmp_path):
+    """Mode defaults to the metric's own direction (val_loss: min), not to max."""
+    from tune_pets.spaces import load_search_spec
+
+    spec = load_search_spec(_space_file(tmp_path, f"model: cnn\nmetric: val_loss\n{LR_SPACE}"))
+    assert spec.mode == "min"
+
+
+def test_reduction_factor_below_two_is_refused(tmp_path):
+    """ASHA needs a reduction factor > 1; 1 is refused when the file is read."""
+    from tune_pets.spaces import load_search_spec
+
+    with pytest.raises(UserError, match="reduction_factor"):
+        load_search_spec(_space_file(tmp_path, f"model: cnn\nreduction_factor: 1\n{LR_SPACE}"))

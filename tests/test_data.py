@@ -659,3 +659,83 @@ def test_cpu_and_cuda_resampling_paths_agree_on_an_identity_crop():
     expect[flip] = expect[flip].flip(-1)
     assert torch.equal(a, expect)
     assert torch.allclose(b, expect, atol=1e-3)
+
+
+# ---------------------------------------------------------------- scan rules and cache keys
+def _ppm(path: Path, seed: int) -> None:
+    Image.fromarray(_noise(40, 48, seed=seed)).save(path, format="PPM")  # one size for any pixels
+
+
+def test_scan_split_ignores_hidden_files_with_image_extensions(tmp_path, make_image_folder):
+    """MacOS AppleDouble files (._a_0.jpg) are hidden, not images that fail to load."""
+    from tune_pets.data import scan_split
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    (root / "train" / "a" / "._a_0.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    Image.fromarray(_noise(40, 48)).save(root / "train" / "a" / ".hidden.jpg")
+    assert scan_split(root, "train").paths == [
+        "train/a/a_0.jpg", "train/a/a_1.jpg", "train/b/b_0.jpg", "train/b/b_1.jpg"
+    ]  # fmt: skip
+
+
+def test_scan_split_ignores_hidden_folders_inside_a_class(tmp_path, make_image_folder):
+    """Train/a/.thumbnails/*.jpg are not training images of class a."""
+    from tune_pets.data import scan_split
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    (root / "train" / "a" / ".thumbnails").mkdir()
+    Image.fromarray(_noise(10, 10)).save(root / "train" / "a" / ".thumbnails" / "a_0.jpg")
+    idx = scan_split(root, "train")
+    assert len(idx.paths) == 4 and not any(".thumbnails" in p for p in idx.paths)
+
+
+def test_fingerprint_changes_when_a_file_is_rewritten_at_the_same_size(tmp_path, make_image_folder):
+    """A re-saved image of the same byte size is told by its mtime."""
+    from tune_pets.data import fingerprint, scan_split
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    img = root / "train" / "a" / "a_2.ppm"
+    _ppm(img, 1)
+    first = fingerprint(root, scan_split(root, "train"))
+    size, mtime = img.stat().st_size, img.stat().st_mtime_ns
+    _ppm(img, 2)
+    os.utime(img, ns=(mtime + 10**9, mtime + 10**9))
+    assert img.stat().st_size == size
+    assert fingerprint(root, scan_split(root, "train")) != first
+
+
+def test_fingerprint_changes_when_a_file_changes_size_but_keeps_its_mtime(
+    tmp_path, make_image_folder
+):
+    """Another file copied over with its mtime kept (cp -p, rsync -a) is told by its size."""
+    from tune_pets.data import fingerprint, scan_split
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    img = root / "train" / "a" / "a_0.jpg"
+    st = img.stat()
+    first = fingerprint(root, scan_split(root, "train"))
+    Image.fromarray(_noise(80, 96, seed=5)).save(img)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert img.stat().st_size != st.st_size
+    assert fingerprint(root, scan_split(root, "train")) != first
+
+
+def test_fingerprint_follows_the_class_list(tmp_path, make_image_folder):
+    """The held-out split read with another train class list (a class added to train) is
+    another entry: the cached one holds the old class list."""
+    from tune_pets.data import fingerprint, scan_split
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    a = fingerprint(root, scan_split(root, "test", ["a", "b"]))
+    assert a != fingerprint(root, scan_split(root, "test", ["a", "b", "c"]))
+
+
+def test_decode_cache_keeps_interpolations_apart(tmp_path, make_image_folder):
+    """A bicubic decode at the same size is not the bilinear one read back from the cache."""
+    from tune_pets.data import load_split
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    kw = {"cache_dir": tmp_path / "cache", "workers": 1, "progress": False}
+    bilinear = load_split(root, "train", 24, interpolation="bilinear", **kw)
+    bicubic = load_split(root, "train", 24, interpolation="bicubic", **kw)
+    assert not np.array_equal(bilinear.images, bicubic.images)

@@ -378,3 +378,23 @@ def test_no_import_cycles_in_tune_pets():
         for c in cycles
     ]
     assert not cycles, "import cycle(s) in tune_pets: " + "; ".join(described)
+
+
+def _feature_rows(n: int, dim: int, seed: int = 0):
+    x = np.random.default_rng(seed).normal(size=(1, n, 2, dim)).astype(np.float32)
+    return x, np.arange(n) % 2
+
+
+def test_overfit_check_fails_below_full_memorization():
+    """One image twice, with two labels: at most 19 of 20 can be right,
+    so the check fails (it passed at 90%)."""
+    from tune_pets.engine import FitData
+    from tune_pets.models import get_spec
+    from tune_pets.train import overfit_check
+
+    x, y = _feature_rows(20, 32)
+    x[0, 1] = x[0, 0]  # the same features, labels 0 and 1
+    data = FitData("features", ["a", "b"], x, y)
+    cfg = get_spec("vit").defaults.replace(batch_size=20, lr=0.1)
+    passed, steps, acc = overfit_check(cfg, data, n_batches=1)
+    assert not passed and acc < 1.0 and steps == 300

@@ -569,3 +569,12 @@ def test_report_leaves_out_damaged_top_ops_rows_and_names_imbalance_only_when_th
                                prediction_spread={**spread, "max_min_support": [3, 3]})  # fmt: skip
     (note,) = report._divergence_note("cnn", balanced)
     assert "5 of 37 classes." in note and "imbalanced" not in note
+
+
+def test_each_reproduce_seed_has_its_own_tensorboard_run():
+    """Runs/<tag>-seed<N>: seeds of one tag must not write into one TensorBoard run."""
+    from tune_pets.layout import Layout
+
+    layout = Layout(Path("A"), Path("R"))
+    assert layout.reproduce_tb("cnn", 0) == Path("R/cnn-seed0")
+    assert layout.reproduce_tb("cnn", 0) != layout.reproduce_tb("cnn", 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -322,3 +323,57 @@ def test_data_config_cnn():
     dc = get_spec("cnn").data_config(get_spec("cnn").defaults.replace(img_size=64))
     assert dc["img_size"] == 64 and dc["crop_pct"] == CNN_CROP_PCT == 0.875
     assert dc["mean"] == CNN_MEAN and dc["std"] == CNN_STD and dc["interpolation"] == "bilinear"
+
+
+# ---------------------------------------------------------------- the feature cache's key and views
+def _image_split(n: int = 6, res: int = 8):
+    from tune_pets.data import ImageSplit
+
+    images = np.random.default_rng(0).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+    paths = [f"train/a/{i}.jpg" for i in range(n)]
+    return ImageSplit("train", images, np.arange(n) % 2, paths, ["a", "b"], "fp0123456789abcd")
+
+
+@pytest.fixture(scope="module")
+def random_vit():
+    from tune_pets.backbone import build_backbone
+
+    return build_backbone(RunConfig(model="vit", pretrained=False))
+
+
+def test_feature_key_differs_for_other_images_of_one_split():
+    """Two val splits of one train split (other split_seed) share name and fingerprint
+    (``subset`` keeps it); only the paths tell their features apart."""
+    from tune_pets.features import feature_key
+
+    split = _image_split()
+    cfg, dc, cpu = RunConfig(model="vit", pretrained=False), {"img_size": 224}, torch.device("cpu")
+    a, b = split.subset(np.array([0, 1, 2]), "val"), split.subset(np.array([3, 4, 5]), "val")
+    assert a.fingerprint == b.fingerprint and a.name == b.name
+    assert feature_key(cfg, dc, a, None, cpu) != feature_key(cfg, dc, b, None, cpu)
+
+
+def test_feature_key_follows_the_preprocessing():
+    """The backbone's data config (crop_pct, mean, std, ...) is part of the key: a timm
+    upgrade that changes it must not reuse features made with the old one."""
+    from tune_pets.features import feature_key
+
+    split, cfg, cpu = _image_split(), RunConfig(model="vit", pretrained=False), torch.device("cpu")
+    dc = {"img_size": 224, "crop_pct": 0.9, "interpolation": "bicubic",
+          "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # fmt: skip
+    assert feature_key(cfg, dc, split, None, cpu) != feature_key(
+        cfg, {**dc, "crop_pct": 0.875}, split, None, cpu
+    )
+
+
+def test_augmented_views_are_different_crops(random_vit):
+    """View k is seeded by k; every view seeded alike made V identical copies."""
+    from tune_pets.features import extract
+    from tune_pets.models import vit_data_config
+
+    cfg = RunConfig(model="vit", pretrained=False)
+    dc = vit_data_config(cfg)
+    split = _image_split(n=2, res=64)
+    v0 = extract(random_vit, split, dc, torch.device("cpu"), view=0, progress=False)
+    v1 = extract(random_vit, split, dc, torch.device("cpu"), view=1, progress=False)
+    assert not np.allclose(v0, v1)

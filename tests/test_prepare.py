@@ -784,3 +784,20 @@ def test_a_dataset_row_without_an_image_is_skipped_and_listed(tmp_path, hf_cache
     assert len(list((out / "test").rglob("*.jpg"))) == 6
     skipped = json.loads((out / prep.MARKER).read_text())["skipped"]
     assert skipped == ["train/Abyssinian/Abyssinian_2: ValueError: the row holds no image"]
+
+
+def test_breed_from_an_upper_case_extension():
+    """Abyssinian_1.JPG names the breed as Abyssinian_1.jpg does."""
+    from tune_pets.prepare import breed_from_stem
+
+    assert breed_from_stem("Abyssinian_1.JPG") == "Abyssinian"
+    assert breed_from_stem("images/great_pyrenees_7.JPEG") == "great_pyrenees"
+
+
+def test_stem_names_that_collide_with_fallback_names_are_not_used():
+    """Class 0's stems say 'beagle', the fallback name of class 1: two classes in one folder
+    unless the fallback names are used alone."""
+    from tune_pets.prepare import breed_names
+
+    names = breed_names([(0, "beagle_1"), (0, "beagle_2"), (1, None)], ["Abyssinian", "beagle"])
+    assert names == {0: "Abyssinian", 1: "beagle"}

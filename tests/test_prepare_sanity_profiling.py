@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import ok, run
 from PIL import Image
 
@@ -313,3 +314,76 @@ def test_profiling_bad_flags_are_one_line(odd_data, tmp_path, capsys, extra, mes
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     assert not (tmp_path / "art").exists()
+
+
+# ---------------------------------------------------------------- sanity and profiling numbers
+
+
+def test_small_side_count_is_strictly_below_224():
+    """A 224-px shorter side is the networks' input size, not below it."""
+    from tune_pets.sanity import size_stats
+
+    assert size_stats([(224, 300), (300, 223), (500, 500)])["n_short_side_lt_224"] == 1
+
+
+def test_class_balance_median_is_the_median():
+    """Per-class median, not the mean (skewed classes)."""
+    from tune_pets.sanity import class_balance
+
+    b = class_balance({"a": 1, "b": 2, "c": 9})
+    assert b["median"] == 2.0 and b["mean"] == 4.0
+
+
+def test_sanity_sizes_leave_out_unreadable_images(tmp_path, make_image_folder):
+    """A truncated JPEG's header gives a size, but training cannot read it: not counted."""
+    from tune_pets.sanity import run_sanity
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    bad = root / "train" / "a" / "a_0.jpg"
+    Image.fromarray(_noise(400, 300)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:3000])  # header intact, data cut short
+    s = run_sanity(root, tmp_path / "out", grid_per_split=0, workers=1, progress=False)
+    assert s["n_unreadable"] == 1
+    assert s["sizes"]["all"]["n"] == 5 and s["sizes"]["all"]["width_max"] == 48
+
+
+def test_sanity_flags_an_upper_case_jpg_that_is_not_a_jpeg(tmp_path, make_image_folder):
+    """X.JPG holding a PNG is as odd as x.jpg holding one."""
+    from tune_pets.sanity import run_sanity
+
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    Image.fromarray(_noise(40, 48)).save(root / "train" / "a" / "x.JPG", format="PNG")
+    s = run_sanity(root, tmp_path / "out", grid_per_split=0, workers=1, progress=False)
+    assert s["odd_by_issue"]["not_jpeg"] == 1
+
+
+def _cnn_profile_setup():
+    from tune_pets.engine import FitData
+    from tune_pets.models import get_spec
+
+    spec = get_spec("cnn")
+    cfg = spec.defaults.replace(img_size=64, batch_size=6, width=4, depth=1)
+    images = np.random.default_rng(0).integers(0, 256, (6, 73, 73, 3), dtype=np.uint8)
+    return cfg, FitData("images", ["a", "b"], images, np.arange(6) % 2,
+                        preprocess=spec.data_config(cfg))  # fmt: skip
+
+
+def test_images_per_s_counts_the_data_time_too(tmp_path):
+    """Images/s is per whole step (data + compute), as step_time_ms is."""
+    from tune_pets.profiling import run_profile
+
+    cfg, data = _cnn_profile_setup()
+    s = run_profile(cfg, data, 2, tmp_path)
+    assert s["data_time_ms"] > 0.01 * s["step_time_ms"]  # the premise: data time shows
+    assert s["images_per_s"] == pytest.approx(6 * 1000 / s["step_time_ms"], rel=1e-3)
+
+
+def test_profiled_step_times_leave_out_the_profilers_wait_and_warmup(tmp_path):
+    """Only the ``steps`` recorded steps are timed, not the profiler's wait and warmup."""
+    from tune_pets.engine import Engine
+    from tune_pets.profiling import _profiled_run
+
+    cfg, data = _cnn_profile_setup()
+    engine = Engine(cfg, data, torch.device("cpu"))
+    _, times = _profiled_run(engine, engine.batches.forever(), 2, tmp_path, False)
+    assert len(times) == 2

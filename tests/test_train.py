@@ -443,3 +443,24 @@ def test_weights_path_is_stored_absolute(tmp_path, monkeypatch):
     args = build_parser().parse_args(["vit", "--weights", "w.safetensors"])
     config = cli.config_from_args(args, get_spec("vit").defaults)
     assert config.weights == str(tmp_path / "w.safetensors")
+
+
+def _feature_rows(n: int, dim: int, seed: int = 0):
+    x = np.random.default_rng(seed).normal(size=(1, n, 2, dim)).astype(np.float32)
+    return x, np.arange(n) % 2
+
+
+def test_fit_reports_the_best_epochs_metrics_not_the_last():
+    """Val labels are the train labels flipped, so val_loss is best at
+    epoch 1; best_metrics are that epoch's."""
+    from tune_pets.engine import FitData
+    from tune_pets.models import get_spec
+    from tune_pets.train import fit
+
+    x, y = _feature_rows(32, 16)
+    data = FitData("features", ["a", "b"], x, y, x[0], 1 - y)
+    cfg = get_spec("vit").defaults.replace(epochs=4, batch_size=8, lr=0.05, metric="val_loss")
+    result = fit(cfg, data)
+    assert result.best_epoch < len(result.history)  # the test's premise
+    assert result.best_metrics["epoch"] == result.best_epoch
+    assert result.best_metrics == result.history[result.best_epoch - 1]

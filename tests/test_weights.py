@@ -430,3 +430,21 @@ def test_cli_train_vit_with_pretrained_weights_from_hub_cache(
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "pretrained weights" in lines[0] and "--weights PATH" in lines[0]
     print(f"offline train CLI failed in {elapsed:.1f} s (process start and imports included)")
+
+
+@pytest.fixture(scope="module")
+def random_vit():
+    return build_backbone(RunConfig(model="vit", pretrained=False))
+
+
+def test_patch_mean_feature_leaves_out_the_cls_token(random_vit):
+    """Feature 1 is the mean of the patch tokens only, not of all tokens with the CLS."""
+    from tune_pets.backbone import token_features
+
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = random_vit.eval().forward_features(x)
+        feats = token_features(random_vit, x)
+    prefix = random_vit.num_prefix_tokens
+    torch.testing.assert_close(feats[:, 0], tokens[:, 0])
+    torch.testing.assert_close(feats[:, 1], tokens[:, prefix:].mean(1))
