@@ -386,8 +386,8 @@ def _feature_rows(n: int, dim: int, seed: int = 0):
 
 
 def test_overfit_check_fails_below_full_memorization():
-    """One image twice, with two labels: at most 19 of 20 can be right,
-    so the check fails (it passed at 90%)."""
+    """One image twice, with two labels: at most 19 of 20 can be right, so the check fails
+    (it passed at 90%)."""
     from tune_pets.engine import FitData
     from tune_pets.models import get_spec
     from tune_pets.train import overfit_check

@@ -348,7 +348,7 @@ def test_sanity_sizes_leave_out_unreadable_images(tmp_path, make_image_folder):
 
 
 def test_sanity_flags_an_upper_case_jpg_that_is_not_a_jpeg(tmp_path, make_image_folder):
-    """X.JPG holding a PNG is as odd as x.jpg holding one."""
+    """A PNG named x.JPG is as odd as one named x.jpg."""
     from tune_pets.sanity import run_sanity
 
     root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
@@ -369,7 +369,7 @@ def _cnn_profile_setup():
 
 
 def test_images_per_s_counts_the_data_time_too(tmp_path):
-    """Images/s is per whole step (data + compute), as step_time_ms is."""
+    """images_per_s is per whole step (data + compute), as step_time_ms is."""
     from tune_pets.profiling import run_profile
 
     cfg, data = _cnn_profile_setup()

@@ -451,8 +451,8 @@ def _feature_rows(n: int, dim: int, seed: int = 0):
 
 
 def test_fit_reports_the_best_epochs_metrics_not_the_last():
-    """Val labels are the train labels flipped, so val_loss is best at
-    epoch 1; best_metrics are that epoch's."""
+    """The val labels are the train labels flipped, so val_loss is best at epoch 1:
+    best_metrics are that epoch's, not the last one's."""
     from tune_pets.engine import FitData
     from tune_pets.models import get_spec
     from tune_pets.train import fit
