@@ -97,6 +97,8 @@ class _Snapshot:
     committed: bool = False
 
     def drop(self) -> None:
+        """Give the round up: its held-back files are deleted, its later ones dropped."""
+        self.failed = True
         for w in self.ready.values():
             Path(w.tmp).unlink(missing_ok=True)
         self.ready.clear()
@@ -150,8 +152,7 @@ class _Snapshots:
                 for k in sorted(snap.ready, key=lambda k: k == "experiment_state"):
                     try:
                         os.replace(snap.ready[k].tmp, snap.ready[k].path)
-                    except OSError:  # the round is given up: a later file of it is dropped,
-                        snap.failed = True  # not committed again with files already renamed
+                    except OSError:  # a later file of the round must not commit it again
                         snap.drop()
                         raise
                     del snap.ready[k]
@@ -159,7 +160,6 @@ class _Snapshots:
 
     def _failed(self, snap: _Snapshot) -> None:
         with self.lock:
-            snap.failed = True
             snap.drop()
 
 
