@@ -59,7 +59,7 @@ from test_search import (
 
 from tune_pets.engine import load_fit_data
 from tune_pets.models import get_spec
-from tune_pets.search import MAX_TRIAL_RESTARTS, trial_outcome
+from tune_pets.search_ray import MAX_TRIAL_RESTARTS, trial_outcome
 from tune_pets.train import fit
 from tune_pets.utils import UserError, command_lock
 

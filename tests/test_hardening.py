@@ -686,12 +686,12 @@ def test_gpus_per_trial_without_a_gpu_leaves_nothing(tmp_path, good_data):
 
 _CTRL_C_IN_RAY_INIT = """
 import os, signal, sys, threading, time
-from tune_pets import search
+from tune_pets import search_ray
 # Another thread, as a pipeline has after sanity: a process-directed SIGINT may go to it.
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
 try:
-    search.connect(None, 1)
+    search_ray.connect(None, 1)
 except KeyboardInterrupt:
     import ray
     print("interrupted, Ray up:", ray.is_initialized())
@@ -713,7 +713,7 @@ def test_a_ctrl_c_during_ray_init_is_raised_once_ray_is_up(tmp_path):
 
 _SIGTERM_AROUND_RAY = """
 import os, signal, subprocess, time
-from tune_pets import search
+from tune_pets import search_ray
 from tune_pets.utils import on_sigterm
 
 def sigterm_in(seconds):  # from outside: no thread of ours takes it, it waits while blocked
@@ -722,11 +722,11 @@ def sigterm_in(seconds):  # from outside: no thread of ours takes it, it waits w
 signal.signal(signal.SIGTERM, on_sigterm)  # as cli_main does
 sigterm_in(1)
 try:
-    search.connect(None, 1)
+    search_ray.connect(None, 1)
 except KeyboardInterrupt:
     import ray
     print("while Ray started: raised once it was up:", ray.is_initialized())
-search.disconnect()
+search_ray.disconnect()
 try:
     sigterm_in(0)
     time.sleep(5)

@@ -39,19 +39,16 @@ from tune_pets.config import RunConfig
 from tune_pets.layout import Layout
 from tune_pets.models import get_spec
 from tune_pets.records import SearchSummary
-from tune_pets.search import (
+from tune_pets.search import build_parser, resume_command
+from tune_pets.search_plan import (
     DEFAULT_GPU_FRACTION,
-    GPUNotVisibleError,
     asha_warning,
-    build_parser,
     choose_resources,
     first_point,
-    resume_command,
     resumed_spec,
     save_spec,
-    trial_device_label,
-    _ray_classes,
 )
+from tune_pets.search_ray import GPUNotVisibleError, trial_device_label, _ray_classes
 from tune_pets.search_results import STATUSES, build_study, make_record, pick_best, status_counts
 from tune_pets.search_results import write_plots, write_trials_csv
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
@@ -213,7 +210,7 @@ def test_the_resume_command_drops_every_spelling_of_overwrite_and_resume(flag):
 @pytest.mark.parametrize("model", ["cnn", "vit"])
 def test_search_space_smoke_names_the_shipped_tiny_space(model):
     """Without a checkout the smoke YAMLs were reachable only through their install path."""
-    from tune_pets.search import spec_from_args
+    from tune_pets.search_plan import spec_from_args
 
     args = build_parser().parse_args([model, "--search-space", "smoke"])
     spec = spec_from_args(args, get_spec(model))

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from helpers import run_script
 
-from tune_pets.search import make_sampler, make_tuner, startup_trials
-from tune_pets.search import build_parser, spec_from_args
+from tune_pets.search import build_parser
+from tune_pets.search_plan import make_sampler, spec_from_args, startup_trials
+from tune_pets.search_ray import make_tuner
 from tune_pets.search_results import PICK_RULES, final_mean, make_record, pick_best
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
 from tune_pets.utils import UserError
@@ -167,7 +168,7 @@ def test_a_stopped_trial_is_told_to_optuna_as_pruned_at_its_last_epoch():
     import optuna
     from optuna.trial import TrialState
 
-    from tune_pets.search import _ray_classes
+    from tune_pets.search_ray import _ray_classes
     from tune_pets.search_results import optuna_distributions
 
     spec = _spec(max_epochs=4)

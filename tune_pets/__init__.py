@@ -1,7 +1,7 @@
 """tune_pets: Ray Tune hyperparameter search for Oxford-IIIT Pet classification.
 
 Data flows one way: prepare -> dataset cache -> [feature cache] -> fit <- search
--> reproduce -> evaluate -> profile -> report. Only ``tune_pets.search`` imports Ray.
+-> reproduce -> evaluate -> profile -> report. Only ``tune_pets.search_ray`` imports Ray.
 """
 
 import signal

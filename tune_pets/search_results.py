@@ -5,7 +5,7 @@
     optuna.db           the search as an Optuna study             (export_study)
     *.png               learning curves, optimization history, parameter importances
 
-Nothing here knows Ray: ``search.py`` turns Ray's results (and each finished trial while the
+Nothing here knows Ray: ``search_ray`` turns Ray's results (and each finished trial while the
 search runs) into records, so the files are the same from a running search or its results.
 """
 

@@ -57,7 +57,7 @@ class SearchSpec:
     seed: int = 0  # sampler seed and trial seed
     split_seed: int | None = None  # train/val split seed; None: the same as seed
     # Per trial: "auto" (a GPU share per model when the cluster has GPUs, else 1 CPU; see
-    # tune_pets.search) or an explicit {cpu: C, gpu: G} (gpu may be fractional).
+    # search_plan.choose_resources) or an explicit {cpu: C, gpu: G} (gpu may be fractional).
     resources: str | dict = "auto"
     fixed: dict = field(default_factory=dict)
     space: dict = field(default_factory=dict)

@@ -176,7 +176,7 @@ def bench_spec(s: dict):
 
 
 def search_record(spec, base, sampler) -> dict:
-    from tune_pets.search import startup_trials
+    from tune_pets.search_plan import startup_trials
 
     fields = ("fixed metric mode num_samples max_epochs grace_period reduction_factor "
               "max_concurrent").split()
@@ -184,7 +184,7 @@ def search_record(spec, base, sampler) -> dict:
             **{k: getattr(spec, k) for k in fields}, "cpus_per_trial": 1,
             "tpe": {"n_startup_trials": startup_trials(spec.num_samples), "multivariate": True,
                     "constant_liar": True, "sampler": type(sampler).__name__},
-            "stopped_trials_told_to_optuna_as": "pruned (tune_pets.search: StoppedAsPruned)",
+            "stopped_trials_told_to_optuna_as": "pruned (tune_pets.search_ray: StoppedAsPruned)",
             "first_point": "the homework config, evaluated first by a and e",
             "homework_config": {k: getattr(base, k) for k in spec.space}}
 
@@ -256,8 +256,8 @@ def one_torch_thread():
 def run_ray(ctx: Ctx, key: str, seed: int) -> tuple[list, list, dict]:
     from ray import tune
 
-    from tune_pets.search import (TrialSetup, base_config, first_point, make_tuner,
-                                  records_from_grid, trainable)
+    from tune_pets.search_plan import base_config, first_point
+    from tune_pets.search_ray import TrialSetup, make_tuner, records_from_grid, trainable
 
     m, spec, name = METHODS[key], ctx.spec.replace(seed=seed), f"{key}_seed{seed}"
     storage = (ctx.tmp / "ray_results").resolve()
@@ -285,7 +285,7 @@ def run_optuna(ctx: Ctx, key: str, seed: int) -> tuple[list, list, dict]:
     import optuna.distributions as od
 
     from tune_pets.config import RunConfig
-    from tune_pets.search import base_config, first_point, make_sampler
+    from tune_pets.search_plan import base_config, first_point, make_sampler
     from tune_pets.search_results import make_record, optuna_distributions
     from tune_pets.train import fit
 
@@ -339,7 +339,7 @@ def run_optuna(ctx: Ctx, key: str, seed: int) -> tuple[list, list, dict]:
 
 def run_single(ctx: Ctx, key: str, seed: int) -> tuple[list, list, dict]:
     """The homework config trained once for max_epochs."""
-    from tune_pets.search import base_config, first_point
+    from tune_pets.search_plan import base_config, first_point
     from tune_pets.search_results import make_record
     from tune_pets.train import fit
 
@@ -420,7 +420,7 @@ def workload_check(ctx: Ctx, data_ref) -> dict:
     spread of the random configs' scores against one config's seed-to-seed noise."""
     import optuna
 
-    from tune_pets.search import base_config
+    from tune_pets.search_plan import base_config
     from tune_pets.search_results import optuna_distributions
 
     s, spec = ctx.s, ctx.spec.replace(seed=0)
@@ -477,7 +477,7 @@ def score_picks(ctx: Ctx, result: dict, data_root: Path) -> dict:
 
     from tune_pets.data import load_split
     from tune_pets.engine import load_fit_data
-    from tune_pets.search import base_config
+    from tune_pets.search_plan import base_config
 
     picks = []  # (pick, the config reproduce trains for it)
     for m in result["methods"].values():
@@ -699,7 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tune_pets.engine import load_fit_data
     from tune_pets.models import get_spec
-    from tune_pets.search import base_config, connect, make_sampler
+    from tune_pets.search_plan import base_config, make_sampler
+    from tune_pets.search_ray import connect
 
     try:
         with tempfile.TemporaryDirectory(prefix="tune_pets_search_eff_") as tmp_name:

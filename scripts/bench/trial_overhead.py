@@ -1,4 +1,4 @@
-"""trial_overhead_s: per-trial overhead of the project's search path (``tune_pets.search``'s
+"""trial_overhead_s: per-trial overhead of the project's search path (``tune_pets.search_ray``'s
 ``make_tuner``: Ray Tune + OptunaSearch + ASHA, actor reuse) on a trivial trainable; and
 optuna_trial_overhead_s: the same trivial study in plain in-process Optuna (the anchor).
 overhead = (wall - work) / trials, work = epochs run x sleep per epoch / concurrency."""
@@ -34,7 +34,7 @@ def run_ray(ctx: Context) -> dict:
     import ray
     from ray import tune
 
-    from tune_pets.search import connect, make_tuner
+    from tune_pets.search_ray import connect, make_tuner
     from tune_pets.spaces import SearchSpec
 
     n, sleep_s = ctx.s["ray_trials"], ctx.s["ray_sleep_s"]
@@ -67,7 +67,7 @@ def run_ray(ctx: Context) -> dict:
     overhead = (wall - work_total / CONCURRENCY) / len(epochs)
     return {"trial_overhead_s": figure(
         "trial_overhead_s", overhead, "s per trial", la0,
-        way_a={"name": "tune_pets.search.make_tuner (Ray Tune + OptunaSearch + ASHA + "
+        way_a={"name": "tune_pets.search_ray.make_tuner (Ray Tune + OptunaSearch + ASHA + "
                        "ConcurrencyLimiter), function trainable",
                "wall_s": wall, "make_tuner_s": build_s, "tuner_fit_s": fit_s,
                "ray_startup_s_excluded": ray_start_s, "trials": len(epochs),
