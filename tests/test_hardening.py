@@ -23,6 +23,7 @@ as regression tests.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -838,6 +839,74 @@ def test_ctrl_c_or_sigterm_during_train_says_what_to_do(interrupted_train):
     err = interrupted_train[-1]
     assert re.search(r"rerun|run it again|run the same command|--resume", err), err
     assert "checkpoint_best.pt" in err
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` ignores ``sig`` (the SigIgn mask in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def _start_a_long_decode(tmp_path: Path, sig: int):
+    """``train`` on 800 copies of one 640x480 JPEG (the decode at 256 px takes seconds), once
+    both decode workers run and ignore ``sig``: (process, work dir, worker pids)."""
+    one = tmp_path / "one.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(one, quality=90)
+    for split, n in (("train", 400), ("test", 2)):
+        for name in ("a", "b"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                os.link(one, folder / f"{i}.jpg")
+    work = tmp_path / "work"
+    proc = start("train", cli_args("train", tmp_path / "data", work, "--img-size", 224), work)
+    workers: list[int] = []
+    while proc.poll() is None and not any((work / "cache").rglob("*.json")):
+        workers = [p for p in helpers.session_pids(proc.pid) if p != proc.pid]
+        with contextlib.suppress(OSError):  # a worker just ended
+            if len(workers) == 2 and all(_ignores(w, sig) for w in workers):
+                return proc, work, workers
+        time.sleep(0.01)
+    kill_session(proc.pid)
+    pytest.fail(f"no decode worker ignored {signal.Signals(sig).name} (the decode ended first)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_the_parallel_decode_stops_at_once(tmp_path, sig):
+    """A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group, decode
+    workers included. A worker that took it between two images died, CPython's executor then
+    failed on a cancelled future, and the command hung at exit (2 of 27 Ctrl-Cs). The workers
+    now leave it to the command, which drops the queued images and stops."""
+    proc, work, _ = _start_a_long_decode(tmp_path, sig)
+    try:
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        leftover = kill_session(proc.pid)
+    word, code = STOPPED_BY[sig]
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines() == [err.strip()] and word in err, err
+    assert not leftover
+    assert not list((work / "cache").rglob("*.npy")), "the decode ran to its end"
+
+
+@pytest.mark.slow
+def test_decode_workers_end_with_a_killed_command(tmp_path):
+    """Killed outright (SIGKILL, the OOM killer), the command took its decode workers along:
+    they stayed blocked on the job queue for good, and ignore SIGTERM now."""
+    proc, _, workers = _start_a_long_decode(tmp_path, signal.SIGTERM)
+    try:
+        proc.kill()
+        proc.wait(timeout=60)  # not its pipes: the workers hold them too
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(workers) & set(helpers.session_pids(proc.pid)):
+            time.sleep(0.05)
+        assert not set(workers) & set(helpers.session_pids(proc.pid))
+    finally:
+        kill_session(proc.pid)
 
 
 def _read_until_first_trial_done(proc, timeout_s: float):

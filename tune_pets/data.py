@@ -15,10 +15,12 @@ on CPU an antialiased uint8 resize per crop (as torchvision), on CUDA one batche
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import unicodedata
@@ -115,6 +117,20 @@ def _decode_worker(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str |
         return decode_square(*args), None
     except BadImageError as e:
         return None, str(e)
+
+
+def _start_worker() -> None:
+    """A decode worker's start. Ctrl-C and SIGTERM reach the whole process group, and the
+    parent stops the pool (it cancels the queued images): a worker that took the signal
+    itself, between two images, died and broke the pool, CPython's executor then failed on a
+    cancelled future, and the command hung at exit (2 of 27 Ctrl-Cs during a decode). On
+    Linux a parent killed outright (SIGKILL, the OOM killer) takes its workers with it; they
+    stayed blocked on the job queue forever."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------- scanning
@@ -305,7 +321,8 @@ def load_split(
         with contextlib.ExitStack() as stack:
             results = map(_decode_worker, jobs)
             if workers > 1 and len(jobs) > 64:
-                pool = stack.enter_context(ProcessPoolExecutor(workers))
+                pool = ProcessPoolExecutor(workers, initializer=_start_worker)
+                stack.callback(pool.shutdown, cancel_futures=True)  # stopped: drop the queue
                 results = pool.map(_decode_worker, jobs, chunksize=16)
             desc = f"decode {split} @{res}px"
             bar = progress_bar(results, len(jobs), desc, progress, leave=False)
