@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -321,7 +322,11 @@ def load_split(
         with contextlib.ExitStack() as stack:
             results = map(_decode_worker, jobs)
             if workers > 1 and len(jobs) > 64:
-                pool = ProcessPoolExecutor(workers, initializer=_start_worker)
+                # fork on Linux, as before Python 3.14 made a forkserver the default: that
+                # server and its helper are processes in the command's group too, and were
+                # left behind for a second or two after a Ctrl-C or SIGTERM
+                fork = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+                pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker)
                 stack.callback(pool.shutdown, cancel_futures=True)  # stopped: drop the queue
                 results = pool.map(_decode_worker, jobs, chunksize=16)
             desc = f"decode {split} @{res}px"
