@@ -3,8 +3,10 @@ stratified val split and the batched tensor transforms."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +307,18 @@ def test_load_split_center_crops_the_shorter_side(tmp_path, cache_dir):
     img = load_split(root, "train", 20, cache_dir=cache_dir, progress=False).images[0]
     assert img.shape == (20, 20, 3)
     assert (img[..., 1] > 200).all()  # only the green center is kept
+
+
+def test_an_animated_gif_is_decoded_and_its_file_closed(tmp_path):
+    """PIL keeps a GIF's file open for its other frames: each one named .jpg (the real data
+    has some) left an open file behind until the garbage collector came."""
+    frames = [Image.new("P", (40, 30), i) for i in (0, 1)]
+    frames[0].save(tmp_path / "cat.jpg", format="GIF", save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_rgb(tmp_path / "cat.jpg").size == (40, 30)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def test_odd_files_decode_through_the_cache(tmp_path, cache_dir):

@@ -69,12 +69,12 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are noise
             # ...but an image over PIL's pixel limit is refused, not decoded with a warning.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if draft_size and img.format == "JPEG":
-                # libjpeg decodes at a reduced scale (>= draft_size): several times faster.
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            with Image.open(path) as img:  # closed: PIL keeps a GIF's file open for its frames
+                if draft_size and img.format == "JPEG":
+                    # libjpeg decodes at a reduced scale (>= draft_size): several times faster.
+                    img.draft("RGB", (draft_size, draft_size))
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(
             f"{path}: image too large, refused as a possible decompression bomb ({e})"
