@@ -126,10 +126,10 @@ def _start_worker() -> None:
     itself, between two images, died and broke the pool, CPython's executor then failed on a
     cancelled future, and the command hung at exit (2 of 27 Ctrl-Cs during a decode). On
     Linux a parent killed outright (SIGKILL, the OOM killer) takes its workers with it; they
-    stayed blocked on the job queue forever."""
+    stayed blocked on the job queue for good."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
+    if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
