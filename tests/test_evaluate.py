@@ -391,6 +391,31 @@ def test_evaluate_bad_flag_is_one_line(trained, tiny_data, tmp_path, capsys, fla
     assert not (tmp_path / "a").exists()
 
 
+def test_evaluate_hashes_the_checkpoint_it_scored(
+    trained, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """The hash in metrics.json is of the bytes scored: it was read from the file again after
+    the scoring, and a train that rewrote the checkpoint meanwhile lent its own version's."""
+    ckpt = tmp_path / "checkpoint_best.pt"
+    shutil.copyfile(trained.cnn, ckpt)
+    scored = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+    def score_then_rewrite(*args, **kwargs):
+        result = evaluate_checkpoint(*args, **kwargs)
+        atomic_torch_save({**torch.load(ckpt, weights_only=True), "epoch": 99}, ckpt)
+        return result
+
+    monkeypatch.setattr("tune_pets.evaluate.evaluate_checkpoint", score_then_rewrite)
+    argv = evaluate_argv("cnn", ckpt, tiny_data, trained)
+    argv[argv.index("--artifacts-dir") + 1] = str(tmp_path / "a")
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, argv)
+    assert e.value.code == 0, capsys.readouterr().err
+    metrics = Layout(tmp_path / "a").evaluation_file("cnn-test", "test", "metrics.json")
+    assert json.loads(metrics.read_text())["checkpoint_sha256"] == scored
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() != scored  # it was rewritten
+
+
 def test_load_checkpoint_names_a_folder_and_a_missing_preprocess_key(trained, tmp_path):
     with pytest.raises(UserError, match="is a folder; pass the checkpoint file in it"):
         load_checkpoint(tmp_path)

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import torch
@@ -45,7 +47,9 @@ def make_checkpoint(
 
 
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
-    """Load a checkpoint and check that it is a complete one (of ``expect_model``)."""
+    """Load a checkpoint and check that it is a complete one (of ``expect_model``). Its
+    ``file_sha256`` (not a key of the file) is the digest of the very bytes loaded: train and
+    reproduce rewrite a checkpoint in place, so a second read could find another version."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
@@ -53,7 +57,8 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
         raise UserError(f"--checkpoint {path}: file not found")
     retrain = "retrain or pass another file"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raw = path.read_bytes()
+        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupted/truncated/foreign files fail in many ways
         raise UserError(
             f"--checkpoint {path}: not a readable checkpoint ({type(e).__name__}); {retrain}"
@@ -77,6 +82,7 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
             f"--checkpoint {path} holds a {ckpt['model']} model, not {expect_model}; pass the "
             f"matching model name"
         )
+    ckpt["file_sha256"] = hashlib.sha256(raw).hexdigest()
     return ckpt
 
 

@@ -12,7 +12,6 @@ backbone features: the backbone is built only when they are not cached.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out("metrics.json"),
         {
             "checkpoint": str(Path(args.checkpoint).resolve()),
-            # which version of that file was scored: train and reproduce rewrite it in place
-            "checkpoint_sha256": hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest(),
+            "checkpoint_sha256": ckpt["file_sha256"],  # which version of that file was scored
             "checkpoint_epoch": ckpt["epoch"],
             "split": args.split,
             **s,
