@@ -878,7 +878,7 @@ def _start_a_long_decode(tmp_path: Path, sig: int):
 def test_ctrl_c_or_sigterm_during_the_parallel_decode_stops_at_once(tmp_path, sig):
     """A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group, decode
     workers included. A worker that took it between two images died, CPython's executor then
-    failed on a cancelled future, and the command hung at exit (2 of 27 Ctrl-Cs). The workers
+    failed on a cancelled future, and the command hung at exit (2 of 26 Ctrl-Cs). The workers
     now leave it to the command, which drops the queued images and stops."""
     proc, work, _ = _start_a_long_decode(tmp_path, sig)
     try:

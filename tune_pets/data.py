@@ -124,7 +124,7 @@ def _start_worker() -> None:
     """A decode worker's start. Ctrl-C and SIGTERM reach the whole process group, and the
     parent stops the pool (it cancels the queued images): a worker that took the signal
     itself, between two images, died and broke the pool, CPython's executor then failed on a
-    cancelled future, and the command hung at exit (2 of 27 Ctrl-Cs during a decode). On
+    cancelled future, and the command hung at exit (2 of 26 Ctrl-Cs during a decode). On
     Linux a parent killed outright (SIGKILL, the OOM killer) takes its workers with it; they
     stayed blocked on the job queue for good."""
     for s in (signal.SIGINT, signal.SIGTERM):
