@@ -150,6 +150,21 @@ def test_an_epochs_lr_is_the_mean_rate_of_its_steps(cnn_data):
     assert rates[-1] > 0
 
 
+def test_val_loss_is_the_plain_cross_entropy_whatever_the_smoothing(cnn_data):
+    """With label smoothing the training loss has a floor (0.67 at 0.1 for 37 classes): val_loss
+    stays the plain cross-entropy, so a search on val_loss does not rank trials by smoothing."""
+    engine = Engine(CNN.replace(label_smoothing=0.2), cnn_data)
+    engine.run_epoch(1)
+    engine.model.eval()
+    with torch.no_grad():
+        x, y = next(iter(engine.batches.eval(cnn_data.val_x, cnn_data.val_y)))
+        logits = engine.model(x)
+    plain = torch.nn.functional.cross_entropy(logits, y).item()
+    smoothed = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2).item()
+    assert abs(plain - smoothed) > 1e-3  # the two differ on these logits
+    assert engine.validate()["val_loss"] == pytest.approx(plain, rel=1e-5)
+
+
 # ---------------------------------------------------------------- one step for every caller
 def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
