@@ -418,13 +418,17 @@ def test_space_choice_is_checked_with_max_epochs_as_the_epochs(tmp_path):
         ("cnn", "fixed: {epochs: 4}", ["fixed.epochs", "max_epochs instead"]),
         ("vit", "space: {img_size: {choice: [32, 96]}}", ["space.img_size", "own input size"]),
         ("vit", "fixed: {img_size: 96}", ["fixed.img_size", "own input size"]),
+        ("vit", "space: {feature_views: {choice: [0, 2]}}", ["space.feature_views", "fixed"]),
+        ("vit", "space: {aug_scale_min: {uniform: [0.1, 0.5]}}", ["space.aug_scale_min", "once"]),
+        ("vit", "space: {pretrained: {choice: [true, false]}}", ["space.pretrained", "once"]),
         ("cnn", "resources: {cpu: .nan}", ["resources.cpu must be > 0"]),
         ("cnn", "resources: {cpu: 1, gpu: .nan}", ["resources.gpu >= 0"]),
     ],
 )
 def test_keys_a_trial_would_ignore_are_refused(tmp_path, model, body, words):
     """A searched epochs ran max_epochs anyway (and every trial read as stopped early), a vit
-    img_size changed nothing, a NaN resource made a search that waited forever."""
+    img_size changed nothing, nor did a searched key the features are made from (every trial
+    trained on the base config's features), a NaN resource made a search that waited forever."""
     path = write(tmp_path, f"model: {model}\n{body}\n")
     with pytest.raises(UserError) as e:
         load_search_spec(path)

@@ -23,6 +23,9 @@ CNN_CROP_PCT = 0.875
 CNN_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: fine for a CNN trained from scratch
 CNN_STD = (0.229, 0.224, 0.225)
 KINDS = ("images", "features")
+# The config keys a "features" model's cached features are made from. A search computes them
+# once, before its trials, from the base config: so they are fixed, never searched.
+FEATURE_KEYS = ("backbone", "pretrained", "weights", "feature_views", "aug_scale_min", "hflip")
 
 
 @dataclass(frozen=True)

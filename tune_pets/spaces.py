@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_pets.config import CONFIG_FIELDS, LOWER_IS_BETTER, METRICS, validate_config
-from tune_pets.models import get_spec
+from tune_pets.models import FEATURE_KEYS, get_spec
 from tune_pets.utils import UserError
 
 
@@ -238,6 +238,11 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             raise UserError(f"{where}: a trial's epochs are max_epochs; set max_epochs instead")
         if model_spec.fixed_input_size:
             raise UserError(f"{where}: {model_spec.name} has its own input size; remove {k}")
+    if model_spec.kind == "features" and (shared := sorted(set(kw["space"]) & set(FEATURE_KEYS))):
+        raise UserError(
+            f"{path}: space.{shared[0]}: {model_spec.name}'s features are computed once, before "
+            f"the trials, so every trial would see the same ones; move {shared[0]} to fixed"
+        )
     if both := sorted(set(kw["space"]) & set(kw["fixed"])):
         raise UserError(f"{path}: {', '.join(both)} is both fixed and searched; keep one")
     spec = SearchSpec(**kw)
