@@ -168,6 +168,9 @@ def test_cache_res_covers_the_largest_size_a_search_may_ask_for():
     cfg = cnn.defaults.replace(img_size=64)
     assert cnn.cache_res(cfg) == 73  # floor(64 / 0.875)
     assert cnn.cache_res(cfg, img_sizes=(96, 128)) == 146  # floor(128 / 0.875)
+    # The searched sizes alone: the base config's img_size (224 by default) is no trial's.
+    assert cnn.cache_res(cnn.defaults, img_sizes=(96, 128)) == 146
+    assert cnn.cache_res(cnn.defaults, img_sizes=(256,)) == 292
     # The probe's input size is the backbone's own: a search's img_size values do not count.
     assert vit.cache_res(vit.defaults, img_sizes=(512,)) == vit.cache_res(vit.defaults) == 248
 
