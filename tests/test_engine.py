@@ -165,6 +165,14 @@ def test_val_loss_is_the_plain_cross_entropy_whatever_the_smoothing(cnn_data):
     assert engine.validate()["val_loss"] == pytest.approx(plain, rel=1e-5)
 
 
+def test_a_checkpoint_records_the_input_size_its_run_trained_at(cnn_data):
+    """A search trial's data is made for the base config: the checkpoint must still say the
+    trial's own img_size (it said the base's)."""
+    assert cnn_data.preprocess["img_size"] == 32
+    result = train.fit(CNN.replace(img_size=24, epochs=1, max_steps_per_epoch=1), cnn_data)
+    assert result.checkpoint["preprocess"]["img_size"] == 24
+
+
 # ---------------------------------------------------------------- one step for every caller
 def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

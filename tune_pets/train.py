@@ -59,8 +59,10 @@ def fit(
     ``fit(..., resume=state)`` continues from there exactly (a trial restarted on another node)."""
     engine = Engine(config, data, device, spec)
     lower = config.metric in LOWER_IS_BETTER
-    # the checkpoint fields that stay the same all run
-    checkpoint = partial(make_checkpoint, config, engine.spec, data.classes, data.preprocess)
+    # The checkpoint fields that stay the same all run. The preprocessing is the run's own: a
+    # search's shared data was made for its base config (a trial at 96 px read 224).
+    preprocess = engine.spec.data_config(config)
+    checkpoint = partial(make_checkpoint, config, engine.spec, data.classes, preprocess)
     history: list[dict] = []
     best, best_epoch, best_ckpt = None, 0, None
     if resume is not None:
