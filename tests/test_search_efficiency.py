@@ -214,6 +214,12 @@ def test_pick_rules_best_epoch_and_final_mean():
     assert pick_best([lucky, rec("short", [0.99])], spec, rule="final_mean") is lucky
     assert pick_best([broke], spec, rule="final_mean") is None
     assert math.isclose(pick_best([steady], _spec(mode="min"), "final_mean").best_value, 0.72)
+    # A trial whose last epochs diverged (NaN) is not scored on the epochs before: it drops
+    # out, and the longest of the rest compete (it ran the most epochs).
+    diverged = rec("diverged", [0.6, 0.9, math.nan, math.nan])
+    assert final_mean(diverged, "val_acc") is None
+    assert pick_best([diverged, steady], spec, rule="final_mean") is steady
+    assert pick_best([diverged, lucky], spec, rule="final_mean") is lucky
     with pytest.raises(ValueError, match="pick rule"):
         pick_best(records, spec, rule="median")
     # The spec's pick (the YAML's pick:, or --pick) is the default rule.

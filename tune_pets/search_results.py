@@ -186,18 +186,22 @@ def pick_best(
     scores = {id(r): r.best_value for r in ok}
     if rule == "final_mean":
         scores = {id(r): final_mean(r, spec.metric) for r in ok}
+        ok = [r for r in ok if scores[id(r)] is not None]
         most = max((r.epochs for r in ok), default=0)
-        ok = [r for r in ok if r.epochs == most and scores[id(r)] is not None]
+        ok = [r for r in ok if r.epochs == most]
     better = max if spec.mode == "max" else min
     return better(ok, key=lambda r: scores[id(r)], default=None)
 
 
 def final_mean(record: TrialRecord, metric: str, k: int | None = None) -> float | None:
-    """The mean of ``metric`` over the last ``k`` (default ``FINAL_MEAN_EPOCHS``) epochs with a
-    finite value; None when there is none."""
-    values = [float(h[metric]) for h in record.history if _finite(h.get(metric))]
-    values = values[-(k or FINAL_MEAN_EPOCHS) :]
-    return sum(values) / len(values) if values else None
+    """The mean of ``metric`` over the last ``k`` (default ``FINAL_MEAN_EPOCHS``) epochs; None
+    when one of them has no finite value: the end of the schedule, which the rule judges,
+    diverged (skipping NaN epochs scored such a trial on its epochs before it broke, and ASHA
+    never stops it: NaN compares below no cutoff)."""
+    values = [h.get(metric) for h in record.history][-(k or FINAL_MEAN_EPOCHS) :]
+    if not values or not all(_finite(v) for v in values):
+        return None
+    return sum(map(float, values)) / len(values)
 
 
 def status_counts(records: Sequence[TrialRecord]) -> dict[str, int]:
