@@ -386,6 +386,23 @@ def test_report_gives_each_score_its_own_std(tmp_path):
     assert "| 0.5000 ± 0.0100 | 0.4000 ± 0.0200 |" in row, row
 
 
+def test_report_names_the_heldout_split_and_small_tuned_values_in_full(tmp_path):
+    """A copy with val/ and no test/ is scored on val/: the heading said "test split". A tuned
+    weight decay of 1.4e-06 read 0.000001 (6 decimals)."""
+    from tune_pets.report import results_section, search_section
+
+    layout = Layout(tmp_path)
+    ReproduceResult(tag="cnn", split="val", test_acc=0.5, test_macro_f1=0.4).write(
+        layout.result_metrics("cnn")
+    )
+    assert results_section(layout)[0].startswith("## Baseline vs tuned (val split,")
+    summary = _summary("cnn", "aaaa1111")
+    summary.config["weight_decay"] = 1.4e-06
+    summary.search["search_space"] = {"weight_decay": ["loguniform", [1e-06, 0.1]]}
+    summary.write(layout.best_config("cnn"))
+    assert "| weight_decay | 1.4e-06 | loguniform" in "\n".join(search_section(layout, "cnn"))
+
+
 def _notes(report: str) -> list[str]:
     section = report.split("## Baseline vs tuned")[1].split("\n## ")[0]
     return [line for line in section.splitlines() if line.startswith("- ")]

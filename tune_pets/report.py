@@ -119,14 +119,9 @@ def _schedule(m: ReproduceResult) -> str:
 
 
 def results_section(layout: Layout) -> list[str]:
-    out = [
-        "## Baseline vs tuned (test split, scored once per seed)",
-        "",
-        "| model | config | backbone | size | epochs | img | seeds | test_acc | test_macro_f1 "
-        "| homework (on the split it tuned on) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows: list[str] = []
     notes: list[str] = []
+    splits = set()  # the held-out folder scored: test/, or val/ where a copy has no test/
     for model in model_names():
         hw = get_spec(model).homework
         hw_text = f"{hw[0]:.4f} / {hw[1]:.4f}" if hw else "-"
@@ -136,10 +131,10 @@ def results_section(layout: Layout) -> list[str]:
             m = ReproduceResult.read_or_none(layout.result_metrics(tag))
             if m is None:
                 how = _missing("metrics.json", _reproduce_cmd(tag), layout.result_metrics(tag))
-                out.append(f"| {model} | {label} | | | | | | {how} | | |")
+                rows.append(f"| {model} | {label} | | | | | | {how} | | |")
                 continue
-            pair[baseline] = m
-            out.append(_row(model, label, m, hw_text))
+            pair[baseline], splits = m, splits | {m.split}
+            rows.append(_row(model, label, m, hw_text))
             notes += _divergence_note(tag, m)
         base, tuned = pair.get(True), pair.get(False)
         if base and tuned and _schedule(base) != _schedule(tuned):
@@ -168,6 +163,15 @@ def results_section(layout: Layout) -> list[str]:
                 f"current search's best is trial `{best.trial_id}`**: run "
                 f"`python -m tune_pets.reproduce {model}` again."
             )
+    out = [
+        f"## Baseline vs tuned ({' and '.join(sorted(splits)) or 'test'} split, scored once "
+        "per seed)",
+        "",
+        "| model | config | backbone | size | epochs | img | seeds | test_acc | test_macro_f1 "
+        "| homework (on the split it tuned on) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
     out += ["", *notes] if notes else []
     return out + [
         "",
@@ -249,7 +253,8 @@ def search_section(layout: Layout, model: str) -> list[str]:
     ]
     for k, (sampler, args) in s.get("search_space", {}).items():
         v = best.config.get(k)
-        out.append(f"| {k} | {_fmt(v, 6) if isinstance(v, float) else v} | {sampler} {args} |")
+        v = format(v, ".6g") if isinstance(v, float) else v  # 6 decimals made 1.4e-06 0.000001
+        out.append(f"| {k} | {v} | {sampler} {args} |")
     out.append("")
     for plot, alt in SEARCH_PLOTS:
         path = layout.search_plot(name, plot)
