@@ -19,12 +19,12 @@ optuna 5.0.0.
     cnn_train_images_per_s (CPU, batch 32)                   30 img/s @128, 7.9 @224
 
 input_pipeline_speedup_busy came later and is not in that run. Under load the ratios moved (ViT
-18-59x; 224 px 1.1-4.5x before the CPU augmentation was reworked to resize crops on uint8; see
-docs/benchmark-investigation.md). Two --quick runs on a shared 2-core Intel Xeon VM (2026-11-29,
-570 photos, 64 for the ViT search: 4 trials x 2 epochs, so that ratio tops out near 8; not of
-record) gave ViT 3.9x / 5.8x, 128 px 0.67x / 1.01x, 224 px 5.4x / 0.60x, busy 0.44x / 0.92x,
-trial overhead 0.104 / 0.218 s: under load the 2-thread cached pipeline stalls (issue 10 item
-7); with 1 torch thread the same cached epochs ran 3,642 img/s at 128 px (19-36x faster).
+36.9x and 58.5x; 224 px 1.09-1.10x before the CPU augmentation was reworked to resize crops on
+uint8, 4.5x after; see docs/benchmark-investigation.md). Two --quick runs on a shared 2-core Intel
+Xeon VM (2026-11-29, 570 photos, 64 for the ViT search: 4 trials x 2 epochs, so that ratio tops out
+near 8; not of record) gave ViT 3.9x / 5.8x, 128 px 0.67x / 1.01x, 224 px 5.4x / 0.60x, busy 0.44x
+/ 0.92x, trial overhead 0.104 / 0.218 s: under load the 2-thread cached pipeline stalls (issue 10
+item 7); with 1 torch thread the same cached epochs ran 3,642 img/s at 128 px (19-36x faster).
 
 Each figure's module in scripts/bench/ says what it measures. Without photos at --data-dir the
 shipped sample is used, else synthetic JPEGs (``data.source`` in the JSON).
