@@ -40,9 +40,12 @@ from tune_pets.layout import Layout
 from tune_pets.models import get_spec
 from tune_pets.records import SearchSummary
 from tune_pets.search import build_parser, resume_command
+from tune_pets.cli import config_from_args
 from tune_pets.search_plan import (
     DEFAULT_GPU_FRACTION,
     asha_warning,
+    base_config,
+    check_resumed_run,
     choose_resources,
     first_point,
     resumed_spec,
@@ -679,6 +682,32 @@ def test_resume_refuses_an_explicit_val_fraction_equal_to_the_default(tmp_path):
         resumed_spec(args, spec, tmp_path / "search_spec.json")
     with pytest.raises(SystemExit):  # contradictory: argparse refuses the pair
         build_parser().parse_args(["cnn", "--resume", "--overwrite"])
+
+
+def test_resume_refuses_a_search_space_that_changes_a_flags_key(tmp_path):
+    """A YAML that raised num_samples (a key that also has a flag) was resumed with the old
+    number and no word; --split-seed 0 on a search started with seed 0 was accepted by the
+    spec check and then refused by the config check ("would be 0, but ... None")."""
+    shipped = default_space("cnn", smoke=True)
+    spec = load_search_spec(shipped)
+    saved = tmp_path / "search_spec.json"
+    base = base_config(spec, get_spec("cnn"))
+    save_spec(spec, 0.2, base, tmp_path, 1, saved)
+    text = shipped.read_text(encoding="utf-8")
+    more = re.sub(r"(?m)^num_samples: \d+", f"num_samples: {spec.num_samples + 5}", text)
+    edited = write_space(tmp_path / "more.yaml", more)
+    args = build_parser().parse_args(["cnn", "--resume", "--search-space", str(edited)])
+    with pytest.raises(UserError, match=rf"num_samples differs .* \({spec.num_samples + 5}, not"):
+        resumed_spec(args, load_search_spec(edited), saved)
+    args = build_parser().parse_args(["cnn", "--resume", "--search-space", str(shipped)])
+    assert resumed_spec(args, spec, saved)[0] == spec  # the same file: no change
+    args = build_parser().parse_args(["cnn", "--resume", "--split-seed", str(spec.seed)])
+    was, _ = resumed_spec(args, spec, saved)
+    again = config_from_args(args, base_config(was, get_spec("cnn")))
+    assert check_resumed_run(args, again, tmp_path, saved) == 1
+    args = build_parser().parse_args(["cnn", "--resume", "--split-seed", str(spec.seed + 1)])
+    with pytest.raises(UserError, match="--split-seed"):
+        resumed_spec(args, spec, saved)
 
 
 def test_resume_into_another_artifacts_dir_is_refused(tiny_data, tmp_path):

@@ -244,6 +244,9 @@ def check_resumed_run(args: Any, base: RunConfig, data_dir: Path, path: Path) ->
         )
     now = base.to_dict()
     was = saved.get("base") if isinstance(saved.get("base"), dict) else now
+    # No split_seed is the seed: --split-seed 0 on a search started with seed 0 is no change.
+    now["split_seed"], was = base.val_split_seed, dict(was)
+    was["split_seed"] = was.get("seed") if was.get("split_seed") is None else was["split_seed"]
     if diff := [k for k in now if now[k] != was.get(k)]:
         raise UserError(
             f"--resume: {diff[0]} would be {now[diff[0]]!r}, but search {path.parent.name!r} "
@@ -272,21 +275,28 @@ def resumed_spec(args: Any, spec: SearchSpec, path: Path) -> tuple[SearchSpec, f
         raise UserError(f"{path}: not a search spec written by tune_pets; delete it") from None
     for key in (*SPEC_FLAGS, "val_fraction"):
         value = getattr(args, key)
-        old = val_fraction if key == "val_fraction" else getattr(was, key)
-        old = was.seed if key == "split_seed" and old is None else old  # the one it used
+        old = val_fraction if key == "val_fraction" else _used(was, key)
         if value is not None and value != old:
             flag = "--" + key.replace("_", "-")
             raise UserError(
                 f"{flag} {value}: search {path.parent.name!r} was started with {old}; resume "
                 f"without {flag}, or start it anew with --overwrite"
             )
-    shape = {f.name for f in dataclasses.fields(SearchSpec)} - {*SPEC_FLAGS, "source"}
-    if args.search_space and any(getattr(spec, k) != getattr(was, k) for k in shape):
+    # Every field, the flags' too: a YAML that raised num_samples was resumed with the old one.
+    shape = [f.name for f in dataclasses.fields(SearchSpec) if f.name != "source"]
+    if args.search_space and (diff := [k for k in shape if _used(spec, k) != _used(was, k)]):
         raise UserError(
-            f"--search-space {args.search_space}: differs from the space search "
-            f"{path.parent.name!r} was started with; resume without it, or use --overwrite"
+            f"--search-space {args.search_space}: {diff[0]} differs from the search "
+            f"{path.parent.name!r} was started with ({_used(spec, diff[0])!r}, not "
+            f"{_used(was, diff[0])!r}); resume without it, or start anew with --overwrite"
         )
     return was, val_fraction
+
+
+def _used(spec: SearchSpec, key: str) -> Any:
+    """``spec``'s value of ``key`` as the search uses it: no split_seed is the seed."""
+    value = getattr(spec, key)
+    return spec.seed if key == "split_seed" and value is None else value
 
 
 def add_session(spec_file: Path, search_s: float, prep_s: float) -> tuple[float, float, int]:
