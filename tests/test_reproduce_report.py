@@ -339,6 +339,32 @@ def test_reproduce_seeds_mean_std_and_metrics_csv(det_runs, cache_dir, tmp_path)
     assert cells[F1] == f"{m['test_macro_f1']:.4f} ± {m['test_macro_f1_std']:.4f}"
 
 
+def test_a_retrain_stopped_while_writing_leaves_no_old_scores_in_metrics_csv(
+    tiny_data, cache_dir, tmp_path, monkeypatch
+):
+    """A Ctrl-C during the profile (the last step, after the retrain and its new checkpoint)
+    left metrics.csv showing the previous run's scores beside the new files."""
+    import torch
+
+    from tune_pets import profiling
+    from tune_pets.layout import Layout
+    from tune_pets.reproduce import reproduce
+
+    config = get_spec("cnn").defaults.replace(epochs=1, img_size=32, width=8, deterministic=True)
+    layout = Layout(tmp_path / "A")
+    kw = {"device": torch.device("cpu"), "cache_dir": cache_dir, "progress": False}
+    reproduce(config, tiny_data, layout, "cnn", [0], {}, profile_steps=0, **kw)
+    assert [r["model"] for r in read_csv(layout.metrics_csv)] == ["cnn"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profiling, "run_profile", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(config.replace(lr=0.1), tiny_data, layout, "cnn", [1], {}, profile_steps=1, **kw)
+    assert read_csv(layout.metrics_csv) == [] and not layout.result_metrics("cnn").exists()
+
+
 # ---------------------------------------------------------------- 2. --baseline
 @pytest.mark.slow
 def test_reproduce_baseline_writes_its_own_tag(tiny_data, cache_dir, tmp_path):

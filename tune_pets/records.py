@@ -158,5 +158,11 @@ def write_metrics_row(path: Path, tag: str, split: str, scores: dict[str, Any]) 
     upsert_csv_row(path, row, key=("model", "split"), fieldnames=METRICS_CSV_COLUMNS)
 
 
+def drop_metrics_rows(path: Path, tag: str) -> None:
+    """Remove ``tag``'s rows of ``metrics.csv``, every split's: a result being replaced."""
+    if path.is_file():
+        upsert_csv_row(path, {"model": tag}, ("model",), METRICS_CSV_COLUMNS, insert=False)
+
+
 METRICS_CSV_COLUMNS = ("model", "split", "accuracy", "macro_f1", "accuracy_std", "macro_f1_std",
                        "n_seeds", "n_images")  # fmt: skip

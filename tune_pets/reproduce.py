@@ -29,7 +29,8 @@ from tune_pets.engine import load_fit_data
 from tune_pets.evaluate import evaluate_checkpoint
 from tune_pets.layout import Layout, result_tag
 from tune_pets.models import ModelSpec, get_spec
-from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, write_metrics_row
+from tune_pets.records import ReproduceResult, RunInfo, SearchSummary, drop_metrics_rows
+from tune_pets.records import write_metrics_row
 from tune_pets.sample import SAMPLE_NAME
 from tune_pets.train import clear_tb_events, fit, format_epoch
 from tune_pets.utils import UserError, atomic_torch_save, cli_main
@@ -148,6 +149,7 @@ def reproduce(
     # so an interruption from here on leaves a result without metrics.json (the report says it
     # is missing), never new files beside the old run's numbers.
     layout.result_metrics(tag).unlink(missing_ok=True)
+    drop_metrics_rows(layout.metrics_csv, tag)  # metrics.csv's row showed the old scores
     layout.result_config(tag).unlink(missing_ok=True)
     for old in layout.result(tag).glob("checkpoint_seed*.pt"):
         old.unlink()

@@ -202,11 +202,16 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 def upsert_csv_row(
-    path: str | os.PathLike, row: dict, key: Sequence[str], fieldnames: Sequence[str]
+    path: str | os.PathLike,
+    row: dict,
+    key: Sequence[str],
+    fieldnames: Sequence[str],
+    insert: bool = True,
 ) -> None:
-    """Insert ``row`` into the CSV at ``path``, replacing a row with the same ``key`` values.
-    Writers in other processes wait their turn (read, change, replace: two at once lost rows);
-    a file that is not such a table is an error, never overwritten."""
+    """Insert ``row`` into the CSV at ``path``, replacing the rows with the same ``key`` values
+    (``insert=False``: only remove them). Writers in other processes wait their turn (read,
+    change, replace: two at once lost rows); a file that is not such a table is an error, never
+    overwritten."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(path.parent):
@@ -225,7 +230,7 @@ def upsert_csv_row(
                     "away (it is left as it is) and run again"
                 )
         rows = [r for r in rows if any(str(r.get(k)) != str(row[k]) for k in key)]
-        atomic_write_csv(path, [*rows, dict(row)], fieldnames)
+        atomic_write_csv(path, [*rows, dict(row)] if insert else rows, fieldnames)
 
 
 @contextlib.contextmanager
