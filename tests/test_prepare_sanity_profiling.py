@@ -347,6 +347,20 @@ def test_sanity_sizes_leave_out_unreadable_images(tmp_path, make_image_folder):
     assert s["sizes"]["all"]["n"] == 5 and s["sizes"]["all"]["width_max"] == 48
 
 
+def test_sanity_sizes_are_the_sizes_training_sees_after_exif_rotation(tmp_path):
+    """A phone photo stored 400x300 with EXIF orientation 6 trains as 300x400: its width,
+    height and aspect ratio in the size stats are those (they were the stored ones)."""
+    from tune_pets.data import load_rgb
+
+    path = tmp_path / "turned.jpg"
+    img = Image.new("RGB", (400, 300), (120, 60, 30))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(path, "JPEG", exif=exif)
+    info = sanity.inspect_image(path)
+    assert (info["width"], info["height"]) == load_rgb(path).size == (300, 400)
+
+
 def test_sanity_flags_an_upper_case_jpg_that_is_not_a_jpeg(tmp_path, make_image_folder):
     """A PNG named x.JPG is as odd as one named x.jpg."""
     from tune_pets.sanity import run_sanity

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from tune_pets.data import BadImageError, SplitIndex, check_data_dir, heldout_split_name
 from tune_pets.data import load_rgb, progress_bar, scan_split
@@ -45,7 +45,10 @@ def inspect_image(path: str | os.PathLike) -> dict:
     with contextlib.suppress(Exception), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(path) as img:
-            info.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1])
+            width, height = img.size
+            if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned 90 degrees
+                width, height = height, width  # as training sees it (load_rgb applies EXIF)
+            info.update(format=img.format, mode=img.mode, width=width, height=height)
     try:
         load_rgb(path, draft_size=DRAFT_SIZE)
     except BadImageError as e:
