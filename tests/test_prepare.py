@@ -225,6 +225,17 @@ def test_breed_names_use_stems_only_when_one_to_one():
 
 
 # ---------------------------------------------------------------- the writer (HF datasets)
+def test_a_build_removes_only_its_own_stale_temp_folders(tmp_path):
+    """The stale-temp glob was not escaped: building pets[1] deleted pets1's temp folder, the
+    work in progress of another prepare (it holds another lock)."""
+    other = tmp_path / "pets1.tmp-other"
+    (other / "train").mkdir(parents=True)
+    splits = {"train": ([(_encode(_noise(), "JPEG"), "cat", "cat_1")], 1)}
+    splits["test"] = ([(_encode(_noise(), "JPEG"), "cat", "cat_2")], 1)
+    prep.build_atomically(splits, tmp_path / "pets[1]", source="test", progress=False)
+    assert other.is_dir() and prep.is_prepared(tmp_path / "pets[1]")
+
+
 def test_write_dataset_from_hf_dataset(tmp_path):
     from tune_pets.data import scan_split
 
@@ -739,6 +750,12 @@ def test_unreachable_hub_still_uses_the_datasets_cache(monkeypatch, online_mode)
 
 def test_local_dataset_folder_that_is_not_a_dataset_is_one_line(tmp_path, hf_cache):
     import datasets
+
+    # A mistyped folder: not taken for a hub id (offline, the hub error told the user to pass
+    # --dataset DIR, which they had).
+    for missing in ("./copy", str(tmp_path / "copy"), "data/pets/parquet"):
+        with pytest.raises(UserError, match=rf"^--dataset {re.escape(missing)}: folder not found"):
+            prep.load_hf_dataset(missing, progress=False)
 
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "notes.txt").write_text("hello")

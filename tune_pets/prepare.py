@@ -15,6 +15,7 @@ renamed into place with a ``.complete`` marker, so a second run does nothing.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -142,7 +143,7 @@ def build_atomically(
         if is_prepared(output_dir):  # another run finished while this one was loading
             return output_dir
         if locked:  # else a temp folder may belong to a live run
-            for stale in output_dir.parent.glob(f"{output_dir.name}.tmp-*"):
+            for stale in output_dir.parent.glob(f"{glob.escape(output_dir.name)}.tmp-*"):
                 if stale.is_dir() and not stale.is_symlink():
                     shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -460,6 +461,8 @@ def load_hf_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
         datasets.disable_progress_bars()
     if Path(name).is_dir():
         return _load_local(Path(name))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not OWNER/NAME
+        raise UserError(f"--dataset {name}: folder not found; pass the folder of a parquet copy")
     offline_why = hub.offline_reason(datasets_too=True) or hub_unreachable()
     if offline_why is None:
         print(f"downloading {name} from the Hugging Face hub...", flush=True)
