@@ -216,6 +216,8 @@ def test_hub_cache_with_other_weights_is_refused(tmp_path, use_hub, caplog, othe
     msg = str(e.value)
     assert "hub weights" in msg and "model.safetensors" in msg and "\n" not in msg
     assert all(w in msg for w in words), msg
+    # The file was picked by the backbone's name, not by the user: the fix is to delete it.
+    assert msg.endswith("or delete that file to download it again"), msg
     assert not [r for r in caplog.records if "keys" in r.getMessage()], "timm's key log"
 
 

@@ -228,7 +228,10 @@ def _from_hub(name: str) -> nn.Module:
             raise UserError(
                 f"{e}; or delete that file to download it again, or pass --no-pretrained"
             ) from None
-        check_state_dict(_create(name), state, source, name)
+        try:
+            check_state_dict(_create(name), state, source, name)
+        except UserError as e:  # the file is picked by backbone name: it is the one to go
+            raise UserError(f"{e}; or delete that file to download it again") from None
     elif why := hub.offline_reason() or hub.hub_unreachable():
         raise UserError(_offline_message(name, repo, why))
     # A cached copy is used as is, without asking the hub for a newer revision: no network
