@@ -187,9 +187,13 @@ HPARAMS = {  # flag -> (type, help)
 
 
 def add_hparam_args(
-    p: argparse.ArgumentParser, names: tuple[str, ...] = tuple(HPARAMS), default: str = ""
+    p: argparse.ArgumentParser,
+    names: tuple[str, ...] = tuple(HPARAMS),
+    default: str = "",
+    own: dict[str, str] | None = None,
 ) -> None:
-    """The hyperparameter flags; each shows its homework default per model, or ``default``."""
+    """The hyperparameter flags; each shows its homework default per model, or ``default``, or
+    its own (``own``: flag name -> default shown)."""
     from tune_pets.models import get_spec, model_names
 
     g = p.add_argument_group(f"hyperparameters (default: {default or 'the homework settings'})")
@@ -198,7 +202,8 @@ def add_hparam_args(
         by_model = {m: getattr(get_spec(m).defaults, name) for m in model_names()}
         values = set(by_model.values())  # one value: shown once, else per model
         per_model = ", ".join(f"{m} {v}" for m, v in by_model.items())
-        shown = default or (str(values.pop()) if len(values) == 1 else per_model)
+        shown = (own or {}).get(name) or default
+        shown = shown or (str(values.pop()) if len(values) == 1 else per_model)
         flag = "--" + name.replace("_", "-")
         g.add_argument(flag, type=typ, choices=CHOICES.get(name), help=f"{text} (default: {shown})")
 

@@ -219,7 +219,8 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)
-    cli.add_hparam_args(p, ("epochs", "img_size", "max_steps_per_epoch"), "the retrained config's")
+    names, full = ("epochs", "img_size", "max_steps_per_epoch"), {"max_steps_per_epoch": "0"}
+    cli.add_hparam_args(p, names, "the retrained config's", own=full)  # full epochs: see main
     cli.add_output_args(p)
     return p
 
