@@ -171,12 +171,14 @@ def _run_trial(params: dict, setup: TrialSetup, data: FitData, trial_id: str, fo
 
     def report(metrics: dict, best: dict | None) -> None:
         metrics = {**metrics, **identity, "time_s": time.perf_counter() - t0}
-        tune.report(metrics)
         reports.append(metrics)
+        # Saved before the report: Tune ends a trial it stops (ASHA, max_epochs, the budget)
+        # inside tune.report, so nothing after it ran for that epoch (no best checkpoint of a
+        # trial's last epoch). Killed before the report, a trial restarted reports it again.
         if best is not None:
             atomic_torch_save(best, folder / BEST_CHECKPOINT_FILE)
-        # After the report: a trial killed in between repeats this epoch rather than skip it.
         atomic_torch_save({**state, "best_ckpt": None, "reports": reports}, state_file)
+        tune.report(metrics)
 
     fit(
         config,
@@ -193,9 +195,8 @@ def _run_trial(params: dict, setup: TrialSetup, data: FitData, trial_id: str, fo
 
 
 def _keep_reports_only(state_file: Path, reports: list[dict]) -> None:
-    """A finished trial's state becomes its ``reports`` as Tune received them, marked finished
-    (the state the trial saved may lack its last epoch: ASHA stops a trial at max_epochs before
-    it saves). Its weights and optimizer state, the largest file, are of no more use; but until
+    """A finished trial's state becomes its ``reports`` as Tune received them, marked finished.
+    Its weights and optimizer state, the largest file, are of no more use; but until
     Ray's next snapshot the trial is listed as running, so a driver killed before then
     restarts it on --resume, and it must report its epochs again and end, not train again."""
     with contextlib.suppress(OSError):  # a full disk: the trial trains again if restarted
@@ -593,9 +594,10 @@ def _ray_classes() -> SimpleNamespace:
             )
 
     class StoppedAsPruned(OptunaSearch):
-        """Tells Optuna a trial stopped before ``max_epochs`` (by ASHA or the time budget) as
-        PRUNED at its last epoch, not COMPLETE: an epoch-3 score must not compete with the
-        30-epoch ones. A result without the metric is told as PRUNED by OptunaSearch."""
+        """Tells Optuna a trial ASHA stopped before ``max_epochs`` as PRUNED at its last epoch,
+        not COMPLETE: an epoch-3 score must not compete with the 30-epoch ones. A result without
+        the metric is told as PRUNED by OptunaSearch. (Tune tells no searcher of the trials the
+        time budget ends: the search is over then.)"""
 
         def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
             super().__init__(*args, **kwargs)
