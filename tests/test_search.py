@@ -273,6 +273,10 @@ def test_a_restarted_trial_is_recorded_from_its_last_run():
     assert [h["epoch"] for h in record.history] == [1, 2, 3]
     assert (record.status, record.best_epoch, record.best_value) == ("completed", 3, 0.75)
     assert all("config" not in h and "pid" not in h for h in record.history)
+    # A finished trial's saved reports keep when it started (the order of trials.csv): without
+    # it, one re-reported on --resume sorted last.
+    record = make_record("t2", {"lr": 1e-3}, [{"epoch": 1, "val_acc": 0.5, "started": 7.0}], spec)
+    assert record.history[0]["started"] == 7.0
 
 
 def test_failed_trials_are_never_the_best():
@@ -474,6 +478,11 @@ def test_search_writes_trials_csv_and_best_config(cnn_search):
     assert ckpt["epoch"] == best.epoch
     assert ckpt["config"]["lr"] == pytest.approx(config.lr)
     assert ckpt["metrics"]["val_acc"] == pytest.approx(best.val_acc)
+    # So is every trial's, the ones ASHA stopped at their best epoch too: Tune ends a trial it
+    # stops inside tune.report, and the checkpoint saved after the report was never written.
+    for row in rows:
+        path = cnn_search["exp"] / f"trial_{row['trial_id']}" / "checkpoint_best.pt"
+        assert torch.load(path, weights_only=True)["epoch"] == int(row["best_epoch"]), row
 
 
 @pytest.mark.slow

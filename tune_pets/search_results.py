@@ -29,8 +29,11 @@ from tune_pets.utils import atomic_path, atomic_write_csv
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped early", "failed"
 STATUSES = (STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED)
-# What a trial reports besides fit's train_*/val_* metrics: its clock and where it ran.
-HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", "trial_id", "node", "host", "device")
+# What a trial reports besides fit's train_*/val_* metrics: its clock and where it ran. A
+# finished trial's state keeps these (search_ray._keep_reports_only); without "started" one
+# re-reported on --resume sorted last in trials.csv (and lost ties in the pick).
+HISTORY_KEYS = ("epoch", "lr", "epoch_time_s", "time_s", "started", "trial_id", "node", "host",
+                "device")  # fmt: skip
 # Importances from a handful of trials are noise presented as a ranking.
 MIN_TRIALS_FOR_IMPORTANCES = 8
 PLOTS = ("learning_curves", "optimization_history", "param_importances")
