@@ -719,6 +719,22 @@ def test_resume_refuses_a_search_space_that_changes_a_flags_key(tmp_path):
         resumed_spec(args, spec, saved)
 
 
+def test_resume_goes_on_with_the_data_dir_it_was_started_on(tiny_data, tmp_path, monkeypatch):
+    """A search of --data-dir X resumed without the flag tried to prepare (download) the
+    default data dir; now it reads X from search_spec.json, and --resume gets as far as Ray."""
+    from tune_pets.search import main
+
+    monkeypatch.chdir(tmp_path)  # no data/oxford_pets here
+    spec = load_search_spec(default_space("cnn"))
+    layout = Layout(tmp_path / "A")
+    base = base_config(spec, get_spec("cnn"))
+    save_spec(spec, 0.2, base, tiny_data, 1, layout.search_spec("cnn"))
+    argv = ["cnn", "--resume", "--artifacts-dir", str(layout.artifacts)]
+    with pytest.raises(UserError, match=r"^--resume: no experiment named 'cnn'"):
+        main([*argv, "--storage-path", str(tmp_path / "ray")])
+    assert not (tmp_path / "data").exists()
+
+
 def test_resume_into_another_artifacts_dir_is_refused(tiny_data, tmp_path):
     """A search started with --artifacts-dir A and a shared --storage-path, resumed with
     --artifacts-dir B: B has no search_spec.json, so no flag could be checked against the ones

@@ -34,7 +34,7 @@ from tune_pets.search_plan import (
 from tune_pets.search_ray import disconnect, is_disk_full, run_search, use_cluster_auth
 from tune_pets.search_results import FINAL_MEAN_EPOCHS
 from tune_pets.spaces import PICK_RULES, SearchSpec
-from tune_pets.utils import UserError, cli_main, command_lock, stopped_by
+from tune_pets.utils import UserError, cli_main, command_lock, read_json, stopped_by
 
 PROG = "python -m tune_pets.search"
 
@@ -165,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     spec, val_fraction = resumed_spec(args, spec, saved_spec)
     base = cli.config_from_args(args, base_config(spec, model))
+    if args.resume and args.data_dir == DEFAULT_DATA_DIR and saved_spec.is_file():
+        # The data it was started on, unless --data-dir says otherwise (then checked): a search
+        # of --data-dir sample, resumed without the flag, tried to download the dataset.
+        args.data_dir = read_json(saved_spec, "search spec").get("data_dir", args.data_dir)
     prepare_default_data_dir(args.data_dir, progress=not args.no_progress)
     data_dir = cli.data_dir_from_args(args)
     if args.resume:  # the resources line then shows the limit Ray restores
