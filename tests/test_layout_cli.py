@@ -403,6 +403,22 @@ def test_report_names_the_heldout_split_and_small_tuned_values_in_full(tmp_path)
     assert "| weight_decay | 1.4e-06 | loguniform" in "\n".join(search_section(layout, "cnn"))
 
 
+def test_report_says_when_the_tuned_row_retrains_the_baseline_config(tmp_path):
+    """The search may pick the homework point (it is evaluated first): the two rows were
+    identical with no word on why, which read as a bug."""
+    from tune_pets.report import results_section
+
+    layout = Layout(tmp_path)
+    config = RunConfig(model="vit").to_dict()
+    for tag in ("vit", "vit_baseline"):
+        _result(tag, 0.036, 0.0228, epochs=2, img=224).write(layout.result_metrics(tag))
+        RunInfo(name=tag, config=config).write(layout.result_config(tag))
+    said = [n for n in results_section(layout) if "picked the homework configuration" in n]
+    assert len(said) == 1 and said[0].startswith("- vit:"), said
+    RunInfo(name="vit", config={**config, "lr": 0.01}).write(layout.result_config("vit"))
+    assert not [n for n in results_section(layout) if "homework configuration" in n]
+
+
 def _notes(report: str) -> list[str]:
     section = report.split("## Baseline vs tuned")[1].split("\n## ")[0]
     return [line for line in section.splitlines() if line.startswith("- ")]

@@ -144,10 +144,14 @@ def results_section(layout: Layout) -> list[str]:
                 "comparison; rerun both with the same `--epochs`/`--img-size`/"
                 "`--max-steps-per-epoch`."
             )
-        data = {  # what each row trained on: the train split's fingerprint
-            b: getattr(RunInfo.read_or_none(layout.result_config(result_tag(model, b))), "data", {})
-            for b in pair
-        }
+        infos = {b: RunInfo.read_or_none(layout.result_config(result_tag(model, b))) for b in pair}
+        data = {b: getattr(info, "data", {}) for b, info in infos.items()}  # what each trained on
+        configs = [getattr(info, "config", None) for info in infos.values()]
+        if len(configs) == 2 and configs[0] and configs[0] == configs[1]:  # identical rows
+            notes.append(
+                f"- {model}: the search picked the homework configuration itself (the first "
+                "point it evaluates), so the tuned row retrains the baseline's config."
+            )
         prints = [d.get("train_fingerprint") for d in data.values()]
         if len(prints) == 2 and None not in prints and prints[0] != prints[1]:
             notes.append(
