@@ -338,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  top ops by self CPU time: {', '.join(s['top_ops'][:3])}")
     print(
         f"wrote {out}/ (top_ops.txt, top_ops.csv, summary.json, {len(s['trace_files'])} trace); "
-        f"view with: tensorboard --logdir {out.parent}  or https://ui.perfetto.dev"
+        f"view with https://ui.perfetto.dev (open the .pt.trace.json), or tensorboard --logdir "
+        f"{out.parent} with the torch-tb-profiler plugin installed"
     )
     return 0
 

@@ -206,7 +206,10 @@ def build_parser() -> cli.ArgumentParser:
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=cli.seed_int, help="one seed (default: the config's)")
     seeds.add_argument(
-        "--seeds", type=cli.seed_int, nargs="+", help="several seeds: mean +- std (default: --seed)"
+        "--seeds",
+        type=cli.seed_int,
+        nargs="+",
+        help="several seeds: mean +- std (default: one seed)",
     )
     p.add_argument(
         "--profile-steps",
