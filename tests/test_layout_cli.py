@@ -431,7 +431,7 @@ def test_report_flags_each_misleading_comparison_once(flagged_report):
     assert "3 epochs at 64 px" in settings[0] and "2 epochs at 128 px" in settings[0]
     stale = [n for n in notes if "trial" in n]
     assert len(stale) == 1 and "aaaa1111" in stale[0] and "bbbb2222" in stale[0], notes
-    assert "python -m tune_pets.reproduce cnn" in stale[0]
+    assert "python -m tune_pets.reproduce cnn --data-dir data/a`" in stale[0]  # its data
     diverge = [n for n in notes if "macro-F1" in n]
     assert len(diverge) == 1 and diverge[0].startswith("- vit_baseline"), notes
     assert "5 of 37 classes" in diverge[0] and "73 %" in diverge[0], diverge

@@ -19,6 +19,7 @@ from tune_pets import cli
 from tune_pets.layout import (
     BASELINE_SUFFIX,
     DEFAULT_ARTIFACTS_DIR,
+    DEFAULT_DATA_DIR,
     PROFILE_SUMMARY,
     TOP_OPS_CSV,
     Layout,
@@ -162,10 +163,13 @@ def results_section(layout: Layout) -> list[str]:
             )
         best = SearchSummary.read_or_none(layout.best_config(search_name(layout, model)))
         if tuned and best and tuned.trial_id not in (None, best.trial_id):
+            where = data.get(False, {}).get("data_dir")  # the command alone read data/oxford_pets
+            where = f" --data-dir {where}" if where and where != DEFAULT_DATA_DIR else ""
             notes.append(
                 f"- **{model}: the tuned row was retrained from trial `{tuned.trial_id}`, but the "
                 f"current search's best is trial `{best.trial_id}`**: run "
-                f"`python -m tune_pets.reproduce {model}` again."
+                f"`python -m tune_pets.reproduce {model}{where}` again, with the `--epochs`/"
+                "`--img-size`/`--seeds` flags of the first run, if it had any."
             )
     out = [
         f"## Baseline vs tuned ({' and '.join(sorted(splits)) or 'test'} split, scored once "
