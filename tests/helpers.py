@@ -3,7 +3,7 @@ subprocess of its own session, offline, with a clean Ray environment; whatever t
 left behind (Ray's gcs_server, raylet, workers) is killed by session id afterwards, so no test
 touches processes that another program on the machine started, and ``ray stop`` is never used.
 
-    from helpers import run, start, ok, error_line, kill_session
+    from helpers import run, start, ok, error_line, kill_session, leftovers
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def run(
             f"{cmd} still running after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
         )
     finally:
-        leftover = kill_session(proc.pid)
+        leftover = leftovers(proc.pid)
         assert not leftover, f"processes survived {cmd}: {leftover}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -114,7 +114,7 @@ def run_script(script: Path, args, cwd: Path, *, timeout: float, **extra_env: st
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        assert not kill_session(proc.pid), f"{script.name} left processes behind (Ray?)"
+        assert not leftovers(proc.pid), f"{script.name} left processes behind (Ray?)"
     return ok(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
 
 
@@ -172,6 +172,17 @@ def session_pids(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry))
     return pids
+
+
+def leftovers(sid: int, grace_s: float = 15.0) -> list[int]:
+    """What a finished command left behind: the processes of session ``sid`` still alive
+    ``grace_s`` after it ended (Ray's exit on their own once it shuts down), which are then
+    killed. (Asking kill_session instead could not fail: it kills them first.)"""
+    deadline = time.monotonic() + grace_s
+    while (alive := session_pids(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kill_session(sid)
+    return alive
 
 
 def kill_session(sid: int, sig: int = signal.SIGKILL, wait_s: float = 20.0) -> list[int]:

@@ -40,7 +40,7 @@ from pathlib import Path
 import helpers
 import pyarrow.fs as pafs
 import pytest
-from helpers import kill_session, ok, session_pids
+from helpers import kill_session, leftovers, ok, session_pids
 from test_search import (
     TRIAL_LINE,
     _free_port,
@@ -146,7 +146,7 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT_S) -> int
     except subprocess.TimeoutExpired:
         pytest.fail(f"search still running after {timeout} s\n{log.read_text()[-3000:]}")
     finally:
-        leftover = kill_session(proc.pid)
+        leftover = leftovers(proc.pid)
         assert not leftover, f"processes survived the search: {leftover}"
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import helpers
 import numpy as np
 import pytest
-from helpers import kill_session, run, start
+from helpers import kill_session, leftovers, run, start
 from PIL import Image
 
 CLASSES = ("a", "b", "c")
@@ -885,7 +885,7 @@ def test_ctrl_c_or_sigterm_during_the_parallel_decode_stops_at_once(tmp_path, si
         os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=60)
     finally:
-        leftover = kill_session(proc.pid)
+        leftover = leftovers(proc.pid)
     word, code = STOPPED_BY[sig]
     assert proc.returncode == code, err[-2000:]
     assert err.strip().splitlines() == [err.strip()] and word in err, err

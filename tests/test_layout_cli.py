@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import env, ok, run
+from helpers import env, leftovers, ok, run, session_pids
 
 from tune_pets.config import RunConfig
 from tune_pets.layout import Layout
@@ -302,6 +302,16 @@ def test_a_sigterm_inside_exec_still_exits_143(tmp_path):
                           timeout=60)  # fmt: skip
     assert proc.returncode == 143, (proc.returncode, proc.stderr)
     assert proc.stderr.strip().startswith("stopped_in_exec: terminated:"), proc.stderr
+
+
+def test_the_harness_sees_a_process_a_command_left_behind():
+    """Every subprocess test asserts that its command left nothing running; the check once
+    killed the processes first and then asked which were alive (never any)."""
+    code = "import subprocess; subprocess.Popen(['sleep', '300'])"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    assert proc.wait(timeout=30) == 0
+    left = leftovers(proc.pid, grace_s=1)
+    assert len(left) == 1 and not session_pids(proc.pid), left  # found, then killed
 
 
 # ---------------------------------------------------------------- (d) the report's warnings
