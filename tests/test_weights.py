@@ -374,21 +374,28 @@ def test_weights_of_another_backbone_are_refused_before_the_data(tmp_path, hub_w
 
 
 class _Payload:
+    """Unpickled, it writes a marker file: the code in a weights file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("this ran while loading",))
+        return (Path.write_text, (self.marker, "this ran while loading"))
 
 
 @pytest.mark.parametrize("content", ["junk", "pickle-with-code", "no-tensors"], ids=lambda c: c)
 def test_unreadable_weights_file_is_refused(tmp_path, content):
-    path = tmp_path / "w.pth"
+    path, marker = tmp_path / "w.pth", tmp_path / "ran.txt"
     if content == "junk":
         path.write_bytes(b"not a weights file")
     elif content == "pickle-with-code":
-        torch.save({"x": _Payload()}, path)  # weights_only=True must refuse to run it
+        torch.save({"x": _Payload(marker)}, path)  # weights_only=True must refuse to run it
     else:
         torch.save({"epoch": 3}, path)
     with pytest.raises(UserError, match=r"^--weights .*w\.pth: (cannot read|holds no)"):
         build_backbone(RunConfig(backbone=BACKBONE, weights=str(path)))
+    # An unsafe load ran the code and then failed as "holds no named tensors": the same error.
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- the train CLI
