@@ -6,9 +6,9 @@ Oxford-IIIT Pet sample from ../shared when it is present. Running CLIs in a subp
     python -m pytest -m slow                 # then the end-to-end runs (real processes, real Ray)
     python -m pytest tests/test_engine.py    # one file
 
-Timing, honestly (2 idle CPU cores, fresh clone, `bash .ci/run`): the fast set (~550 tests)
+Timing, honestly (2 idle CPU cores, fresh clone, `bash .ci/run`): the fast set (~570 tests)
 takes about 2 minutes, the slow set (~100: Ray searches, clusters, killed processes, pipelines)
-about 20-22 (19.7-22.2 in the last three fresh-clone runs); with one core kept busy by another
+about 23 (22.7-23.3 in the last five fresh-clone runs); with one core kept busy by another
 process the slow set took 25-34 minutes.
 
 Marking: ``@pytest.mark.slow`` on anything that starts a command in a subprocess and takes more
