@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -237,6 +238,18 @@ def test_model_argument_lists_the_registry(cmd, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     for word in ("resnet", *model_names()):
         assert word in err
+
+
+@pytest.mark.parametrize("cmd", ("train", "evaluate", "profiling", "reproduce"))
+def test_threads_beyond_the_cpus_is_refused_before_torch_starts_them(cmd, capsys):
+    """--threads 100000 reached torch.set_num_threads: 32,444 threads, and the machine's
+    process limit ran out (every fork failed) before the command did."""
+    p, given = parser(cmd), ["cnn", *(["--checkpoint", "c.pt"] if cmd == "evaluate" else [])]
+    assert p.parse_args([*given, "--threads", str(os.cpu_count())]).threads == os.cpu_count()
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([*given, "--threads", "100000"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "--threads" in err and f"the {os.cpu_count()} CPUs" in err, err
 
 
 # ---------------------------------------------------------------- (c) python -m tune_pets

@@ -75,6 +75,11 @@ seed_int = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 4294967295]
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
 nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
+# More torch threads than CPUs only slows it; --threads 100000 started 32,444 threads and
+# exhausted the machine's process limit before failing.
+thread_count = _number(
+    int, lambda v: 0 < v <= (os.cpu_count() or 1), f"between 1 and the {os.cpu_count()} CPUs here"
+)
 
 
 def plain_name(text: str) -> str:
@@ -156,7 +161,7 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         help="CPU threads for torch (default: the cores this process may use)",
     )
 
