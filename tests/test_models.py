@@ -380,3 +380,27 @@ def test_augmented_views_are_different_crops(random_vit):
     v0 = extract(random_vit, split, dc, torch.device("cpu"), view=0, progress=False)
     v1 = extract(random_vit, split, dc, torch.device("cpu"), view=1, progress=False)
     assert not np.allclose(v0, v1)
+
+
+def test_features_are_extracted_without_tf32(random_vit):
+    """cuDNN's default TF32 convolutions made a GPU-made clean entry differ from a CPU-made one
+    under one key; extraction turns TF32 off and restores the setting after."""
+    from tune_pets.features import extract
+    from tune_pets.models import vit_data_config
+
+    seen = []
+    hook = random_vit.patch_embed.register_forward_hook(
+        lambda *_: seen.append(
+            (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        )
+    )
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        dc = vit_data_config(RunConfig(model="vit", pretrained=False))
+        extract(random_vit, _image_split(n=2, res=64), dc, torch.device("cpu"), progress=False)
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

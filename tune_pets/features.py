@@ -4,13 +4,15 @@
 
 The backbone is frozen, so it runs once per split (and per augmented view) and every probe fit
 trains only the head on the cached CLS-token and patch-mean features (pooling stays searchable).
-Extraction always runs in fp32, so a clean entry does not depend on the device that made it;
+Extraction always runs in full fp32 (TF32 off), so a clean entry does not depend on the device
+that made it;
 an augmented view's crops are resampled one way on CPU and another on CUDA (see
 ``data.train_augment``), so views are keyed by the device type.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,7 +43,23 @@ def feature_key(
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off, then restored. cuDNN runs fp32 convolutions in TF32 by default on Ampere and
+    newer GPUs (10-bit mantissa): the patch embedding of a GPU-made clean entry differed from a
+    CPU-made one under the same key, and whichever machine filled the cache decided the
+    features a later CPU reproduce read."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    was = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = was
+
+
 @torch.no_grad()
+@full_fp32()
 def extract(
     backbone: torch.nn.Module,
     split: ImageSplit,
