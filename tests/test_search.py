@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import helpers
 import pytest
@@ -53,7 +52,7 @@ from tune_pets.search_plan import (
 )
 from tune_pets.search_ray import GPUNotVisibleError, trial_device_label, _ray_classes
 from tune_pets.search_results import STATUSES, build_study, make_record, pick_best, status_counts
-from tune_pets.search_results import write_plots, write_trials_csv
+from tune_pets.search_results import sqlite_storage, write_plots, write_trials_csv
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
 from tune_pets.utils import UserError
 
@@ -151,7 +150,7 @@ def trial_dirs(experiment: Path) -> list[Path]:
 def study_trials(db: Path, name: str = "cnn") -> list:
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{quote(str(db))}")
+    study = optuna.load_study(study_name=name, storage=sqlite_storage(db))
     return sorted(study.trials, key=lambda t: t.number)
 
 

@@ -11,14 +11,15 @@ search runs) into records, so the files are the same from a running search or it
 
 from __future__ import annotations
 
+import functools
 import math
+import sqlite3
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from tune_pets.config import CONFIG_FIELDS, RunConfig
 from tune_pets.figures import figure_style, save
@@ -311,16 +312,24 @@ def build_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, sto
 
 def export_study(records: Sequence[TrialRecord], spec: SearchSpec, name: str, path: Path) -> None:
     """Write the study to SQLite atomically, so ``optuna-dashboard`` never reads half of one."""
-    import optuna
 
     with atomic_path(path) as tmp:
-        # quoted: in a URL "%20" is a space and "?" starts a query (a file was made beside)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{quote(str(tmp.resolve()))}")
+        storage = sqlite_storage(tmp)
         try:
             build_study(records, spec, name, storage)
         finally:
             storage.remove_session()
             storage.engine.dispose()  # no open handle on the file once it is renamed
+
+
+def sqlite_storage(path: Path):
+    """An Optuna storage on the SQLite file ``path``, whatever characters its path holds. In a
+    URL "%20" is a space and "?" starts a query; SQLAlchemy 2.1 decodes a quoted path, 2.0 does
+    not, so no URL form worked with both (2.0 failed on any folder with a space in it)."""
+    import optuna
+
+    connect = functools.partial(sqlite3.connect, str(path))
+    return optuna.storages.RDBStorage("sqlite://", engine_kwargs={"creator": connect})
 
 
 def write_plots(records: Sequence[TrialRecord], spec: SearchSpec, name: str, layout: Layout):
