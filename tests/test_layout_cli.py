@@ -428,7 +428,8 @@ def test_report_names_the_heldout_split_and_small_tuned_values_in_full(tmp_path)
 
 def test_report_says_when_the_tuned_row_retrains_the_baseline_config(tmp_path):
     """The search may pick the homework point (it is evaluated first): the two rows were
-    identical with no word on why, which read as a bug."""
+    identical with no word on why, which read as a bug; with other fixed settings (the shipped
+    spaces) whole configs never matched and the note never came."""
     from tune_pets.report import results_section
 
     layout = Layout(tmp_path)
@@ -439,7 +440,22 @@ def test_report_says_when_the_tuned_row_retrains_the_baseline_config(tmp_path):
     said = [n for n in results_section(layout) if "picked the homework configuration" in n]
     assert len(said) == 1 and said[0].startswith("- vit:"), said
     RunInfo(name="vit", config={**config, "lr": 0.01}).write(layout.result_config("vit"))
-    assert not [n for n in results_section(layout) if "homework configuration" in n]
+    assert not [n for n in results_section(layout) if "picked the homework" in n]
+    # The shipped spaces fix epochs and img_size apart from the homework's: the rows then
+    # differ there even when every searched value is the homework's.
+    summary = _summary("vit", "aaaa1111")
+    summary.search["search_space"] = {"lr": ["loguniform", [1e-4, 1e-2]]}
+    summary.write(layout.best_config("vit"))
+    RunInfo(name="vit", config={**config, "epochs": 20}).write(layout.result_config("vit"))
+    (said,) = [n for n in results_section(layout) if "picked the homework" in n]
+    assert said == (
+        "- vit: the search picked the homework's value of every searched hyperparameter (its "
+        "first point); the rows differ only in settings it did not search: epochs."
+    )
+    RunInfo(name="vit", config={**config, "epochs": 20, "lr": 0.01}).write(
+        layout.result_config("vit")
+    )
+    assert not [n for n in results_section(layout) if "picked the homework" in n]
 
 
 def _notes(report: str) -> list[str]:
