@@ -211,14 +211,14 @@ def build_parser() -> cli.ArgumentParser:
         nargs="+",
         help="several seeds: mean +- std (default: one seed)",
     )
+    smoke_help = "mark the results as a smoke-size run in the report"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument(
         "--profile-steps",
         type=cli.nonneg_int,
         default=DEFAULT_PROFILE_STEPS,
         help="train steps to profile after the retrain (0: no profile)",
     )
-    smoke_help = "mark the results as a smoke-size run in the report"
-    p.add_argument("--smoke", action="store_true", help=smoke_help)
     cli.add_data_args(p, val_split=False)
     cli.add_weights_args(p)
     cli.add_device_args(p)
