@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from tune_pets.data import IMAGE_EXTS, progress_bar, to_rgb
 from tune_pets.hub import first_line, hub_unreachable  # tests replace prepare.hub_unreachable
 from tune_pets.layout import DEFAULT_DATA_DIR
 from tune_pets.utils import DISK_FULL_ERRNOS, LockHeld, UserError, _umask, cli_main
-from tune_pets.utils import exclusive_lock, read_json
+from tune_pets.utils import atomic_write_json, exclusive_lock, read_json
 
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
 MARKER = ".complete"
@@ -168,7 +167,7 @@ def build_atomically(
                 "skipped": result["skipped"],
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+            atomic_write_json(tmp / MARKER, marker)
             if output_dir.is_dir():
                 output_dir.rmdir()  # _check_target allowed only an empty folder
             os.replace(tmp, output_dir)
@@ -466,17 +465,9 @@ def load_hf_dataset(name: str = DEFAULT_DATASET, progress: bool = True) -> Any:
     offline_why = hub.offline_reason(datasets_too=True) or hub_unreachable()
     if offline_why is None:
         print(f"downloading {name} from the Hugging Face hub...", flush=True)
-        return _load_from_hub(name, offline_why)
-    # Unreachable: the datasets cache may still hold it (a copy made while online).
-    with hub.hub_offline_mode():
-        return _load_from_hub(name, offline_why)
-
-
-def _load_from_hub(name: str, offline_why: str | None) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(name)
+    try:  # unreachable: the datasets cache may still hold it (a copy made while online)
+        with hub.hub_offline_mode() if offline_why else contextlib.nullcontext():
+            return datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - each kind of failure gets its own line below
         if hub.is_network_error(e):  # offline, datasets says so with a ConnectionError too
             why = offline_why or f"{type(e).__name__}: {first_line(e)}"
@@ -579,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{out} is already prepared from {made_from} ({MARKER} found); nothing to do")
         return 0
     prepare(out, args.dataset, progress=not args.no_progress, from_dir=args.from_dir)
-    marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    marker = read_json(out / MARKER, "marker")
     counts = ", ".join(f"{n} {s}" for s, n in marker["counts"].items())
     print(
         f"wrote {out}: {counts} images, {marker['num_classes']} classes "
