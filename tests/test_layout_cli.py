@@ -599,6 +599,55 @@ def test_report_shows_damaged_artifacts_as_damaged_and_still_writes(tmp_path, ca
     assert "_missing: metrics.json (run `python -m tune_pets.reproduce vit`)" in text
 
 
+_SANITY = {"data_dir": "d", "num_classes": 2, "counts": {"train": 4}, "splits": ["train"],
+           "per_class": {"train": {"min": 2, "max": 2}}, "sizes": {"all": {"n": 4}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "file, field, value, damaged",
+    [
+        ("sanity", "counts", "abc", "data sanity summary"),
+        ("sanity", "per_class", [1], "data sanity summary"),
+        ("sanity", "sizes", None, "data sanity summary"),
+        ("sanity", "splits", None, "data sanity summary"),
+        ("profile", "steps", "abc", "profiler/cnn/summary.json"),
+        ("search", "sessions", "abc", "search/cnn/best_config.json"),
+        ("search", "search_space", "abc", "search/cnn/best_config.json"),
+    ],
+)
+def test_a_field_of_the_wrong_type_damages_its_section_not_the_report(
+    tmp_path, capsys, file, field, value, damaged
+):
+    """JSON of the right type with a field of the wrong one ("counts": "abc") crashed the
+    whole report with a traceback: now that section says "damaged" and the others stand."""
+    from tune_pets import report
+    from tune_pets.utils import atomic_write_json, cli_main
+
+    layout = Layout(tmp_path / "A")
+    summary = _summary("cnn", "aaaa1111")
+    summary.search.update(sessions=1, search_space={"lr": ["loguniform", [1e-4, 1e-2]]})
+    files = {"sanity": (layout.sanity_summary, json.loads(json.dumps(_SANITY))),
+             "profile": (layout.profile("cnn") / "summary.json", _profile(50)),
+             "search": (layout.best_config("cnn"), summary.to_dict())}  # fmt: skip
+    _result("cnn", 0.5, 0.4, epochs=2, img=64).write(layout.result_metrics("cnn"))
+    for path, content in files.values():
+        atomic_write_json(path, content)
+    with pytest.raises(SystemExit) as e:
+        cli_main(report.main, ["--artifacts-dir", str(layout.artifacts)])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert "_damaged" not in layout.report.read_text(encoding="utf-8")
+    path, content = files[file]
+    inner = content["search"] if file == "search" else content
+    inner[field] = value
+    atomic_write_json(path, content)
+    with pytest.raises(SystemExit) as e:
+        cli_main(report.main, ["--artifacts-dir", str(layout.artifacts)])
+    assert e.value.code == 0, capsys.readouterr().err
+    text = layout.report.read_text(encoding="utf-8")
+    assert text.count("_damaged") == 1 and f"_damaged: {damaged} (run `" in text
+    assert "| cnn | tuned |" in text and "## Environment" in text
+
+
 @pytest.mark.parametrize(
     "field, value", [("test_acc", "high"), ("n_seeds", True), ("epochs", 2.5), ("per_seed", {})]
 )
