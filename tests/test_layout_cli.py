@@ -252,6 +252,25 @@ def test_threads_beyond_the_cpus_is_refused_before_torch_starts_them(cmd, capsys
     assert e.value.code == 2 and "--threads" in err and f"the {os.cpu_count()} CPUs" in err, err
 
 
+@pytest.mark.parametrize(
+    "cmd, argv",
+    [
+        ("profiling", ["cnn", "--steps", "201"]),
+        ("reproduce", ["cnn", "--profile-steps", "201"]),
+        ("pipeline", ["--profile-steps", "201"]),
+        ("train", ["cnn", "--run-name", "x" * 201]),
+    ],
+)
+def test_numbers_and_names_that_exhaust_the_machine_are_refused(cmd, argv, capsys):
+    """--profile-steps 100000000 grew the profiler's trace until the OOM killer ended the run
+    (no message; reproduce had already removed the tag's old results); a 300-character
+    --run-name failed with a traceback (File name too long)."""
+    with pytest.raises(SystemExit) as e:
+        parser(cmd).parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and argv[-2] in err and ("200" in err), err
+
+
 # ---------------------------------------------------------------- (c) python -m tune_pets
 def test_python_m_tune_pets_lists_every_command(tmp_path):
     def tune_pets(*args: str) -> subprocess.CompletedProcess:

@@ -81,6 +81,16 @@ thread_count = _number(
     int, lambda v: 0 < v <= (os.cpu_count() or 1), f"between 1 and the {os.cpu_count()} CPUs here"
 )
 
+# The profiler's trace grows about 15 MB a profiled step (measured: 1.5 GB RSS at 50 steps, 6.7
+# GB at 400): --profile-steps 100000000 was killed by the OOM killer, with no message.
+MAX_PROFILE_STEPS = 200
+profile_steps = _number(
+    int, lambda v: 0 < v <= MAX_PROFILE_STEPS, f"an integer from 1 to {MAX_PROFILE_STEPS}"
+)
+profile_steps_or_0 = _number(
+    int, lambda v: 0 <= v <= MAX_PROFILE_STEPS, f"an integer from 0 to {MAX_PROFILE_STEPS}"
+)
+
 
 def plain_name(text: str) -> str:
     """An argparse type for names that become folders: one plain path component, so a name can
@@ -89,6 +99,8 @@ def plain_name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must be a plain folder name (no '/', not '.' or '..'), got {text!r}"
         )
+    if len(os.fsencode(text)) > 200:  # room for suffixes within a file system's 255 bytes
+        raise argparse.ArgumentTypeError(f"must be at most 200 bytes long, got {len(text)} chars")
     return text
 
 

@@ -288,7 +288,7 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_model_arg(p, "which model's train step to profile")
     p.add_argument(
         "--steps",
-        type=cli.positive_int,
+        type=cli.profile_steps,
         default=20,
         help="profiled steps; as many again are timed without the profiler",
     )

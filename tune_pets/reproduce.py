@@ -215,7 +215,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument(
         "--profile-steps",
-        type=cli.nonneg_int,
+        type=cli.profile_steps_or_0,
         default=DEFAULT_PROFILE_STEPS,
         help="train steps to profile after the retrain (0: no profile)",
     )
