@@ -271,6 +271,26 @@ def test_numbers_and_names_that_exhaust_the_machine_are_refused(cmd, argv, capsy
     assert e.value.code == 2 and argv[-2] in err and ("200" in err), err
 
 
+def test_unwritable_storage_path_and_a_folder_in_the_reports_place_are_one_line(tmp_path, capsys):
+    """Ray's pyarrow error for a --storage-path it cannot make has no file name (a 39-line
+    traceback); a folder named REPORT.md gave an IsADirectoryError traceback."""
+    from tune_pets import report, search
+    from tune_pets.utils import cli_main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        argv = ["cnn", "--data-dir", "sample", "--artifacts-dir", str(tmp_path / "A")]
+        cli_main(search.main, [*argv, "--storage-path", str(tmp_path / "file" / "sub")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith("sub: Not a directory; pick a folder you can write")
+    (tmp_path / "A" / "REPORT.md").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        cli_main(report.main, ["--artifacts-dir", str(tmp_path / "A")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and f"{tmp_path / 'A' / 'REPORT.md'}: Is a directory" in err, err
+    assert len(err.splitlines()) == 1
+
+
 # ---------------------------------------------------------------- (c) python -m tune_pets
 def test_python_m_tune_pets_lists_every_command(tmp_path):
     def tune_pets(*args: str) -> subprocess.CompletedProcess:

@@ -758,6 +758,11 @@ def run_search(
             f"search {name!r} already has results in {layout.search(name)}; pass --overwrite "
             f"to replace them, or --name NEW"
         )
+    try:  # Ray's pyarrow error for a folder it cannot make has no file name: a traceback
+        storage_path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = f"{e.strerror}; pick a folder you can write"
+        raise UserError(f"--storage-path {storage_path}: {why}") from None
     if warning := asha_warning(spec):
         print(warning, file=sys.stderr, flush=True)
     ctrl_c: list[bool] = []

@@ -90,7 +90,9 @@ def cli_main(
     except OSError as e:
         # A path option that names a file where a folder is due, a folder it may not write, a
         # read-only or a full disk: one line naming the file.
-        path_error = isinstance(e, (NotADirectoryError, FileExistsError, PermissionError))
+        path_error = isinstance(
+            e, (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+        ) or e.errno in (errno.ENAMETOOLONG, errno.ELOOP)
         disk_error = e.errno in (*DISK_FULL_ERRNOS, errno.EROFS)  # the disk, not the code
         if debug or not e.filename or not (path_error or disk_error):
             raise
@@ -100,7 +102,8 @@ def cli_main(
             else "check the path options: --data-dir, --output-dir, --artifacts-dir, "
             "--runs-dir, --cache-dir or $TUNE_PETS_CACHE"
         )
-        print(f"{prog}: error: {e.filename}: {e.strerror} ({fix})", file=sys.stderr)
+        target = e.filename2 or e.filename  # a rename's destination, not its temp file
+        print(f"{prog}: error: {target}: {e.strerror} ({fix})", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         # Commands may say what to do next (e.g. the resume command) in the exception's text.
