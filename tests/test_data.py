@@ -27,6 +27,8 @@ from tune_pets.data import (
     stratified_split,
     train_augment,
 )
+from tune_pets.config import RunConfig
+from tune_pets.engine import load_fit_data
 from tune_pets.models import CNN_MEAN, CNN_STD
 from tune_pets.utils import UserError
 
@@ -222,6 +224,19 @@ def test_a_test_class_in_another_unicode_form_is_named_as_such(tmp_path, make_im
         scan_split(root, "test", classes=train.classes)
 
 
+def test_one_class_and_a_name_that_is_not_utf8_are_refused(tmp_path, make_image_folder):
+    """One class scored val_acc 1.0 and meant nothing; a file name of bytes that are not
+    UTF-8 failed with a UnicodeEncodeError traceback in the data fingerprint."""
+    one = make_image_folder(tmp_path / "one", {"a": (2, 1)})
+    with pytest.raises(UserError, match=r"train has 1 class folder; a classifier needs at least 2"):
+        load_fit_data(RunConfig(img_size=32), one, full_train=True, cache_dir=tmp_path / "c")
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
+    odd = os.fsdecode(os.fsencode(root / "train" / "a") + b"/img\xfe.jpg")
+    _save_jpeg(odd)
+    with pytest.raises(UserError, match=r"img\\xfe.jpg: the name is not UTF-8; rename it"):
+        scan_split(root, "train")
+
+
 @pytest.mark.parametrize("junk", [None, "README.txt"])
 def test_scan_split_empty_train_class(tmp_path, make_image_folder, junk):
     root = make_image_folder(tmp_path / "d", {"a": (2, 1)})
@@ -244,11 +259,11 @@ def test_load_split_missing_train_dir(tmp_path, cache_dir):
 
 
 def test_load_split_needs_a_heldout_split(tmp_path, make_image_folder, cache_dir):
-    root = make_image_folder(tmp_path / "d", {"a": (2, 0)})
+    root = make_image_folder(tmp_path / "d", {"a": (2, 0), "b": (2, 0)})
     with pytest.raises(UserError, match="held-out"):
         load_split(root, "train", 24, cache_dir=cache_dir, progress=False)
     (root / "val").mkdir()  # the homework's name for it is accepted too
-    assert len(load_split(root, "train", 24, cache_dir=cache_dir, progress=False)) == 2
+    assert len(load_split(root, "train", 24, cache_dir=cache_dir, progress=False)) == 4
 
 
 # ---------------------------------------------------------------- load_split and its cache
@@ -426,7 +441,7 @@ def test_a_broken_symlink_is_a_bad_image(tmp_path, make_image_folder, cache_dir)
 
 
 def test_several_bad_images_are_counted(tmp_path, make_image_folder, cache_dir):
-    root = make_image_folder(tmp_path / "d", {"a": (2, 1)})
+    root = make_image_folder(tmp_path / "d", {"a": (2, 1), "b": (2, 1)})
     (root / "train" / "a" / "bad1.jpg").write_bytes(b"")
     (root / "train" / "a" / "bad2.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(UserError, match=r"and 1 more"):

@@ -303,8 +303,8 @@ def test_run_profile_on_in_memory_data(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--steps", "0"], "--steps: must be a positive integer"),
-        (["--steps", "many"], "--steps: expected a positive integer"),
+        (["--steps", "0"], "--steps: must be an integer from 1 to 200"),
+        (["--steps", "many"], "--steps: expected an integer from 1 to 200"),
         (["--img-size", "128"], "--img-size"),
     ],
 )

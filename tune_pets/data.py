@@ -215,6 +215,17 @@ def _check_heldout_classes(root: Path, names: Sequence[str], train: Sequence[str
         )
 
 
+def _utf8(rel: str, path: Path) -> str:
+    """``rel``, refused in one line when the name is not UTF-8 (bytes Python keeps as surrogates:
+    the fingerprint's encode, and every file that lists paths, failed with a traceback)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(f"{shown}: the name is not UTF-8; rename it") from None
+    return rel
+
+
 def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None) -> SplitIndex:
     """List the images of ``data_dir/split``. ``classes`` (from train) fixes the label order."""
     root = data_dir / split
@@ -237,7 +248,7 @@ def scan_split(data_dir: Path, split: str, classes: Sequence[str] | None = None)
         )
         n_before = len(paths)
         for p in files:
-            rel = p.relative_to(data_dir).as_posix()
+            rel = _utf8(p.relative_to(data_dir).as_posix(), p)
             if _is_image_candidate(p):
                 paths.append(rel)
                 labels.append(index[d.name])

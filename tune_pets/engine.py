@@ -91,6 +91,9 @@ def load_fit_data(
     res = spec.cache_res(config, img_sizes)
     kw = {"cache_dir": cache_dir, "skip_bad": skip_bad, "progress": progress}
     train_all = load_split(data_dir, "train", res, interpolation=dc["interpolation"], **kw)
+    if len(train_all.classes) < 2:  # it scored 1.0 on everything, and meant nothing
+        where = Path(data_dir) / "train"
+        raise UserError(f"{where} has 1 class folder; a classifier needs at least 2")
     info = {
         "data_dir": str(data_dir),
         "train_fingerprint": train_all.fingerprint,
