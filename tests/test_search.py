@@ -47,6 +47,7 @@ from tune_pets.search_plan import (
     check_resumed_run,
     choose_resources,
     first_point,
+    resumed_base,
     resumed_spec,
     save_spec,
 )
@@ -710,6 +711,23 @@ def test_resume_refuses_a_search_space_that_changes_a_flags_key(tmp_path):
     args = build_parser().parse_args(["cnn", "--resume", "--split-seed", str(spec.seed + 1)])
     with pytest.raises(UserError, match=rf"--split-seed {spec.seed + 1}: .* started with 0;"):
         resumed_spec(args, spec, saved)
+
+
+def test_resume_needs_none_of_the_config_flags_it_was_started_with(tmp_path):
+    """A search started with --max-steps-per-epoch 1 and resumed with no flags was refused:
+    its config was rebuilt from the YAML (6), not from the one it was started with."""
+    spec = load_search_spec(default_space("cnn", smoke=True))
+    saved = tmp_path / "search_spec.json"
+    start = base_config(spec, get_spec("cnn"))
+    save_spec(spec, 0.2, start.replace(max_steps_per_epoch=1), tmp_path, 1, saved)
+    for extra, refused in (([], False), (["--max-steps-per-epoch", "2"], True)):
+        args = build_parser().parse_args(["cnn", "--resume", *extra])
+        base = config_from_args(args, resumed_base(args, start, saved))
+        if refused:
+            with pytest.raises(UserError, match=r"max_steps_per_epoch would be 2, .* with 1;"):
+                check_resumed_run(args, base, tmp_path, saved)
+        else:
+            assert base.max_steps_per_epoch == 1 and check_resumed_run(args, base, tmp_path, saved)
 
 
 def test_resume_goes_on_with_the_data_dir_it_was_started_on(tiny_data, tmp_path, monkeypatch):

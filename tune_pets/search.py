@@ -28,6 +28,7 @@ from tune_pets.search_plan import (
     DEFAULT_GPU_FRACTION,
     base_config,
     check_resumed_run,
+    resumed_base,
     resumed_spec,
     spec_from_args,
 )
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "was started with another --artifacts-dir; resume with that one"
         )
     spec, val_fraction = resumed_spec(args, spec, saved_spec)
-    base = cli.config_from_args(args, base_config(spec, model))
+    base = cli.config_from_args(args, resumed_base(args, base_config(spec, model), saved_spec))
     if args.resume and args.data_dir == DEFAULT_DATA_DIR and saved_spec.is_file():
         # The data it was started on, unless --data-dir says otherwise (then checked): a search
         # of --data-dir sample, resumed without the flag, tried to download the dataset.
