@@ -552,6 +552,13 @@ def test_release_without_comment_lines_or_torchvision_layout_detected(tmp_path):
             ),
             "test.txt: Persian_1001 has class id 99, but 3 other Persian image(s) have 24",
         ),
+        (  # a traceback (UnicodeDecodeError)
+            lambda d: (
+                _noise_release(d),
+                (d / "annotations" / "test.txt").write_text("Persian_0 24 1 1\n", "utf-16"),
+            ),
+            "test.txt: not UTF-8 text; save it as UTF-8",
+        ),
     ],
     ids=[
         "empty",
@@ -563,6 +570,7 @@ def test_release_without_comment_lines_or_torchvision_layout_detected(tmp_path):
         "bad-line",
         "empty-list",
         "wrong-class-id",
+        "utf-16",
     ],  # fmt: skip
 )
 def test_bad_from_dir_is_one_line(tmp_path, capsys, make, expect):

@@ -372,7 +372,11 @@ def read_split_list(path: Path) -> list[tuple[str, int]]:
     """``(image name, class id)`` per line ``Abyssinian_100 1 1 1`` (image, class id 1-37,
     species, breed id) of ``trainval.txt``/``test.txt``; blank and ``#`` lines are skipped."""
     rows, seen = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # saved as UTF-16 by an editor, say
+        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8 (or ASCII)") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
