@@ -710,6 +710,27 @@ def test_a_record_field_of_the_wrong_type_is_damage_not_a_crash(tmp_path, capsys
     assert "_damaged: metrics.json" in layout.report.read_text(encoding="utf-8")
 
 
+def test_metrics_items_of_the_wrong_shape_are_damage_not_a_crash(tmp_path, capsys):
+    """ "per_seed": [1] and "most_confused": [1] passed the field type check and crashed the
+    report (AttributeError, TypeError: cannot unpack)."""
+    from tune_pets import report
+    from tune_pets.utils import cli_main
+
+    layout = Layout(tmp_path / "A")
+    path = layout.result_metrics("cnn")
+    path.parent.mkdir(parents=True)
+    good = ReproduceResult(tag="cnn", split="test", test_acc=0.5, test_macro_f1=0.4).to_dict()
+    path.write_text(json.dumps({**good, "per_seed": [1]}))
+    with pytest.raises(UserError, match=r"per_seed holds an item that is not a JSON object"):
+        ReproduceResult.read(path, "metrics file")
+    path.write_text(json.dumps({**good, "most_confused": [1]}))
+    with pytest.raises(SystemExit) as e:
+        cli_main(report.main, ["--artifacts-dir", str(layout.artifacts)])
+    assert e.value.code == 0, capsys.readouterr().err
+    text = layout.report.read_text(encoding="utf-8")
+    assert "### Confusion matrix (cnn)\n\n_damaged: cnn/metrics.json (run `" in text
+
+
 def test_report_leaves_out_damaged_top_ops_rows_and_names_imbalance_only_when_there(tmp_path):
     """A top_ops.csv of other columns crashed the report (KeyError: 'name'); a cut-short one
     gave a garbage row. The accuracy/macro-F1 note called a balanced test split imbalanced."""

@@ -64,6 +64,11 @@ class Record:
                 raise UserError(
                     f"{what} {path}: {name} is a {type(v).__name__} ({v!r:.40}), not {want}"
                 )
+            item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+            if item and not all(isinstance(x, item) for x in v):  # "per_seed": [1]
+                raise UserError(
+                    f"{what} {path}: {name} holds an item that is not {_JSON_NAMES[item]}"
+                )
         return cls.from_dict(d)
 
     @classmethod

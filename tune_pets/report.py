@@ -385,9 +385,10 @@ def build_report(layout: Layout) -> str:
         lines += [f"## {model}", "", *_or_damaged(search_section, layout, model, damaged=search)]
         for tag in (result_tag(model), result_tag(model, True)):
             if layout.result(tag).is_dir():
-                what = f"profiler/{tag}/{PROFILE_SUMMARY}"
-                profile = (f"### Profile ({tag})", what, _reproduce_cmd(tag))
-                lines += confusion_section(layout, tag)
+                how, what = _reproduce_cmd(tag), f"profiler/{tag}/{PROFILE_SUMMARY}"
+                profile = (f"### Profile ({tag})", what, how)
+                metrics = (f"### Confusion matrix ({tag})", f"{tag}/metrics.json", how)
+                lines += _or_damaged(confusion_section, layout, tag, damaged=metrics)
                 lines += _or_damaged(profiler_section, layout, tag, damaged=profile)
     return "\n".join(lines + env_section(layout))
 
