@@ -291,6 +291,22 @@ def test_unwritable_storage_path_and_a_folder_in_the_reports_place_are_one_line(
     assert len(err.splitlines()) == 1
 
 
+def test_out_of_memory_is_one_line_naming_the_sizes(capsys):
+    """profiling vit --backbone-batches 100000000 asked numpy for 47.7 GiB: a 31-line
+    traceback. An allocation that cannot be met is the sizes asked for, not a bug."""
+    import numpy as np
+
+    from tune_pets.utils import cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda argv: np.empty((2**40, 2**20), dtype=np.uint8), [])
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err.startswith("tune_pets: error: out of memory (")
+    assert err.endswith("use a smaller --batch-size, --img-size or --backbone-batches"), err
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError: its traceback
+        cli_main(lambda argv: (_ for _ in ()).throw(RuntimeError("a bug")), [])
+
+
 # ---------------------------------------------------------------- (c) python -m tune_pets
 def test_python_m_tune_pets_lists_every_command(tmp_path):
     def tune_pets(*args: str) -> subprocess.CompletedProcess:

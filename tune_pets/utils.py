@@ -12,9 +12,9 @@ import errno
 import io
 import json
 import os
-import re
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -104,6 +104,18 @@ def cli_main(
         )
         target = e.filename2 or e.filename  # a rename's destination, not its temp file
         print(f"{prog}: error: {target}: {e.strerror} ({fix})", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        # numpy's MemoryError, torch's CPU allocator and CUDA out-of-memory (RuntimeErrors):
+        # the sizes asked for, not the code. Any other RuntimeError is a bug: its traceback.
+        oom = isinstance(e, MemoryError) or re.search(r"out of memory|can't allocate", str(e))
+        if debug or not oom:
+            raise
+        print(
+            f"{prog}: error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "use a smaller --batch-size, --img-size or --backbone-batches",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt as e:
         # Commands may say what to do next (e.g. the resume command) in the exception's text.
