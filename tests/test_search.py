@@ -55,7 +55,7 @@ from tune_pets.search_ray import GPUNotVisibleError, trial_device_label, _ray_cl
 from tune_pets.search_results import STATUSES, build_study, make_record, pick_best, status_counts
 from tune_pets.search_results import sqlite_storage, write_plots, write_trials_csv
 from tune_pets.spaces import SearchSpec, default_space, load_search_spec
-from tune_pets.utils import UserError
+from tune_pets.utils import UserError, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_TIMEOUT_S = 240
@@ -722,7 +722,7 @@ def test_resume_needs_none_of_the_config_flags_it_was_started_with(tmp_path):
     save_spec(spec, 0.2, start.replace(max_steps_per_epoch=1), tmp_path, 1, saved)
     for extra, refused in (([], False), (["--max-steps-per-epoch", "2"], True)):
         args = build_parser().parse_args(["cnn", "--resume", *extra])
-        base = config_from_args(args, resumed_base(args, start, saved))
+        base = config_from_args(args, resumed_base(read_json(saved), start, saved))
         if refused:
             with pytest.raises(UserError, match=r"max_steps_per_epoch would be 2, .* with 1;"):
                 check_resumed_run(args, base, tmp_path, saved)

@@ -164,12 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--resume: {saved_spec} not found, but {storage / name} holds search {name!r}: it "
             "was started with another --artifacts-dir; resume with that one"
         )
-    spec, val_fraction = resumed_spec(args, spec, saved_spec)
-    base = cli.config_from_args(args, resumed_base(args, base_config(spec, model), saved_spec))
-    if args.resume and args.data_dir == DEFAULT_DATA_DIR and saved_spec.is_file():
+    spec, val_fraction = resumed_spec(args, spec, saved_spec)  # checks the file's shape
+    saved = read_json(saved_spec, "search spec") if args.resume and saved_spec.is_file() else {}
+    base = cli.config_from_args(args, resumed_base(saved, base_config(spec, model), saved_spec))
+    if args.data_dir == DEFAULT_DATA_DIR:
         # The data it was started on, unless --data-dir says otherwise (then checked): a search
         # of --data-dir sample, resumed without the flag, tried to download the dataset.
-        args.data_dir = read_json(saved_spec, "search spec").get("data_dir", args.data_dir)
+        args.data_dir = saved.get("data_dir", args.data_dir)
     prepare_default_data_dir(args.data_dir, progress=not args.no_progress)
     data_dir = cli.data_dir_from_args(args)
     if args.resume:  # the resources line then shows the limit Ray restores

@@ -261,11 +261,11 @@ def check_resumed_run(args: Any, base: RunConfig, data_dir: Path, path: Path) ->
     return started
 
 
-def resumed_base(args: Any, start: RunConfig, path: Path) -> RunConfig:
-    """With --resume, the config the search was started with (its flags included), for the
-    resume's own flags to override: a search started with --max-steps-per-epoch 1 and resumed
-    with no flags was refused as a change to the YAML's value ("needs none of the flags")."""
-    saved = read_json(path, "search spec") if args.resume and path.is_file() else {}
+def resumed_base(saved: dict, start: RunConfig, path: Path) -> RunConfig:
+    """The config a resumed search was started with (its flags included; ``saved``: its
+    search_spec.json at ``path``), for the resume's own flags to override: a search started with
+    --max-steps-per-epoch 1 and resumed with no flags was refused as a change to the YAML's
+    value ("needs none of the flags"). ``start`` where none was saved (a new search)."""
     if not isinstance(saved.get("base"), dict):  # new, or from before the base was saved
         return start
     return RunConfig.from_dict(saved["base"], f"{path}: base")
